@@ -1,0 +1,463 @@
+//! The device handle and the stage-by-stage dispatch layer.
+//!
+//! A [`Backend`] owns whatever a device needs (modules, pipelines) and exposes every stage as
+//! a call that validates its inputs and pre-sized outputs, then computes. Outputs are written
+//! into caller-owned typed buffers so tests can poison them first: an element a backend fails
+//! to write shows up as NaN or `u32::MAX`.
+//!
+//! Today only the CPU backend computes; CUDA (issue #4) and wgpu (issue #3) are probed and
+//! answer with [`Error::BackendUnavailable`] naming what is missing.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::config::{Activation, RoutingConfig};
+use crate::cpu;
+use crate::cpu::combine::{Assignments, SharedInput};
+use crate::cpu::expert_gemm::ExpertWeights;
+use crate::cpu::permute::Permutation;
+use crate::error::{Error, Result};
+use crate::shape;
+use crate::stage::Stage;
+use crate::tensor::Tensor;
+
+/// The kinds of backend the crate knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+impl BackendKind {
+    /// Preference order of [`Backend::auto`]: CUDA, then wgpu, then CPU.
+    pub const AUTO_ORDER: [BackendKind; 3] =
+        [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
+
+    /// The name used on the command line and in `MOE_BACKEND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            "wgpu" => Ok(BackendKind::Wgpu),
+            other => Err(Error::config(format!(
+                "unknown backend {other:?} (expected auto, cpu, cuda or wgpu)"
+            ))),
+        }
+    }
+}
+
+/// What a backend computes on. Every stage method matches on this, so a new backend that
+/// forgets a stage does not compile.
+#[derive(Debug)]
+enum Device {
+    /// The f64 reference, with stage boundaries rounded to f32 as a GPU stores them.
+    Cpu,
+}
+
+/// A device handle. Create it once and reuse it; it is `Send + Sync`.
+#[derive(Debug)]
+pub struct Backend {
+    device: Device,
+}
+
+/// Why a backend kind cannot be used here, or `None` when it can.
+pub fn unavailable_reason(kind: BackendKind) -> Option<String> {
+    match kind {
+        BackendKind::Cpu => None,
+        BackendKind::Cuda => Some(cuda_reason()),
+        BackendKind::Wgpu => Some(wgpu_reason()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_reason() -> String {
+    match crate::cuda::probe() {
+        Ok(devs) => format!(
+            "found {} ({} device(s)), but the CUDA stage kernels are not implemented yet (issue #4)",
+            devs[0].name,
+            devs.len()
+        ),
+        Err(why) => why,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_reason() -> String {
+    "this build has no `cuda` feature".into()
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_reason() -> String {
+    match crate::wgpu::probe() {
+        Ok(ads) => format!(
+            "found adapter {} ({}), but the WGSL stage shaders are not implemented yet (issue #3)",
+            ads[0].name, ads[0].backend
+        ),
+        Err(why) => why,
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_reason() -> String {
+    "this build has no `wgpu` feature".into()
+}
+
+impl Backend {
+    /// The best usable backend: `MOE_BACKEND` (auto, cpu, cuda, wgpu) when set, else CUDA,
+    /// then wgpu, then CPU, skipping those that cannot run here.
+    pub fn auto() -> Result<Self> {
+        match std::env::var("MOE_BACKEND") {
+            Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => Backend::new(v.parse()?),
+            _ => BackendKind::AUTO_ORDER
+                .into_iter()
+                .find_map(|k| Backend::new(k).ok())
+                .ok_or_else(|| Error::BackendUnavailable {
+                    backend: BackendKind::Cpu,
+                    reason: "no backend could be created".into(),
+                }),
+        }
+    }
+
+    /// `auto`, `cpu`, `cuda` or `wgpu`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        if name.trim() == "auto" {
+            Backend::auto()
+        } else {
+            Backend::new(name.parse()?)
+        }
+    }
+
+    /// A backend of this kind, or [`Error::BackendUnavailable`] saying why not.
+    pub fn new(kind: BackendKind) -> Result<Self> {
+        match kind {
+            BackendKind::Cpu => Ok(Backend {
+                device: Device::Cpu,
+            }),
+            other => Err(Error::BackendUnavailable {
+                backend: other,
+                reason: unavailable_reason(other).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Which kind this is.
+    pub fn kind(&self) -> BackendKind {
+        match self.device {
+            Device::Cpu => BackendKind::Cpu,
+        }
+    }
+
+    /// Stage 0: `logits` `[T, E]` from `x` `[T, H]`, `weight` `[E, H]`, `bias` `[E]`.
+    pub fn router(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let (t, _) = shape::matrix(Stage::Router, "x", x)?;
+        let (e, _) = shape::matrix(Stage::Router, "router weight", weight)?;
+        shape::expect_len(
+            Stage::Router,
+            "logits",
+            logits.len(),
+            shape::mul(Stage::Router, "T x E", t, e)?,
+        )?;
+        match self.device {
+            Device::Cpu => narrow(&cpu::router::router_logits(x, weight, bias)?, logits),
+        }
+        Ok(())
+    }
+
+    /// Stage 1: routing of `logits` `[T, E]` into `out` (sized by [`GateBuffers::poisoned`]).
+    pub fn gate(
+        &self,
+        logits: &[f32],
+        correction_bias: Option<&Tensor>,
+        cfg: &RoutingConfig,
+        out: &mut GateBuffers,
+    ) -> Result<()> {
+        let st = Stage::Gate;
+        cfg.validate(out.experts)?;
+        shape::expect_eq(st, "gate buffer slots", out.slots, cfg.slots(out.experts))?;
+        shape::expect_len(
+            st,
+            "logits",
+            logits.len(),
+            shape::mul(st, "T x E", out.tokens, out.experts)?,
+        )?;
+        out.check_sizes()?;
+        if let Some(b) = correction_bias {
+            shape::expect_shape(st, "score_correction_bias", b, &[out.experts])?;
+        }
+        match self.device {
+            Device::Cpu => {
+                let l: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
+                let bias = correction_bias.map(Tensor::to_f64_vec);
+                let r = cpu::gate::gate(&l, out.tokens, out.experts, bias.as_deref(), cfg)?;
+                out.topk_ids.copy_from_slice(&r.topk_ids);
+                narrow(&r.topk_weights, &mut out.topk_weights);
+                for (k, &b) in out.kept.iter_mut().zip(&r.kept) {
+                    *k = u32::from(b);
+                }
+                out.counts.copy_from_slice(&r.counts);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 2: the canonical permutation of `gate`'s assignments and the gathered rows of `x`.
+    pub fn permute(&self, gate: &GateBuffers, x: &Tensor, out: &mut PermuteBuffers) -> Result<()> {
+        let st = Stage::Permute;
+        let (t, h) = shape::matrix(st, "x", x)?;
+        shape::expect_eq(st, "x rows (T)", t, gate.tokens)?;
+        shape::expect_eq(st, "permute buffer T", out.tokens, gate.tokens)?;
+        shape::expect_eq(st, "permute buffer slots", out.slots, gate.slots)?;
+        shape::expect_eq(st, "permute buffer E", out.experts, gate.experts)?;
+        shape::expect_eq(st, "permute buffer H", out.hidden, h)?;
+        out.check_sizes()?;
+        gate.check_sizes()?;
+        match self.device {
+            Device::Cpu => {
+                let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
+                let p = cpu::permute::permute(&gate.topk_ids, &kept, gate.experts)?;
+                let xp = cpu::permute::gather(x, gate.slots, &p)?;
+                out.expert_offsets.copy_from_slice(&p.expert_offsets);
+                out.sorted_assignment.copy_from_slice(&p.sorted_assignment);
+                out.row_of_assignment.copy_from_slice(&p.row_of_assignment);
+                narrow(&xp, &mut out.x_perm);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 3: `y_perm` `[T·slots, H]` for the rows of `perm`; rows past
+    /// `expert_offsets[E]` (dropped assignments) are written as zero.
+    pub fn expert_gemm(
+        &self,
+        perm: &PermuteBuffers,
+        w: &ExpertWeights,
+        act: Activation,
+        y_perm: &mut [f32],
+    ) -> Result<()> {
+        let st = Stage::ExpertGemm;
+        let d = w.dims(act)?;
+        shape::expect_eq(st, "experts (E)", d.experts, perm.experts)?;
+        shape::expect_eq(st, "hidden (H)", d.hidden, perm.hidden)?;
+        perm.check_sizes()?;
+        shape::expect_len(st, "y_perm", y_perm.len(), perm.x_perm.len())?;
+        match self.device {
+            Device::Cpu => {
+                let xp: Vec<f64> = perm.x_perm.iter().map(|&v| f64::from(v)).collect();
+                narrow(
+                    &cpu::expert_gemm::expert_ffn(&xp, &perm.expert_offsets, w, act)?,
+                    y_perm,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 3, shared expert: `out` `[T, H]` = the shared FFN (`w` as one expert) on `x`.
+    pub fn shared_expert(
+        &self,
+        x: &Tensor,
+        w: &ExpertWeights,
+        act: Activation,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (t, h) = shape::matrix(Stage::ExpertGemm, "x", x)?;
+        shape::expect_len(
+            Stage::ExpertGemm,
+            "shared output",
+            out.len(),
+            shape::mul(Stage::ExpertGemm, "T x H", t, h)?,
+        )?;
+        match self.device {
+            Device::Cpu => narrow(&cpu::expert_gemm::shared_ffn(x, w, act)?, out),
+        }
+        Ok(())
+    }
+
+    /// Stage 4: `y` `[T, H]` = `output_scale · Σ_j w · y_perm[row]` in slot order, plus the
+    /// shared expert `(output [T,H], optional gate logits [T])`.
+    pub fn combine(
+        &self,
+        y_perm: &[f32],
+        gate: &GateBuffers,
+        perm: &PermuteBuffers,
+        shared: Option<(&[f32], Option<&[f32]>)>,
+        output_scale: f32,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let st = Stage::Combine;
+        gate.check_sizes()?;
+        perm.check_sizes()?;
+        shape::expect_len(st, "y_perm", y_perm.len(), perm.x_perm.len())?;
+        shape::expect_len(
+            st,
+            "y",
+            y.len(),
+            shape::mul(st, "T x H", gate.tokens, perm.hidden)?,
+        )?;
+        match self.device {
+            Device::Cpu => {
+                let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+                let yp = wide(y_perm);
+                let w = wide(&gate.topk_weights);
+                let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
+                let sy = shared.map(|(s, _)| wide(s));
+                let sg = shared.and_then(|(_, g)| g.map(wide));
+                let shared_in = sy.as_deref().map(|y| SharedInput {
+                    y,
+                    gate_logits: sg.as_deref(),
+                });
+                let a = Assignments {
+                    slots: gate.slots,
+                    weights: &w,
+                    kept: &kept,
+                    row_of_assignment: &perm.row_of_assignment,
+                };
+                narrow(
+                    &cpu::combine::combine(
+                        &yp,
+                        perm.hidden,
+                        a,
+                        shared_in,
+                        f64::from(output_scale),
+                    )?,
+                    y,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rounds f64 results into an f32 output buffer of the same length.
+fn narrow(src: &[f64], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s as f32;
+    }
+}
+
+/// Outputs of stage 1 for T tokens with `slots` assignments each, `[T, slots]` token-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateBuffers {
+    pub tokens: usize,
+    pub slots: usize,
+    pub experts: usize,
+    pub topk_ids: Vec<u32>,
+    /// The weight applied to each assignment (0 where dropped).
+    pub topk_weights: Vec<f32>,
+    /// 1 where the assignment survived capacity, else 0.
+    pub kept: Vec<u32>,
+    /// Kept assignments per expert, `[E]`.
+    pub counts: Vec<u32>,
+}
+
+impl GateBuffers {
+    /// Buffers filled with poison (NaN, `u32::MAX`) so an unwritten element is caught.
+    pub fn poisoned(tokens: usize, slots: usize, experts: usize) -> Self {
+        let n = tokens * slots;
+        GateBuffers {
+            tokens,
+            slots,
+            experts,
+            topk_ids: vec![u32::MAX; n],
+            topk_weights: vec![f32::NAN; n],
+            kept: vec![u32::MAX; n],
+            counts: vec![u32::MAX; experts],
+        }
+    }
+
+    fn check_sizes(&self) -> Result<()> {
+        let st = Stage::Gate;
+        let n = shape::mul(st, "T x slots", self.tokens, self.slots)?;
+        shape::expect_len(st, "topk_ids", self.topk_ids.len(), n)?;
+        shape::expect_len(st, "topk_weights", self.topk_weights.len(), n)?;
+        shape::expect_len(st, "kept", self.kept.len(), n)?;
+        shape::expect_len(st, "counts", self.counts.len(), self.experts)
+    }
+}
+
+/// Outputs of stage 2: the permutation and the gathered rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermuteBuffers {
+    pub tokens: usize,
+    pub slots: usize,
+    pub experts: usize,
+    pub hidden: usize,
+    /// `[E + 1]`; rows from `expert_offsets[E]` on are dropped assignments.
+    pub expert_offsets: Vec<u32>,
+    /// `[T·slots]`.
+    pub sorted_assignment: Vec<u32>,
+    /// `[T·slots]`.
+    pub row_of_assignment: Vec<u32>,
+    /// `[T·slots, H]`.
+    pub x_perm: Vec<f32>,
+}
+
+impl PermuteBuffers {
+    /// Buffers filled with poison (NaN, `u32::MAX`) so an unwritten element is caught.
+    pub fn poisoned(tokens: usize, slots: usize, experts: usize, hidden: usize) -> Self {
+        let n = tokens * slots;
+        PermuteBuffers {
+            tokens,
+            slots,
+            experts,
+            hidden,
+            expert_offsets: vec![u32::MAX; experts + 1],
+            sorted_assignment: vec![u32::MAX; n],
+            row_of_assignment: vec![u32::MAX; n],
+            x_perm: vec![f32::NAN; n * hidden],
+        }
+    }
+
+    /// The permutation part as the CPU reference's type.
+    pub fn permutation(&self) -> Permutation {
+        Permutation {
+            experts: self.experts,
+            expert_offsets: self.expert_offsets.clone(),
+            sorted_assignment: self.sorted_assignment.clone(),
+            row_of_assignment: self.row_of_assignment.clone(),
+        }
+    }
+
+    fn check_sizes(&self) -> Result<()> {
+        let st = Stage::Permute;
+        let n = shape::mul(st, "T x slots", self.tokens, self.slots)?;
+        shape::expect_len(
+            st,
+            "expert_offsets",
+            self.expert_offsets.len(),
+            self.experts + 1,
+        )?;
+        shape::expect_len(st, "sorted_assignment", self.sorted_assignment.len(), n)?;
+        shape::expect_len(st, "row_of_assignment", self.row_of_assignment.len(), n)?;
+        shape::expect_len(
+            st,
+            "x_perm",
+            self.x_perm.len(),
+            shape::mul(st, "rows x H", n, self.hidden)?,
+        )
+    }
+}

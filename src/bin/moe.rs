@@ -1,0 +1,312 @@
+//! `moe`: the command-line front end (DESIGN.md section 4).
+//!
+//! - `moe demo` — a GPT-4-style layer (16 experts, top-2) on the best backend, checked
+//!   against the f64 CPU reference, with routing load and per-stage times.
+//! - `moe run` — one layer forward from files.
+//! - `moe info` — the backends and devices found.
+//!
+//! Every error prints `error: …` and exits with status 1; nothing panics on bad input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use moe_kernels::backend::unavailable_reason;
+use moe_kernels::io::{self, OutTensor};
+use moe_kernels::synth::{self, Extras};
+use moe_kernels::{Backend, BackendKind, DType, Error, LayerConfig, MoeLayer, Preset, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "moe",
+    version,
+    about = "Mixture-of-Experts kernels: run, check and inspect MoE layers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a GPT-4-style MoE layer (16 experts, top-2) and check it against the CPU reference.
+    Demo {
+        /// auto, cpu, cuda or wgpu.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Expert weight dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Tokens in the batch.
+        #[arg(long, default_value_t = 97)]
+        tokens: usize,
+        /// Hidden size H.
+        #[arg(long, default_value_t = 512)]
+        hidden: usize,
+        /// Expert FFN width F.
+        #[arg(long, default_value_t = 1376)]
+        ffn: usize,
+        /// Seed of the random weights and input.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Run one layer forward: config + weights + input -> output file.
+    Run {
+        /// Layer config JSON (DESIGN.md section 4).
+        #[arg(long)]
+        config: PathBuf,
+        /// Layer weights, safetensors with the canonical names.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Input safetensors holding `x` [T, H].
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors: y, topk_ids, topk_weights (and kept with capacity).
+        #[arg(long)]
+        output: PathBuf,
+        /// auto, cpu, cuda or wgpu.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Round expert weights to f32, f16 or bf16 first (default: as stored).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// List the backends and devices found.
+    Info,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo {
+            backend,
+            dtype,
+            tokens,
+            hidden,
+            ffn,
+            seed,
+        } => demo(&backend, &dtype, tokens, hidden, ffn, seed),
+        Command::Run {
+            config,
+            weights,
+            input,
+            output,
+            backend,
+            dtype,
+        } => run(
+            &config,
+            &weights,
+            &input,
+            &output,
+            &backend,
+            dtype.as_deref(),
+        ),
+        Command::Info => info(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Relative L2 distance `|a - b| / |b|` (0 when both are empty or zero).
+fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (f64::from(x) - y).powi(2);
+        den += y * y;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// DESIGN.md section 5's bound for the dtype of the weights.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::F16 => 5e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+fn demo(
+    backend: &str,
+    dtype: &str,
+    tokens: usize,
+    hidden: usize,
+    ffn: usize,
+    seed: u64,
+) -> Result<ExitCode> {
+    let dev = Backend::from_name(backend)?;
+    let dtype: DType = dtype.parse()?;
+    if hidden == 0 || ffn == 0 {
+        return Err(Error::Config(
+            "--hidden and --ffn must be at least 1".into(),
+        ));
+    }
+    let experts = 16;
+    let config = Preset::Gpt4.config();
+    let layer = synth::random_layer(config, experts, hidden, ffn, Extras::default(), dtype, seed)?;
+    let x = synth::random_x(tokens, hidden, seed);
+    println!(
+        "moe demo: GPT-4-style MoE layer, {experts} experts, top-{}, SwiGLU",
+        config.routing.top_k
+    );
+    println!("  T = {tokens} tokens, H = {hidden}, F = {ffn}, expert weights {dtype}, seed {seed}");
+    println!("  backend: {}", dev.kind());
+
+    let start = Instant::now();
+    let out = layer.forward(&dev, &x)?;
+    let total = start.elapsed();
+    let ref_start = Instant::now();
+    let reference = layer.forward_reference(&x)?;
+    let ref_time = ref_start.elapsed();
+
+    println!(
+        "\nrouting load (assignments per expert, {} in all):",
+        out.counts.iter().sum::<u32>()
+    );
+    let max = out.counts.iter().copied().max().unwrap_or(0).max(1);
+    for (e, &c) in out.counts.iter().enumerate() {
+        let bar = "#".repeat((c as usize * 40).div_ceil(max as usize));
+        println!("  expert {e:>2}: {c:>5}  {bar}");
+    }
+    println!("\ntime per stage on {}:", dev.kind());
+    for (stage, d) in &out.stage_times {
+        println!(
+            "  {:<12} {:>10.3} ms",
+            stage.to_string(),
+            d.as_secs_f64() * 1e3
+        );
+    }
+    println!("  {:<12} {:>10.3} ms", "layer", total.as_secs_f64() * 1e3);
+    println!(
+        "  (f64 CPU reference: {:.3} ms)",
+        ref_time.as_secs_f64() * 1e3
+    );
+
+    let err = rel_l2(&out.y, &reference.y);
+    let ids_equal = out
+        .topk_ids
+        .iter()
+        .zip(&reference.routing.topk_ids)
+        .filter(|(a, b)| a == b)
+        .count();
+    let n_ids = reference.routing.topk_ids.len();
+    let tol = tolerance(dtype);
+    let pass = err <= tol && ids_equal == n_ids && out.y.iter().all(|v| v.is_finite());
+    println!("\ncheck against the f64 CPU reference:");
+    println!("  expert ids equal: {ids_equal}/{n_ids}");
+    println!("  relative L2 of y: {err:.3e} (bound {tol:.0e} for {dtype})");
+    println!("  {}", if pass { "PASS" } else { "FAIL" });
+    Ok(if pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run(
+    config: &std::path::Path,
+    weights: &std::path::Path,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    backend: &str,
+    dtype: Option<&str>,
+) -> Result<ExitCode> {
+    let dev = Backend::from_name(backend)?;
+    let cfg = LayerConfig::from_file(config)?;
+    let mut layer = MoeLayer::load(cfg, weights)?;
+    if let Some(d) = dtype {
+        layer = layer.with_expert_dtype(d.parse()?);
+    }
+    let x = io::load_input(input)?;
+    let h = layer.dims().hidden;
+    if x.shape()[1] != h {
+        return Err(Error::Input {
+            path: input.display().to_string(),
+            what: format!(
+                "x has width {}, but the layer's hidden size is H = {h}",
+                x.shape()[1]
+            ),
+        });
+    }
+    let out = layer.forward(&dev, &x)?;
+    let (t, k) = (out.tokens, out.slots);
+    let to_i32 = |v: &[u32]| v.iter().map(|&a| a as i32).collect::<Vec<_>>();
+    let mut tensors = vec![
+        ("y", OutTensor::F32(vec![t, out.hidden], out.y.clone())),
+        (
+            "topk_ids",
+            OutTensor::I32(vec![t, k], to_i32(&out.topk_ids)),
+        ),
+        (
+            "topk_weights",
+            OutTensor::F32(vec![t, k], out.topk_weights.clone()),
+        ),
+    ];
+    let r = &layer.config.routing;
+    if r.capacity.is_some() || r.expert_choice.is_some() {
+        tensors.push(("kept", OutTensor::I32(vec![t, k], to_i32(&out.kept))));
+    }
+    io::save(output, &tensors)?;
+    println!(
+        "wrote {} (T = {t}, H = {}, {k} slots per token) with backend {}",
+        output.display(),
+        out.hidden,
+        dev.kind()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info() -> Result<ExitCode> {
+    println!("moe-kernels {}", env!("CARGO_PKG_VERSION"));
+    println!("backends (auto picks the first usable one of cuda, wgpu, cpu):");
+    for kind in [BackendKind::Cpu, BackendKind::Cuda, BackendKind::Wgpu] {
+        match unavailable_reason(kind) {
+            None => println!(
+                "  {kind:<5} usable ({} threads)",
+                rayon::current_num_threads()
+            ),
+            Some(why) => println!("  {kind:<5} not usable: {why}"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let Ok(devs) = moe_kernels::cuda::probe() {
+        for d in devs {
+            println!(
+                "  cuda device {}: {} (sm_{}{}, {:.1} GiB)",
+                d.ordinal,
+                d.name,
+                d.compute_capability.0,
+                d.compute_capability.1,
+                d.total_mem_bytes as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    #[cfg(feature = "wgpu")]
+    if let Ok(ads) = moe_kernels::wgpu::probe() {
+        for a in ads {
+            println!(
+                "  wgpu adapter: {} [{}; {}; {}]",
+                a.name, a.backend, a.device_type, a.driver
+            );
+        }
+    }
+    if let Ok(b) = Backend::auto() {
+        println!("auto selects: {}", b.kind());
+    }
+    Ok(ExitCode::SUCCESS)
+}

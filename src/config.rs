@@ -1,0 +1,530 @@
+//! Routing and layer configuration: the JSON schema of DESIGN.md section 4 and its presets.
+//!
+//! A config is a preset (defaults) plus overriding keys. Unknown keys are an error. Values that
+//! depend on the layer's shape (top_k <= E, groups dividing E) are checked by
+//! [`RoutingConfig::validate`] once E is known.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How router logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// Softmax over all E experts (max-subtracted).
+    Softmax,
+    /// Element-wise logistic sigmoid (DeepSeek-V3).
+    Sigmoid,
+    /// The raw logits (GPT-OSS selects on logits).
+    Logits,
+}
+
+/// Group-limited selection (DeepSeek-V3): E experts in `count` contiguous groups, the best
+/// `keep` groups (by the sum of their two largest selection values) stay eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Groups {
+    pub count: usize,
+    pub keep: usize,
+}
+
+/// How the weight of each pick is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The pick's score `s`.
+    Score,
+    /// Softmax over the k picked logits (GPT-OSS).
+    SoftmaxSelected,
+}
+
+/// Expert capacity C for token-choice routing with dropping.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capacity {
+    /// A fixed number of assignments per expert.
+    Tokens(i64),
+    /// `ceil(fraction · T)` (fairseq's eval capacity).
+    Fraction(f64),
+    /// `ceil(factor · T · k / E)` (GShard / Switch capacity factor).
+    Factor(f64),
+}
+
+impl Capacity {
+    /// C for a batch of `t` tokens, `k` slots and `e` experts.
+    pub fn tokens_per_expert(self, t: usize, k: usize, e: usize) -> usize {
+        match self {
+            Capacity::Tokens(n) => n.max(0) as usize,
+            Capacity::Fraction(f) => (f * t as f64).ceil() as usize,
+            Capacity::Factor(f) => (f * (t * k) as f64 / e as f64).ceil() as usize,
+        }
+    }
+}
+
+/// Order in which assignments of one slot claim capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Token position (GShard, fairseq default).
+    Position,
+    /// Descending score of the token's first pick, ties by position (batch-prioritized routing).
+    Top1Score,
+}
+
+/// Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertChoice {
+    /// C = ceil(capacity_factor · T / E), at most T.
+    pub capacity_factor: f64,
+}
+
+/// Parameters of GPT-OSS's clamped SwiGLU.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClampedSwiglu {
+    pub alpha: f64,
+    pub limit: f64,
+}
+
+/// The expert activation, fused into GEMM 1's epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `silu(g) · u` (gated).
+    Swiglu,
+    /// `gelu(g) · u` with the exact (erf) GELU (gated).
+    Geglu,
+    /// `relu(u)` (not gated).
+    Relu,
+    /// `gelu(u)`, exact erf form (not gated).
+    Gelu,
+    /// GPT-OSS: `g' = min(g, limit)`, `u' = clamp(u, ±limit)`, `(u' + 1) · g' · σ(alpha · g')`.
+    ClampedSwiglu(ClampedSwiglu),
+}
+
+impl Activation {
+    /// Whether the expert has a gate projection.
+    pub fn is_gated(self) -> bool {
+        match self {
+            Activation::Swiglu | Activation::Geglu | Activation::ClampedSwiglu(_) => true,
+            Activation::Relu | Activation::Gelu => false,
+        }
+    }
+}
+
+/// A model family whose reference implementation a preset reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    DeepseekV3,
+    GptOss,
+    Switch,
+    NllbMoe,
+    Gpt4,
+}
+
+impl Preset {
+    /// Every preset.
+    pub const ALL: [Preset; 8] = [
+        Preset::Mixtral,
+        Preset::Qwen2Moe,
+        Preset::Qwen3Moe,
+        Preset::DeepseekV3,
+        Preset::GptOss,
+        Preset::Switch,
+        Preset::NllbMoe,
+        Preset::Gpt4,
+    ];
+
+    /// The name used in JSON and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Mixtral => "mixtral",
+            Preset::Qwen2Moe => "qwen2_moe",
+            Preset::Qwen3Moe => "qwen3_moe",
+            Preset::DeepseekV3 => "deepseek_v3",
+            Preset::GptOss => "gpt_oss",
+            Preset::Switch => "switch",
+            Preset::NllbMoe => "nllb_moe",
+            Preset::Gpt4 => "gpt4",
+        }
+    }
+
+    /// The full config this preset stands for.
+    pub fn config(self) -> LayerConfig {
+        let base = LayerConfig::default();
+        let r = base.routing;
+        match self {
+            // HF MixtralSparseMoeBlock: softmax, top-2, renormalise, SwiGLU.
+            Preset::Mixtral | Preset::Gpt4 => LayerConfig {
+                preset: Some(self),
+                ..base
+            },
+            // HF Qwen2MoeSparseMoeBlock: top-4, norm_topk_prob=false, gated shared expert.
+            Preset::Qwen2Moe => LayerConfig {
+                preset: Some(self),
+                routing: RoutingConfig {
+                    top_k: 4,
+                    renormalize: false,
+                    ..r
+                },
+                ..base
+            },
+            // HF Qwen3MoeSparseMoeBlock: top-8, norm_topk_prob=true.
+            Preset::Qwen3Moe => LayerConfig {
+                preset: Some(self),
+                routing: RoutingConfig { top_k: 8, ..r },
+                ..base
+            },
+            // HF DeepseekV3MoE: sigmoid + correction bias, 8 groups keep 4, top-8, ×2.5.
+            Preset::DeepseekV3 => LayerConfig {
+                preset: Some(self),
+                routing: RoutingConfig {
+                    top_k: 8,
+                    scoring: Scoring::Sigmoid,
+                    groups: Some(Groups { count: 8, keep: 4 }),
+                    scale: 2.5,
+                    ..r
+                },
+                ..base
+            },
+            // HF GptOssMLP: top-4 on raw logits (+bias), softmax over the picks, clamped SwiGLU.
+            Preset::GptOss => LayerConfig {
+                preset: Some(self),
+                routing: RoutingConfig {
+                    top_k: 4,
+                    scoring: Scoring::Logits,
+                    combine: Combine::SoftmaxSelected,
+                    renormalize: false,
+                    ..r
+                },
+                activation: Activation::ClampedSwiglu(ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0,
+                }),
+                ..base
+            },
+            // HF SwitchTransformersSparseMLP: top-1, expert_capacity 64 per sequence, ReLU.
+            Preset::Switch => LayerConfig {
+                preset: Some(self),
+                routing: RoutingConfig {
+                    top_k: 1,
+                    renormalize: false,
+                    capacity: Some(Capacity::Tokens(64)),
+                    ..r
+                },
+                activation: Activation::Relu,
+                ..base
+            },
+            // fairseq / NLLB-MoE eval: top-2, capacity ceil(1.0·T), renormalise after
+            // dropping, ReLU, expert output × (1 − moe_token_dropout 0.2).
+            Preset::NllbMoe => LayerConfig {
+                preset: Some(self),
+                routing: RoutingConfig {
+                    top_k: 2,
+                    capacity: Some(Capacity::Fraction(1.0)),
+                    ..r
+                },
+                activation: Activation::Relu,
+                output_scale: 0.8,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Preset::ALL.iter().map(|p| p.name()).collect();
+                Error::config(format!(
+                    "unknown preset {s:?} (expected one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+/// Everything stage 1 (the gate) needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingConfig {
+    /// Experts per token (ignored by expert-choice routing, which gives every token E slots).
+    pub top_k: usize,
+    pub scoring: Scoring,
+    pub groups: Option<Groups>,
+    pub combine: Combine,
+    /// Divide the kept weights of a token by their sum (after capacity).
+    pub renormalize: bool,
+    /// Multiplies every weight (DeepSeek's routed_scaling_factor).
+    pub scale: f64,
+    pub capacity: Option<Capacity>,
+    pub priority: Priority,
+    pub expert_choice: Option<ExpertChoice>,
+}
+
+impl Default for RoutingConfig {
+    /// Mixtral's routing: softmax, top-2, renormalise.
+    fn default() -> Self {
+        RoutingConfig {
+            top_k: 2,
+            scoring: Scoring::Softmax,
+            groups: None,
+            combine: Combine::Score,
+            renormalize: true,
+            scale: 1.0,
+            capacity: None,
+            priority: Priority::Position,
+            expert_choice: None,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// Slots per token in the gate's outputs: `top_k`, or E for expert-choice routing.
+    pub fn slots(&self, num_experts: usize) -> usize {
+        if self.expert_choice.is_some() {
+            num_experts
+        } else {
+            self.top_k
+        }
+    }
+
+    /// Checks the values that do not depend on the layer's shape.
+    pub fn validate_values(&self) -> Result<()> {
+        if self.top_k == 0 {
+            return Err(Error::config("top_k must be at least 1"));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::config(format!(
+                "scale must be finite, got {}",
+                self.scale
+            )));
+        }
+        if let Some(g) = self.groups {
+            if g.count == 0 {
+                return Err(Error::config("groups.count must be at least 1"));
+            }
+            if g.keep == 0 || g.keep > g.count {
+                return Err(Error::config(format!(
+                    "groups.keep must be in 1..={} (groups.count), got {}",
+                    g.count, g.keep
+                )));
+            }
+        }
+        match self.capacity {
+            Some(Capacity::Tokens(n)) if n <= 0 => {
+                return Err(Error::config(format!(
+                    "capacity.tokens must be > 0, got {n}"
+                )))
+            }
+            Some(Capacity::Fraction(f)) | Some(Capacity::Factor(f))
+                if !(f > 0.0 && f.is_finite()) =>
+            {
+                return Err(Error::config(format!(
+                    "capacity fraction/factor must be finite and > 0, got {f}"
+                )))
+            }
+            _ => {}
+        }
+        if let Some(ec) = self.expert_choice {
+            if !(ec.capacity_factor > 0.0 && ec.capacity_factor.is_finite()) {
+                return Err(Error::config(format!(
+                    "expert_choice.capacity_factor must be finite and > 0, got {}",
+                    ec.capacity_factor
+                )));
+            }
+            if self.capacity.is_some() {
+                return Err(Error::config(
+                    "expert_choice and capacity cannot be combined (expert choice has its own capacity)",
+                ));
+            }
+            if self.groups.is_some() {
+                return Err(Error::config("expert_choice and groups cannot be combined"));
+            }
+            if self.combine != Combine::Score {
+                return Err(Error::config("expert_choice needs combine = \"score\""));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks everything, for a layer with `num_experts` experts.
+    pub fn validate(&self, num_experts: usize) -> Result<()> {
+        self.validate_values()?;
+        if num_experts == 0 {
+            return Err(Error::config("the layer has no experts (E = 0)"));
+        }
+        if self.expert_choice.is_none() && self.top_k > num_experts {
+            return Err(Error::config(format!(
+                "top_k = {} exceeds the number of experts E = {num_experts}",
+                self.top_k
+            )));
+        }
+        if let Some(g) = self.groups {
+            if num_experts % g.count != 0 {
+                return Err(Error::config(format!(
+                    "groups.count = {} does not divide E = {num_experts}",
+                    g.count
+                )));
+            }
+            let eligible = g.keep * (num_experts / g.count);
+            if self.top_k > eligible {
+                return Err(Error::config(format!(
+                    "top_k = {} exceeds the {eligible} experts in the {} kept groups",
+                    self.top_k, g.keep
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole layer's configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerConfig {
+    /// The preset this config started from, if any.
+    pub preset: Option<Preset>,
+    pub routing: RoutingConfig,
+    pub activation: Activation,
+    /// Multiplies the routed experts' sum (NLLB's 0.8 eval scale); the shared expert is not scaled.
+    pub output_scale: f64,
+}
+
+impl Default for LayerConfig {
+    fn default() -> Self {
+        LayerConfig {
+            preset: None,
+            routing: RoutingConfig::default(),
+            activation: Activation::Swiglu,
+            output_scale: 1.0,
+        }
+    }
+}
+
+/// The JSON file as written: every key optional, unknown keys rejected.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    preset: Option<Preset>,
+    top_k: Option<i64>,
+    scoring: Option<Scoring>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    groups: Option<Option<Groups>>,
+    combine: Option<Combine>,
+    renormalize: Option<bool>,
+    scale: Option<f64>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    capacity: Option<Option<Capacity>>,
+    priority: Option<Priority>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    expert_choice: Option<Option<ExpertChoice>>,
+    activation: Option<Activation>,
+    output_scale: Option<f64>,
+}
+
+/// Distinguishes a key set to `null` (`Some(None)`: override the preset with nothing) from an
+/// absent key (`None`: keep the preset's value).
+fn explicit_null<'de, T, D>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl LayerConfig {
+    /// Parses the JSON config (preset defaults, then overriding keys) and checks the values
+    /// that do not depend on the layer's shape. `origin` names the source in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::ConfigJson {
+            path: origin.to_string(),
+            msg: e.to_string(),
+        })?;
+        let mut cfg = raw.preset.map(Preset::config).unwrap_or_default();
+        let r = &mut cfg.routing;
+        if let Some(k) = raw.top_k {
+            if k <= 0 {
+                return Err(Error::config(format!("top_k must be at least 1, got {k}")));
+            }
+            r.top_k = usize::try_from(k).map_err(|_| Error::config("top_k is too large"))?;
+        }
+        if let Some(v) = raw.scoring {
+            r.scoring = v;
+        }
+        if let Some(v) = raw.groups {
+            r.groups = v;
+        }
+        if let Some(v) = raw.combine {
+            r.combine = v;
+        }
+        if let Some(v) = raw.renormalize {
+            r.renormalize = v;
+        }
+        if let Some(v) = raw.scale {
+            r.scale = v;
+        }
+        if let Some(v) = raw.capacity {
+            r.capacity = v;
+        }
+        if let Some(v) = raw.priority {
+            r.priority = v;
+        }
+        if let Some(v) = raw.expert_choice {
+            r.expert_choice = v;
+        }
+        if let Some(v) = raw.activation {
+            cfg.activation = v;
+        }
+        if let Some(v) = raw.output_scale {
+            cfg.output_scale = v;
+        }
+        cfg.validate_values()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a JSON config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Checks the values that do not depend on the layer's shape.
+    pub fn validate_values(&self) -> Result<()> {
+        self.routing.validate_values()?;
+        if !self.output_scale.is_finite() {
+            return Err(Error::config(format!(
+                "output_scale must be finite, got {}",
+                self.output_scale
+            )));
+        }
+        if let Activation::ClampedSwiglu(c) = self.activation {
+            if !c.alpha.is_finite() || !(c.limit > 0.0 && c.limit.is_finite()) {
+                return Err(Error::config(format!(
+                    "clamped_swiglu needs a finite alpha and a finite limit > 0, got alpha {} limit {}",
+                    c.alpha, c.limit
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! The crate's one error type. Every public call returns `Result<_, Error>`; nothing panics on
+//! user input.
+
+use std::path::PathBuf;
+
+use crate::backend::BackendKind;
+use crate::stage::Stage;
+
+/// Everything that can go wrong, with the context a user needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A stage's input or output has the wrong shape, length or value range.
+    #[error("{stage}: {what}")]
+    Shape { stage: Stage, what: String },
+
+    /// The layer or routing configuration is invalid (bad value, unsupported combination).
+    #[error("config: {0}")]
+    Config(String),
+
+    /// A JSON config file could not be parsed (malformed JSON, unknown key, wrong type).
+    #[error("config {path}: {msg}")]
+    ConfigJson { path: String, msg: String },
+
+    /// A layer-weights file is missing a tensor, has an extra one, or has inconsistent shapes.
+    #[error("weights {path}: {what}")]
+    Weights { path: String, what: String },
+
+    /// A tensor file (weights, input) is not a readable safetensors file.
+    #[error("safetensors {path}: {msg}")]
+    Safetensors { path: String, msg: String },
+
+    /// The input tensor file is wrong (missing `x`, wrong rank, wrong width).
+    #[error("input {path}: {what}")]
+    Input { path: String, what: String },
+
+    /// A tensor has a dtype this crate does not accept.
+    #[error("{context}: unsupported dtype {dtype} (expected F32, F16 or BF16)")]
+    Dtype { context: String, dtype: String },
+
+    /// The requested backend cannot be used on this machine or is not built yet.
+    #[error("backend {backend} is not available: {reason}")]
+    BackendUnavailable {
+        backend: BackendKind,
+        reason: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A shape error in `stage`.
+    pub(crate) fn shape(stage: Stage, what: impl Into<String>) -> Self {
+        Error::Shape {
+            stage,
+            what: what.into(),
+        }
+    }
+
+    /// A config error.
+    pub(crate) fn config(what: impl Into<String>) -> Self {
+        Error::Config(what.into())
+    }
+}

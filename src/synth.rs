@@ -1,0 +1,136 @@
+//! Seeded synthetic layers and inputs, for `moe demo`, the tests and the benches. Values are
+//! never zero-filled: weights are uniform with variance ~1/fan_in so activations stay O(1).
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::LayerConfig;
+use crate::error::Result;
+use crate::layer::MoeLayer;
+use crate::tensor::{DType, Tensor};
+
+/// What a synthetic layer holds besides the routed experts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extras {
+    pub router_bias: bool,
+    pub score_correction_bias: bool,
+    pub expert_biases: bool,
+    /// Shared expert width Fs, if any.
+    pub shared_ffn: Option<usize>,
+    pub shared_gate: bool,
+}
+
+/// A seeded generator of uniform values.
+pub struct Gen(StdRng);
+
+impl Gen {
+    pub fn new(seed: u64) -> Self {
+        Gen(StdRng::seed_from_u64(seed))
+    }
+
+    /// `n` values uniform in `[-scale, scale]`.
+    pub fn uniform(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.0.gen_range(-scale..=scale)).collect()
+    }
+
+    /// A tensor of `shape` uniform in `[-scale, scale]`.
+    pub fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        let data = self.uniform(n, scale);
+        // The length equals the shape's product by construction.
+        Tensor::from_f32(shape.to_vec(), data).expect("length matches shape")
+    }
+
+    /// A uniform integer in `lo..hi`.
+    pub fn below(&mut self, lo: usize, hi: usize) -> usize {
+        self.0.gen_range(lo..hi)
+    }
+}
+
+/// Uniform scale giving variance 1/fan_in.
+fn scale_for(fan_in: usize) -> f32 {
+    (3.0 / fan_in.max(1) as f32).sqrt()
+}
+
+/// A random layer with E experts, hidden H, FFN width F, weights in `dtype`.
+pub fn random_layer(
+    config: LayerConfig,
+    e: usize,
+    h: usize,
+    f: usize,
+    extras: Extras,
+    dtype: DType,
+    seed: u64,
+) -> Result<MoeLayer> {
+    let mut g = Gen::new(seed);
+    let mut t = BTreeMap::new();
+    // Router weights are larger than 1/sqrt(H) so scores are spread out, as in trained routers.
+    t.insert(
+        "router.weight".to_string(),
+        g.tensor(&[e, h], 4.0 * scale_for(h)),
+    );
+    if extras.router_bias {
+        t.insert("router.bias".into(), g.tensor(&[e], 0.5));
+    }
+    if extras.score_correction_bias {
+        t.insert("router.score_correction_bias".into(), g.tensor(&[e], 0.1));
+    }
+    let gated = config.activation.is_gated();
+    if gated {
+        t.insert(
+            "experts.gate_proj".into(),
+            g.tensor(&[e, f, h], scale_for(h)).cast(dtype),
+        );
+    }
+    t.insert(
+        "experts.up_proj".into(),
+        g.tensor(&[e, f, h], scale_for(h)).cast(dtype),
+    );
+    t.insert(
+        "experts.down_proj".into(),
+        g.tensor(&[e, h, f], scale_for(f)).cast(dtype),
+    );
+    if extras.expert_biases {
+        if gated {
+            t.insert(
+                "experts.gate_proj_bias".into(),
+                g.tensor(&[e, f], 0.1).cast(dtype),
+            );
+        }
+        t.insert(
+            "experts.up_proj_bias".into(),
+            g.tensor(&[e, f], 0.1).cast(dtype),
+        );
+        t.insert(
+            "experts.down_proj_bias".into(),
+            g.tensor(&[e, h], 0.1).cast(dtype),
+        );
+    }
+    if let Some(fs) = extras.shared_ffn {
+        if gated {
+            t.insert(
+                "shared.gate_proj".into(),
+                g.tensor(&[fs, h], scale_for(h)).cast(dtype),
+            );
+        }
+        t.insert(
+            "shared.up_proj".into(),
+            g.tensor(&[fs, h], scale_for(h)).cast(dtype),
+        );
+        t.insert(
+            "shared.down_proj".into(),
+            g.tensor(&[h, fs], scale_for(fs)).cast(dtype),
+        );
+        if extras.shared_gate {
+            t.insert("shared.gate.weight".into(), g.tensor(&[1, h], scale_for(h)));
+        }
+    }
+    MoeLayer::from_tensors(config, t, "synthetic layer")
+}
+
+/// A random input `x` `[T, H]` uniform in [-1, 1].
+pub fn random_x(t: usize, h: usize, seed: u64) -> Tensor {
+    Gen::new(seed ^ 0x5eed_0000_0000_0001).tensor(&[t, h], 1.0)
+}
