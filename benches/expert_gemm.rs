@@ -1,1 +1,69 @@
-fn main() {}
+//! Stage 3, the grouped expert FFN (`y = (silu(x·Wgᵀ) ⊙ x·Wuᵀ)·Wdᵀ` per expert's rows): the
+//! GPT-4-style layer (E 16, k 2, H 512, F 1024, SwiGLU) at T 1, 64, 512 on every backend that
+//! constructs here, on the permutation its earlier stages computed from seeded `x`. A T whose
+//! untimed first call takes longer than [`MAX_ITER`] is skipped (with a message), which today
+//! is T 512 on the f64 CPU reference of a 2-core machine.
+//!
+//! Throughput: FLOPs (`3 · 2·H·F` per row, as elem/s) and the minimum bytes (read `x_perm`
+//! and the weights of every expert that has rows once, write `y_perm`).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use moe_kernels::Stage;
+
+/// Longest single call still benched: 10 samples of it must fit in a few seconds.
+const MAX_ITER: Duration = Duration::from_secs(1);
+
+fn bench(c: &mut Criterion) {
+    let devs = common::backends("expert_gemm");
+    let layer = common::gpt4_layer();
+    let d = layer.dims();
+    let act = layer.config.activation;
+    let mut group = c.benchmark_group("expert_gemm");
+    // Iterations take milliseconds to a second: the same iteration count in every sample.
+    group.sampling_mode(SamplingMode::Flat);
+    for dev in &devs {
+        for t in common::GPT4_TOKENS {
+            let x = common::input(t, d.hidden);
+            let p = common::Pipeline::run_before(dev, &layer, x, Stage::ExpertGemm)
+                .unwrap_or_else(|err| panic!("stages before expert_gemm on {}: {err}", dev.kind()));
+            let perm = p.perm.as_ref().expect("the pipeline ran permute");
+            let mut y_perm = vec![f32::NAN; t * p.slots * d.hidden];
+            let run = |y: &mut [f32]| dev.expert_gemm(perm, &layer.experts, act, y);
+            let start = Instant::now();
+            run(&mut y_perm).unwrap_or_else(|err| panic!("expert_gemm on {}: {err}", dev.kind()));
+            let first = start.elapsed();
+            common::check_finite("y_perm", &y_perm);
+            let name = format!("{}/{}", dev.kind(), common::GPT4_NAME);
+            if first > MAX_ITER {
+                println!(
+                    "expert_gemm/{name}/T{t}: skipped, one call took {first:.2?} (> {MAX_ITER:?})"
+                );
+                continue;
+            }
+            group.throughput(Throughput::ElementsAndBytes {
+                elements: common::expert_gemm_flops(&layer, perm),
+                bytes: common::expert_gemm_bytes(&layer, perm),
+            });
+            group.bench_function(BenchmarkId::new(name, format!("T{t}")), |b| {
+                b.iter_custom(|iters| common::time_stage(dev, iters, || run(&mut y_perm)))
+            });
+            black_box(&y_perm);
+        }
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = bench
+}
+criterion_main!(benches);

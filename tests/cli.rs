@@ -1,0 +1,1297 @@
+//! End-to-end tests of the `moe` binary (DESIGN.md section 4).
+//!
+//! Every bad input to `moe run` must end with exit status 1 and an `error: …` line on stderr
+//! that names what is wrong — never a panic (status 101) and never a silent success. The good
+//! cases check the output file's tensors: `y` F32 [T, H], `topk_ids` I32 [T, k],
+//! `topk_weights` F32 [T, k] and, with capacity, `kept` I32 [T, k].
+//!
+//! Each test builds its files from a seeded synthetic layer in its own folder under the
+//! system temp dir; the folder is removed when the test passes and kept when it fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use half::f16;
+use moe_kernels::io::{save, OutTensor};
+use moe_kernels::layer::TENSOR_NAMES;
+use moe_kernels::synth::{random_layer, random_x, Extras};
+use moe_kernels::{Activation, DType, Preset, Tensor};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+/// Experts, hidden size, FFN width and tokens of the synthetic layer.
+const E: usize = 4;
+const H: usize = 8;
+const F: usize = 6;
+const T: usize = 5;
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// One tensor as raw little-endian bytes, any safetensors dtype.
+#[derive(Clone, Debug)]
+struct Raw {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl Raw {
+    fn f32(name: &str, shape: &[usize], data: &[f32]) -> Raw {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
+        Raw {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    fn from_tensor(name: &str, t: &Tensor) -> Raw {
+        Raw::f32(name, t.shape(), &t.to_f32_vec())
+    }
+
+    /// Seeded values in [-1, 1] (never all zero) of any shape.
+    fn random(name: &str, shape: &[usize], seed: u64) -> Raw {
+        let n = shape.iter().product();
+        Raw::f32(name, shape, &lcg_f32(n, seed))
+    }
+
+    /// The same values stored as F64.
+    fn to_f64(&self) -> Raw {
+        let bytes = self
+            .as_f32()
+            .iter()
+            .flat_map(|&v| f64::from(v).to_le_bytes())
+            .collect();
+        Raw {
+            dtype: Dtype::F64,
+            bytes,
+            ..self.clone()
+        }
+    }
+
+    /// The values truncated to integers, stored as I64.
+    fn to_i64(&self) -> Raw {
+        let bytes = self
+            .as_f32()
+            .iter()
+            .flat_map(|&v| ((v * 10.0) as i64).to_le_bytes())
+            .collect();
+        Raw {
+            dtype: Dtype::I64,
+            bytes,
+            ..self.clone()
+        }
+    }
+
+    /// The values rounded to F16.
+    fn to_f16(&self) -> Raw {
+        let bytes = self
+            .as_f32()
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        Raw {
+            dtype: Dtype::F16,
+            bytes,
+            ..self.clone()
+        }
+    }
+
+    fn as_f32(&self) -> Vec<f32> {
+        assert_eq!(self.dtype, Dtype::F32);
+        self.bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+/// `n` deterministic values in [-1, 1].
+fn lcg_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// `n` deterministic bytes.
+fn lcg_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        })
+        .collect()
+}
+
+/// Writes raw tensors with the `safetensors` crate.
+fn write_raw(path: &Path, tensors: &[Raw]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|r| {
+            let v = TensorView::new(r.dtype, r.shape.clone(), &r.bytes)
+                .unwrap_or_else(|e| panic!("test bug: view {}: {e}", r.name));
+            (r.name.clone(), v)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path)
+        .unwrap_or_else(|e| panic!("test bug: write {}: {e}", path.display()));
+}
+
+/// The tensors of a good synthetic layer (E, H, F above) for `activation`, all F32.
+fn layer_tensors(activation: Activation) -> Vec<Raw> {
+    let mut config = Preset::Mixtral.config();
+    config.activation = activation;
+    let layer =
+        random_layer(config, E, H, F, Extras::default(), DType::F32, 11).expect("synthetic layer");
+    let mut out = vec![Raw::from_tensor("router.weight", &layer.router_weight)];
+    if let Some(g) = &layer.experts.gate {
+        out.push(Raw::from_tensor("experts.gate_proj", g));
+    }
+    out.push(Raw::from_tensor("experts.up_proj", &layer.experts.up));
+    out.push(Raw::from_tensor("experts.down_proj", &layer.experts.down));
+    for r in &out {
+        assert!(TENSOR_NAMES.contains(&r.name.as_str()), "{}", r.name);
+    }
+    out
+}
+
+/// Good swiglu (gated) layer tensors.
+fn gated() -> Vec<Raw> {
+    layer_tensors(Activation::Swiglu)
+}
+
+/// `tensors` without `name`.
+fn without(mut tensors: Vec<Raw>, name: &str) -> Vec<Raw> {
+    let before = tensors.len();
+    tensors.retain(|r| r.name != name);
+    assert_eq!(tensors.len() + 1, before, "test bug: no tensor {name}");
+    tensors
+}
+
+/// `tensors` with `name` replaced by `r` (renamed to `name`).
+fn replaced(tensors: Vec<Raw>, name: &str, r: Raw) -> Vec<Raw> {
+    let mut t = without(tensors, name);
+    t.push(Raw {
+        name: name.into(),
+        ..r
+    });
+    t
+}
+
+/// `tensors` with `name` changed by `f`.
+fn mapped(tensors: Vec<Raw>, name: &str, f: impl Fn(&Raw) -> Raw) -> Vec<Raw> {
+    let r = tensors
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("test bug: no tensor {name}"))
+        .clone();
+    replaced(tensors, name, f(&r))
+}
+
+fn with(mut tensors: Vec<Raw>, r: Raw) -> Vec<Raw> {
+    tensors.push(r);
+    tensors
+}
+
+/// A good input `x` [t, h].
+fn x_raw(t: usize, h: usize) -> Raw {
+    Raw::from_tensor("x", &random_x(t, h, 3))
+}
+
+/// A folder of its own for one test (or one case), with a good config, layer and input.
+struct Fixture {
+    dir: PathBuf,
+    config: PathBuf,
+    weights: PathBuf,
+    input: PathBuf,
+    output: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let safe: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("moe-cli-test-{}-{safe}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let fx = Fixture {
+            config: dir.join("config.json"),
+            weights: dir.join("weights.safetensors"),
+            input: dir.join("input.safetensors"),
+            output: dir.join("output.safetensors"),
+            dir,
+        };
+        fx.set_config(r#"{"preset": "mixtral"}"#);
+        fx.set_weights(&gated());
+        // The input goes through the library's own writer.
+        let x = random_x(T, H, 3);
+        save(
+            &fx.input,
+            &[("x", OutTensor::F32(x.shape().to_vec(), x.to_f32_vec()))],
+        )
+        .expect("save input");
+        fx
+    }
+
+    fn set_config(&self, json: &str) {
+        std::fs::write(&self.config, json).expect("write config");
+    }
+
+    fn set_weights(&self, tensors: &[Raw]) {
+        write_raw(&self.weights, tensors);
+    }
+
+    fn set_input(&self, tensors: &[Raw]) {
+        write_raw(&self.input, tensors);
+    }
+
+    /// `moe run` on this fixture's files with `--backend cpu` and `extra` arguments.
+    fn run(&self, extra: &[&str]) -> Output {
+        self.run_backend(Some("cpu"), extra)
+    }
+
+    /// `moe run` with `--backend B` (left out when `None`) and `extra` arguments.
+    fn run_backend(&self, backend: Option<&str>, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+            "--weights".into(),
+            self.weights.display().to_string(),
+            "--input".into(),
+            self.input.display().to_string(),
+            "--output".into(),
+            self.output.display().to_string(),
+        ];
+        if let Some(b) = backend {
+            args.push("--backend".into());
+            args.push(b.into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        moe(&args)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs the `moe` binary with `args`, `MOE_BACKEND` unset.
+fn moe<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .env_remove("MOE_BACKEND")
+        .output()
+        .expect("spawn moe")
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `Err(why)` unless `out` is a clean failure: status exactly 1, no panic, an `error:` line
+/// and every needle (case-insensitive) on stderr.
+fn check_fails(out: &Output, needles: &[&str]) -> Result<(), String> {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    let mut problems = Vec::new();
+    if out.status.code() != Some(1) {
+        problems.push(format!("exit status {:?}, want 1", out.status.code()));
+    }
+    if stderr.contains("panicked") || stderr.contains("rust_backtrace") {
+        problems.push("stderr shows a panic".to_string());
+    }
+    if !stderr.contains("error:") {
+        problems.push("stderr has no `error:` line".to_string());
+    }
+    for n in needles {
+        if !stderr.contains(&n.to_lowercase()) {
+            problems.push(format!("stderr does not mention {n:?}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}\n{}", problems.join("; "), describe(out)))
+    }
+}
+
+#[track_caller]
+fn assert_fails(out: &Output, needles: &[&str]) {
+    if let Err(why) = check_fails(out, needles) {
+        panic!("{why}");
+    }
+}
+
+#[track_caller]
+fn assert_ok(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(0) && !stderr.contains("panicked"),
+        "expected success\n{}",
+        describe(out)
+    );
+}
+
+/// Runs a table of cases; every case runs, and the test fails listing each one that failed.
+fn run_table(cases: Vec<(String, Result<(), String>)>) {
+    let total = cases.len();
+    let failed: Vec<String> = cases
+        .into_iter()
+        .filter_map(|(name, r)| r.err().map(|why| format!("=== case `{name}`: {why}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failed.len(),
+        failed.join("\n\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the output
+// ---------------------------------------------------------------------------------------------
+
+/// One output tensor.
+struct OutT {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl OutT {
+    fn f32s(&self) -> Vec<f32> {
+        assert_eq!(self.dtype, Dtype::F32);
+        self.bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn i32s(&self) -> Vec<i32> {
+        assert_eq!(self.dtype, Dtype::I32);
+        self.bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn read_output(path: &Path) -> BTreeMap<String, OutT> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("output is a valid safetensors file");
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            (
+                name,
+                OutT {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    bytes: v.data().to_vec(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Checks the output's names, dtypes and shapes and that every id is in 0..E; returns it.
+#[track_caller]
+fn check_output(path: &Path, t: usize, k: usize, kept: bool) -> BTreeMap<String, OutT> {
+    let out = read_output(path);
+    let mut want = vec!["topk_ids", "topk_weights", "y"];
+    if kept {
+        want.insert(0, "kept");
+    }
+    let names: Vec<&str> = out.keys().map(String::as_str).collect();
+    assert_eq!(names, want, "output tensors");
+    assert_eq!(out["y"].dtype, Dtype::F32, "y dtype");
+    assert_eq!(out["y"].shape, [t, H], "y shape");
+    assert_eq!(out["topk_ids"].dtype, Dtype::I32, "topk_ids dtype");
+    assert_eq!(out["topk_ids"].shape, [t, k], "topk_ids shape");
+    assert_eq!(out["topk_weights"].dtype, Dtype::F32, "topk_weights dtype");
+    assert_eq!(out["topk_weights"].shape, [t, k], "topk_weights shape");
+    let ids = out["topk_ids"].i32s();
+    assert!(
+        ids.iter().all(|&i| (0..E as i32).contains(&i)),
+        "topk_ids out of 0..{E}: {ids:?}"
+    );
+    if kept {
+        assert_eq!(out["kept"].dtype, Dtype::I32, "kept dtype");
+        assert_eq!(out["kept"].shape, [t, k], "kept shape");
+        let kv = out["kept"].i32s();
+        assert!(kv.iter().all(|&v| v == 0 || v == 1), "kept not 0/1: {kv:?}");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Good runs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn good_run_writes_y_ids_weights() {
+    let fx = Fixture::new("good_run");
+    assert_ok(&fx.run(&[]));
+    let out = check_output(&fx.output, T, 2, false);
+    assert!(out["y"].f32s().iter().all(|v| v.is_finite()), "y finite");
+    let w = out["topk_weights"].f32s();
+    for row in w.chunks(2) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "mixtral renormalises: {row:?}");
+    }
+}
+
+#[test]
+fn good_run_default_backend() {
+    // No --backend: auto picks whatever runs here (the CPU on a machine without GPU kernels).
+    let fx = Fixture::new("good_run_auto");
+    assert_ok(&fx.run_backend(None, &[]));
+    check_output(&fx.output, T, 2, false);
+}
+
+#[test]
+fn zero_tokens() {
+    let fx = Fixture::new("zero_tokens");
+    fx.set_input(&[Raw::f32("x", &[0, H], &[])]);
+    assert_ok(&fx.run(&[]));
+    check_output(&fx.output, 0, 2, false);
+}
+
+#[test]
+fn nan_and_inf_in_x() {
+    let fx = Fixture::new("nan_inf");
+    let mut x = lcg_f32(7 * H, 5);
+    x[..H].fill(f32::NAN); // token 0: all NaN
+    x[H..2 * H].fill(f32::INFINITY); // token 1: all +Inf
+    x[2 * H..3 * H].fill(f32::NEG_INFINITY); // token 2: all -Inf
+    x[3 * H] = f32::NAN; // token 3: one NaN
+    x[4 * H] = f32::INFINITY; // token 4: one +Inf
+    x[5 * H + 1] = f32::NEG_INFINITY; // token 5: one -Inf
+    fx.set_input(&[Raw::f32("x", &[7, H], &x)]);
+    assert_ok(&fx.run(&[]));
+    let out = check_output(&fx.output, 7, 2, false);
+    // Token 6 is finite and must stay finite.
+    let y = out["y"].f32s();
+    assert!(y[6 * H..].iter().all(|v| v.is_finite()), "finite token's y");
+}
+
+#[test]
+fn nan_in_x_with_capacity_and_groups() {
+    // The ids stay in 0..E on the capacity and group paths too.
+    for (i, cfg) in [
+        r#"{"preset": "mixtral", "capacity": {"tokens": 2}}"#,
+        r#"{"preset": "mixtral", "groups": {"count": 2, "keep": 1}, "scoring": "sigmoid"}"#,
+        r#"{"preset": "mixtral", "scoring": "logits", "combine": "softmax_selected"}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let fx = Fixture::new(&format!("nan_paths_{i}"));
+        fx.set_config(cfg);
+        let mut x = lcg_f32(4 * H, 6);
+        x[..H].fill(f32::NAN);
+        x[H..2 * H].fill(f32::INFINITY);
+        x[2 * H] = f32::NEG_INFINITY;
+        fx.set_input(&[Raw::f32("x", &[4, H], &x)]);
+        let out = fx.run(&[]);
+        assert!(
+            out.status.code() == Some(0),
+            "config {cfg}\n{}",
+            describe(&out)
+        );
+        check_output(&fx.output, 4, 2, cfg.contains("capacity"));
+    }
+}
+
+#[test]
+fn capacity_writes_kept() {
+    let fx = Fixture::new("capacity_kept");
+    fx.set_config(r#"{"preset": "mixtral", "capacity": {"tokens": 1}}"#);
+    assert_ok(&fx.run(&[]));
+    let out = check_output(&fx.output, T, 2, true);
+    // 5 tokens × 2 picks into 4 experts of capacity 1: some assignments are dropped.
+    let kept = out["kept"].i32s();
+    assert!(kept.iter().sum::<i32>() <= E as i32, "kept {kept:?}");
+}
+
+#[test]
+fn capacity_from_preset_writes_kept() {
+    // switch: top-1, ReLU (no gate_proj), capacity 64 tokens.
+    let fx = Fixture::new("capacity_preset");
+    fx.set_config(r#"{"preset": "switch"}"#);
+    fx.set_weights(&layer_tensors(Activation::Relu));
+    assert_ok(&fx.run(&[]));
+    check_output(&fx.output, T, 1, true);
+}
+
+#[test]
+fn expert_choice_writes_kept() {
+    let fx = Fixture::new("expert_choice");
+    fx.set_config(r#"{"preset": "mixtral", "expert_choice": {"capacity_factor": 2.0}}"#);
+    assert_ok(&fx.run(&[]));
+    // Expert choice gives every token E slots.
+    check_output(&fx.output, T, E, true);
+}
+
+#[test]
+fn no_capacity_no_kept() {
+    let fx = Fixture::new("no_capacity");
+    // nllb_moe has a capacity by default; null removes it.
+    fx.set_config(r#"{"preset": "nllb_moe", "capacity": null}"#);
+    fx.set_weights(&layer_tensors(Activation::Relu));
+    assert_ok(&fx.run(&[]));
+    check_output(&fx.output, T, 2, false);
+}
+
+#[test]
+fn dtype_flags_run() {
+    for d in ["f32", "f16", "bf16"] {
+        let fx = Fixture::new(&format!("dtype_{d}"));
+        let out = fx.run(&["--dtype", d]);
+        assert!(
+            out.status.code() == Some(0),
+            "--dtype {d}\n{}",
+            describe(&out)
+        );
+        let o = check_output(&fx.output, T, 2, false);
+        assert!(o["y"].f32s().iter().all(|v| v.is_finite()), "--dtype {d}");
+    }
+}
+
+#[test]
+fn f16_weights_run() {
+    let fx = Fixture::new("f16_weights");
+    let t: Vec<Raw> = gated()
+        .into_iter()
+        .map(|r| {
+            if r.name.starts_with("experts.") {
+                r.to_f16()
+            } else {
+                r
+            }
+        })
+        .collect();
+    fx.set_weights(&t);
+    assert_ok(&fx.run(&[]));
+    check_output(&fx.output, T, 2, false);
+}
+
+#[test]
+fn info_exits_0() {
+    let out = moe(&["info"]);
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("cpu"),
+        "info lists the cpu backend\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn demo_small_passes() {
+    let out = moe(&[
+        "demo",
+        "--tokens",
+        "5",
+        "--hidden",
+        "16",
+        "--ffn",
+        "24",
+        "--backend",
+        "cpu",
+    ]);
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("PASS"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn demo_small_auto_passes() {
+    let out = moe(&["demo", "--tokens", "5", "--hidden", "16", "--ffn", "24"]);
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("PASS"),
+        "{}",
+        describe(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad weights
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_weights() {
+    let relu = r#"{"preset": "mixtral", "activation": "relu"}"#;
+    let mix = r#"{"preset": "mixtral"}"#;
+    // (case, config, weights, needles)
+    let cases: Vec<(&str, &str, Vec<Raw>, Vec<&str>)> = vec![
+        (
+            "missing experts.down_proj",
+            mix,
+            without(gated(), "experts.down_proj"),
+            vec!["missing", "experts.down_proj"],
+        ),
+        (
+            "missing experts.up_proj",
+            mix,
+            without(gated(), "experts.up_proj"),
+            vec!["missing", "experts.up_proj"],
+        ),
+        (
+            "missing router.weight",
+            mix,
+            without(gated(), "router.weight"),
+            vec!["missing", "router.weight"],
+        ),
+        (
+            "unknown tensor",
+            mix,
+            with(gated(), Raw::random("foo.bar", &[3], 1)),
+            vec!["unexpected", "foo.bar"],
+        ),
+        (
+            "up_proj rank 2",
+            mix,
+            replaced(gated(), "experts.up_proj", Raw::random("", &[E * F, H], 2)),
+            vec!["up_proj", "rank"],
+        ),
+        (
+            "down_proj rank 4",
+            mix,
+            replaced(
+                gated(),
+                "experts.down_proj",
+                Raw::random("", &[E, H, F, 1], 2),
+            ),
+            vec!["down_proj"],
+        ),
+        (
+            "E: router.weight has E+1 rows",
+            mix,
+            replaced(gated(), "router.weight", Raw::random("", &[E + 1, H], 3)),
+            vec!["router.weight"],
+        ),
+        (
+            "E: down_proj has E+1 experts",
+            mix,
+            replaced(
+                gated(),
+                "experts.down_proj",
+                Raw::random("", &[E + 1, H, F], 3),
+            ),
+            vec!["down_proj"],
+        ),
+        (
+            "E: gate_proj has E-1 experts",
+            mix,
+            replaced(
+                gated(),
+                "experts.gate_proj",
+                Raw::random("", &[E - 1, F, H], 3),
+            ),
+            vec!["gate_proj"],
+        ),
+        (
+            "H: router.weight has H+1 columns",
+            mix,
+            replaced(gated(), "router.weight", Raw::random("", &[E, H + 1], 4)),
+            vec!["router.weight"],
+        ),
+        (
+            "H: down_proj has H+1 rows",
+            mix,
+            replaced(
+                gated(),
+                "experts.down_proj",
+                Raw::random("", &[E, H + 1, F], 4),
+            ),
+            vec!["down_proj"],
+        ),
+        (
+            "F: down_proj has F+1 columns",
+            mix,
+            replaced(
+                gated(),
+                "experts.down_proj",
+                Raw::random("", &[E, H, F + 1], 5),
+            ),
+            vec!["down_proj"],
+        ),
+        (
+            "F: gate_proj has F+1 rows",
+            mix,
+            replaced(
+                gated(),
+                "experts.gate_proj",
+                Raw::random("", &[E, F + 1, H], 5),
+            ),
+            vec!["gate_proj"],
+        ),
+        (
+            "router.bias wrong length",
+            mix,
+            with(gated(), Raw::random("router.bias", &[E + 1], 6)),
+            vec!["router.bias"],
+        ),
+        (
+            "experts.down_proj_bias wrong shape",
+            mix,
+            with(
+                gated(),
+                Raw::random("experts.down_proj_bias", &[E, H + 1], 6),
+            ),
+            vec!["down_proj_bias"],
+        ),
+        (
+            "gate_proj present for relu",
+            relu,
+            gated(),
+            vec!["gate_proj", "not gated"],
+        ),
+        (
+            "gate_proj missing for swiglu",
+            mix,
+            without(gated(), "experts.gate_proj"),
+            vec!["experts.gate_proj", "gated"],
+        ),
+        (
+            "shared.up_proj without shared.down_proj",
+            mix,
+            with(gated(), Raw::random("shared.up_proj", &[F, H], 7)),
+            vec!["shared.down_proj"],
+        ),
+        (
+            "router.weight F64",
+            mix,
+            mapped(gated(), "router.weight", Raw::to_f64),
+            vec!["F64", "router.weight", "dtype"],
+        ),
+        (
+            "experts.up_proj I64",
+            mix,
+            mapped(gated(), "experts.up_proj", Raw::to_i64),
+            vec!["I64", "experts.up_proj", "dtype"],
+        ),
+        (
+            "no experts (E = 0)",
+            mix,
+            vec![
+                Raw::f32("router.weight", &[0, H], &[]),
+                Raw::f32("experts.gate_proj", &[0, F, H], &[]),
+                Raw::f32("experts.up_proj", &[0, F, H], &[]),
+                Raw::f32("experts.down_proj", &[0, H, F], &[]),
+            ],
+            vec!["E = 0"],
+        ),
+    ];
+    let results = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, cfg, weights, needles))| {
+            let fx = Fixture::new(&format!("bad_weights_{i}"));
+            fx.set_config(cfg);
+            fx.set_weights(&weights);
+            let out = fx.run(&[]);
+            (name.to_string(), check_fails(&out, &needles))
+        })
+        .collect();
+    run_table(results);
+}
+
+/// The byte-level corruptions applied to both the weights and the input file.
+fn corruptions(good: &[u8]) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
+    let mut garbage_json = 40u64.to_le_bytes().to_vec();
+    garbage_json.extend_from_slice(b"{this is [not] json at all;;; \x01\x02\x03 ??");
+    let mut bad_offsets = Vec::new();
+    let header = br#"{"x":{"dtype":"F32","shape":[2,2],"data_offsets":[0,1000]}}"#;
+    bad_offsets.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bad_offsets.extend_from_slice(header);
+    bad_offsets.extend_from_slice(&[0u8; 16]);
+    let mut short_header = 1000u64.to_le_bytes().to_vec();
+    short_header.extend_from_slice(b"{}");
+    vec![
+        (
+            "truncated to half",
+            good[..good.len() / 2].to_vec(),
+            vec!["safetensors"],
+        ),
+        (
+            "last byte cut",
+            good[..good.len() - 1].to_vec(),
+            vec!["safetensors"],
+        ),
+        ("random bytes", lcg_bytes(512, 9), vec!["safetensors"]),
+        ("garbage JSON header", garbage_json, vec!["safetensors"]),
+        (
+            "header longer than the file",
+            short_header,
+            vec!["safetensors"],
+        ),
+        ("offsets past the end", bad_offsets, vec!["safetensors"]),
+        ("empty file", Vec::new(), vec!["safetensors"]),
+        ("four bytes", vec![1, 2, 3, 4], vec!["safetensors"]),
+    ]
+}
+
+#[test]
+fn corrupt_weights_files() {
+    let fx0 = Fixture::new("corrupt_weights_src");
+    let good = std::fs::read(&fx0.weights).unwrap();
+    let results = corruptions(&good)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, bytes, needles))| {
+            let fx = Fixture::new(&format!("corrupt_weights_{i}"));
+            std::fs::write(&fx.weights, bytes).unwrap();
+            let mut needles = needles;
+            needles.push("weights.safetensors");
+            (
+                format!("weights: {name}"),
+                check_fails(&fx.run(&[]), &needles),
+            )
+        })
+        .collect();
+    run_table(results);
+}
+
+#[test]
+fn corrupt_input_files() {
+    let fx0 = Fixture::new("corrupt_input_src");
+    let good = std::fs::read(&fx0.input).unwrap();
+    let results = corruptions(&good)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, bytes, needles))| {
+            let fx = Fixture::new(&format!("corrupt_input_{i}"));
+            std::fs::write(&fx.input, bytes).unwrap();
+            let mut needles = needles;
+            needles.push("input.safetensors");
+            (
+                format!("input: {name}"),
+                check_fails(&fx.run(&[]), &needles),
+            )
+        })
+        .collect();
+    run_table(results);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Missing files
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn nonexistent_paths() {
+    let mut results = Vec::new();
+    for which in ["config", "weights", "input"] {
+        let fx = Fixture::new(&format!("nonexistent_{which}"));
+        let missing = fx.dir.join(format!("does-not-exist-{which}.file"));
+        let path = match which {
+            "config" => &fx.config,
+            "weights" => &fx.weights,
+            _ => &fx.input,
+        };
+        std::fs::remove_file(path).unwrap();
+        // Point the argument at a name that never existed.
+        let mut args: Vec<String> = vec!["run".into()];
+        for (flag, p) in [
+            ("--config", &fx.config),
+            ("--weights", &fx.weights),
+            ("--input", &fx.input),
+            ("--output", &fx.output),
+        ] {
+            args.push(flag.into());
+            if flag.trim_start_matches("--") == which {
+                args.push(missing.display().to_string());
+            } else {
+                args.push(p.display().to_string());
+            }
+        }
+        args.extend(["--backend".into(), "cpu".into()]);
+        let out = moe(&args);
+        let name = format!("does-not-exist-{which}");
+        results.push((format!("nonexistent {which}"), check_fails(&out, &[&name])));
+    }
+    // A directory where a file is expected.
+    let fx = Fixture::new("weights_is_dir");
+    std::fs::remove_file(&fx.weights).unwrap();
+    std::fs::create_dir(&fx.weights).unwrap();
+    results.push((
+        "weights path is a directory".into(),
+        check_fails(&fx.run(&[]), &["weights.safetensors"]),
+    ));
+    // An output in a folder that does not exist.
+    let fx = Fixture::new("output_no_dir");
+    let out = moe(&[
+        "run",
+        "--config",
+        &fx.config.display().to_string(),
+        "--weights",
+        &fx.weights.display().to_string(),
+        "--input",
+        &fx.input.display().to_string(),
+        "--output",
+        &fx.dir
+            .join("no-such-dir/out.safetensors")
+            .display()
+            .to_string(),
+        "--backend",
+        "cpu",
+    ]);
+    results.push((
+        "output folder missing".into(),
+        check_fails(&out, &["out.safetensors"]),
+    ));
+    run_table(results);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad configs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_configs() {
+    // (case, JSON, needles)
+    let cases: Vec<(&str, &str, Vec<&str>)> = vec![
+        (
+            "malformed JSON",
+            r#"{"preset": "mixtral", "top_k": }"#,
+            vec!["config"],
+        ),
+        ("truncated JSON", r#"{"preset": "mixtral""#, vec!["config"]),
+        ("empty config", "", vec!["config"]),
+        ("not an object", "[1, 2, 3]", vec!["config"]),
+        (
+            "unknown key",
+            r#"{"preset": "mixtral", "topk": 2}"#,
+            vec!["unknown field", "topk"],
+        ),
+        (
+            "unknown key in groups",
+            r#"{"groups": {"count": 2, "keep": 1, "drop": 1}}"#,
+            vec!["drop"],
+        ),
+        (
+            "wrong type: top_k string",
+            r#"{"preset": "mixtral", "top_k": "two"}"#,
+            vec!["invalid type", "two"],
+        ),
+        (
+            "wrong type: renormalize number",
+            r#"{"renormalize": 1}"#,
+            vec!["invalid type"],
+        ),
+        (
+            "wrong type: top_k float",
+            r#"{"top_k": 1.5}"#,
+            vec!["invalid type"],
+        ),
+        (
+            "wrong type: groups number",
+            r#"{"groups": 4}"#,
+            vec!["invalid type"],
+        ),
+        ("unknown preset", r#"{"preset": "llama"}"#, vec!["llama"]),
+        (
+            "unknown activation",
+            r#"{"activation": "tanh"}"#,
+            vec!["tanh"],
+        ),
+        (
+            "unknown scoring",
+            r#"{"scoring": "argmax"}"#,
+            vec!["argmax"],
+        ),
+        (
+            "top_k = 0",
+            r#"{"preset": "mixtral", "top_k": 0}"#,
+            vec!["top_k"],
+        ),
+        ("top_k = -1", r#"{"top_k": -1}"#, vec!["top_k"]),
+        (
+            "top_k > E",
+            r#"{"preset": "mixtral", "top_k": 5}"#,
+            vec!["top_k", "E = 4"],
+        ),
+        (
+            "preset top_k > E (qwen3_moe, top-8)",
+            r#"{"preset": "qwen3_moe"}"#,
+            vec!["top_k", "E = 4"],
+        ),
+        (
+            "groups.count does not divide E",
+            r#"{"groups": {"count": 3, "keep": 1}}"#,
+            vec!["groups.count", "divide"],
+        ),
+        (
+            "groups.count = 0",
+            r#"{"groups": {"count": 0, "keep": 0}}"#,
+            vec!["groups.count"],
+        ),
+        (
+            "groups.keep > count",
+            r#"{"groups": {"count": 2, "keep": 3}}"#,
+            vec!["groups.keep"],
+        ),
+        (
+            "groups.keep = 0",
+            r#"{"groups": {"count": 2, "keep": 0}}"#,
+            vec!["groups.keep"],
+        ),
+        (
+            "top_k > experts in kept groups",
+            r#"{"top_k": 2, "groups": {"count": 4, "keep": 1}}"#,
+            vec!["top_k", "kept groups"],
+        ),
+        (
+            "groups negative",
+            r#"{"groups": {"count": -2, "keep": 1}}"#,
+            vec!["config"],
+        ),
+        (
+            "capacity tokens 0",
+            r#"{"capacity": {"tokens": 0}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity tokens negative",
+            r#"{"capacity": {"tokens": -3}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity fraction 0",
+            r#"{"capacity": {"fraction": 0.0}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity fraction negative",
+            r#"{"capacity": {"fraction": -0.5}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity factor 0",
+            r#"{"capacity": {"factor": 0}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity factor negative",
+            r#"{"capacity": {"factor": -1.25}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity unknown kind",
+            r#"{"capacity": {"percent": 10}}"#,
+            vec!["percent"],
+        ),
+        (
+            "expert_choice capacity_factor 0",
+            r#"{"expert_choice": {"capacity_factor": 0}}"#,
+            vec!["expert_choice"],
+        ),
+        (
+            "expert_choice with capacity",
+            r#"{"expert_choice": {"capacity_factor": 1.0}, "capacity": {"tokens": 2}}"#,
+            vec!["expert_choice", "capacity"],
+        ),
+        (
+            "clamped_swiglu limit 0",
+            r#"{"activation": {"clamped_swiglu": {"alpha": 1.702, "limit": 0}}}"#,
+            vec!["clamped_swiglu"],
+        ),
+    ];
+    let results = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, json, needles))| {
+            let fx = Fixture::new(&format!("bad_config_{i}"));
+            fx.set_config(json);
+            (name.to_string(), check_fails(&fx.run(&[]), &needles))
+        })
+        .collect();
+    run_table(results);
+}
+
+/// A type error should say which key has the wrong type, not only where in the file.
+#[test]
+fn wrong_type_names_the_key() {
+    let results = [
+        ("top_k", r#"{"preset": "mixtral", "top_k": "two"}"#),
+        ("renormalize", r#"{"renormalize": 1}"#),
+        ("scale", r#"{"scale": "big"}"#),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (key, json))| {
+        let fx = Fixture::new(&format!("wrong_type_key_{i}"));
+        fx.set_config(json);
+        (
+            format!("wrong type for {key}"),
+            check_fails(&fx.run(&[]), &[key]),
+        )
+    })
+    .collect();
+    run_table(results);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad inputs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_inputs() {
+    let cases: Vec<(&str, Vec<Raw>, Vec<&str>)> = vec![
+        ("no x", vec![Raw::random("y", &[T, H], 1)], vec![r#""x""#]),
+        ("no tensors at all", vec![], vec![r#""x""#]),
+        (
+            "x plus an extra tensor",
+            vec![x_raw(T, H), Raw::random("z", &[2], 1)],
+            vec![r#""z""#],
+        ),
+        (
+            "x rank 1",
+            vec![Raw::random("x", &[H], 2)],
+            vec!["x", "[T, H]"],
+        ),
+        (
+            "x rank 3",
+            vec![Raw::random("x", &[1, T, H], 2)],
+            vec!["x", "[T, H]"],
+        ),
+        (
+            "x scalar (rank 0)",
+            vec![Raw::random("x", &[], 2)],
+            vec!["x", "[T, H]"],
+        ),
+        ("x width H+1", vec![x_raw(T, H + 1)], vec!["width", "H = 8"]),
+        ("x width H-1", vec![x_raw(T, H - 1)], vec!["width", "H = 8"]),
+        (
+            "x width 0",
+            vec![Raw::f32("x", &[T, 0], &[])],
+            vec!["width"],
+        ),
+        (
+            "x F64",
+            vec![x_raw(T, H).to_f64()],
+            vec!["F64", "x", "dtype"],
+        ),
+        (
+            "x I64",
+            vec![x_raw(T, H).to_i64()],
+            vec!["I64", "x", "dtype"],
+        ),
+    ];
+    let results = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, input, needles))| {
+            let fx = Fixture::new(&format!("bad_input_{i}"));
+            fx.set_input(&input);
+            (name.to_string(), check_fails(&fx.run(&[]), &needles))
+        })
+        .collect();
+    run_table(results);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad flags
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn backend_bogus() {
+    let fx = Fixture::new("backend_bogus");
+    assert_fails(&fx.run_backend(Some("bogus"), &[]), &["bogus", "backend"]);
+    assert!(!fx.output.exists(), "no output on failure");
+}
+
+/// On a machine without the GPU kernels, cuda and wgpu must fail cleanly naming the backend.
+/// (Today neither is implemented anywhere, so they fail everywhere; once a backend computes,
+/// this test accepts success when the backend is usable here.)
+#[test]
+fn backend_cuda_and_wgpu_unavailable() {
+    let mut results = Vec::new();
+    for b in ["cuda", "wgpu"] {
+        let fx = Fixture::new(&format!("backend_{b}"));
+        let out = fx.run_backend(Some(b), &[]);
+        let r = if out.status.code() == Some(0) {
+            let info = moe(&["info"]);
+            let usable = String::from_utf8_lossy(&info.stdout)
+                .lines()
+                .any(|l| l.trim_start().starts_with(b) && l.contains(" usable"));
+            if usable {
+                Ok(())
+            } else {
+                Err(format!(
+                    "--backend {b} succeeded but `moe info` does not call it usable\n{}",
+                    describe(&out)
+                ))
+            }
+        } else {
+            check_fails(&out, &[b, "not available"])
+        };
+        results.push((format!("--backend {b}"), r));
+    }
+    run_table(results);
+}
+
+#[test]
+fn dtype_f8() {
+    let fx = Fixture::new("dtype_f8");
+    assert_fails(&fx.run(&["--dtype", "f8"]), &["f8", "dtype"]);
+    assert!(!fx.output.exists(), "no output on failure");
+}
+
+#[test]
+fn demo_bad_flags() {
+    let results = vec![
+        (
+            "demo --backend bogus".to_string(),
+            check_fails(&moe(&["demo", "--backend", "bogus"]), &["bogus"]),
+        ),
+        (
+            "demo --dtype f8".to_string(),
+            check_fails(
+                &moe(&["demo", "--dtype", "f8", "--backend", "cpu"]),
+                &["f8"],
+            ),
+        ),
+        (
+            "demo --hidden 0".to_string(),
+            check_fails(
+                &moe(&["demo", "--hidden", "0", "--backend", "cpu"]),
+                &["--hidden"],
+            ),
+        ),
+    ];
+    run_table(results);
+}

@@ -1,0 +1,90 @@
+//! The shared test harness: every available backend, seeded inputs, relative L2, tolerances.
+//! Each test body runs on every backend that [`backends`] returns and prints which ran.
+#![allow(dead_code)]
+
+use moe_kernels::backend::unavailable_reason;
+use moe_kernels::{Backend, BackendKind, DType};
+
+/// Every backend that can run here. Prints which ran and why the others did not.
+///
+/// CUDA and wgpu are skipped today because their kernels are not written yet (issues #3
+/// and #4); the reason printed says so.
+pub fn backends(test: &str) -> Vec<Backend> {
+    let mut ran = Vec::new();
+    let mut names = Vec::new();
+    let mut skipped = Vec::new();
+    for kind in [BackendKind::Cpu, BackendKind::Cuda, BackendKind::Wgpu] {
+        match Backend::new(kind) {
+            Ok(b) => {
+                names.push(kind.name());
+                ran.push(b);
+            }
+            Err(_) => skipped.push(format!("{kind} ({})", unavailable_reason(kind).unwrap_or_default())),
+        }
+    }
+    let skipped = if skipped.is_empty() { "none".to_string() } else { skipped.join("; ") };
+    println!("[{test}] backends ran: {}; skipped: {skipped}", names.join(", "));
+    assert!(!ran.is_empty(), "no backend could run");
+    ran
+}
+
+/// Relative L2 distance of `a` from the reference `b` (absolute when `b` is all zero).
+pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (f64::from(x) - y).powi(2);
+        den += y * y;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Relative L2 of two f64 vectors.
+pub fn rel_l2_f64(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// DESIGN.md section 5's bound for results computed with weights in `dtype`.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::F16 => 5e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+/// Token counts of the shape sweep (DESIGN.md section 5).
+pub const TOKENS: [usize; 5] = [0, 1, 7, 37, 300];
+
+/// f32 → f64 copy.
+pub fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// Logits `[T, E]` whose ranked values are at least `gap` apart within each token, so that
+/// f32 rounding can never flip a pick: a random permutation of `0, gap, 2·gap, …` plus a
+/// per-token offset.
+pub fn separated_logits(g: &mut moe_kernels::synth::Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * e);
+    for _ in 0..t {
+        let mut ranks: Vec<usize> = (0..e).collect();
+        for i in (1..e).rev() {
+            let j = g.below(0, i + 1);
+            ranks.swap(i, j);
+        }
+        let offset = g.uniform(1, 2.0)[0];
+        out.extend(ranks.iter().map(|&r| offset + gap * (r as f32 - e as f32 / 2.0)));
+    }
+    out
+}
