@@ -20,6 +20,8 @@ use moe_kernels::Stage;
 
 /// Longest single call still benched: 10 samples of it must fit in a few seconds.
 const MAX_ITER: Duration = Duration::from_secs(1);
+/// Measurement time of a case, unless its 10 iterations need longer.
+const MEASUREMENT: Duration = Duration::from_secs(2);
 
 fn bench(c: &mut Criterion) {
     let devs = common::backends("expert_gemm");
@@ -48,6 +50,8 @@ fn bench(c: &mut Criterion) {
                 );
                 continue;
             }
+            // Flat sampling runs at least 10 iterations: give them the time they need.
+            group.measurement_time(MEASUREMENT.max(first * 12));
             group.throughput(Throughput::ElementsAndBytes {
                 elements: common::expert_gemm_flops(&layer, perm),
                 bytes: common::expert_gemm_bytes(&layer, perm),

@@ -57,7 +57,7 @@ impl FromStr for BackendKind {
             "cpu" => Ok(BackendKind::Cpu),
             "cuda" => Ok(BackendKind::Cuda),
             "wgpu" => Ok(BackendKind::Wgpu),
-            other => Err(Error::config(format!(
+            other => Err(Error::Usage(format!(
                 "unknown backend {other:?} (expected auto, cpu, cuda or wgpu)"
             ))),
         }

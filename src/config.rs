@@ -418,82 +418,82 @@ impl Default for LayerConfig {
     }
 }
 
-/// The JSON file as written: every key optional, unknown keys rejected.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    preset: Option<Preset>,
-    top_k: Option<i64>,
-    scoring: Option<Scoring>,
-    #[serde(default, deserialize_with = "explicit_null")]
-    groups: Option<Option<Groups>>,
-    combine: Option<Combine>,
-    renormalize: Option<bool>,
-    scale: Option<f64>,
-    #[serde(default, deserialize_with = "explicit_null")]
-    capacity: Option<Option<Capacity>>,
-    priority: Option<Priority>,
-    #[serde(default, deserialize_with = "explicit_null")]
-    expert_choice: Option<Option<ExpertChoice>>,
-    activation: Option<Activation>,
-    output_scale: Option<f64>,
-}
-
-/// Distinguishes a key set to `null` (`Some(None)`: override the preset with nothing) from an
-/// absent key (`None`: keep the preset's value).
-fn explicit_null<'de, T, D>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
-where
-    T: Deserialize<'de>,
-    D: serde::Deserializer<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
-}
+/// The keys a config file may hold.
+pub const CONFIG_KEYS: [&str; 12] = [
+    "preset",
+    "top_k",
+    "scoring",
+    "groups",
+    "combine",
+    "renormalize",
+    "scale",
+    "capacity",
+    "priority",
+    "expert_choice",
+    "activation",
+    "output_scale",
+];
 
 impl LayerConfig {
     /// Parses the JSON config (preset defaults, then overriding keys) and checks the values
     /// that do not depend on the layer's shape. `origin` names the source in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::ConfigJson {
+        let json_err = |msg: String| Error::ConfigJson {
             path: origin.to_string(),
-            msg: e.to_string(),
-        })?;
-        let mut cfg = raw.preset.map(Preset::config).unwrap_or_default();
+            msg,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| json_err(e.to_string()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| json_err(format!("the config must be a JSON object, got {value}")))?;
+        if let Some(k) = obj.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
+            return Err(json_err(format!(
+                "unknown key {k:?} (known keys: {})",
+                CONFIG_KEYS.join(", ")
+            )));
+        }
+        // Each key is parsed on its own so that an error names it.
+        fn parse<T: serde::de::DeserializeOwned>(
+            key: &str,
+            v: &serde_json::Value,
+            origin: &str,
+        ) -> Result<T> {
+            T::deserialize(v).map_err(|e| Error::ConfigJson {
+                path: origin.to_string(),
+                msg: format!("key {key:?}: {e}"),
+            })
+        }
+        let mut cfg = match obj.get("preset") {
+            Some(v) => parse::<Preset>("preset", v, origin)?.config(),
+            None => LayerConfig::default(),
+        };
         let r = &mut cfg.routing;
-        if let Some(k) = raw.top_k {
-            if k <= 0 {
-                return Err(Error::config(format!("top_k must be at least 1, got {k}")));
+        for (key, v) in obj {
+            match key.as_str() {
+                "preset" => {}
+                "top_k" => {
+                    let k: i64 = parse(key, v, origin)?;
+                    if k <= 0 {
+                        return Err(Error::config(format!("top_k must be at least 1, got {k}")));
+                    }
+                    r.top_k =
+                        usize::try_from(k).map_err(|_| Error::config("top_k is too large"))?;
+                }
+                "scoring" => r.scoring = parse(key, v, origin)?,
+                // null is allowed for these three and overrides the preset with nothing.
+                "groups" => r.groups = parse(key, v, origin)?,
+                "capacity" => r.capacity = parse(key, v, origin)?,
+                "expert_choice" => r.expert_choice = parse(key, v, origin)?,
+                "combine" => r.combine = parse(key, v, origin)?,
+                "renormalize" => r.renormalize = parse(key, v, origin)?,
+                "scale" => r.scale = parse(key, v, origin)?,
+                "priority" => r.priority = parse(key, v, origin)?,
+                "activation" => cfg.activation = parse(key, v, origin)?,
+                "output_scale" => cfg.output_scale = parse(key, v, origin)?,
+                // CONFIG_KEYS was checked above.
+                other => return Err(json_err(format!("unknown key {other:?}"))),
             }
-            r.top_k = usize::try_from(k).map_err(|_| Error::config("top_k is too large"))?;
-        }
-        if let Some(v) = raw.scoring {
-            r.scoring = v;
-        }
-        if let Some(v) = raw.groups {
-            r.groups = v;
-        }
-        if let Some(v) = raw.combine {
-            r.combine = v;
-        }
-        if let Some(v) = raw.renormalize {
-            r.renormalize = v;
-        }
-        if let Some(v) = raw.scale {
-            r.scale = v;
-        }
-        if let Some(v) = raw.capacity {
-            r.capacity = v;
-        }
-        if let Some(v) = raw.priority {
-            r.priority = v;
-        }
-        if let Some(v) = raw.expert_choice {
-            r.expert_choice = v;
-        }
-        if let Some(v) = raw.activation {
-            cfg.activation = v;
-        }
-        if let Some(v) = raw.output_scale {
-            cfg.output_scale = v;
         }
         cfg.validate_values()?;
         Ok(cfg)

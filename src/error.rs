@@ -13,6 +13,10 @@ pub enum Error {
     #[error("{stage}: {what}")]
     Shape { stage: Stage, what: String },
 
+    /// A command-line value is not one the crate knows (backend or dtype name).
+    #[error("usage: {0}")]
+    Usage(String),
+
     /// The layer or routing configuration is invalid (bad value, unsupported combination).
     #[error("config: {0}")]
     Config(String),

@@ -161,6 +161,15 @@ impl MoeLayer {
         let dims = experts
             .dims(config.activation)
             .map_err(|e| weights_err(origin, format!("experts: {}", strip_stage(&e))))?;
+        if dims.experts == 0 || dims.hidden == 0 || dims.ffn == 0 {
+            return Err(weights_err(
+                origin,
+                format!(
+                    "E, H and F must be at least 1, got E = {}, H = {}, F = {}",
+                    dims.experts, dims.hidden, dims.ffn
+                ),
+            ));
+        }
         let shared = Self::take_shared(&mut t, &config, origin)?;
         let layer = MoeLayer {
             config,

@@ -51,7 +51,7 @@ impl FromStr for DType {
             "f32" => Ok(DType::F32),
             "f16" => Ok(DType::F16),
             "bf16" => Ok(DType::BF16),
-            other => Err(Error::config(format!(
+            other => Err(Error::Usage(format!(
                 "unknown dtype {other:?} (expected f32, f16 or bf16)"
             ))),
         }

@@ -319,6 +319,11 @@ fn describe(out: &Output) -> String {
 /// `Err(why)` unless `out` is a clean failure: status exactly 1, no panic, an `error:` line
 /// and every needle (case-insensitive) on stderr.
 fn check_fails(out: &Output, needles: &[&str]) -> Result<(), String> {
+    // Shown with `--nocapture`, to read the messages themselves.
+    println!(
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
     let mut problems = Vec::new();
     if out.status.code() != Some(1) {
@@ -995,7 +1000,7 @@ fn bad_configs() {
         (
             "unknown key",
             r#"{"preset": "mixtral", "topk": 2}"#,
-            vec!["unknown field", "topk"],
+            vec!["unknown key", "topk"],
         ),
         (
             "unknown key in groups",
@@ -1294,4 +1299,26 @@ fn demo_bad_flags() {
         ),
     ];
     run_table(results);
+}
+
+/// A `caused by:` line must add something: an I/O error's cause is not printed twice.
+#[test]
+fn io_error_cause_not_repeated() {
+    let fx = Fixture::new("io_cause_once");
+    std::fs::remove_file(&fx.weights).unwrap();
+    let out = fx.run(&[]);
+    assert_fails(&out, &["weights.safetensors"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut seen = String::new();
+    for line in stderr.lines() {
+        if let Some(cause) = line.trim_start().strip_prefix("caused by: ") {
+            assert!(
+                !seen.contains(cause),
+                "cause {cause:?} repeats what was already printed\n{}",
+                describe(&out)
+            );
+        }
+        seen.push_str(line);
+        seen.push('\n');
+    }
 }

@@ -39,9 +39,14 @@ fn read_expected(path: &Path) -> Expected {
     let st = SafeTensors::deserialize(&bytes).expect("expected file parses");
     let f64s = |name: &str| -> (Vec<usize>, Vec<f64>) {
         let v = st.tensor(name).expect(name);
-        (v.shape().to_vec(), bytemuck::pod_collect_to_vec::<u8, f64>(v.data()))
+        (
+            v.shape().to_vec(),
+            bytemuck::pod_collect_to_vec::<u8, f64>(v.data()),
+        )
     };
-    let i32s = |name: &str| -> Vec<i32> { bytemuck::pod_collect_to_vec::<u8, i32>(st.tensor(name).expect(name).data()) };
+    let i32s = |name: &str| -> Vec<i32> {
+        bytemuck::pod_collect_to_vec::<u8, i32>(st.tensor(name).expect(name).data())
+    };
     let (ys, y) = f64s("y");
     let (ws, weights) = f64s("weights");
     Expected {
@@ -57,14 +62,22 @@ fn read_expected(path: &Path) -> Expected {
 fn load_case(name: &str) -> (LayerConfig, MoeLayer, moe_kernels::Tensor, Expected) {
     let dir = fixtures_dir();
     let cfg = LayerConfig::from_file(&dir.join(format!("{name}.config.json"))).expect("config");
-    let layer = MoeLayer::load(cfg, &dir.join(format!("{name}.weights.safetensors"))).expect("weights");
+    let layer =
+        MoeLayer::load(cfg, &dir.join(format!("{name}.weights.safetensors"))).expect("weights");
     let x = io::load_input(&dir.join(format!("{name}.input.safetensors"))).expect("input");
     let exp = read_expected(&dir.join(format!("{name}.expected.safetensors")));
     (cfg, layer, x, exp)
 }
 
 /// Dense `[T, E]` views of our routing: (selected, dispatched, weight applied).
-fn dense(t: usize, e: usize, slots: usize, ids: &[u32], kept: &[bool], w: &[f64]) -> (Vec<i32>, Vec<i32>, Vec<f64>) {
+fn dense(
+    t: usize,
+    e: usize,
+    slots: usize,
+    ids: &[u32],
+    kept: &[bool],
+    w: &[f64],
+) -> (Vec<i32>, Vec<i32>, Vec<f64>) {
     let (mut sel, mut dis, mut wd) = (vec![0; t * e], vec![0; t * e], vec![0.0; t * e]);
     for ti in 0..t {
         for j in 0..slots {
@@ -84,7 +97,10 @@ fn dense(t: usize, e: usize, slots: usize, ids: &[u32], kept: &[bool], w: &[f64]
 fn every_preset_has_a_fixture() {
     let names = cases();
     for p in Preset::ALL {
-        assert!(names.iter().any(|n| n.starts_with(p.name())), "no fixture for preset {p}");
+        assert!(
+            names.iter().any(|n| n.starts_with(p.name())),
+            "no fixture for preset {p}"
+        );
     }
 }
 
@@ -97,16 +113,35 @@ fn reference_matches_transformers() {
         let r = layer.forward_reference(&x).expect("reference forward");
         let rt = &r.routing;
         assert_eq!((rt.tokens, rt.experts), (exp.t, exp.e), "{name}: shape");
-        let (sel, dis, w) = dense(rt.tokens, rt.experts, rt.slots, &rt.topk_ids, &rt.kept, &rt.topk_weights);
+        let (sel, dis, w) = dense(
+            rt.tokens,
+            rt.experts,
+            rt.slots,
+            &rt.topk_ids,
+            &rt.kept,
+            &rt.topk_weights,
+        );
         // Top-k sets (before capacity) and kept sets are exact.
-        assert_eq!(sel, exp.selected, "{name}: selected experts differ from transformers");
-        assert_eq!(dis, exp.dispatch, "{name}: kept assignments differ from transformers");
+        assert_eq!(
+            sel, exp.selected,
+            "{name}: selected experts differ from transformers"
+        );
+        assert_eq!(
+            dis, exp.dispatch,
+            "{name}: kept assignments differ from transformers"
+        );
         // HF routers round to f32 internally (see the fixture README): weights agree to ~1e-7.
         let werr = common::rel_l2_f64(&w, &exp.weights);
         assert!(werr <= 1e-6, "{name}: weights rel L2 {werr:e}");
         let yerr = common::rel_l2_f64(&r.y, &exp.y);
-        assert!(yerr <= 1e-5, "{name}: y rel L2 {yerr:e} against transformers");
-        println!("{name}: preset {:?}, y rel L2 {yerr:.2e}, weights rel L2 {werr:.2e}", cfg.preset.map(|p| p.name()));
+        assert!(
+            yerr <= 1e-5,
+            "{name}: y rel L2 {yerr:e} against transformers"
+        );
+        println!(
+            "{name}: preset {:?}, y rel L2 {yerr:.2e}, weights rel L2 {werr:.2e}",
+            cfg.preset.map(|p| p.name())
+        );
     }
 }
 
@@ -117,14 +152,24 @@ fn backends_match_transformers() {
             let (_, layer, x, exp) = load_case(name);
             let out = layer.forward(&dev, &x).expect("forward");
             let kept: Vec<bool> = out.kept.iter().map(|&k| k != 0).collect();
-            let (sel, dis, _) = dense(out.tokens, exp.e, out.slots, &out.topk_ids, &kept, &common::wide(&out.topk_weights));
+            let (sel, dis, _) = dense(
+                out.tokens,
+                exp.e,
+                out.slots,
+                &out.topk_ids,
+                &kept,
+                &common::wide(&out.topk_weights),
+            );
             assert_eq!(sel, exp.selected, "{}/{name}: selected", dev.kind());
             assert_eq!(dis, exp.dispatch, "{}/{name}: kept", dev.kind());
             let err = common::rel_l2(&out.y, &exp.y);
             assert!(err <= 1e-5, "{}/{name}: y rel L2 {err:e}", dev.kind());
             // Ordered picks: per token, ids are distinct.
             for t in 0..out.tokens {
-                let ids: BTreeSet<u32> = out.topk_ids[t * out.slots..(t + 1) * out.slots].iter().copied().collect();
+                let ids: BTreeSet<u32> = out.topk_ids[t * out.slots..(t + 1) * out.slots]
+                    .iter()
+                    .copied()
+                    .collect();
                 assert_eq!(ids.len(), out.slots, "{name}: repeated expert in token {t}");
             }
         }

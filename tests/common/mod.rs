@@ -19,11 +19,21 @@ pub fn backends(test: &str) -> Vec<Backend> {
                 names.push(kind.name());
                 ran.push(b);
             }
-            Err(_) => skipped.push(format!("{kind} ({})", unavailable_reason(kind).unwrap_or_default())),
+            Err(_) => skipped.push(format!(
+                "{kind} ({})",
+                unavailable_reason(kind).unwrap_or_default()
+            )),
         }
     }
-    let skipped = if skipped.is_empty() { "none".to_string() } else { skipped.join("; ") };
-    println!("[{test}] backends ran: {}; skipped: {skipped}", names.join(", "));
+    let skipped = if skipped.is_empty() {
+        "none".to_string()
+    } else {
+        skipped.join("; ")
+    };
+    println!(
+        "[{test}] backends ran: {}; skipped: {skipped}",
+        names.join(", ")
+    );
     assert!(!ran.is_empty(), "no backend could run");
     ran
 }
@@ -84,7 +94,11 @@ pub fn separated_logits(g: &mut moe_kernels::synth::Gen, t: usize, e: usize, gap
             ranks.swap(i, j);
         }
         let offset = g.uniform(1, 2.0)[0];
-        out.extend(ranks.iter().map(|&r| offset + gap * (r as f32 - e as f32 / 2.0)));
+        out.extend(
+            ranks
+                .iter()
+                .map(|&r| offset + gap * (r as f32 - e as f32 / 2.0)),
+        );
     }
     out
 }
