@@ -518,7 +518,7 @@ impl LayerConfig {
             )));
         }
         if let Activation::ClampedSwiglu(c) = self.activation {
-            if !c.alpha.is_finite() || !(c.limit > 0.0 && c.limit.is_finite()) {
+            if !(c.alpha.is_finite() && c.limit > 0.0 && c.limit.is_finite()) {
                 return Err(Error::config(format!(
                     "clamped_swiglu needs a finite alpha and a finite limit > 0, got alpha {} limit {}",
                     c.alpha, c.limit

@@ -46,11 +46,7 @@ pub fn combine(
     let t = n / a.slots;
     shape::expect_len(st, "kept", a.kept.len(), n)?;
     shape::expect_len(st, "row_of_assignment", a.row_of_assignment.len(), n)?;
-    let rows = if hidden == 0 {
-        0
-    } else {
-        y_perm.len() / hidden
-    };
+    let rows = y_perm.len().checked_div(hidden).unwrap_or(0);
     if let Some(i) = (0..n).find(|&i| a.kept[i] && a.row_of_assignment[i] as usize >= rows) {
         return Err(Error::shape(
             st,
