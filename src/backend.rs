@@ -67,15 +67,18 @@ impl FromStr for BackendKind {
 /// What a backend computes on. Every stage method matches on this, so a new backend that
 /// forgets a stage does not compile.
 #[derive(Debug)]
-enum Device {
+pub(crate) enum Device {
     /// The f64 reference, with stage boundaries rounded to f32 as a GPU stores them.
     Cpu,
+    /// WGSL shaders through wgpu.
+    #[cfg(feature = "wgpu")]
+    Wgpu(std::sync::Arc<crate::wgpu::WgpuDevice>),
 }
 
 /// A device handle. Create it once and reuse it; it is `Send + Sync`.
 #[derive(Debug)]
 pub struct Backend {
-    device: Device,
+    pub(crate) device: Device,
 }
 
 /// Why a backend kind cannot be used here, or `None` when it can.
@@ -83,7 +86,7 @@ pub fn unavailable_reason(kind: BackendKind) -> Option<String> {
     match kind {
         BackendKind::Cpu => None,
         BackendKind::Cuda => Some(cuda_reason()),
-        BackendKind::Wgpu => Some(wgpu_reason()),
+        BackendKind::Wgpu => wgpu_reason(),
     }
 }
 
@@ -105,19 +108,16 @@ fn cuda_reason() -> String {
 }
 
 #[cfg(feature = "wgpu")]
-fn wgpu_reason() -> String {
-    match crate::wgpu::probe() {
-        Ok(ads) => format!(
-            "found adapter {} ({}), but the WGSL stage shaders are not implemented yet (issue #3)",
-            ads[0].name, ads[0].backend
-        ),
-        Err(why) => why,
-    }
+fn wgpu_reason() -> Option<String> {
+    crate::wgpu::WgpuDevice::new().err().map(|e| match e {
+        Error::BackendUnavailable { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu_reason() -> String {
-    "this build has no `wgpu` feature".into()
+fn wgpu_reason() -> Option<String> {
+    Some("this build has no `wgpu` feature".into())
 }
 
 impl Backend {
@@ -151,6 +151,10 @@ impl Backend {
             BackendKind::Cpu => Ok(Backend {
                 device: Device::Cpu,
             }),
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => Ok(Backend {
+                device: Device::Wgpu(std::sync::Arc::new(crate::wgpu::WgpuDevice::new()?)),
+            }),
             other => Err(Error::BackendUnavailable {
                 backend: other,
                 reason: unavailable_reason(other).unwrap_or_default(),
@@ -162,6 +166,8 @@ impl Backend {
     pub fn kind(&self) -> BackendKind {
         match self.device {
             Device::Cpu => BackendKind::Cpu,
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(_) => BackendKind::Wgpu,
         }
     }
 
@@ -183,6 +189,8 @@ impl Backend {
         )?;
         match self.device {
             Device::Cpu => narrow(&cpu::router::router_logits(x, weight, bias)?, logits),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(ref d) => crate::wgpu::host::router(d, x, weight, bias, logits)?,
         }
         Ok(())
     }
@@ -220,6 +228,8 @@ impl Backend {
                 }
                 out.counts.copy_from_slice(&r.counts);
             }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(ref d) => crate::wgpu::host::gate(d, logits, correction_bias, cfg, out)?,
         }
         Ok(())
     }
@@ -235,6 +245,7 @@ impl Backend {
         shape::expect_eq(st, "permute buffer H", out.hidden, h)?;
         out.check_sizes()?;
         gate.check_sizes()?;
+        cpu::gate::check_ids(&gate.topk_ids, gate.experts)?;
         match self.device {
             Device::Cpu => {
                 let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
@@ -245,12 +256,15 @@ impl Backend {
                 out.row_of_assignment.copy_from_slice(&p.row_of_assignment);
                 narrow(&xp, &mut out.x_perm);
             }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(ref d) => crate::wgpu::host::permute(d, gate, x, out)?,
         }
         Ok(())
     }
 
-    /// Stage 3: `y_perm` `[T·slots, H]` for the rows of `perm`; rows past
-    /// `expert_offsets[E]` (dropped assignments) are written as zero.
+    /// Stage 3: `y_perm` `[T·slots, H]` for the rows of `perm`. Rows past
+    /// `expert_offsets[E]` (dropped assignments) are not part of the result: no backend
+    /// promises their contents and combine never reads them.
     pub fn expert_gemm(
         &self,
         perm: &PermuteBuffers,
@@ -264,6 +278,7 @@ impl Backend {
         shape::expect_eq(st, "hidden (H)", d.hidden, perm.hidden)?;
         perm.check_sizes()?;
         shape::expect_len(st, "y_perm", y_perm.len(), perm.x_perm.len())?;
+        cpu::expert_gemm::check_offsets(&perm.expert_offsets, perm.tokens * perm.slots)?;
         match self.device {
             Device::Cpu => {
                 let xp: Vec<f64> = perm.x_perm.iter().map(|&v| f64::from(v)).collect();
@@ -272,6 +287,15 @@ impl Backend {
                     y_perm,
                 );
             }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(ref d) => crate::wgpu::host::expert_gemm(
+                d,
+                &perm.x_perm,
+                &perm.expert_offsets,
+                w,
+                act,
+                y_perm,
+            )?,
         }
         Ok(())
     }
@@ -293,6 +317,11 @@ impl Backend {
         )?;
         match self.device {
             Device::Cpu => narrow(&cpu::expert_gemm::shared_ffn(x, w, act)?, out),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(ref d) => {
+                w.dims(act)?;
+                crate::wgpu::host::expert_gemm(d, &x.to_f32_vec(), &[0, t as u32], w, act, out)?
+            }
         }
         Ok(())
     }
@@ -346,6 +375,10 @@ impl Backend {
                     )?,
                     y,
                 );
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(ref d) => {
+                crate::wgpu::host::combine(d, y_perm, gate, perm, shared, output_scale, y)?
             }
         }
         Ok(())

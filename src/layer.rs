@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, GateBuffers, PermuteBuffers};
+use crate::backend::{Backend, Device, GateBuffers, PermuteBuffers};
 use crate::config::LayerConfig;
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
@@ -74,8 +74,11 @@ pub struct ForwardOutput {
     pub kept: Vec<u32>,
     /// `[E]`, kept assignments per expert.
     pub counts: Vec<u32>,
-    /// Wall time of each stage on the host (the CPU backend computes synchronously).
+    /// Time of each stage: host wall time on the CPU backend, GPU timestamps on wgpu (empty
+    /// when the adapter has no timestamp queries).
     pub stage_times: Vec<(Stage, Duration)>,
+    /// Wall time of the whole forward on the host (upload, launches, wait; not read-backs).
+    pub wall_time: Duration,
 }
 
 /// The f64 reference's outputs.
@@ -384,8 +387,30 @@ impl MoeLayer {
         Ok(ReferenceOutput { y, routing })
     }
 
-    /// The forward pass on `dev`, stage by stage, timing each stage.
+    /// The layer made ready on `dev` (weights uploaded once for GPU backends); call
+    /// [`PreparedLayer::forward`] as often as needed.
+    pub fn prepare<'a>(&'a self, dev: &'a Backend) -> Result<PreparedLayer<'a>> {
+        let inner = match &dev.device {
+            Device::Cpu => Prepared::Staged,
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => Prepared::Wgpu(crate::wgpu::layer::WgpuLayer::upload(d, self)?),
+        };
+        Ok(PreparedLayer {
+            layer: self,
+            dev,
+            inner,
+        })
+    }
+
+    /// The forward pass on `dev` (prepares the layer first: for repeated forwards on a GPU,
+    /// [`MoeLayer::prepare`] once instead).
     pub fn forward(&self, dev: &Backend, x: &Tensor) -> Result<ForwardOutput> {
+        self.prepare(dev)?.forward(x)
+    }
+
+    /// The forward pass through the backend's stage calls, timing each stage on the host.
+    fn forward_staged(&self, dev: &Backend, x: &Tensor) -> Result<ForwardOutput> {
+        let start_all = Instant::now();
         let t = self.check_x(x)?;
         let (e, h) = (self.dims.experts, self.dims.hidden);
         let cfg = &self.config;
@@ -461,7 +486,38 @@ impl MoeLayer {
             kept: gate.kept,
             counts: gate.counts,
             stage_times: times,
+            wall_time: start_all.elapsed(),
         })
+    }
+}
+
+/// What a backend keeps of a prepared layer.
+#[derive(Debug)]
+enum Prepared {
+    /// Stage-by-stage through the backend's calls (CPU).
+    Staged,
+    /// Weights resident on a wgpu device; one submission per forward.
+    #[cfg(feature = "wgpu")]
+    Wgpu(crate::wgpu::layer::WgpuLayer),
+}
+
+/// A layer ready to run on one backend.
+#[derive(Debug)]
+pub struct PreparedLayer<'a> {
+    layer: &'a MoeLayer,
+    dev: &'a Backend,
+    inner: Prepared,
+}
+
+impl PreparedLayer<'_> {
+    /// One forward of `x` `[T, H]`.
+    pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
+        self.layer.check_x(x)?;
+        match (&self.inner, &self.dev.device) {
+            #[cfg(feature = "wgpu")]
+            (Prepared::Wgpu(l), Device::Wgpu(d)) => l.forward(d, x),
+            _ => self.layer.forward_staged(self.dev, x),
+        }
     }
 }
 

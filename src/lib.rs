@@ -38,6 +38,6 @@ pub use config::{
     Activation, Capacity, Combine, LayerConfig, Preset, Priority, RoutingConfig, Scoring,
 };
 pub use error::{Error, Result};
-pub use layer::{ForwardOutput, MoeLayer};
+pub use layer::{ForwardOutput, MoeLayer, PreparedLayer};
 pub use stage::Stage;
 pub use tensor::{DType, Tensor};

@@ -1,6 +1,83 @@
 //! WebGPU path: WGSL shaders in `shaders/` run through wgpu (Vulkan, Metal, DX12, lavapipe).
-//! The stage shaders are not written yet (issue #3); today this module only enumerates
-//! adapters so that `moe info` and backend selection can say what is there.
+//!
+//! One module per stage encodes that stage's dispatches on device buffers; a layer forward
+//! records every stage into one command encoder and submits once, with no read-back inside.
+//! [`context`] owns the device, typed buffers and the pipeline cache; [`weights`] packs and
+//! chunks weight matrices under the adapter's binding limit.
+
+pub mod combine;
+pub mod context;
+pub mod expert_gemm;
+pub mod gate;
+pub mod host;
+pub mod kernels;
+pub mod layer;
+pub mod permute;
+pub mod router;
+pub mod weights;
+
+pub use context::{GpuBuffer, WgpuDevice};
+
+/// Stage 1's outputs on the device, `[T, slots]` token-major (counts `[E]`).
+#[derive(Debug)]
+pub struct GateGpu {
+    pub topk_ids: GpuBuffer<u32>,
+    /// Weight applied per assignment, 0 where dropped.
+    pub topk_weights: GpuBuffer<f32>,
+    /// 1 where kept.
+    pub kept: GpuBuffer<u32>,
+    pub counts: GpuBuffer<u32>,
+}
+
+impl GateGpu {
+    /// Device buffers for `tokens × slots` assignments over `experts` experts.
+    pub fn alloc(
+        dev: &WgpuDevice,
+        tokens: usize,
+        slots: usize,
+        experts: usize,
+    ) -> crate::Result<Self> {
+        let n = tokens * slots;
+        Ok(GateGpu {
+            topk_ids: dev.alloc(n, "topk_ids")?,
+            topk_weights: dev.alloc(n, "topk_weights")?,
+            kept: dev.alloc(n, "kept")?,
+            counts: dev.alloc(experts, "counts")?,
+        })
+    }
+}
+
+/// Stage 2's outputs on the device.
+#[derive(Debug)]
+pub struct PermuteGpu {
+    /// `[E + 1]`.
+    pub expert_offsets: GpuBuffer<u32>,
+    /// `[T·slots]`.
+    pub sorted_assignment: GpuBuffer<u32>,
+    /// `[T·slots]`.
+    pub row_of_assignment: GpuBuffer<u32>,
+    /// `[T·slots, H]`.
+    pub x_perm: GpuBuffer<f32>,
+}
+
+impl PermuteGpu {
+    /// Device buffers for `tokens × slots` assignments of width `hidden`.
+    pub fn alloc(
+        dev: &WgpuDevice,
+        tokens: usize,
+        slots: usize,
+        experts: usize,
+        hidden: usize,
+    ) -> crate::Result<Self> {
+        let n = tokens * slots;
+        Ok(PermuteGpu {
+            expert_offsets: dev.alloc(experts + 1, "expert_offsets")?,
+            sorted_assignment: dev.alloc(n, "sorted_assignment")?,
+            row_of_assignment: dev.alloc(n, "row_of_assignment")?,
+            x_perm: dev.alloc(n * hidden, "x_perm")?,
+        })
+    }
+}
 
 /// One wgpu adapter.
 #[derive(Debug, Clone)]
@@ -11,10 +88,21 @@ pub struct AdapterSummary {
     pub driver: String,
 }
 
+/// The instance settings: `WGPU_*` variables are honoured; without `WGPU_BACKEND`, only the
+/// primary backends (Vulkan, Metal, DX12) are tried, since wgpu would otherwise fall back to
+/// OpenGL silently.
+pub fn instance_descriptor() -> ::wgpu::InstanceDescriptor {
+    let mut desc = ::wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        desc.backends = ::wgpu::Backends::PRIMARY;
+    }
+    desc
+}
+
 /// Lists the adapters wgpu finds. Instance creation honours `WGPU_BACKEND` and the other
 /// `WGPU_*` variables.
 pub fn probe() -> Result<Vec<AdapterSummary>, String> {
-    let desc = ::wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let desc = instance_descriptor();
     let backends = desc.backends;
     let instance = ::wgpu::Instance::new(desc);
     let adapters = pollster::block_on(instance.enumerate_adapters(backends));

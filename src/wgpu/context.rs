@@ -1,0 +1,364 @@
+//! The wgpu device: adapter and device selection, typed storage buffers, the pipeline cache,
+//! explicit read-back and GPU timestamps. One [`WgpuDevice`] per backend handle; shader modules
+//! and pipelines are created once per (kernel, specialisation constants) and cached.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use ::wgpu::util::DeviceExt;
+use bytemuck::Pod;
+
+use crate::backend::BackendKind;
+use crate::error::{Error, Result};
+use crate::wgpu::kernels::Kernel;
+
+/// Invocations per workgroup of the 1-D elementwise kernels (every shader's `WG` constant).
+pub const WG: u32 = 64;
+
+/// A typed storage buffer of `len` elements of `T` (at least 4 bytes are allocated, since a
+/// zero-sized binding is invalid; `len` is what the data holds).
+#[derive(Debug)]
+pub struct GpuBuffer<T> {
+    pub buffer: ::wgpu::Buffer,
+    pub len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> GpuBuffer<T> {
+    /// Wraps a buffer the caller created with `len` elements of `T`.
+    pub fn from_raw(buffer: ::wgpu::Buffer, len: usize) -> Self {
+        GpuBuffer {
+            buffer,
+            len,
+            _t: PhantomData,
+        }
+    }
+
+    /// The whole buffer as a binding resource.
+    pub fn binding(&self) -> ::wgpu::BindingResource<'_> {
+        self.buffer.as_entire_binding()
+    }
+}
+
+/// An error from the wgpu backend.
+pub(crate) fn gpu_err(what: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: BackendKind::Wgpu,
+        reason: what.into(),
+    }
+}
+
+/// Cached pipelines keyed by kernel and its specialisation constants (as f64 bits).
+type PipelineKey = (Kernel, Vec<(&'static str, u64)>);
+
+/// A wgpu device with its queue, limits and caches.
+pub struct WgpuDevice {
+    pub device: ::wgpu::Device,
+    pub queue: ::wgpu::Queue,
+    pub info: ::wgpu::AdapterInfo,
+    pub limits: ::wgpu::Limits,
+    /// Whether GPU timestamps are available (TIMESTAMP_QUERY + inside passes).
+    pub timestamps: bool,
+    modules: Mutex<HashMap<&'static str, Arc<::wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<::wgpu::ComputePipeline>>>,
+}
+
+impl std::fmt::Debug for WgpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WgpuDevice({} on {:?})",
+            self.info.name, self.info.backend
+        )
+    }
+}
+
+impl WgpuDevice {
+    /// Opens the preferred adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF` are
+    /// honoured) with its full limits. Never panics: every failure is an error.
+    pub fn new() -> Result<Self> {
+        let desc = crate::wgpu::instance_descriptor();
+        let instance = ::wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(::wgpu::util::initialize_adapter_from_env_or_default(
+            &instance, None,
+        ))
+        .map_err(|e| gpu_err(format!("no wgpu adapter: {e}")))?;
+        let info = adapter.get_info();
+        let features = adapter.features();
+        let wanted =
+            ::wgpu::Features::TIMESTAMP_QUERY | ::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let required_features = features & wanted;
+        let limits = adapter.limits();
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
+                label: Some("moe-kernels"),
+                required_features,
+                required_limits: limits.clone(),
+                experimental_features: ::wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: ::wgpu::MemoryHints::Performance,
+                trace: ::wgpu::Trace::Off,
+            }))
+            .map_err(|e| gpu_err(format!("adapter {} refused a device: {e}", info.name)))?;
+        Ok(WgpuDevice {
+            timestamps: required_features.contains(wanted),
+            device,
+            queue,
+            info,
+            limits,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The largest storage binding and buffer, in bytes.
+    pub fn max_binding_bytes(&self) -> u64 {
+        u64::from(self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size)
+    }
+
+    /// The compute pipeline of `kernel` specialised with `constants` (WGSL `override`s), created
+    /// on first use and cached.
+    pub fn pipeline(
+        &self,
+        kernel: Kernel,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<::wgpu::ComputePipeline>> {
+        let key = (
+            kernel,
+            constants.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
+        );
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| gpu_err("pipeline cache poisoned"))?;
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(kernel)?;
+        let scope = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let p = self
+            .device
+            .create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
+                label: Some(kernel.entry_point()),
+                layout: None,
+                module: &module,
+                entry_point: Some(kernel.entry_point()),
+                compilation_options: ::wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!("pipeline {}: {e}", kernel.entry_point())));
+        }
+        let p = Arc::new(p);
+        cache.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn module(&self, kernel: Kernel) -> Result<Arc<::wgpu::ShaderModule>> {
+        let (file, source) = kernel.source();
+        let mut cache = self
+            .modules
+            .lock()
+            .map_err(|_| gpu_err("module cache poisoned"))?;
+        if let Some(m) = cache.get(file) {
+            return Ok(m.clone());
+        }
+        let scope = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let m = self
+            .device
+            .create_shader_module(::wgpu::ShaderModuleDescriptor {
+                label: Some(file),
+                source: ::wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!("shader {file}: {e}")));
+        }
+        let m = Arc::new(m);
+        cache.insert(file, m.clone());
+        Ok(m)
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn upload<T: Pod>(&self, data: &[T], label: &str) -> GpuBuffer<T> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buffer = if bytes.len() >= 4 {
+            self.device
+                .create_buffer_init(&::wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytes,
+                    usage: storage_usage(),
+                })
+        } else {
+            self.device
+                .create_buffer_init(&::wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: &[0u8; 4],
+                    usage: storage_usage(),
+                })
+        };
+        GpuBuffer {
+            buffer,
+            len: data.len(),
+            _t: PhantomData,
+        }
+    }
+
+    /// An uninitialised storage buffer of `len` elements (its contents are whatever the first
+    /// kernel writes; wgpu zero-fills new buffers).
+    pub fn alloc<T: Pod>(&self, len: usize, label: &str) -> Result<GpuBuffer<T>> {
+        let bytes = (len * std::mem::size_of::<T>()).max(4) as u64;
+        if bytes > self.limits.max_buffer_size {
+            return Err(gpu_err(format!(
+                "buffer {label} needs {bytes} bytes, more than the adapter's max_buffer_size {}",
+                self.limits.max_buffer_size
+            )));
+        }
+        let buffer = self.device.create_buffer(&::wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.next_multiple_of(4),
+            usage: storage_usage(),
+            mapped_at_creation: false,
+        });
+        Ok(GpuBuffer {
+            buffer,
+            len,
+            _t: PhantomData,
+        })
+    }
+
+    /// A uniform buffer with the kernel's parameters (a `#[repr(C)]` Pod struct).
+    pub fn uniform<T: Pod>(&self, params: &T) -> ::wgpu::Buffer {
+        self.device
+            .create_buffer_init(&::wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::bytes_of(params),
+                usage: ::wgpu::BufferUsages::UNIFORM,
+            })
+    }
+
+    /// A bind group for group 0 of `pipeline` with `resources` at bindings 0, 1, 2, …
+    pub fn bind(
+        &self,
+        pipeline: &::wgpu::ComputePipeline,
+        resources: &[::wgpu::BindingResource<'_>],
+    ) -> ::wgpu::BindGroup {
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<::wgpu::BindGroupEntry<'_>> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ::wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        self.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        })
+    }
+
+    /// Records one dispatch of `groups` workgroups in its own compute pass.
+    pub fn dispatch(
+        &self,
+        enc: &mut ::wgpu::CommandEncoder,
+        pipeline: &::wgpu::ComputePipeline,
+        bind: &::wgpu::BindGroup,
+        groups: (u32, u32, u32),
+    ) {
+        if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
+            return;
+        }
+        let mut pass = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, bind, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    }
+
+    /// A 2-D grid covering `n` items with `per_group` items per workgroup: x up to the
+    /// per-dimension limit, y for the rest. Shaders flatten `wid.x + wid.y · nwg.x`.
+    pub fn grid(&self, n: usize, per_group: u32) -> (u32, u32, u32) {
+        let groups = n.div_ceil(per_group as usize) as u64;
+        let max_x = u64::from(self.limits.max_compute_workgroups_per_dimension.max(1));
+        if groups == 0 {
+            return (0, 0, 0);
+        }
+        let x = groups.min(max_x);
+        (x as u32, groups.div_ceil(x) as u32, 1)
+    }
+
+    /// A new command encoder.
+    pub fn encoder(&self) -> ::wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor { label: Some("moe") })
+    }
+
+    /// Submits `enc` and waits for the queue to finish it.
+    pub fn submit_and_wait(&self, enc: ::wgpu::CommandEncoder) -> Result<()> {
+        let scope = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let idx = self.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!("submission rejected: {e}")));
+        }
+        self.device
+            .poll(::wgpu::PollType::Wait {
+                submission_index: Some(idx),
+                timeout: None,
+            })
+            .map_err(|e| gpu_err(format!("waiting for the GPU failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Copies `buf` back to the host (an explicit, synchronous read-back).
+    pub fn read<T: Pod>(&self, buf: &GpuBuffer<T>) -> Result<Vec<T>> {
+        let bytes = (buf.len * std::mem::size_of::<T>()) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&::wgpu::BufferDescriptor {
+            label: Some("read-back"),
+            size: bytes.next_multiple_of(4),
+            usage: ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.encoder();
+        enc.copy_buffer_to_buffer(&buf.buffer, 0, &staging, 0, bytes.next_multiple_of(4));
+        self.submit_and_wait(enc)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(::wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(::wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| gpu_err(format!("waiting for the read-back failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| gpu_err("read-back callback never ran"))?
+            .map_err(|e| gpu_err(format!("read-back failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| gpu_err(format!("read-back map: {e:?}")))?;
+        let out = bytemuck::pod_collect_to_vec::<u8, T>(&view[..bytes as usize]);
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+fn storage_usage() -> ::wgpu::BufferUsages {
+    ::wgpu::BufferUsages::STORAGE | ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST
+}

@@ -1,0 +1,169 @@
+//! Host-buffer entry points of the wgpu stages, behind `Backend`'s stage calls: upload the
+//! inputs, record the stage, submit once, read the outputs back. (A layer forward instead keeps
+//! everything on the device: see [`crate::wgpu::layer`].)
+
+use crate::backend::{GateBuffers, PermuteBuffers};
+use crate::config::{Activation, RoutingConfig};
+use crate::cpu::expert_gemm::ExpertWeights;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use crate::wgpu::expert_gemm::GpuExperts;
+use crate::wgpu::weights::GpuWeights;
+use crate::wgpu::{
+    combine, expert_gemm, gate as gate_stage, permute as permute_stage, router as router_stage,
+};
+use crate::wgpu::{GateGpu, GpuBuffer, PermuteGpu, WgpuDevice};
+
+fn bias_buf(dev: &WgpuDevice, b: Option<&Tensor>, label: &str) -> Option<GpuBuffer<f32>> {
+    b.map(|b| dev.upload(&b.to_f32_vec(), label))
+}
+
+/// Stage 0 with host buffers.
+pub fn router(
+    dev: &WgpuDevice,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    logits: &mut [f32],
+) -> Result<()> {
+    let t = x.shape()[0];
+    let xb = dev.upload(&x.to_f32_vec(), "x");
+    let wb = GpuWeights::upload(dev, w, None, "router.weight")?;
+    let bb = bias_buf(dev, bias, "router.bias");
+    let out = dev.alloc::<f32>(logits.len(), "logits")?;
+    let mut enc = dev.encoder();
+    router_stage::encode(dev, &mut enc, &xb, t, &wb, bb.as_ref(), &out)?;
+    dev.submit_and_wait(enc)?;
+    logits.copy_from_slice(&dev.read(&out)?);
+    Ok(())
+}
+
+/// Stage 1 with host buffers.
+pub fn gate(
+    dev: &WgpuDevice,
+    logits: &[f32],
+    bias: Option<&Tensor>,
+    cfg: &RoutingConfig,
+    out: &mut GateBuffers,
+) -> Result<()> {
+    let lb = dev.upload(logits, "logits");
+    let bb = bias_buf(dev, bias, "score_correction_bias");
+    let g = GateGpu::alloc(dev, out.tokens, out.slots, out.experts)?;
+    let mut enc = dev.encoder();
+    gate_stage::encode(
+        dev,
+        &mut enc,
+        &lb,
+        out.tokens,
+        out.experts,
+        bb.as_ref(),
+        cfg,
+        &g,
+    )?;
+    dev.submit_and_wait(enc)?;
+    out.topk_ids.copy_from_slice(&dev.read(&g.topk_ids)?);
+    out.topk_weights
+        .copy_from_slice(&dev.read(&g.topk_weights)?);
+    out.kept.copy_from_slice(&dev.read(&g.kept)?);
+    out.counts.copy_from_slice(&dev.read(&g.counts)?);
+    Ok(())
+}
+
+/// The gate's host buffers on the device.
+pub fn upload_gate(dev: &WgpuDevice, g: &GateBuffers) -> GateGpu {
+    GateGpu {
+        topk_ids: dev.upload(&g.topk_ids, "topk_ids"),
+        topk_weights: dev.upload(&g.topk_weights, "topk_weights"),
+        kept: dev.upload(&g.kept, "kept"),
+        counts: dev.upload(&g.counts, "counts"),
+    }
+}
+
+/// Stage 2 with host buffers.
+pub fn permute(
+    dev: &WgpuDevice,
+    gate: &GateBuffers,
+    x: &Tensor,
+    out: &mut PermuteBuffers,
+) -> Result<()> {
+    let g = upload_gate(dev, gate);
+    let xb = dev.upload(&x.to_f32_vec(), "x");
+    let p = PermuteGpu::alloc(dev, out.tokens, out.slots, out.experts, out.hidden)?;
+    let mut enc = dev.encoder();
+    permute_stage::encode(
+        dev,
+        &mut enc,
+        &g,
+        (out.tokens, out.slots, out.experts),
+        &xb,
+        out.hidden,
+        &p,
+    )?;
+    dev.submit_and_wait(enc)?;
+    out.expert_offsets
+        .copy_from_slice(&dev.read(&p.expert_offsets)?);
+    out.sorted_assignment
+        .copy_from_slice(&dev.read(&p.sorted_assignment)?);
+    out.row_of_assignment
+        .copy_from_slice(&dev.read(&p.row_of_assignment)?);
+    out.x_perm.copy_from_slice(&dev.read(&p.x_perm)?);
+    Ok(())
+}
+
+/// Stage 3 with host buffers: `y` `[rows, H]` for `x_rows` `[rows, H]` and `offsets` `[E+1]`.
+pub fn expert_gemm(
+    dev: &WgpuDevice,
+    x_rows: &[f32],
+    offsets: &[u32],
+    w: &ExpertWeights,
+    act: Activation,
+    y: &mut [f32],
+) -> Result<()> {
+    let experts = GpuExperts::upload(dev, w, act)?;
+    let h = experts.dims.hidden;
+    let rows = if h == 0 { 0 } else { x_rows.len() / h };
+    let xb = dev.upload(x_rows, "x_rows");
+    let ob = dev.upload(offsets, "expert_offsets");
+    let yb = dev.alloc::<f32>(y.len(), "y_rows")?;
+    let mut enc = dev.encoder();
+    expert_gemm::encode(dev, &mut enc, &xb, rows, &ob, &experts, act, &yb)?;
+    dev.submit_and_wait(enc)?;
+    y.copy_from_slice(&dev.read(&yb)?);
+    Ok(())
+}
+
+/// Stage 4 with host buffers.
+pub fn combine(
+    dev: &WgpuDevice,
+    y_perm: &[f32],
+    gate: &GateBuffers,
+    perm: &PermuteBuffers,
+    shared: Option<(&[f32], Option<&[f32]>)>,
+    output_scale: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    let g = upload_gate(dev, gate);
+    let yp = dev.upload(y_perm, "y_perm");
+    let rows = dev.upload(&perm.row_of_assignment, "row_of_assignment");
+    let sy = shared.map(|(s, _)| dev.upload(s, "shared"));
+    let sg = shared
+        .and_then(|(_, g)| g)
+        .map(|g| dev.upload(g, "shared_gate"));
+    let out = dev.alloc::<f32>(y.len(), "y")?;
+    let mut enc = dev.encoder();
+    let sh = sy.as_ref().map(|s| (s, sg.as_ref()));
+    combine::encode(
+        dev,
+        &mut enc,
+        &yp,
+        &g,
+        &rows,
+        (gate.tokens, gate.slots, perm.hidden),
+        sh,
+        output_scale,
+        &out,
+    )?;
+    dev.submit_and_wait(enc)?;
+    y.copy_from_slice(&dev.read(&out)?);
+    Ok(())
+}
