@@ -74,6 +74,13 @@ enum Command {
     },
     /// List the backends and devices found.
     Info,
+    /// Write every PTX module exactly as it is handed to the driver (one file per variant).
+    #[cfg(feature = "cuda")]
+    Ptx {
+        /// Folder to write `<variant>.ptx` files into.
+        #[arg(long)]
+        dump: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -114,6 +121,13 @@ fn main() -> ExitCode {
             dtype.as_deref(),
         ),
         Command::Info => info(),
+        #[cfg(feature = "cuda")]
+        Command::Ptx { dump } => moe_kernels::cuda::ptx::dump(&dump).map(|files| {
+            for f in &files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }),
     };
     match result {
         Ok(code) => code,

@@ -1,8 +1,99 @@
 //! CUDA path: hand-written PTX in `kernels/`, loaded through cudarc with the driver found at
-//! run time. The stage kernels are not written yet (issue #4); today this module only probes
-//! the driver so that `moe info` and backend selection can say what is there.
+//! run time (no CUDA toolkit needed). One module per stage launches that stage's kernels on
+//! device buffers, stream-ordered, with no host synchronisation inside a forward.
 
-use cudarc::driver::{sys, CudaContext};
+pub mod combine;
+pub mod context;
+pub mod expert_gemm;
+pub mod gate;
+pub mod permute;
+pub mod ptx;
+pub mod router;
+
+use cudarc::driver::{sys, CudaContext, CudaSlice};
+
+pub use context::CudaDevice;
+
+use crate::error::Result;
+use crate::tensor::{DType, Tensor, TensorData};
+
+/// A weight matrix on the device: the tensor's raw little-endian elements (f32, f16 or bf16),
+/// viewed as `[rows, cols]` with `cols` the last dimension.
+#[derive(Debug)]
+pub struct CudaWeights {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: CudaSlice<u8>,
+}
+
+impl CudaWeights {
+    /// Uploads `t` (any rank; leading dimensions flattened into rows).
+    pub fn upload(dev: &CudaDevice, t: &Tensor) -> Result<Self> {
+        let cols = *t.shape().last().unwrap_or(&1);
+        let rows = if cols == 0 { 0 } else { t.len() / cols };
+        let raw: Vec<u8> = match t.data() {
+            TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
+            TensorData::BF16(v) => bytemuck::cast_slice(v).to_vec(),
+        };
+        Ok(CudaWeights {
+            dtype: t.dtype(),
+            rows,
+            cols,
+            bytes: dev.upload(&raw)?,
+        })
+    }
+}
+
+/// Stage 1's outputs on the device, `[T, slots]` token-major (counts `[E]`).
+#[derive(Debug)]
+pub struct GateCuda {
+    pub topk_ids: CudaSlice<u32>,
+    /// Weight applied per assignment, 0 where dropped.
+    pub topk_weights: CudaSlice<f32>,
+    /// 1 where kept.
+    pub kept: CudaSlice<u32>,
+    pub counts: CudaSlice<u32>,
+}
+
+impl GateCuda {
+    /// Device buffers for `tokens × slots` assignments over `experts` experts.
+    pub fn alloc(dev: &CudaDevice, tokens: usize, slots: usize, experts: usize) -> Result<Self> {
+        Ok(GateCuda {
+            topk_ids: dev.alloc(tokens * slots)?,
+            topk_weights: dev.alloc(tokens * slots)?,
+            kept: dev.alloc(tokens * slots)?,
+            counts: dev.alloc(experts)?,
+        })
+    }
+}
+
+/// Stage 2's outputs on the device.
+#[derive(Debug)]
+pub struct PermuteCuda {
+    /// `[E + 1]`.
+    pub expert_offsets: CudaSlice<u32>,
+    /// `[T·slots]`.
+    pub sorted_assignment: CudaSlice<u32>,
+    /// `[T·slots]`.
+    pub row_of_assignment: CudaSlice<u32>,
+    /// `[T·slots, H]`.
+    pub x_perm: CudaSlice<f32>,
+}
+
+impl PermuteCuda {
+    /// Device buffers for `tokens × slots` assignments of width `hidden`.
+    pub fn alloc(dev: &CudaDevice, tokens: usize, slots: usize, experts: usize, hidden: usize) -> Result<Self> {
+        let n = tokens * slots;
+        Ok(PermuteCuda {
+            expert_offsets: dev.alloc(experts + 1)?,
+            sorted_assignment: dev.alloc(n)?,
+            row_of_assignment: dev.alloc(n)?,
+            x_perm: dev.alloc(n * hidden)?,
+        })
+    }
+}
 
 /// One CUDA device as the driver reports it.
 #[derive(Debug, Clone)]

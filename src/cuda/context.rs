@@ -1,0 +1,124 @@
+//! The CUDA device: context, one stream, the module cache, typed device buffers and explicit
+//! copies. Modules are JIT-compiled by the driver from the PTX of [`crate::cuda::ptx`] once per
+//! (stage, variant) and cached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::nvrtc::Ptx;
+
+use crate::backend::BackendKind;
+use crate::error::{Error, Result};
+use crate::stage::Stage;
+
+/// An error from the CUDA backend.
+pub(crate) fn cuda_err(what: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: BackendKind::Cuda,
+        reason: what.into(),
+    }
+}
+
+/// Wraps a driver error with what was being done.
+pub(crate) fn drv<T>(r: std::result::Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T> {
+    r.map_err(|e| cuda_err(format!("{what}: {e:?}")))
+}
+
+/// One CUDA device with its stream and caches.
+pub struct CudaDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice({}, sm_{}{})", self.name, self.compute_capability.0, self.compute_capability.1)
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`. Checks for the driver library first (cudarc panics without it).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        crate::cuda::probe().map_err(cuda_err)?;
+        let ctx = drv(CudaContext::new(ordinal), "creating the CUDA context")?;
+        let name = drv(ctx.name(), "device name")?;
+        let compute_capability = drv(ctx.compute_capability(), "compute capability")?;
+        if compute_capability.0 < 8 {
+            return Err(cuda_err(format!(
+                "{name} is sm_{}{}; the kernels target sm_80 and newer",
+                compute_capability.0, compute_capability.1
+            )));
+        }
+        let stream = drv(ctx.new_stream(), "creating a stream")?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            name,
+            compute_capability,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Function `entry` of the module variant `variant` of `stage`, loading (JIT-compiling) the
+    /// module on first use.
+    pub fn function(&self, stage: Stage, variant: &str, entry: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut cache = self.modules.lock().map_err(|_| cuda_err("module cache poisoned"))?;
+            match cache.get(variant) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = crate::cuda::ptx::stage_modules(stage)?
+                        .into_iter()
+                        .find(|m| m.variant == variant)
+                        .ok_or_else(|| cuda_err(format!("no PTX module variant {variant}")))?
+                        .source;
+                    let m = drv(self.ctx.load_module(Ptx::from_src(src)), &format!("loading PTX module {variant}"))?;
+                    cache.insert(variant.to_string(), m.clone());
+                    m
+                }
+            }
+        };
+        drv(module.load_function(entry), &format!("kernel {entry} in {variant}"))
+    }
+
+    /// A device copy of `data` (at least one element is allocated).
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        drv(self.stream.clone_htod(data), "host-to-device copy")
+    }
+
+    /// A zeroed device buffer of `n` elements (at least one is allocated).
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        drv(self.stream.alloc_zeros::<T>(n.max(1)), "device allocation")
+    }
+
+    /// The first `n` elements of `buf`, copied to the host (synchronises the stream).
+    pub fn read<T: DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        let mut v = drv(self.stream.clone_dtoh(buf), "device-to-host copy")?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    /// Waits for the stream.
+    pub fn sync(&self) -> Result<()> {
+        drv(self.stream.synchronize(), "stream synchronize")
+    }
+}
+
+/// A 1-D launch of `n` threads in blocks of `block`, with a 2-D grid past 65535 blocks in y
+/// (kernels flatten `ctaid.x + ctaid.y · nctaid.x`).
+pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).max(1) as u64;
+    let x = blocks.min(2_147_483_647);
+    LaunchConfig {
+        grid_dim: (x as u32, blocks.div_ceil(x) as u32, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
