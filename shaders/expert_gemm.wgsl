@@ -1,3 +1,364 @@
-// expert_gemm.wgsl — placeholder until the stage shader lands (issue #3).
-@compute @workgroup_size(1)
-fn placeholder_expert_gemm() {}
+// expert_gemm.wgsl — stage 3: the grouped expert FFN, two grouped GEMMs over the permuted rows.
+//   GEMM 1 (expert_up):   h[r, f] = act(x[r]·Wg[e, f]ᵀ + bg[e, f], x[r]·Wu[e, f]ᵀ + bu[e, f])
+//                         (gated: swiglu, geglu, clamped_swiglu) or act(x[r]·Wu[e, f]ᵀ + bu[e, f])
+//                         (relu, gelu); the activation is this GEMM's epilogue, and the gate and
+//                         up tiles of a column block are computed by the same workgroup.
+//   GEMM 2 (expert_down): y[r, o] = h[r]·Wd[e, o]ᵀ + bd[e, o].
+//   Rows r of expert e are offsets[e] .. offsets[e+1]; rows from offsets[E] on are not written.
+//
+// Mirrors: src/cpu/expert_gemm.rs `expert_ffn` / `ffn_row` / `activate` (f64 there; f32 here).
+//   GELU is exact: x·Φ(x) with Φ from an erf/erfc evaluation (`phi` below, ≤ 5e-7 relative in
+//   f32 arithmetic with correctly rounded exp, ~1e-7 typical).
+//
+// Both entry points run the same tiled GEMM `out[r, n] = epilogue(Σ_k a[r, k] · W[row(e, n), k])`
+// with the weight rows of expert e at e·N .. e·N + N of the flattened [E·N, K] weight view:
+//                 a        K   N   W (rows of the flattened view)       out
+//   expert_up     x [rows,H]  H   F   Wu / Wg  [E·F, H]                   h [rows, F]
+//   expert_down   h [rows,F]  F   H   Wd       [E·H, F]                   y [rows, H]
+// Weights are bound one row chunk at a time (src/wgpu/weights.rs: chunks keep every binding under
+// the adapter's limit); a chunk may start and end in the middle of an expert. One dispatch per
+// chunk covers every (expert, column) pair whose weight row lies in that chunk, indexing the
+// chunk with chunk-relative rows (e·N + n − chunk_first).
+//
+// Parameters (bindings of group 0, in order; the same for both entry points):
+//   0 p        uniform             GemmParams (below)
+//   1 offsets  storage read        u32 [E + 1]  expert_offsets (on the device, never read by the host)
+//   2 a        storage read        f32 [rows, K]  x_perm (expert_up) or h (expert_down)
+//   3 w_b      storage read        u32 words of the weight rows chunk_first .. chunk_first +
+//                                  chunk_rows of Wu (expert_up) or Wd (expert_down), [chunk_rows, K]
+//                                  in W_DTYPE (common.wgsl)
+//   4 w_g      storage read        u32 words of the same rows of Wg, in W_DTYPE (gated expert_up
+//                                  only; a 1-word dummy otherwise)
+//   5 bias_b   storage read        f32 [E·N]  bu or bd (a 1-element dummy when has_bias bit 0 is 0)
+//   6 bias_g   storage read        f32 [E·F]  bg (a 1-element dummy when has_bias bit 1 is 0)
+//   7 out      storage read_write  f32 [rows, N]  h (expert_up) or y (expert_down)
+// Overrides: W_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu, 2 geglu, 3 relu,
+//   4 gelu, 5 clamped_swiglu (alpha and limit in p).
+//
+// Launch (both entry points, one dispatch per weight chunk holding ≥ 1 row):
+//   workgroup_size 256 = 16 × 16 invocations, each computing a 4 × 4 block of outputs
+//   (4 × (4 + 4) for gated expert_up: the gate and up values of the same 4 × 4 block).
+//   Tile BM = 64 rows × BN = 64 columns, BK = 16 deep.
+//   grid.x = ceil(rows / BM) + e_count      (row tiles: Σ_e ceil(count_e / BM) ≤ this static
+//                                            bound; surplus workgroups exit after reading offsets)
+//   grid.y = ceil(min(N, chunk_rows) / BN)  (column tiles of one expert inside the chunk;
+//                                            tiles past the expert's part of the chunk exit)
+//   grid.z = 1
+//   with e_first = chunk_first / N, e_count = (chunk_first + chunk_rows − 1) / N − e_first + 1.
+//   Workgroup x maps to (expert, row tile) by scanning offsets[e_first .. e_first + e_count]:
+//   row tiles of expert e_first first, then e_first + 1, …
+// Workgroup memory: three tiles of 64 rows × (16 + 4) f32 (padded against bank conflicts) =
+//   3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B (≤ 32 KiB).
+// Determinism: every output is one f32 accumulator summed over k = 0, 1, …, K − 1 in order with
+//   fma (no split-K), then + bias, then the activation: the result of a row does not depend on
+//   the other rows, the tile it lands in, the chunking of the weights or the batch size.
+// Target: WGSL core, no extensions; no subgroup operations (any subgroup size).
+
+struct GemmParams {
+    experts: u32,       // E: offsets has E + 1 entries
+    rows: u32,          // rows of a and out (offsets are clamped to it)
+    k_dim: u32,         // K: the length of a row of a and of a weight row
+    n_dim: u32,         // N: output columns per expert (the length of a row of out)
+    e_first: u32,       // first expert with weight rows in this chunk
+    e_count: u32,       // experts with weight rows in this chunk
+    chunk_first: u32,   // first weight row of the chunk (flattened [E·N, K] view)
+    chunk_rows: u32,    // weight rows in the chunk
+    has_bias: u32,      // bit 0: bias_b, bit 1: bias_g
+    alpha: f32,         // clamped_swiglu
+    limit: f32,         // clamped_swiglu
+    _pad: u32,
+}
+
+override ACT: u32 = 0u;
+
+const ACT_NONE: u32 = 0u;
+const ACT_SWIGLU: u32 = 1u;
+const ACT_GEGLU: u32 = 2u;
+const ACT_RELU: u32 = 3u;
+const ACT_GELU: u32 = 4u;
+const ACT_CLAMPED_SWIGLU: u32 = 5u;
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+// Row pitch of a workgroup tile in vec4 (BK / 4 = 4 used, 1 of padding).
+const PITCH: u32 = 5u;
+const TILE_VEC4: u32 = 320u; // BM · PITCH (= BN · PITCH)
+
+@group(0) @binding(0) var<uniform> p: GemmParams;
+@group(0) @binding(1) var<storage, read> offsets: array<u32>;
+@group(0) @binding(2) var<storage, read> a: array<f32>;
+@group(0) @binding(3) var<storage, read> w_b: array<u32>;
+@group(0) @binding(4) var<storage, read> w_g: array<u32>;
+@group(0) @binding(5) var<storage, read> bias_b: array<f32>;
+@group(0) @binding(6) var<storage, read> bias_g: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+
+// Tiles stored row-major along k: tile[row · PITCH + k / 4][k % 4].
+var<workgroup> a_s: array<vec4<f32>, TILE_VEC4>;
+var<workgroup> b_s: array<vec4<f32>, TILE_VEC4>;
+var<workgroup> g_s: array<vec4<f32>, TILE_VEC4>;
+// (expert, first row, row count, valid) of this workgroup's row tile.
+var<workgroup> tile_info: vec4<u32>;
+
+fn sigmoid(v: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-v));
+}
+
+// Φ(v) = P(N(0,1) ≤ v) = erfc(−v/√2) / 2, to a few f32 ulps.
+//   |v/√2| < 0.5: Φ = 1/2 + erf(v/√2)/2 with erf's Maclaurin series (8 terms, truncation < 1e-12).
+//   0.5 ≤ z = |v/√2| < 10: erfc(z) = t · exp(−z² + P(s)), t = 1/(1 + z/2), s = (t − c) / r
+//     mapping t ∈ [1/6, 0.8] to [−1, 1]; P is a degree-10 least-squares fit of
+//     log(erfc(z)·exp(z²)/t) (fit error < 1e-9). exp(−z²) = exp(−v²/2) uses an exact split of
+//     |v| (12 leading bits, whose square is exact) so that large |v| keep their accuracy.
+//   z ≥ 10: Φ is 0 or 1 in f32.
+fn phi(v: f32) -> f32 {
+    let x = v * 0.70710678118654752;
+    let z = abs(x);
+    if (z < 0.5) {
+        let q = x * x;
+        var s = -1.492565036e-05;
+        s = fma(s, q, 1.205533298e-04);
+        s = fma(s, q, -8.548327023e-04);
+        s = fma(s, q, 5.223977625e-03);
+        s = fma(s, q, -2.686617065e-02);
+        s = fma(s, q, 1.128379167e-01);
+        s = fma(s, q, -3.761263890e-01);
+        s = fma(s, q, 1.128379167e+00);
+        return 0.5 + 0.5 * (x * s);
+    }
+    if (z >= 10.0) {
+        return select(0.0, 1.0, x > 0.0);
+    }
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let s = (t - 4.833333194e-01) * 3.157894850e+00;
+    var pl = 1.990926819e-07;
+    pl = fma(pl, s, 8.306947166e-06);
+    pl = fma(pl, s, -9.550488357e-06);
+    pl = fma(pl, s, -9.027711349e-05);
+    pl = fma(pl, s, 1.486160763e-04);
+    pl = fma(pl, s, 8.566257311e-04);
+    pl = fma(pl, s, -1.819902798e-03);
+    pl = fma(pl, s, -1.155404933e-02);
+    pl = fma(pl, s, 2.084326744e-02);
+    pl = fma(pl, s, 4.239103794e-01);
+    pl = fma(pl, s, -6.941611767e-01);
+    let av = abs(v);
+    let vh = bitcast<f32>(bitcast<u32>(av) & 0xfffff000u);
+    let e = t * exp(-0.5 * vh * vh) * exp(pl - 0.5 * ((av - vh) * (av + vh)));
+    return select(0.5 * e, 1.0 - 0.5 * e, x > 0.0);
+}
+
+fn gelu(v: f32) -> f32 {
+    return v * phi(v);
+}
+
+// The epilogue of one output: `u` is the up (or down) sum with its bias, `g` the gate sum.
+fn activate(act: u32, g: f32, u: f32) -> f32 {
+    switch act {
+        case ACT_SWIGLU: {
+            return g * sigmoid(g) * u;
+        }
+        case ACT_GEGLU: {
+            return gelu(g) * u;
+        }
+        case ACT_RELU: {
+            return max(u, 0.0);
+        }
+        case ACT_GELU: {
+            return gelu(u);
+        }
+        case ACT_CLAMPED_SWIGLU: {
+            let gc = min(g, p.limit);
+            let uc = clamp(u, -p.limit, p.limit);
+            return (uc + 1.0) * gc * sigmoid(p.alpha * gc);
+        }
+        default: {
+            return u;
+        }
+    }
+}
+
+// acc[j] += Σ_{k of this vec4, in order} av[k] · bj[k], for the 4 columns j of one row.
+fn mac(acc: vec4<f32>, av: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    var r = fma(vec4<f32>(av.x), vec4<f32>(b0.x, b1.x, b2.x, b3.x), acc);
+    r = fma(vec4<f32>(av.y), vec4<f32>(b0.y, b1.y, b2.y, b3.y), r);
+    r = fma(vec4<f32>(av.z), vec4<f32>(b0.z, b1.z, b2.z, b3.z), r);
+    r = fma(vec4<f32>(av.w), vec4<f32>(b0.w, b1.w, b2.w, b3.w), r);
+    return r;
+}
+
+// Epilogue of one output row: columns tx + 16·j of row `r` (tile-relative).
+fn store_row(act: u32, r: u32, tx: u32, m0: u32, mcount: u32, n0: u32, ncount: u32, bias_base: u32, gated: bool, u: vec4<f32>, g: vec4<f32>) {
+    if (r >= mcount) {
+        return;
+    }
+    let n = p.n_dim;
+    for (var j = 0u; j < 4u; j++) {
+        let c = tx + 16u * j;
+        if (c < ncount) {
+            var uv = u[j];
+            var gv = 0.0;
+            if ((p.has_bias & 1u) != 0u) {
+                uv += bias_b[bias_base + n0 + c];
+            }
+            if (gated) {
+                gv = g[j];
+                if ((p.has_bias & 2u) != 0u) {
+                    gv += bias_g[bias_base + n0 + c];
+                }
+            }
+            out[(m0 + r) * n + n0 + c] = activate(act, gv, uv);
+        }
+    }
+}
+
+// The elements of k tile `kt` this invocation loads: element q is row (lid >> 4) + 16·q of the
+// tile at k = kt·BK + (lid & 15), of a (rows m0 ..), of w_b and of w_g (columns n0 ..,
+// chunk-relative weight rows w_row0 ..); zero outside the matrices.
+struct TileRegs {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    g: vec4<f32>,
+}
+
+fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, ncount: u32, w_row0: u32, lid: u32, gated: bool) -> TileRegs {
+    var t = TileRegs(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let k = kt * BK + (lid & 15u);
+    if (k >= kd) {
+        return t;
+    }
+    for (var q = 0u; q < 4u; q++) {
+        let r = (lid >> 4u) + 16u * q;
+        if (r < mcount) {
+            t.a[q] = a[(m0 + r) * kd + k];
+        }
+        if (r < ncount) {
+            let wi = (w_row0 + r) * kd + k;
+            t.b[q] = w_decode(w_b[w_word(wi)], wi);
+            if (gated) {
+                t.g[q] = w_decode(w_g[w_word(wi)], wi);
+            }
+        }
+    }
+    return t;
+}
+
+// One 64 × 64 output tile of expert GEMM `act` (ACT for expert_up, ACT_NONE for expert_down).
+fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
+    let gated = act == ACT_SWIGLU || act == ACT_GEGLU || act == ACT_CLAMPED_SWIGLU;
+
+    // Row tile: invocation 0 scans the experts of this chunk, the others wait for its answer.
+    if (lid == 0u) {
+        var t = wid.x;
+        var info = vec4<u32>(0u);
+        for (var i = 0u; i < p.e_count; i++) {
+            let e = p.e_first + i;
+            let lo = min(offsets[e], p.rows);
+            let hi = min(offsets[e + 1u], p.rows);
+            let count = select(0u, hi - lo, hi > lo);
+            let tiles = (count + BM - 1u) / BM;
+            if (t < tiles) {
+                info = vec4<u32>(e, lo + t * BM, min(BM, count - t * BM), 1u);
+                break;
+            }
+            t -= tiles;
+        }
+        tile_info = info;
+    }
+    let info = workgroupUniformLoad(&tile_info);
+    if (info.w == 0u) {
+        return; // a surplus row tile
+    }
+    let e = info.x;
+    let m0 = info.y;
+    let mcount = info.z;
+
+    // Column tile: this expert's part of the chunk, in expert-local columns [n_lo, n_hi).
+    let n = p.n_dim;
+    let kd = p.k_dim;
+    let e_row = e * n;
+    let n_lo = max(e_row, p.chunk_first) - e_row;
+    let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
+    let n0 = n_lo + wid.y * BN;
+    if (n0 >= n_hi) {
+        return; // past this expert's columns in the chunk
+    }
+    let ncount = min(BN, n_hi - n0);
+    let w_row0 = e_row + n0 - p.chunk_first; // chunk-relative weight row of column n0
+
+    let tx = lid & 15u;
+    let ty = lid >> 4u;
+    var acc_u0 = vec4<f32>(0.0);
+    var acc_u1 = vec4<f32>(0.0);
+    var acc_u2 = vec4<f32>(0.0);
+    var acc_u3 = vec4<f32>(0.0);
+    var acc_g0 = vec4<f32>(0.0);
+    var acc_g1 = vec4<f32>(0.0);
+    var acc_g2 = vec4<f32>(0.0);
+    var acc_g3 = vec4<f32>(0.0);
+    let computes = ty * 4u < mcount; // whether this invocation has any row of the tile
+
+    // Double buffering through registers: tile kt + 1 is loaded from memory while tile kt is
+    // multiplied out of workgroup memory.
+    let k_tiles = (kd + BK - 1u) / BK;
+    var next = load_tile(0u, kd, m0, mcount, ncount, w_row0, lid, gated);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        workgroupBarrier(); // every invocation is done with the previous tile
+        for (var q = 0u; q < 4u; q++) {
+            let s = ((lid >> 4u) + 16u * q) * PITCH + ((lid & 15u) >> 2u);
+            let c = lid & 3u;
+            a_s[s][c] = next.a[q];
+            b_s[s][c] = next.b[q];
+            if (gated) {
+                g_s[s][c] = next.g[q];
+            }
+        }
+        workgroupBarrier();
+        if (kt + 1u < k_tiles) {
+            next = load_tile(kt + 1u, kd, m0, mcount, ncount, w_row0, lid, gated);
+        }
+        if (computes) {
+            for (var kv = 0u; kv < 4u; kv++) {
+                let a0 = a_s[(ty * 4u + 0u) * PITCH + kv];
+                let a1 = a_s[(ty * 4u + 1u) * PITCH + kv];
+                let a2 = a_s[(ty * 4u + 2u) * PITCH + kv];
+                let a3 = a_s[(ty * 4u + 3u) * PITCH + kv];
+                let b0 = b_s[(tx + 0u) * PITCH + kv];
+                let b1 = b_s[(tx + 16u) * PITCH + kv];
+                let b2 = b_s[(tx + 32u) * PITCH + kv];
+                let b3 = b_s[(tx + 48u) * PITCH + kv];
+                acc_u0 = mac(acc_u0, a0, b0, b1, b2, b3);
+                acc_u1 = mac(acc_u1, a1, b0, b1, b2, b3);
+                acc_u2 = mac(acc_u2, a2, b0, b1, b2, b3);
+                acc_u3 = mac(acc_u3, a3, b0, b1, b2, b3);
+                if (gated) {
+                    let g0 = g_s[(tx + 0u) * PITCH + kv];
+                    let g1 = g_s[(tx + 16u) * PITCH + kv];
+                    let g2 = g_s[(tx + 32u) * PITCH + kv];
+                    let g3 = g_s[(tx + 48u) * PITCH + kv];
+                    acc_g0 = mac(acc_g0, a0, g0, g1, g2, g3);
+                    acc_g1 = mac(acc_g1, a1, g0, g1, g2, g3);
+                    acc_g2 = mac(acc_g2, a2, g0, g1, g2, g3);
+                    acc_g3 = mac(acc_g3, a3, g0, g1, g2, g3);
+                }
+            }
+        }
+    }
+
+    let bias_base = e_row;
+    store_row(act, ty * 4u + 0u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u0, acc_g0);
+    store_row(act, ty * 4u + 1u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u1, acc_g1);
+    store_row(act, ty * 4u + 2u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u2, acc_g2);
+    store_row(act, ty * 4u + 3u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u3, acc_g3);
+}
+
+@compute @workgroup_size(256)
+fn expert_up(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    gemm_tile(wid, lid, ACT);
+}
+
+@compute @workgroup_size(256)
+fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    gemm_tile(wid, lid, ACT_NONE);
+}

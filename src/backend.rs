@@ -70,6 +70,9 @@ impl FromStr for BackendKind {
 pub(crate) enum Device {
     /// The f64 reference, with stage boundaries rounded to f32 as a GPU stores them.
     Cpu,
+    /// Hand-written PTX through cudarc.
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::cuda::CudaDevice>),
     /// WGSL shaders through wgpu.
     #[cfg(feature = "wgpu")]
     Wgpu(std::sync::Arc<crate::wgpu::WgpuDevice>),
@@ -85,26 +88,22 @@ pub struct Backend {
 pub fn unavailable_reason(kind: BackendKind) -> Option<String> {
     match kind {
         BackendKind::Cpu => None,
-        BackendKind::Cuda => Some(cuda_reason()),
+        BackendKind::Cuda => cuda_reason(),
         BackendKind::Wgpu => wgpu_reason(),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_reason() -> String {
-    match crate::cuda::probe() {
-        Ok(devs) => format!(
-            "found {} ({} device(s)), but the CUDA stage kernels are not implemented yet (issue #4)",
-            devs[0].name,
-            devs.len()
-        ),
-        Err(why) => why,
-    }
+fn cuda_reason() -> Option<String> {
+    crate::cuda::CudaDevice::new(0).err().map(|e| match e {
+        Error::BackendUnavailable { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_reason() -> String {
-    "this build has no `cuda` feature".into()
+fn cuda_reason() -> Option<String> {
+    Some("this build has no `cuda` feature".into())
 }
 
 #[cfg(feature = "wgpu")]
@@ -151,10 +150,15 @@ impl Backend {
             BackendKind::Cpu => Ok(Backend {
                 device: Device::Cpu,
             }),
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Ok(Backend {
+                device: Device::Cuda(std::sync::Arc::new(crate::cuda::CudaDevice::new(0)?)),
+            }),
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => Ok(Backend {
                 device: Device::Wgpu(std::sync::Arc::new(crate::wgpu::WgpuDevice::new()?)),
             }),
+            #[allow(unreachable_patterns)] // reached when a backend's feature is off
             other => Err(Error::BackendUnavailable {
                 backend: other,
                 reason: unavailable_reason(other).unwrap_or_default(),
@@ -166,6 +170,8 @@ impl Backend {
     pub fn kind(&self) -> BackendKind {
         match self.device {
             Device::Cpu => BackendKind::Cpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => BackendKind::Cuda,
             #[cfg(feature = "wgpu")]
             Device::Wgpu(_) => BackendKind::Wgpu,
         }
@@ -189,6 +195,8 @@ impl Backend {
         )?;
         match self.device {
             Device::Cpu => narrow(&cpu::router::router_logits(x, weight, bias)?, logits),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ref d) => crate::cuda::host::router(d, x, weight, bias, logits)?,
             #[cfg(feature = "wgpu")]
             Device::Wgpu(ref d) => crate::wgpu::host::router(d, x, weight, bias, logits)?,
         }
@@ -228,6 +236,8 @@ impl Backend {
                 }
                 out.counts.copy_from_slice(&r.counts);
             }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ref d) => crate::cuda::host::gate(d, logits, correction_bias, cfg, out)?,
             #[cfg(feature = "wgpu")]
             Device::Wgpu(ref d) => crate::wgpu::host::gate(d, logits, correction_bias, cfg, out)?,
         }
@@ -256,6 +266,8 @@ impl Backend {
                 out.row_of_assignment.copy_from_slice(&p.row_of_assignment);
                 narrow(&xp, &mut out.x_perm);
             }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ref d) => crate::cuda::host::permute(d, gate, x, out)?,
             #[cfg(feature = "wgpu")]
             Device::Wgpu(ref d) => crate::wgpu::host::permute(d, gate, x, out)?,
         }
@@ -287,6 +299,15 @@ impl Backend {
                     y_perm,
                 );
             }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ref d) => crate::cuda::host::expert_gemm(
+                d,
+                &perm.x_perm,
+                &perm.expert_offsets,
+                w,
+                act,
+                y_perm,
+            )?,
             #[cfg(feature = "wgpu")]
             Device::Wgpu(ref d) => crate::wgpu::host::expert_gemm(
                 d,
@@ -317,6 +338,11 @@ impl Backend {
         )?;
         match self.device {
             Device::Cpu => narrow(&cpu::expert_gemm::shared_ffn(x, w, act)?, out),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ref d) => {
+                w.dims(act)?;
+                crate::cuda::host::expert_gemm(d, &x.to_f32_vec(), &[0, t as u32], w, act, out)?
+            }
             #[cfg(feature = "wgpu")]
             Device::Wgpu(ref d) => {
                 w.dims(act)?;
@@ -375,6 +401,10 @@ impl Backend {
                     )?,
                     y,
                 );
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ref d) => {
+                crate::cuda::host::combine(d, y_perm, gate, perm, shared, output_scale, y)?
             }
             #[cfg(feature = "wgpu")]
             Device::Wgpu(ref d) => {

@@ -392,8 +392,14 @@ impl MoeLayer {
     pub fn prepare<'a>(&'a self, dev: &'a Backend) -> Result<PreparedLayer<'a>> {
         let inner = match &dev.device {
             Device::Cpu => Prepared::Staged,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                Prepared::Cuda(Box::new(crate::cuda::layer::CudaLayer::upload(d, self)?))
+            }
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(d) => Prepared::Wgpu(crate::wgpu::layer::WgpuLayer::upload(d, self)?),
+            Device::Wgpu(d) => {
+                Prepared::Wgpu(Box::new(crate::wgpu::layer::WgpuLayer::upload(d, self)?))
+            }
         };
         Ok(PreparedLayer {
             layer: self,
@@ -496,9 +502,12 @@ impl MoeLayer {
 enum Prepared {
     /// Stage-by-stage through the backend's calls (CPU).
     Staged,
+    /// Weights resident on a CUDA device; one stream-ordered sequence of launches per forward.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::layer::CudaLayer>),
     /// Weights resident on a wgpu device; one submission per forward.
     #[cfg(feature = "wgpu")]
-    Wgpu(crate::wgpu::layer::WgpuLayer),
+    Wgpu(Box<crate::wgpu::layer::WgpuLayer>),
 }
 
 /// A layer ready to run on one backend.
@@ -514,6 +523,8 @@ impl PreparedLayer<'_> {
     pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
         self.layer.check_x(x)?;
         match (&self.inner, &self.dev.device) {
+            #[cfg(feature = "cuda")]
+            (Prepared::Cuda(l), Device::Cuda(d)) => l.forward(d, x),
             #[cfg(feature = "wgpu")]
             (Prepared::Wgpu(l), Device::Wgpu(d)) => l.forward(d, x),
             _ => self.layer.forward_staged(self.dev, x),

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod error;

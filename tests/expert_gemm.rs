@@ -218,7 +218,7 @@ fn every_backend_activation_and_dtype_matches_reference() {
                         // Same rounded weights in the reference: only activation rounding remains.
                         let err = common::rel_l2(&y[..kept * h], &reference[..kept * h]);
                         assert!(
-                            err <= common::tolerance(DType::F32),
+                            err <= common::stage_tolerance(dev.kind(), dtype),
                             "{ctx}: rel L2 {err:e}"
                         );
                         cases += 1;

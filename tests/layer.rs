@@ -94,7 +94,7 @@ fn every_backend_every_preset_and_dtype_matches_reference() {
                     assert_eq!(out.topk_ids, reference.routing.topk_ids, "{ctx}: ids");
                     let err = common::rel_l2(&out.y, &reference.y);
                     assert!(
-                        err <= common::tolerance(DType::F32),
+                        err <= common::stage_tolerance(dev.kind(), dtype),
                         "{ctx}: y rel L2 {err:e}"
                     );
                     assert_eq!(out.y.len(), t * layer.dims().hidden, "{ctx}");

@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use moe_kernels::backend::unavailable_reason;
 use moe_kernels::io::{self, OutTensor};
 use moe_kernels::synth::{self, Extras};
-use moe_kernels::{Backend, BackendKind, DType, Error, LayerConfig, MoeLayer, Preset, Result};
+use moe_kernels::{
+    Backend, BackendKind, DType, Error, LayerConfig, MoeLayer, Preset, Result, Stage,
+};
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +74,30 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Time each stage of real model shapes on a backend (median after warm-up).
+    Bench {
+        /// Shapes: mixtral, deepseek_v3, qwen3_30b_a3b, gpt_oss_120b, gpt4 (comma-separated).
+        #[arg(long, default_value = "mixtral")]
+        preset: String,
+        /// Token counts, comma-separated.
+        #[arg(long, default_value = "1,8,64,512,4096")]
+        tokens: String,
+        /// auto, cpu, cuda or wgpu.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Expert weight dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Timed forwards per point (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Untimed forwards first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Print one JSON object per point instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the backends and devices found.
     Info,
     /// Write every PTX module exactly as it is handed to the driver (one file per variant).
@@ -120,6 +146,15 @@ fn main() -> ExitCode {
             &backend,
             dtype.as_deref(),
         ),
+        Command::Bench {
+            preset,
+            tokens,
+            backend,
+            dtype,
+            iters,
+            warmup,
+            json,
+        } => bench(&preset, &tokens, &backend, &dtype, iters, warmup, json),
         Command::Info => info(),
         #[cfg(feature = "cuda")]
         Command::Ptx { dump } => moe_kernels::cuda::ptx::dump(&dump).map(|files| {
@@ -349,6 +384,75 @@ fn info() -> Result<ExitCode> {
     }
     if let Ok(b) = Backend::auto() {
         println!("auto selects: {}", b.kind());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(
+    presets: &str,
+    tokens: &str,
+    backend: &str,
+    dtype: &str,
+    iters: usize,
+    warmup: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    use moe_kernels::bench;
+    let dev = Backend::from_name(backend)?;
+    let dtype: DType = dtype.parse()?;
+    let tokens: Vec<usize> = tokens
+        .split(',')
+        .map(|t| {
+            t.trim()
+                .parse()
+                .map_err(|_| Error::Usage(format!("--tokens: {t:?} is not a token count")))
+        })
+        .collect::<Result<_>>()?;
+    if !json {
+        println!(
+            "moe bench on {} ({dtype} expert weights; median of {iters} after {warmup} warm-up)",
+            dev.kind()
+        );
+        println!(
+            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>9} {:>9}",
+            "shape",
+            "T",
+            "router",
+            "gate",
+            "permute",
+            "expert_gemm",
+            "combine",
+            "layer(us)",
+            "TFLOP/s",
+            "wGB/s"
+        );
+    }
+    for name in presets.split(',') {
+        let shape = bench::shape(name.trim())?;
+        let layer = bench::layer(&shape, dtype)?;
+        for &t in &tokens {
+            let p = bench::run_point(&dev, &shape, &layer, t, warmup, iters)?;
+            let us = |s: Stage| {
+                p.stages
+                    .iter()
+                    .find(|(x, _)| *x == s)
+                    .map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e6)
+            };
+            let g = us(Stage::ExpertGemm) / 1e6;
+            let tflops = p.gemm_flops / g / 1e12;
+            let gbs = p.gemm_weight_bytes / g / 1e9;
+            if json {
+                println!(
+                    "{{\"shape\":\"{}\",\"tokens\":{},\"dtype\":\"{}\",\"backend\":\"{}\",\"router_us\":{:.3},\"gate_us\":{:.3},\"permute_us\":{:.3},\"expert_gemm_us\":{:.3},\"combine_us\":{:.3},\"layer_us\":{:.3},\"gemm_tflops\":{:.3},\"gemm_weight_gbs\":{:.1}}}",
+                    p.shape, t, dtype, dev.kind(), us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm), us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, gbs
+                );
+            } else {
+                println!(
+                    "{:<14} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>9.2} {:>9.0}",
+                    p.shape, t, us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm), us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, gbs
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    ValidAsZeroBits,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::backend::BackendKind;
@@ -21,7 +24,10 @@ pub(crate) fn cuda_err(what: impl Into<String>) -> Error {
 }
 
 /// Wraps a driver error with what was being done.
-pub(crate) fn drv<T>(r: std::result::Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T> {
+pub(crate) fn drv<T>(
+    r: std::result::Result<T, cudarc::driver::DriverError>,
+    what: &str,
+) -> Result<T> {
     r.map_err(|e| cuda_err(format!("{what}: {e:?}")))
 }
 
@@ -36,7 +42,11 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaDevice({}, sm_{}{})", self.name, self.compute_capability.0, self.compute_capability.1)
+        write!(
+            f,
+            "CudaDevice({}, sm_{}{})",
+            self.name, self.compute_capability.0, self.compute_capability.1
+        )
     }
 }
 
@@ -53,6 +63,10 @@ impl CudaDevice {
                 compute_capability.0, compute_capability.1
             )));
         }
+        // SAFETY: every launch, copy and allocation of this crate goes through the one stream
+        // below, so stream order already sequences every buffer's uses; cudarc's per-buffer
+        // events would only add work (and event records inside CUDA-graph captures).
+        unsafe { ctx.disable_event_tracking() };
         let stream = drv(ctx.new_stream(), "creating a stream")?;
         Ok(CudaDevice {
             ctx,
@@ -67,7 +81,10 @@ impl CudaDevice {
     /// module on first use.
     pub fn function(&self, stage: Stage, variant: &str, entry: &str) -> Result<CudaFunction> {
         let module = {
-            let mut cache = self.modules.lock().map_err(|_| cuda_err("module cache poisoned"))?;
+            let mut cache = self
+                .modules
+                .lock()
+                .map_err(|_| cuda_err("module cache poisoned"))?;
             match cache.get(variant) {
                 Some(m) => m.clone(),
                 None => {
@@ -76,17 +93,26 @@ impl CudaDevice {
                         .find(|m| m.variant == variant)
                         .ok_or_else(|| cuda_err(format!("no PTX module variant {variant}")))?
                         .source;
-                    let m = drv(self.ctx.load_module(Ptx::from_src(src)), &format!("loading PTX module {variant}"))?;
+                    let m = drv(
+                        self.ctx.load_module(Ptx::from_src(src)),
+                        &format!("loading PTX module {variant}"),
+                    )?;
                     cache.insert(variant.to_string(), m.clone());
                     m
                 }
             }
         };
-        drv(module.load_function(entry), &format!("kernel {entry} in {variant}"))
+        drv(
+            module.load_function(entry),
+            &format!("kernel {entry} in {variant}"),
+        )
     }
 
     /// A device copy of `data` (at least one element is allocated).
-    pub fn upload<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
+        &self,
+        data: &[T],
+    ) -> Result<CudaSlice<T>> {
         if data.is_empty() {
             return self.alloc(0);
         }
@@ -99,7 +125,11 @@ impl CudaDevice {
     }
 
     /// The first `n` elements of `buf`, copied to the host (synchronises the stream).
-    pub fn read<T: DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+    pub fn read<T: DeviceRepr + Default + Clone>(
+        &self,
+        buf: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
         let mut v = drv(self.stream.clone_dtoh(buf), "device-to-host copy")?;
         v.truncate(n);
         Ok(v)

@@ -31,6 +31,14 @@ impl CudaExperts {
 /// Launches `y [rows, H]` = the expert FFN of `x_rows [rows, H]`; rows of expert e are
 /// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device, never read by the host).
 #[allow(clippy::too_many_arguments)]
-pub fn launch(_dev: &CudaDevice, _x_rows: &CudaSlice<f32>, _rows: usize, _offsets: &CudaSlice<u32>, _w: &CudaExperts, _act: Activation, _y: &mut CudaSlice<f32>) -> Result<()> {
+pub fn launch(
+    _dev: &CudaDevice,
+    _x_rows: &CudaSlice<f32>,
+    _rows: usize,
+    _offsets: &CudaSlice<u32>,
+    _w: &CudaExperts,
+    _act: Activation,
+    _y: &mut CudaSlice<f32>,
+) -> Result<()> {
     Err(cuda_err("the CUDA expert GEMM is not implemented yet"))
 }

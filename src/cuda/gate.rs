@@ -16,6 +16,14 @@ pub fn modules() -> Result<Vec<PtxModule>> {
 
 /// Launches the gate on `logits` `[T, E]` into `out`.
 #[allow(clippy::too_many_arguments)]
-pub fn launch(_dev: &CudaDevice, _logits: &CudaSlice<f32>, _tokens: usize, _experts: usize, _bias: Option<&CudaSlice<f32>>, _cfg: &RoutingConfig, _out: &mut GateCuda) -> Result<()> {
+pub fn launch(
+    _dev: &CudaDevice,
+    _logits: &CudaSlice<f32>,
+    _tokens: usize,
+    _experts: usize,
+    _bias: Option<&CudaSlice<f32>>,
+    _cfg: &RoutingConfig,
+    _out: &mut GateCuda,
+) -> Result<()> {
     Err(cuda_err("the CUDA gate kernel is not implemented yet"))
 }

@@ -6,6 +6,8 @@ pub mod combine;
 pub mod context;
 pub mod expert_gemm;
 pub mod gate;
+pub mod host;
+pub mod layer;
 pub mod permute;
 pub mod ptx;
 pub mod router;
@@ -31,7 +33,7 @@ impl CudaWeights {
     /// Uploads `t` (any rank; leading dimensions flattened into rows).
     pub fn upload(dev: &CudaDevice, t: &Tensor) -> Result<Self> {
         let cols = *t.shape().last().unwrap_or(&1);
-        let rows = if cols == 0 { 0 } else { t.len() / cols };
+        let rows = t.len().checked_div(cols).unwrap_or(0);
         let raw: Vec<u8> = match t.data() {
             TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
             TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
@@ -84,7 +86,13 @@ pub struct PermuteCuda {
 
 impl PermuteCuda {
     /// Device buffers for `tokens × slots` assignments of width `hidden`.
-    pub fn alloc(dev: &CudaDevice, tokens: usize, slots: usize, experts: usize, hidden: usize) -> Result<Self> {
+    pub fn alloc(
+        dev: &CudaDevice,
+        tokens: usize,
+        slots: usize,
+        experts: usize,
+        hidden: usize,
+    ) -> Result<Self> {
         let n = tokens * slots;
         Ok(PermuteCuda {
             expert_offsets: dev.alloc(experts + 1)?,

@@ -14,6 +14,13 @@ pub fn modules() -> Result<Vec<PtxModule>> {
 }
 
 /// Launches the permutation of `gate`'s assignments and the gather of `x` `[T, H]` into `out`.
-pub fn launch(_dev: &CudaDevice, _gate: &GateCuda, (_tokens, _slots, _experts): (usize, usize, usize), _x: &CudaSlice<f32>, _hidden: usize, _out: &mut PermuteCuda) -> Result<()> {
+pub fn launch(
+    _dev: &CudaDevice,
+    _gate: &GateCuda,
+    (_tokens, _slots, _experts): (usize, usize, usize),
+    _x: &CudaSlice<f32>,
+    _hidden: usize,
+    _out: &mut PermuteCuda,
+) -> Result<()> {
     Err(cuda_err("the CUDA permute kernels are not implemented yet"))
 }

@@ -24,13 +24,20 @@ pub fn render(stage: Stage, template: &str, subs: &[(&str, String)]) -> Result<S
     while let Some(i) = rest.find("${") {
         out.push_str(&rest[..i]);
         let after = &rest[i + 2..];
-        let end = after.find('}').ok_or_else(|| Error::shape(stage, "unterminated ${ placeholder in PTX template"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| Error::shape(stage, "unterminated ${ placeholder in PTX template"))?;
         let name = &after[..end];
         let value = subs
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v)
-            .ok_or_else(|| Error::shape(stage, format!("PTX template placeholder ${{{name}}} has no value")))?;
+            .ok_or_else(|| {
+                Error::shape(
+                    stage,
+                    format!("PTX template placeholder ${{{name}}} has no value"),
+                )
+            })?;
         out.push_str(value);
         rest = &after[end + 1..];
     }
@@ -87,7 +94,10 @@ pub fn dump(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
     let mut written = Vec::new();
     for m in all_modules()? {
         let path = dir.join(format!("{}.ptx", m.variant));
-        std::fs::write(&path, &m.source).map_err(|source| Error::Io { path: path.clone(), source })?;
+        std::fs::write(&path, &m.source).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         written.push(path);
     }
     Ok(written)

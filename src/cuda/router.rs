@@ -14,6 +14,13 @@ pub fn modules() -> Result<Vec<PtxModule>> {
 }
 
 /// Launches `logits [T, E] = x [T, H] · wᵀ (+ bias [E])` on the device's stream.
-pub fn launch(_dev: &CudaDevice, _x: &CudaSlice<f32>, _tokens: usize, _w: &CudaWeights, _bias: Option<&CudaSlice<f32>>, _logits: &mut CudaSlice<f32>) -> Result<()> {
+pub fn launch(
+    _dev: &CudaDevice,
+    _x: &CudaSlice<f32>,
+    _tokens: usize,
+    _w: &CudaWeights,
+    _bias: Option<&CudaSlice<f32>>,
+    _logits: &mut CudaSlice<f32>,
+) -> Result<()> {
     Err(cuda_err("the CUDA router kernel is not implemented yet"))
 }

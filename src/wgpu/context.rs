@@ -113,7 +113,9 @@ impl WgpuDevice {
 
     /// The largest storage binding and buffer, in bytes.
     pub fn max_binding_bytes(&self) -> u64 {
-        u64::from(self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// The compute pipeline of `kernel` specialised with `constants` (WGSL `override`s), created
@@ -231,6 +233,16 @@ impl WgpuDevice {
             len,
             _t: PhantomData,
         })
+    }
+
+    /// A storage buffer of `len` elements whose every byte is 0xFF (NaN as f32, `u32::MAX` as
+    /// u32), so that an element a kernel fails to write is caught by the stage tests.
+    pub fn alloc_poisoned<T: Pod>(&self, len: usize, label: &str) -> Result<GpuBuffer<T>> {
+        let buf = self.alloc::<T>(len, label)?;
+        let bytes = (len * std::mem::size_of::<T>()).max(4).next_multiple_of(4);
+        self.queue
+            .write_buffer(&buf.buffer, 0, &vec![0xFFu8; bytes]);
+        Ok(buf)
     }
 
     /// A uniform buffer with the kernel's parameters (a `#[repr(C)]` Pod struct).

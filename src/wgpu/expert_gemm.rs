@@ -1,49 +1,340 @@
-//! Stage 3 on wgpu (shaders/expert_gemm.wgsl). Placeholder: being written.
+//! Stage 3 on wgpu: the grouped expert FFN (shaders/expert_gemm.wgsl).
+//!
+//! Two passes of one tiled GEMM kernel (64 × 64 output tiles, 16 deep, 256 invocations each
+//! computing a 4 × 4 block): `expert_up` computes `h [rows, F]` with the activation in its
+//! epilogue (gate and up tiles side by side in the same workgroup when gated), `expert_down`
+//! computes `y [rows, H]` from `h`. Expert row ranges come from `offsets` on the device: grids
+//! are sized from static bounds (`ceil(rows / 64) + experts` row tiles) and surplus workgroups
+//! exit after reading the offsets, so the host never reads them.
+//!
+//! Weights are bound one row chunk at a time ([`GpuWeights`]: every chunk fits the adapter's
+//! storage binding limit). A chunk may start or end in the middle of an expert; each dispatch
+//! covers every (expert, column) whose weight row lies in its chunk, indexing the chunk with
+//! chunk-relative rows, so no re-upload per expert is needed. Gate and up share one chunking
+//! (same shape, dtype and limit). Chunking never changes a result: every output is one f32
+//! accumulator summed in k order.
 
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::stage::Stage;
+use crate::tensor::Tensor;
 use crate::wgpu::context::{gpu_err, GpuBuffer, WgpuDevice};
+use crate::wgpu::kernels::Kernel;
+use crate::wgpu::weights::GpuWeights;
+
+/// Rows of a workgroup's output tile (BM in the shader).
+const TILE_ROWS: usize = 64;
+/// Columns of a workgroup's output tile (BN in the shader).
+const TILE_COLS: usize = 64;
 
 /// Entry points of shaders/expert_gemm.wgsl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Entry {
-    Placeholder,
+    /// GEMM 1 with the activation in its epilogue: `h = act(x·Wgᵀ + bg, x·Wuᵀ + bu)`.
+    Up,
+    /// GEMM 2: `y = h·Wdᵀ + bd`.
+    Down,
 }
 
 impl Entry {
     pub fn name(self) -> &'static str {
         match self {
-            Entry::Placeholder => "placeholder_expert_gemm",
+            Entry::Up => "expert_up",
+            Entry::Down => "expert_down",
         }
     }
 }
 
-/// Expert weights on the device.
+/// Expert weights on the device: `[E·F, H]` gate / up and `[E·H, F]` down matrices in row
+/// chunks, biases as f32.
 #[derive(Debug)]
 pub struct GpuExperts {
     pub dims: ExpertDims,
+    /// `[E·F, H]`, present iff the activation is gated; chunked exactly like `up`.
+    pub gate: Option<GpuWeights>,
+    /// `[E·F, H]`.
+    pub up: GpuWeights,
+    /// `[E·H, F]`.
+    pub down: GpuWeights,
+    /// `[E·F]`.
+    pub gate_bias: Option<GpuBuffer<f32>>,
+    /// `[E·F]`.
+    pub up_bias: Option<GpuBuffer<f32>>,
+    /// `[E·H]`.
+    pub down_bias: Option<GpuBuffer<f32>>,
+    /// Bound where a matrix or bias is absent.
+    dummy_words: GpuBuffer<u32>,
+    dummy_f32: GpuBuffer<f32>,
 }
 
 impl GpuExperts {
-    /// Uploads `w` (E experts, or one shared expert) for `act`.
-    pub fn upload(_dev: &WgpuDevice, w: &ExpertWeights, act: Activation) -> Result<Self> {
-        Ok(GpuExperts { dims: w.dims(act)? })
+    /// Uploads `w` (E experts, or one shared expert as E = 1) for `act`.
+    pub fn upload(dev: &WgpuDevice, w: &ExpertWeights, act: Activation) -> Result<Self> {
+        Self::upload_with_limit(dev, w, act, None)
+    }
+
+    /// [`GpuExperts::upload`] with weight chunks of at most `max_bytes` each (the device's
+    /// binding limit when `None`, and never above it); small limits exercise the chunked path.
+    pub fn upload_with_limit(
+        dev: &WgpuDevice,
+        w: &ExpertWeights,
+        act: Activation,
+        max_bytes: Option<u64>,
+    ) -> Result<Self> {
+        let dims = w.dims(act)?;
+        let st = Stage::ExpertGemm;
+        if let Some(g) = &w.gate {
+            if g.dtype() != w.up.dtype() {
+                return Err(Error::shape(
+                    st,
+                    format!(
+                        "gate_proj is {} but up_proj is {}: the gated GEMM reads both with one dtype",
+                        g.dtype(),
+                        w.up.dtype()
+                    ),
+                ));
+            }
+        }
+        let up = GpuWeights::upload(dev, &w.up, max_bytes, "experts.up_proj")?;
+        let gate = match &w.gate {
+            Some(g) => {
+                let gw = GpuWeights::upload(dev, g, max_bytes, "experts.gate_proj")?;
+                let same = gw.chunks.len() == up.chunks.len()
+                    && gw
+                        .chunks
+                        .iter()
+                        .zip(&up.chunks)
+                        .all(|(a, b)| a.first_row == b.first_row && a.rows == b.rows);
+                if !same {
+                    return Err(gpu_err("gate_proj and up_proj were chunked differently"));
+                }
+                Some(gw)
+            }
+            None => None,
+        };
+        let down = GpuWeights::upload(dev, &w.down, max_bytes, "experts.down_proj")?;
+        let bias = |b: &Option<Tensor>, label: &str| {
+            b.as_ref().map(|t| dev.upload(&t.to_f32_vec(), label))
+        };
+        Ok(GpuExperts {
+            dims,
+            gate,
+            up,
+            down,
+            gate_bias: bias(&w.gate_bias, "experts.gate_proj_bias"),
+            up_bias: bias(&w.up_bias, "experts.up_proj_bias"),
+            down_bias: bias(&w.down_bias, "experts.down_proj_bias"),
+            dummy_words: dev.upload(&[0u32], "no weights"),
+            dummy_f32: dev.upload(&[0f32], "no bias"),
+        })
     }
 }
 
+/// The shader's `GemmParams`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    experts: u32,
+    rows: u32,
+    k_dim: u32,
+    n_dim: u32,
+    e_first: u32,
+    e_count: u32,
+    chunk_first: u32,
+    chunk_rows: u32,
+    has_bias: u32,
+    alpha: f32,
+    limit: f32,
+    _pad: u32,
+}
+
+/// The `ACT` override of the shader.
+fn act_code(act: Activation) -> f64 {
+    match act {
+        Activation::Swiglu => 1.0,
+        Activation::Geglu => 2.0,
+        Activation::Relu => 3.0,
+        Activation::Gelu => 4.0,
+        Activation::ClampedSwiglu(_) => 5.0,
+    }
+}
+
+/// One GEMM pass: `out [rows, N] = epilogue(a [rows, K] · W[e]ᵀ)` for the weight row chunks
+/// `chunks` (`(first_row, rows, words, gate words)` of the flattened `[E·N, K]` view).
+struct Pass<'a> {
+    entry: Entry,
+    constants: Vec<(&'static str, f64)>,
+    k: usize,
+    n: usize,
+    chunks: Vec<(usize, usize, &'a GpuBuffer<u32>, &'a GpuBuffer<u32>)>,
+    bias_b: Option<&'a GpuBuffer<f32>>,
+    bias_g: Option<&'a GpuBuffer<f32>>,
+    a: &'a GpuBuffer<f32>,
+    out: &'a GpuBuffer<f32>,
+}
+
 /// Records `y [rows, H]` = the expert FFN of `x_rows [rows, H]`, rows of expert e being
-/// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device).
+/// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device; rows from `offsets[E]` on
+/// are not written). Allocates the intermediate `h [rows, F]` (one binding: it must fit the
+/// adapter's storage binding limit). Records dispatches only.
 #[allow(clippy::too_many_arguments)]
 pub fn encode(
-    _dev: &WgpuDevice,
-    _enc: &mut ::wgpu::CommandEncoder,
-    _x_rows: &GpuBuffer<f32>,
-    _rows: usize,
-    _offsets: &GpuBuffer<u32>,
-    _w: &GpuExperts,
-    _act: Activation,
-    _y: &GpuBuffer<f32>,
+    dev: &WgpuDevice,
+    enc: &mut ::wgpu::CommandEncoder,
+    x_rows: &GpuBuffer<f32>,
+    rows: usize,
+    offsets: &GpuBuffer<u32>,
+    w: &GpuExperts,
+    act: Activation,
+    y: &GpuBuffer<f32>,
 ) -> Result<()> {
-    Err(gpu_err("the wgpu expert GEMM is not implemented yet"))
+    let st = Stage::ExpertGemm;
+    let ExpertDims {
+        experts: e,
+        hidden: h,
+        ffn: f,
+    } = w.dims;
+    if w.gate.is_some() != act.is_gated() {
+        return Err(Error::shape(
+            st,
+            format!("the experts were uploaded for another activation than {act:?}"),
+        ));
+    }
+    if offsets.len != e + 1 {
+        return Err(Error::shape(
+            st,
+            format!(
+                "expert_offsets has {} entries, expected E + 1 = {}",
+                offsets.len,
+                e + 1
+            ),
+        ));
+    }
+    if x_rows.len < rows * h || y.len < rows * h {
+        return Err(Error::shape(
+            st,
+            format!(
+                "x_rows ({}) and y ({}) must hold rows × H = {rows} × {h} elements",
+                x_rows.len, y.len
+            ),
+        ));
+    }
+    if rows == 0 || h == 0 {
+        return Ok(());
+    }
+    let max_elems = rows.checked_mul(h.max(f)).unwrap_or(usize::MAX);
+    if max_elems > u32::MAX as usize || e * h.max(f) > u32::MAX as usize {
+        return Err(gpu_err(format!(
+            "expert GEMM of {rows} rows, E = {e}, H = {h}, F = {f} exceeds 32-bit indexing"
+        )));
+    }
+    let h_bytes = (rows * f * 4) as u64;
+    if h_bytes > dev.max_binding_bytes() {
+        return Err(gpu_err(format!(
+            "the expert FFN's intermediate h [{rows}, {f}] needs {h_bytes} bytes, more than the adapter's storage binding limit {}",
+            dev.max_binding_bytes()
+        )));
+    }
+    let hbuf = dev.alloc::<f32>(rows * f, "expert_h")?;
+
+    let (alpha, limit) = match act {
+        Activation::ClampedSwiglu(c) => (c.alpha as f32, c.limit as f32),
+        _ => (0.0, 0.0),
+    };
+    let gate_words = |i: usize| {
+        w.gate
+            .as_ref()
+            .map_or(&w.dummy_words, |g| &g.chunks[i].words)
+    };
+    let up = Pass {
+        entry: Entry::Up,
+        constants: vec![("W_DTYPE", w.up.dtype_code()), ("ACT", act_code(act))],
+        k: h,
+        n: f,
+        chunks: w
+            .up
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.first_row, c.rows, &c.words, gate_words(i)))
+            .collect(),
+        bias_b: w.up_bias.as_ref(),
+        bias_g: w.gate_bias.as_ref(),
+        a: x_rows,
+        out: &hbuf,
+    };
+    // With F = 0 the down matrix has no rows to chunk, yet y = bd (or 0): one chunk covering
+    // every output column with K = 0 (no weight is read).
+    let down_chunks = if f == 0 {
+        vec![(0, e * h, &w.dummy_words, &w.dummy_words)]
+    } else {
+        w.down
+            .chunks
+            .iter()
+            .map(|c| (c.first_row, c.rows, &c.words, &w.dummy_words))
+            .collect()
+    };
+    let down = Pass {
+        entry: Entry::Down,
+        constants: vec![("W_DTYPE", w.down.dtype_code()), ("ACT", 0.0)],
+        k: f,
+        n: h,
+        chunks: down_chunks,
+        bias_b: w.down_bias.as_ref(),
+        bias_g: None,
+        a: &hbuf,
+        out: y,
+    };
+    for pass in [up, down] {
+        if pass.n == 0 {
+            continue;
+        }
+        let pipeline = dev.pipeline(Kernel::ExpertGemm(pass.entry), &pass.constants)?;
+        for &(first, n_rows, words, gwords) in &pass.chunks {
+            if n_rows == 0 {
+                continue;
+            }
+            let e_first = first / pass.n;
+            let e_count = (first + n_rows - 1) / pass.n - e_first + 1;
+            let groups_x = rows.div_ceil(TILE_ROWS) + e_count;
+            let groups_y = n_rows.min(pass.n).div_ceil(TILE_COLS);
+            let max = dev.limits.max_compute_workgroups_per_dimension as usize;
+            if groups_x > max || groups_y > max {
+                return Err(gpu_err(format!(
+                    "expert GEMM grid {groups_x} × {groups_y} exceeds the adapter's {max} workgroups per dimension"
+                )));
+            }
+            let params = dev.uniform(&Params {
+                experts: e as u32,
+                rows: rows as u32,
+                k_dim: pass.k as u32,
+                n_dim: pass.n as u32,
+                e_first: e_first as u32,
+                e_count: e_count as u32,
+                chunk_first: first as u32,
+                chunk_rows: n_rows as u32,
+                has_bias: u32::from(pass.bias_b.is_some())
+                    | (u32::from(pass.bias_g.is_some()) << 1),
+                alpha,
+                limit,
+                _pad: 0,
+            });
+            let bind = dev.bind(
+                &pipeline,
+                &[
+                    params.as_entire_binding(),
+                    offsets.binding(),
+                    pass.a.binding(),
+                    words.binding(),
+                    gwords.binding(),
+                    pass.bias_b.unwrap_or(&w.dummy_f32).binding(),
+                    pass.bias_g.unwrap_or(&w.dummy_f32).binding(),
+                    pass.out.binding(),
+                ],
+            );
+            dev.dispatch(enc, &pipeline, &bind, (groups_x as u32, groups_y as u32, 1));
+        }
+    }
+    Ok(())
 }

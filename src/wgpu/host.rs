@@ -30,7 +30,7 @@ pub fn router(
     let xb = dev.upload(&x.to_f32_vec(), "x");
     let wb = GpuWeights::upload(dev, w, None, "router.weight")?;
     let bb = bias_buf(dev, bias, "router.bias");
-    let out = dev.alloc::<f32>(logits.len(), "logits")?;
+    let out = dev.alloc_poisoned::<f32>(logits.len(), "logits")?;
     let mut enc = dev.encoder();
     router_stage::encode(dev, &mut enc, &xb, t, &wb, bb.as_ref(), &out)?;
     dev.submit_and_wait(enc)?;
@@ -48,7 +48,12 @@ pub fn gate(
 ) -> Result<()> {
     let lb = dev.upload(logits, "logits");
     let bb = bias_buf(dev, bias, "score_correction_bias");
-    let g = GateGpu::alloc(dev, out.tokens, out.slots, out.experts)?;
+    let g = GateGpu {
+        topk_ids: dev.alloc_poisoned(out.tokens * out.slots, "topk_ids")?,
+        topk_weights: dev.alloc_poisoned(out.tokens * out.slots, "topk_weights")?,
+        kept: dev.alloc_poisoned(out.tokens * out.slots, "kept")?,
+        counts: dev.alloc_poisoned(out.experts, "counts")?,
+    };
     let mut enc = dev.encoder();
     gate_stage::encode(
         dev,
@@ -88,7 +93,13 @@ pub fn permute(
 ) -> Result<()> {
     let g = upload_gate(dev, gate);
     let xb = dev.upload(&x.to_f32_vec(), "x");
-    let p = PermuteGpu::alloc(dev, out.tokens, out.slots, out.experts, out.hidden)?;
+    let n = out.tokens * out.slots;
+    let p = PermuteGpu {
+        expert_offsets: dev.alloc_poisoned(out.experts + 1, "expert_offsets")?,
+        sorted_assignment: dev.alloc_poisoned(n, "sorted_assignment")?,
+        row_of_assignment: dev.alloc_poisoned(n, "row_of_assignment")?,
+        x_perm: dev.alloc_poisoned(n * out.hidden, "x_perm")?,
+    };
     let mut enc = dev.encoder();
     permute_stage::encode(
         dev,
@@ -121,10 +132,10 @@ pub fn expert_gemm(
 ) -> Result<()> {
     let experts = GpuExperts::upload(dev, w, act)?;
     let h = experts.dims.hidden;
-    let rows = if h == 0 { 0 } else { x_rows.len() / h };
+    let rows = x_rows.len().checked_div(h).unwrap_or(0);
     let xb = dev.upload(x_rows, "x_rows");
     let ob = dev.upload(offsets, "expert_offsets");
-    let yb = dev.alloc::<f32>(y.len(), "y_rows")?;
+    let yb = dev.alloc_poisoned::<f32>(y.len(), "y_rows")?;
     let mut enc = dev.encoder();
     expert_gemm::encode(dev, &mut enc, &xb, rows, &ob, &experts, act, &yb)?;
     dev.submit_and_wait(enc)?;
@@ -149,7 +160,7 @@ pub fn combine(
     let sg = shared
         .and_then(|(_, g)| g)
         .map(|g| dev.upload(g, "shared_gate"));
-    let out = dev.alloc::<f32>(y.len(), "y")?;
+    let out = dev.alloc_poisoned::<f32>(y.len(), "y")?;
     let mut enc = dev.encoder();
     let sh = sy.as_ref().map(|s| (s, sg.as_ref()));
     combine::encode(

@@ -39,7 +39,7 @@ impl GpuWeights {
         label: &str,
     ) -> Result<Self> {
         let cols = *t.shape().last().unwrap_or(&1);
-        let rows = if cols == 0 { 0 } else { t.len() / cols };
+        let rows = t.len().checked_div(cols).unwrap_or(0);
         let elem = t.dtype().size() as u64;
         let limit = max_bytes
             .unwrap_or_else(|| dev.max_binding_bytes())

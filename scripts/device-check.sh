@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (DESIGN.md section 6).
+#
+#   scripts/device-check.sh prepare   # here (no GPU): build release test/bench binaries,
+#                                     # bundle them into device-bin/bundle.tgz (git-ignored)
+#   scripts/device-check.sh run       # on the lent GPU machine (no Rust toolchain there):
+#                                     # CUDA tests, compute-sanitizer, wgpu on NVIDIA's Vulkan,
+#                                     # short benches, peer script; logs under $OUT, table last.
+#
+# Carry `device-bin` (and `.gl` for the Vulkan loader, see the device README) with the call:
+#   run(command="bash scripts/device-check.sh run", carry=["device-bin", ".gl"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-run}"
+
+if [ "$MODE" = prepare ]; then
+  set -e
+  rm -rf device-bin && mkdir -p device-bin/bin
+  cargo test --release --no-run --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except Exception: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "device-bin/bin/test-$name"; done
+  cargo bench --no-run --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except Exception: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "device-bin/bin/bench-$name"; done
+  cargo build --release --bin moe
+  cp target/release/moe device-bin/bin/moe
+  strip device-bin/bin/* 2>/dev/null || true
+  # Tests read fixtures relative to the crate root, which travels with the working tree.
+  tar -C device-bin -czf device-bin/bundle.tgz bin && rm -rf device-bin/bin
+  ls -la device-bin
+  exit 0
+fi
+
+# ---------------------------------------------------------------- on the GPU machine
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+LOG="$OUT/device-check.log"
+: >"$LOG"
+B=/tmp/moe-bin
+rm -rf "$B" && mkdir -p "$B" && tar -C /tmp -xzf device-bin/bundle.tgz && mv /tmp/bin/* "$B"/
+if ls .gl/*.deb >/dev/null 2>&1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+export VK_DRIVER_FILES="${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}"
+export XDG_RUNTIME_DIR=/tmp/xdg && mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
+export CARGO_MANIFEST_DIR="$PWD"
+declare -a TABLE
+row() { TABLE+=("$(printf '%-34s %s' "$1" "$2")"); }
+
+step() { # name, timeout seconds, command...
+  local name="$1" t="$2"; shift 2
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log" >>"$LOG"
+  local res
+  res=$(grep -E "^test result:" "$OUT/$name.log" | tail -1)
+  row "$name" "rc=$rc $((SECONDS - start))s ${res#test result: }"
+  return 0
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG" 2>&1
+step info 60 "$B/moe" info
+step demo-cuda 120 "$B/moe" demo --backend cuda
+# Every test binary on CUDA (and wgpu, if NVIDIA's Vulkan driver is found) plus the CPU.
+for t in "$B"/test-*; do
+  n=$(basename "$t")
+  step "$n" 300 "$t" --test-threads=4
+done
+# compute-sanitizer on the stage tests (CUDA runs them; memcheck and racecheck).
+for tool in memcheck racecheck; do
+  for s in router gate permute combine expert_gemm cuda_graph; do
+    [ -x "$B/test-$s" ] || continue
+    step "san-$tool-$s" 300 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-$s" --test-threads=1
+  done
+done
+# Short benches.
+for b in "$B"/bench-*; do
+  step "$(basename "$b")" 240 "$b" --bench --warm-up-time 0.3 --measurement-time 1 --noplot
+done
+if [ -f bench/peers.py ]; then
+  step peers 300 python3 bench/peers.py --out "$OUT/peers.json"
+fi
+echo
+echo "==== device-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null))"
+printf '%s\n' "${TABLE[@]}"

@@ -1,0 +1,273 @@
+//! `moe bench`: layer shapes of real models, timed per stage on a backend (CUDA events, wgpu
+//! timestamps, host wall time on the CPU), median over repeated forwards after warm-up, with
+//! the FLOPs and minimum bytes of each stage so achieved rates can be compared with a device's
+//! measured ceilings. Weights are seeded pseudo-random (never zeros), generated in parallel.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::backend::Backend;
+use crate::config::{Groups, LayerConfig, Preset, Scoring};
+use crate::error::{Error, Result};
+use crate::layer::MoeLayer;
+use crate::stage::Stage;
+use crate::tensor::{DType, Tensor, TensorData};
+
+/// A model's MoE layer shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub name: &'static str,
+    pub experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    /// Shared expert width, if any.
+    pub shared_ffn: Option<usize>,
+    pub preset: Preset,
+}
+
+/// The shapes `moe bench --preset` knows.
+pub const SHAPES: [Shape; 5] = [
+    Shape {
+        name: "mixtral",
+        experts: 8,
+        top_k: 2,
+        hidden: 4096,
+        ffn: 14336,
+        shared_ffn: None,
+        preset: Preset::Mixtral,
+    },
+    Shape {
+        name: "deepseek_v3",
+        experts: 256,
+        top_k: 8,
+        hidden: 7168,
+        ffn: 2048,
+        shared_ffn: Some(2048),
+        preset: Preset::DeepseekV3,
+    },
+    Shape {
+        name: "qwen3_30b_a3b",
+        experts: 128,
+        top_k: 8,
+        hidden: 2048,
+        ffn: 768,
+        shared_ffn: None,
+        preset: Preset::Qwen3Moe,
+    },
+    Shape {
+        name: "gpt_oss_120b",
+        experts: 128,
+        top_k: 4,
+        hidden: 2880,
+        ffn: 2880,
+        shared_ffn: None,
+        preset: Preset::GptOss,
+    },
+    // No public shape exists for GPT-4; 16 experts top-2 as described, Mixtral-sized experts.
+    Shape {
+        name: "gpt4",
+        experts: 16,
+        top_k: 2,
+        hidden: 4096,
+        ffn: 14336,
+        shared_ffn: None,
+        preset: Preset::Gpt4,
+    },
+];
+
+/// The shape named `name`.
+pub fn shape(name: &str) -> Result<Shape> {
+    SHAPES
+        .iter()
+        .copied()
+        .find(|s| s.name == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
+            Error::Usage(format!(
+                "unknown bench preset {name:?} (expected one of {})",
+                names.join(", ")
+            ))
+        })
+}
+
+/// Deterministic pseudo-random values in [-scale, scale] (splitmix64 of the index), in
+/// parallel: a Mixtral layer has 1.4 G weights.
+fn fill(n: usize, seed: u64, scale: f32, dtype: DType, shape: Vec<usize>) -> Result<Tensor> {
+    let val = move |i: usize| {
+        let mut z = (i as u64).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    };
+    let data = match dtype {
+        DType::F32 => TensorData::F32((0..n).into_par_iter().map(val).collect()),
+        DType::F16 => TensorData::F16(
+            (0..n)
+                .into_par_iter()
+                .map(|i| f16::from_f32(val(i)))
+                .collect(),
+        ),
+        DType::BF16 => TensorData::BF16(
+            (0..n)
+                .into_par_iter()
+                .map(|i| bf16::from_f32(val(i)))
+                .collect(),
+        ),
+    };
+    Tensor::new(shape, data)
+}
+
+/// A random layer of `s` with expert weights in `dtype`.
+pub fn layer(s: &Shape, dtype: DType) -> Result<MoeLayer> {
+    let (e, h, f) = (s.experts, s.hidden, s.ffn);
+    let mut cfg: LayerConfig = s.preset.config();
+    cfg.routing.top_k = s.top_k;
+    if s.preset == Preset::DeepseekV3 {
+        cfg.routing.scoring = Scoring::Sigmoid;
+        cfg.routing.groups = Some(Groups { count: 8, keep: 4 });
+    }
+    let a = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    let mut t = BTreeMap::new();
+    t.insert(
+        "router.weight".to_string(),
+        fill(e * h, 1, 4.0 * a(h), DType::F32, vec![e, h])?,
+    );
+    if s.preset == Preset::DeepseekV3 {
+        t.insert(
+            "router.score_correction_bias".into(),
+            fill(e, 2, 0.01, DType::F32, vec![e])?,
+        );
+    }
+    if s.preset == Preset::GptOss {
+        t.insert("router.bias".into(), fill(e, 3, 0.1, DType::F32, vec![e])?);
+    }
+    if cfg.activation.is_gated() {
+        t.insert(
+            "experts.gate_proj".into(),
+            fill(e * f * h, 4, a(h), dtype, vec![e, f, h])?,
+        );
+    }
+    t.insert(
+        "experts.up_proj".into(),
+        fill(e * f * h, 5, a(h), dtype, vec![e, f, h])?,
+    );
+    t.insert(
+        "experts.down_proj".into(),
+        fill(e * h * f, 6, a(f), dtype, vec![e, h, f])?,
+    );
+    if let Some(fs) = s.shared_ffn {
+        t.insert(
+            "shared.gate_proj".into(),
+            fill(fs * h, 7, a(h), dtype, vec![fs, h])?,
+        );
+        t.insert(
+            "shared.up_proj".into(),
+            fill(fs * h, 8, a(h), dtype, vec![fs, h])?,
+        );
+        t.insert(
+            "shared.down_proj".into(),
+            fill(h * fs, 9, a(fs), dtype, vec![h, fs])?,
+        );
+    }
+    MoeLayer::from_tensors(cfg, t, s.name)
+}
+
+/// Median stage and layer times of one (shape, T) point.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub shape: &'static str,
+    pub tokens: usize,
+    pub dtype: DType,
+    pub stages: Vec<(Stage, Duration)>,
+    pub layer: Duration,
+    /// FLOPs of the expert FFN (routed + shared), 2 per multiply-add.
+    pub gemm_flops: f64,
+    /// Expert weight bytes the FFN must read at least once (experts that got tokens).
+    pub gemm_weight_bytes: f64,
+}
+
+/// Times `iters` forwards of `layer` on `dev` after `warmup` forwards.
+pub fn run_point(
+    dev: &Backend,
+    s: &Shape,
+    layer: &MoeLayer,
+    tokens: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<Point> {
+    let x = fill(
+        tokens * s.hidden,
+        11 + tokens as u64,
+        1.0,
+        DType::F32,
+        vec![tokens, s.hidden],
+    )?;
+    let prepared = layer.prepare(dev)?;
+    let mut counts = Vec::new();
+    for _ in 0..warmup {
+        counts = prepared.forward(&x)?.counts;
+    }
+    let mut per_stage: Vec<Vec<Duration>> = vec![Vec::new(); Stage::ALL.len()];
+    let mut totals = Vec::new();
+    for _ in 0..iters.max(1) {
+        let out = prepared.forward(&x)?;
+        counts = out.counts.clone();
+        for (i, (_, d)) in out.stage_times.iter().enumerate() {
+            per_stage[i].push(*d);
+        }
+        totals.push(
+            out.stage_times
+                .iter()
+                .map(|(_, d)| *d)
+                .sum::<Duration>()
+                .max(if out.stage_times.is_empty() {
+                    out.wall_time
+                } else {
+                    Duration::ZERO
+                }),
+        );
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let stages = Stage::ALL
+        .iter()
+        .zip(per_stage.iter_mut())
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(s, v)| (*s, median(v)))
+        .collect();
+    let gated = layer.config.activation.is_gated();
+    let mats = if gated { 3.0 } else { 2.0 };
+    let rows = (tokens * s.top_k) as f64;
+    let shared_rows = if s.shared_ffn.is_some() {
+        tokens as f64
+    } else {
+        0.0
+    };
+    let fs = s.shared_ffn.unwrap_or(0) as f64;
+    let (h, f) = (s.hidden as f64, s.ffn as f64);
+    let used = counts.iter().filter(|&&c| c > 0).count() as f64;
+    let wbytes = match dtype_of(layer) {
+        DType::F32 => 4.0,
+        _ => 2.0,
+    };
+    Ok(Point {
+        shape: s.name,
+        tokens,
+        dtype: dtype_of(layer),
+        stages,
+        layer: median(&mut totals),
+        gemm_flops: 2.0 * mats * h * (rows * f + shared_rows * fs),
+        gemm_weight_bytes: wbytes * mats * h * (used * f + fs),
+    })
+}
+
+fn dtype_of(layer: &MoeLayer) -> DType {
+    layer.experts.up.dtype()
+}
