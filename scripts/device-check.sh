@@ -46,6 +46,9 @@ fi
 # ---------------------------------------------------------------- on the GPU machine
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
+# At most 8 files come back from $OUT: step logs go to L and are bundled at the end.
+L=/tmp/dc-logs
+rm -rf "$L" && mkdir -p "$L"
 LOG="$OUT/device-check.log"
 : >"$LOG"
 B=/tmp/moe-bin
@@ -64,11 +67,11 @@ step() { # name, timeout seconds, command...
   local name="$1" t="$2"; shift 2
   local start=$SECONDS
   echo "=== $name: $*" | tee -a "$LOG"
-  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$t" "$@" >"$L/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log" >>"$LOG"
+  tail -n 25 "$L/$name.log" >>"$LOG"
   local res
-  res=$(grep -E "^test result:" "$OUT/$name.log" | tail -1)
+  res=$(grep -E "^test result:" "$L/$name.log" | tail -1)
   row "$name" "rc=$rc $((SECONDS - start))s ${res#test result: }"
   return 0
 }
@@ -92,9 +95,15 @@ done
 for b in "$B"/bench-*; do
   step "$(basename "$b")" 240 "$b" --bench --warm-up-time 0.3 --measurement-time 1 --noplot
 done
+# Ours and the PyTorch peers on the same card, then one comparison table.
+step bench-cuda 300 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3,qwen3_30b_a3b --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --json
+grep '^{' "$L/bench-cuda.log" >"$OUT/ours.jsonl"
 if [ -f bench/peers.py ]; then
-  step peers 300 python3 bench/peers.py --out "$OUT/peers.json"
+  step peers 300 python3 bench/peers.py --out "$OUT/peers.jsonl"
+  step compare 60 python3 bench/compare.py "$OUT/ours.jsonl" "$OUT/peers.jsonl"
+  cp "$L/compare.log" "$OUT/compare.txt"
 fi
+tar -C /tmp -czf "$OUT/logs.tgz" dc-logs
 echo
 echo "==== device-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null))"
 printf '%s\n' "${TABLE[@]}"

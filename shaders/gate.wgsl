@@ -52,7 +52,10 @@
 //
 // Workgroup memory: gate_select caches its token's row (c, group scores, group kept flags) in
 // CACHE f32 when row_len = E + 2G <= CACHE, else in the scratch rows; at most ~9 KiB per
-// entry point. No subgroup operations, so any subgroup size works.
+// entry point. No subgroup operations, so any subgroup size works. Compared values have
+// subnormals flushed on the bits (`canon`), so rankings agree on any denormal mode.
+// lavapipe ends an invocation after 65535 loop iterations (all loops together); the Rust side
+// refuses launches that could exceed that there (loop_iterations in src/wgpu/gate.rs).
 // Target: WGSL core, no extensions.
 
 const WG: u32 = 64u;
@@ -134,6 +137,16 @@ fn is_inf(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) == 0x7f800000u;
 }
 
+// A value that is compared: subnormals (and -0) become +0, decided on the bits, so every
+// comparison agrees whether or not the device flushes subnormals (a device that flushes in
+// some comparisons and not in others would otherwise rank inconsistently).
+fn canon(x: f32) -> f32 {
+    if ((bitcast<u32>(x) & 0x7f800000u) == 0u) {
+        return 0.0;
+    }
+    return x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // gate_select
 
@@ -183,7 +196,7 @@ fn selection_value(base: u32, e: u32, st: Stats) -> f32 {
     if (p.has_bias != 0u) {
         c += bias[e];
     }
-    return c;
+    return canon(c);
 }
 
 fn eligible(t: u32, e: u32) -> bool {
@@ -256,7 +269,7 @@ fn select_groups(t: u32, lid: u32) {
         if (b2 != NONE) {
             gs += row_get(t, b2);
         }
-        row_set(t, e0 + g, gs);
+        row_set(t, e0 + g, canon(gs));
     }
     storageBarrier();
     workgroupBarrier();
@@ -274,7 +287,13 @@ fn select_groups(t: u32, lid: u32) {
     workgroupBarrier();
 }
 
-// Picks by rank: each eligible expert counts the eligible experts ranked before it.
+// 1 when expert f is eligible and ranks before (v, e).
+fn before(t: u32, f: u32, v: f32, e: u32) -> u32 {
+    return select(0u, 1u, eligible(t, f) && ranks_before(row_get(t, f), f, v, e));
+}
+
+// Picks by rank: each eligible expert counts the eligible experts ranked before it. The inner
+// loop is unrolled by 4 (fewer loop iterations: lavapipe stops an invocation after 65535).
 fn select_by_rank(t: u32, lid: u32) {
     for (var e = lid; e < p.experts; e += WG) {
         if (!eligible(t, e)) {
@@ -282,10 +301,13 @@ fn select_by_rank(t: u32, lid: u32) {
         }
         let v = row_get(t, e);
         var r = 0u;
-        for (var f = 0u; f < p.experts; f++) {
-            if (eligible(t, f) && ranks_before(row_get(t, f), f, v, e)) {
-                r++;
-            }
+        var f = 0u;
+        for (; f + 4u <= p.experts; f += 4u) {
+            r += before(t, f, v, e) + before(t, f + 1u, v, e) + before(t, f + 2u, v, e)
+                + before(t, f + 3u, v, e);
+        }
+        for (; f < p.experts; f++) {
+            r += before(t, f, v, e);
         }
         if (r < p.slots) {
             ids[t * p.slots + r] = e;
@@ -441,7 +463,7 @@ fn gate_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     raw_weights(t, base, st);
     let o = t * p.slots;
     if (p.mode == MODE_CAPACITY && p.by_top1 != 0u) {
-        scratch[p.top1_off + t] = bitcast<u32>(score(logits[base + ids[o]], st));
+        scratch[p.top1_off + t] = bitcast<u32>(canon(score(logits[base + ids[o]], st)));
     }
     if (p.mode == MODE_PLAIN) {
         for (var j = 0u; j < p.slots; j++) {

@@ -1,26 +1,236 @@
-//! Stage 0 on CUDA (kernels/router.ptx). Placeholder: being written.
+//! Stage 0 on CUDA (kernels/router.ptx): `logits [T, E] = x [T, H] · Wᵀ (+ bias [E])`, one
+//! warp per tile of 4 tokens × 4 experts, f32 accumulation in a fixed order (the kernel
+//! header gives it). One template, one module variant per weight dtype.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::context::cuda_err;
+use crate::cuda::context::drv;
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, CudaWeights};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stage::Stage;
+use crate::tensor::DType;
 
-/// Every module variant of this stage.
+/// Tokens (and experts) per warp tile: the kernel's 4 × 4 tile.
+const TILE: usize = 4;
+/// Warps per block (`block (128, 1, 1)` in the header).
+const WARPS_PER_BLOCK: usize = 4;
+
+/// The module variant for weights of `dtype`.
+fn variant(dtype: DType) -> String {
+    format!("router.{}", dtype.name())
+}
+
+/// The load-and-widen sequence of weight `j` (placeholder `LOAD_W<j>`).
+fn load_w(dtype: DType, j: usize) -> String {
+    match dtype {
+        DType::F32 => format!("ld.global.nc.f32    %wv{j}, [%pw{j}];"),
+        DType::F16 => format!("ld.global.nc.b16    %hw{j}, [%pw{j}];\n\tcvt.f32.f16         %wv{j}, %hw{j};"),
+        DType::BF16 => format!(
+            "ld.global.nc.u16    %uw{j}, [%pw{j}];\n\tshl.b32             %uw{j}, %uw{j}, 16;\n\tmov.b32             %wv{j}, %uw{j};"
+        ),
+    }
+}
+
+/// Every module variant of this stage: `router.f32`, `router.f16`, `router.bf16`.
 pub fn modules() -> Result<Vec<PtxModule>> {
-    ptx::plain(Stage::Router)
+    DType::ALL
+        .iter()
+        .map(|&dtype| {
+            let size = dtype.size();
+            let shift = size.trailing_zeros();
+            let mut subs = vec![
+                ("W_TYPE", dtype.name().to_string()),
+                ("W_SHIFT", shift.to_string()),
+                ("W_STEP", (32 * size).to_string()),
+            ];
+            let loads = ["LOAD_W0", "LOAD_W1", "LOAD_W2", "LOAD_W3"];
+            for (j, name) in loads.into_iter().enumerate() {
+                subs.push((name, load_w(dtype, j)));
+            }
+            Ok(PtxModule {
+                stage: Stage::Router,
+                variant: variant(dtype),
+                source: ptx::render(Stage::Router, ptx::template(Stage::Router), &subs)?,
+            })
+        })
+        .collect()
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::shape(
+            Stage::Router,
+            format!("{what} holds {have} elements, needs {need}"),
+        ));
+    }
+    Ok(())
+}
+
+fn to_u32(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&v| v <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::shape(
+                Stage::Router,
+                format!("{what} = {n} exceeds the CUDA kernel's index range (2^31)"),
+            )
+        })
 }
 
 /// Launches `logits [T, E] = x [T, H] · wᵀ (+ bias [E])` on the device's stream.
 pub fn launch(
-    _dev: &CudaDevice,
-    _x: &CudaSlice<f32>,
-    _tokens: usize,
-    _w: &CudaWeights,
-    _bias: Option<&CudaSlice<f32>>,
-    _logits: &mut CudaSlice<f32>,
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    tokens: usize,
+    w: &CudaWeights,
+    bias: Option<&CudaSlice<f32>>,
+    logits: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    Err(cuda_err("the CUDA router kernel is not implemented yet"))
+    let (experts, hidden) = (w.rows, w.cols);
+    let mul = |what: &str, a: usize, b: usize| crate::shape::mul(Stage::Router, what, a, b);
+    check_len("x", x.len(), mul("T x H", tokens, hidden)?)?;
+    check_len(
+        "router weight bytes",
+        w.bytes.len(),
+        mul(
+            "E x H x size",
+            mul("E x H", experts, hidden)?,
+            w.dtype.size(),
+        )?,
+    )?;
+    check_len("logits", logits.len(), mul("T x E", tokens, experts)?)?;
+    if let Some(b) = bias {
+        check_len("router bias", b.len(), experts)?;
+    }
+    if tokens == 0 || experts == 0 {
+        return Ok(());
+    }
+    let warps = mul("warp tiles", tokens.div_ceil(TILE), experts.div_ceil(TILE))?;
+    to_u32("warp tiles", warps)?;
+    let t = to_u32("tokens", tokens)?;
+    let e = to_u32("experts", experts)?;
+    let h = to_u32("hidden", hidden)?;
+    let blocks = warps.div_ceil(WARPS_PER_BLOCK) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: ((32 * WARPS_PER_BLOCK) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = dev.function(Stage::Router, &variant(w.dtype), "router_logits")?;
+    let null: u64 = 0;
+    let mut b = dev.stream.launch_builder(&func);
+    b.arg(x).arg(&w.bytes);
+    match bias {
+        Some(bias) => b.arg(bias),
+        None => b.arg(&null),
+    };
+    b.arg(&mut *logits).arg(&t).arg(&e).arg(&h);
+    // SAFETY: matches the header of kernels/router.ptx `router_logits`: x_ptr (f32 [T, H]),
+    // w_ptr (W [E, H] in the variant's dtype), bias_ptr (f32 [E] or 0), logits_ptr
+    // (f32 [T, E]), tokens, experts, hidden (u32); every length was checked above, T, E >= 1,
+    // and the grid is the header's (ceil(warps / 4), 1, 1) × (128, 1, 1).
+    drv(unsafe { b.launch(cfg) }, "launching router_logits")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_renders_without_placeholders() {
+        let m = modules().unwrap();
+        assert_eq!(m.len(), 3);
+        for v in &m {
+            assert!(!v.source.contains("${"), "{}", v.variant);
+            assert!(v.source.is_ascii(), "{}", v.variant);
+        }
+        assert!(m[1].source.contains("cvt.f32.f16"));
+    }
+
+    #[test]
+    fn error_helpers_name_the_stage() {
+        assert!(check_len("x", 1, 2).is_err());
+        assert!(to_u32("n", 1 << 31).is_err());
+        assert_eq!(to_u32("n", 5).unwrap(), 5);
+    }
+
+    fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (f64::from(x) - y).powi(2))
+            .sum();
+        let den: f64 = b.iter().map(|y| y * y).sum();
+        if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        }
+    }
+
+    /// On a CUDA device (skipped without one): every dtype against the CPU reference, bitwise
+    /// repeatable, and a token's logits independent of the batch it is in.
+    #[test]
+    fn matches_cpu_reference_on_device() {
+        let Ok(dev) = CudaDevice::new(0) else {
+            println!("router: no CUDA device, device test skipped");
+            return;
+        };
+        let mut g = crate::synth::Gen::new(3);
+        for &(t, e, h) in &[
+            (0, 5, 8),
+            (1, 1, 1),
+            (7, 5, 13),
+            (37, 16, 64),
+            (300, 61, 33),
+            (5, 256, 2048),
+        ] {
+            let x = crate::synth::random_x(t, h, 7);
+            let xd = dev.upload(&x.to_f32_vec()).unwrap();
+            for dtype in DType::ALL {
+                let w = g.tensor(&[e, h], 0.3).cast(dtype);
+                for with_bias in [false, true] {
+                    let b = g.tensor(&[e], 0.5);
+                    let reference =
+                        crate::cpu::router::router_logits(&x, &w, with_bias.then_some(&b)).unwrap();
+                    let wd = CudaWeights::upload(&dev, &w).unwrap();
+                    let bd = dev.upload(&b.to_f32_vec()).unwrap();
+                    let bias = with_bias.then_some(&bd);
+                    let mut out = dev.upload(&vec![f32::NAN; t * e]).unwrap();
+                    launch(&dev, &xd, t, &wd, bias, &mut out).unwrap();
+                    let got = dev.read(&out, t * e).unwrap();
+                    let err = rel_l2(&got, &reference);
+                    assert!(
+                        err <= 2e-5,
+                        "{dtype} T={t} E={e} H={h} bias={with_bias}: rel L2 {err:e}"
+                    );
+                    launch(&dev, &xd, t, &wd, bias, &mut out).unwrap();
+                    let again = dev.read(&out, t * e).unwrap();
+                    assert!(
+                        got.iter()
+                            .zip(&again)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "repeatable"
+                    );
+                    if t > 1 {
+                        let mut one = dev.upload(&vec![f32::NAN; e]).unwrap();
+                        let x1 = dev.upload(&x.to_f32_vec()[(t - 1) * h..]).unwrap();
+                        launch(&dev, &x1, 1, &wd, bias, &mut one).unwrap();
+                        let one = dev.read(&one, e).unwrap();
+                        let last = &got[(t - 1) * e..];
+                        assert!(
+                            one.iter()
+                                .zip(last)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "batch-independent"
+                        );
+                    }
+                }
+            }
+        }
+        println!("router: device test ran on {}", dev.name);
+    }
 }

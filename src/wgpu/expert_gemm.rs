@@ -211,7 +211,7 @@ pub fn encode(
             ),
         ));
     }
-    if x_rows.len < rows * h || y.len < rows * h {
+    if x_rows.len < rows.saturating_mul(h) || y.len < rows.saturating_mul(h) {
         return Err(Error::shape(
             st,
             format!(
@@ -223,8 +223,8 @@ pub fn encode(
     if rows == 0 || h == 0 {
         return Ok(());
     }
-    let max_elems = rows.checked_mul(h.max(f)).unwrap_or(usize::MAX);
-    if max_elems > u32::MAX as usize || e * h.max(f) > u32::MAX as usize {
+    let max_elems = rows.saturating_mul(h.max(f));
+    if max_elems > u32::MAX as usize || e.saturating_mul(h.max(f)) > u32::MAX as usize {
         return Err(gpu_err(format!(
             "expert GEMM of {rows} rows, E = {e}, H = {h}, F = {f} exceeds 32-bit indexing"
         )));
@@ -337,4 +337,163 @@ pub fn encode(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The chunked path (chunks starting mid-expert), multi-tile shapes, bitwise invariance of a
+    //! row's result to chunking and to the rest of its batch, and F = 0.
+
+    use super::*;
+    use crate::config::ClampedSwiglu;
+    use crate::cpu::expert_gemm::expert_ffn;
+    use crate::synth::Gen;
+    use crate::tensor::DType;
+
+    const ACTS: [Activation; 5] = [
+        Activation::Swiglu,
+        Activation::Geglu,
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::ClampedSwiglu(ClampedSwiglu {
+            alpha: 1.702,
+            limit: 7.0,
+        }),
+    ];
+
+    fn device() -> Option<WgpuDevice> {
+        match WgpuDevice::new() {
+            Ok(d) => Some(d),
+            Err(err) => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "CI needs a wgpu adapter: {err}"
+                );
+                println!("wgpu expert GEMM unit tests skipped: {err}");
+                None
+            }
+        }
+    }
+
+    fn weights(
+        g: &mut Gen,
+        (e, f, h): (usize, usize, usize),
+        act: Activation,
+        dtype: DType,
+    ) -> ExpertWeights {
+        let mut t = |shape: &[usize], s: f32| g.tensor(shape, s).cast(dtype);
+        ExpertWeights {
+            gate: act.is_gated().then(|| t(&[e, f, h], 0.3)),
+            up: t(&[e, f, h], 0.3),
+            down: t(&[e, h, f], 0.2),
+            gate_bias: act.is_gated().then(|| t(&[e, f], 0.1)),
+            up_bias: Some(t(&[e, f], 0.1)),
+            down_bias: Some(t(&[e, h], 0.1)),
+        }
+    }
+
+    /// `y` for `x` (poisoned with NaN before the launch).
+    fn run(
+        dev: &WgpuDevice,
+        w: &GpuExperts,
+        x: &[f32],
+        offsets: &[u32],
+        act: Activation,
+    ) -> Vec<f32> {
+        let h = w.dims.hidden;
+        let rows = x.len() / h;
+        let xb = dev.upload(x, "x");
+        let ob = dev.upload(offsets, "offsets");
+        let yb = dev.upload(&vec![f32::NAN; rows * h], "y");
+        let mut enc = dev.encoder();
+        encode(dev, &mut enc, &xb, rows, &ob, w, act, &yb).unwrap();
+        dev.submit_and_wait(enc).unwrap();
+        dev.read(&yb).unwrap()
+    }
+
+    fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(&x, y)| (f64::from(x) - y).powi(2))
+            .sum();
+        let den: f64 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    #[test]
+    fn chunked_multi_tile_and_batch_invariant() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(7);
+        let (e, f, h, rows) = (3, 150, 97, 300);
+        // Expert 0: 170 rows (3 row tiles), expert 1: none, expert 2: 90; 40 rows dropped.
+        let offsets = [0u32, 170, 170, 260];
+        let kept = 260;
+        let x = g.uniform(rows * h, 1.0);
+        let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        for act in ACTS {
+            for dtype in DType::ALL {
+                let w = weights(&mut g, (e, f, h), act, dtype);
+                let reference = expert_ffn(&xd, &offsets, &w, act).unwrap();
+                let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                // 61 up / gate rows and 39 down rows per chunk (f32): chunks start mid-expert.
+                let limit = (h * dtype.size() * 61 + 4) as u64;
+                let chunked = GpuExperts::upload_with_limit(&dev, &w, act, Some(limit)).unwrap();
+                assert!(chunked.up.chunks.len() > e && chunked.down.chunks.len() > e);
+                let y = run(&dev, &whole, &x, &offsets, act);
+                let err = rel_l2(&y[..kept * h], &reference[..kept * h]);
+                println!("{act:?} {dtype}: rel L2 {err:.2e}");
+                assert!(err <= 2e-5, "{act:?} {dtype}: rel L2 {err:e}");
+                let yc = run(&dev, &chunked, &x, &offsets, act);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&y[..kept * h]),
+                    bits(&yc[..kept * h]),
+                    "{act:?} {dtype}: chunking changed bits"
+                );
+                // Expert 2's rows alone in a batch of their own: bitwise the same results.
+                let alone = run(&dev, &whole, &x[170 * h..260 * h], &[0, 0, 0, 90], act);
+                assert_eq!(
+                    bits(&y[170 * h..260 * h]),
+                    bits(&alone),
+                    "{act:?} {dtype}: batch changed bits"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_ffn_gives_the_down_bias() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(8);
+        let (e, f, h) = (2, 0, 5);
+        let w = weights(&mut g, (e, f, h), Activation::Relu, DType::F32);
+        let x = g.uniform(4 * h, 1.0);
+        let offsets = [0u32, 1, 4];
+        let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let reference = expert_ffn(&xd, &offsets, &w, Activation::Relu).unwrap();
+        let gw = GpuExperts::upload(&dev, &w, Activation::Relu).unwrap();
+        let y = run(&dev, &gw, &x, &offsets, Activation::Relu);
+        assert!(rel_l2(&y, &reference) <= 1e-7);
+    }
+
+    #[test]
+    fn gelu_tails() {
+        // Inputs wide enough that the pre-activations reach |v| > 14 (Φ is 0 or 1 in f32).
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(9);
+        let (e, f, h, rows) = (2, 70, 40, 50);
+        let offsets = [0u32, 20, 50];
+        let x = g.uniform(rows * h, 12.0);
+        let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        for act in [Activation::Gelu, Activation::Geglu] {
+            let w = weights(&mut g, (e, f, h), act, DType::F32);
+            let reference = expert_ffn(&xd, &offsets, &w, act).unwrap();
+            let gw = GpuExperts::upload(&dev, &w, act).unwrap();
+            let y = run(&dev, &gw, &x, &offsets, act);
+            let err = rel_l2(&y, &reference);
+            println!("{act:?} wide inputs: rel L2 {err:.2e}");
+            assert!(err <= 2e-5, "{act:?}: {err:e}");
+        }
+    }
 }

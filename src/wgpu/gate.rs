@@ -100,6 +100,51 @@ struct Params {
     _pad: [u32; 3],
 }
 
+/// lavapipe (llvmpipe) ends a shader invocation after this many loop iterations, counted over
+/// all its loops together (`LP_MAX_TGSI_LOOP_ITERATIONS` in Mesa's gallivm): past it the
+/// results would be silently wrong, so such launches are refused there.
+const LAVAPIPE_LOOP_LIMIT: usize = 65535;
+
+/// An upper bound on the loop iterations of one invocation, over the passes of this launch
+/// (mirrors the loops of gate.wgsl).
+fn loop_iterations(
+    (tokens, experts, slots): (usize, usize, usize),
+    (groups, group_size): (usize, usize),
+    mode: u32,
+    by_top1: bool,
+    use_rank: bool,
+) -> usize {
+    let wg = WG as usize;
+    let per_inv = experts.div_ceil(wg);
+    let trees = 2 * 6 + 12;
+    let grouping = groups.div_ceil(wg) * (group_size + groups);
+    let picking = if use_rank {
+        per_inv * (experts / 4 + 4)
+    } else {
+        slots * (per_inv + 7)
+    };
+    let select = 3 * per_inv + trees + grouping + picking + 6 * slots;
+    let blocks = tokens.div_ceil(BLOCK);
+    let mut most = select;
+    match mode {
+        MODE_EXPERT_CHOICE => {
+            most = most.max(65 * (tokens.div_ceil(wg) + 7)).max(3 * slots);
+        }
+        _ => {
+            let counting = BLOCK / wg + per_inv * BLOCK;
+            let scan = wg + 2 * (slots * blocks).div_ceil(wg);
+            most = most.max(counting).max(scan);
+            if mode == MODE_CAPACITY {
+                most = most.max(BLOCK / wg * (BLOCK + 1)).max(2 * slots);
+                if by_top1 {
+                    most = most.max(tokens.div_ceil(wg) * (wg + 1));
+                }
+            }
+        }
+    }
+    most
+}
+
 fn too_large(what: &str) -> Error {
     Error::shape(
         Stage::Gate,
@@ -165,7 +210,7 @@ fn encode_with(
     expect("counts", out.counts.len, experts)?;
 
     let (groups, keep) = cfg.groups.map_or((0, 0), |g| (g.count, g.keep));
-    let group_size = if groups == 0 { 0 } else { experts / groups };
+    let group_size = experts.checked_div(groups).unwrap_or(0);
     let row_len = experts + 2 * groups;
     let use_global = force_global || row_len > CACHE;
 
@@ -186,6 +231,25 @@ fn encode_with(
     // reduction (about 12 barrier steps each).
     let per_inv = experts.div_ceil(WG as usize);
     let use_rank = experts * per_inv <= slots * (per_inv + 12);
+
+    if dev.info.name.contains("llvmpipe") {
+        let most = loop_iterations(
+            (tokens, experts, slots),
+            (groups, group_size),
+            mode,
+            by_top1,
+            use_rank,
+        );
+        if most > LAVAPIPE_LOOP_LIMIT {
+            return Err(Error::shape(
+                Stage::Gate,
+                format!(
+                    "T = {tokens}, E = {experts}, {slots} slots needs up to {most} loop iterations \
+                     in one invocation; lavapipe stops an invocation after {LAVAPIPE_LOOP_LIMIT}"
+                ),
+            ));
+        }
+    }
 
     // Scratch regions, in u32 words.
     let mut len = 0usize;
@@ -324,4 +388,270 @@ fn encode_with(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Paths the shape sweep of tests/gate.rs does not reach: the scratch-buffer row (E + 2G
+    //! beyond the workgroup cache, forced here at small E and reached for real at E = 3000),
+    //! a token grid beyond 65535 workgroups in x, and a token's routing not depending on its
+    //! batch without capacity.
+
+    use super::*;
+    use crate::config::{Capacity, ExpertChoice, Groups};
+    use crate::cpu::gate::{gate, Routing};
+    use crate::synth::Gen;
+
+    fn device() -> Option<WgpuDevice> {
+        match WgpuDevice::new() {
+            Ok(d) => Some(d),
+            Err(err) => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "CI needs a wgpu adapter: {err}"
+                );
+                println!("wgpu gate unit tests skipped: {err}");
+                None
+            }
+        }
+    }
+
+    /// Logits `[T, E]` with each token's values at least `gap` apart (a random permutation of
+    /// a per-token spacing in [gap, 1.25 gap) plus a per-token offset), so neither a pick nor
+    /// a comparison across tokens is a near-tie.
+    fn logits(g: &mut Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
+        let mut out = Vec::with_capacity(t * e);
+        for _ in 0..t {
+            let mut ranks: Vec<usize> = (0..e).collect();
+            for i in (1..e).rev() {
+                let j = g.below(0, i + 1);
+                ranks.swap(i, j);
+            }
+            let offset = g.uniform(1, 2.0)[0];
+            let step = gap * (1.125 + g.uniform(1, 0.125)[0]);
+            out.extend(
+                ranks
+                    .iter()
+                    .map(|&r| offset + step * (r as f32 - e as f32 / 2.0)),
+            );
+        }
+        out
+    }
+
+    /// The gate on the device, outputs poisoned first: (ids, weights, kept, counts).
+    fn run(
+        dev: &WgpuDevice,
+        l: &[f32],
+        (t, e): (usize, usize),
+        bias: Option<&[f32]>,
+        cfg: &RoutingConfig,
+        force_global: bool,
+    ) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>) {
+        let n = t * cfg.slots(e);
+        let lb = dev.upload(l, "logits");
+        let bb = bias.map(|b| dev.upload(b, "bias"));
+        let out = GateGpu {
+            topk_ids: dev.upload(&vec![u32::MAX; n], "ids"),
+            topk_weights: dev.upload(&vec![f32::NAN; n], "weights"),
+            kept: dev.upload(&vec![7u32; n], "kept"),
+            counts: dev.upload(&vec![u32::MAX; e], "counts"),
+        };
+        let mut enc = dev.encoder();
+        encode_with(
+            dev,
+            &mut enc,
+            (&lb, t, e),
+            bb.as_ref(),
+            cfg,
+            &out,
+            force_global,
+        )
+        .unwrap();
+        dev.submit_and_wait(enc).unwrap();
+        (
+            dev.read(&out.topk_ids).unwrap(),
+            dev.read(&out.topk_weights).unwrap(),
+            dev.read(&out.kept).unwrap(),
+            dev.read(&out.counts).unwrap(),
+        )
+    }
+
+    fn check(got: &(Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>), want: &Routing, ctx: &str) {
+        assert_eq!(got.0, want.topk_ids, "{ctx}: ids");
+        let kept: Vec<bool> = got.2.iter().map(|&k| k == 1).collect();
+        assert_eq!(kept, want.kept, "{ctx}: kept");
+        assert_eq!(got.3, want.counts, "{ctx}: counts");
+        let num: f64 = got
+            .1
+            .iter()
+            .zip(&want.topk_weights)
+            .map(|(&a, b)| (f64::from(a) - b).powi(2))
+            .sum();
+        let den: f64 = want.topk_weights.iter().map(|b| b * b).sum();
+        let err = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+        assert!(err <= 2e-6, "{ctx}: weights rel L2 {err:e}");
+    }
+
+    fn compare(
+        dev: &WgpuDevice,
+        (t, e): (usize, usize),
+        cfg: &RoutingConfig,
+        force_global: bool,
+        seed: u64,
+        gap: f32,
+    ) {
+        let mut g = Gen::new(seed);
+        let l = logits(&mut g, t, e, gap);
+        let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
+        let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let want = gate(&wide(&l), t, e, bias.as_deref().map(wide).as_deref(), cfg).unwrap();
+        let got = run(dev, &l, (t, e), bias.as_deref(), cfg, force_global);
+        check(
+            &got,
+            &want,
+            &format!("T={t} E={e} {cfg:?} global={force_global}"),
+        );
+    }
+
+    fn variants(k: usize) -> Vec<RoutingConfig> {
+        let base = RoutingConfig {
+            top_k: k,
+            ..RoutingConfig::default()
+        };
+        vec![
+            base,
+            RoutingConfig {
+                scoring: Scoring::Sigmoid,
+                groups: Some(Groups { count: 4, keep: 2 }),
+                scale: 2.5,
+                ..base
+            },
+            RoutingConfig {
+                scoring: Scoring::Logits,
+                combine: Combine::SoftmaxSelected,
+                renormalize: false,
+                ..base
+            },
+            RoutingConfig {
+                capacity: Some(Capacity::Fraction(0.2)),
+                priority: Priority::Top1Score,
+                ..base
+            },
+            RoutingConfig {
+                expert_choice: Some(ExpertChoice {
+                    capacity_factor: 1.5,
+                }),
+                ..base
+            },
+        ]
+    }
+
+    #[test]
+    fn scratch_rows_match_the_reference() {
+        let Some(dev) = device() else { return };
+        for (e, k) in [(4, 1), (16, 4), (64, 8)] {
+            for cfg in variants(k) {
+                compare(&dev, (37, e), &cfg, true, 5, 0.05);
+            }
+        }
+    }
+
+    #[test]
+    fn more_experts_than_the_workgroup_cache() {
+        let Some(dev) = device() else { return };
+        for cfg in variants(8) {
+            compare(&dev, (5, 3000), &cfg, false, 6, 0.005);
+        }
+    }
+
+    #[test]
+    fn more_tokens_than_one_grid_dimension() {
+        let Some(dev) = device() else { return };
+        let t = dev.limits.max_compute_workgroups_per_dimension as usize + 100;
+        let base = RoutingConfig {
+            top_k: 2,
+            ..RoutingConfig::default()
+        };
+        compare(&dev, (t, 4), &base, false, 7, 0.05);
+        let cap = RoutingConfig {
+            capacity: Some(Capacity::Factor(1.0)),
+            ..base
+        };
+        compare(&dev, (t, 4), &cap, false, 8, 0.05);
+    }
+
+    #[test]
+    fn nan_and_infinite_logits_follow_the_reference() {
+        let Some(dev) = device() else { return };
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        // One row each: a NaN, an infinite maximum, all -inf, a -inf among numbers, all NaN,
+        // signed zeros (equal: ties to the lower index).
+        let rows: [[f32; 4]; 6] = [
+            [0.0, nan, 2.0, 1.0],
+            [0.5, inf, -1.0, 2.0],
+            [-inf, -inf, -inf, -inf],
+            [1.0, -inf, 0.5, 2.0],
+            [nan, nan, nan, nan],
+            [-0.0, 0.0, -1.0, -0.0],
+        ];
+        let l: Vec<f32> = rows.iter().flatten().copied().collect();
+        let wide: Vec<f64> = l.iter().map(|&x| f64::from(x)).collect();
+        for scoring in [Scoring::Softmax, Scoring::Sigmoid, Scoring::Logits] {
+            for combine in [Combine::Score, Combine::SoftmaxSelected] {
+                let cfg = RoutingConfig {
+                    top_k: 3,
+                    scoring,
+                    combine,
+                    ..RoutingConfig::default()
+                };
+                let want = gate(&wide, 6, 4, None, &cfg).unwrap();
+                let got = run(&dev, &l, (6, 4), None, &cfg, false);
+                let ctx = format!("{scoring:?} {combine:?}");
+                assert_eq!(got.0, want.topk_ids, "{ctx}: ids");
+                assert_eq!(got.3, want.counts, "{ctx}: counts");
+                for (i, (&a, &b)) in got.1.iter().zip(&want.topk_weights).enumerate() {
+                    let same = (a.is_nan() && b.is_nan())
+                        || (f64::from(a) - b).abs() <= 1e-6 * b.abs().max(1.0);
+                    assert!(same, "{ctx}: weight {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lavapipe_refuses_launches_past_its_loop_limit() {
+        let Some(dev) = device() else { return };
+        if !dev.info.name.contains("llvmpipe") {
+            return;
+        }
+        // The priority pass compares every token with every other: T iterations each.
+        let (t, e) = (70_000, 2);
+        let cfg = RoutingConfig {
+            top_k: 1,
+            capacity: Some(Capacity::Tokens(4)),
+            priority: Priority::Top1Score,
+            ..RoutingConfig::default()
+        };
+        let lb = dev.upload(&vec![0.5f32; t * e], "logits");
+        let out = GateGpu::alloc(&dev, t, 1, e).unwrap();
+        let mut enc = dev.encoder();
+        let err = encode(&dev, &mut enc, &lb, t, e, None, &cfg, &out).unwrap_err();
+        assert!(err.to_string().contains("lavapipe"), "{err}");
+    }
+
+    #[test]
+    fn a_token_does_not_depend_on_its_batch_without_capacity() {
+        let Some(dev) = device() else { return };
+        let (t, e) = (300, 61);
+        let cfg = RoutingConfig {
+            top_k: 6,
+            ..RoutingConfig::default()
+        };
+        let l = logits(&mut Gen::new(9), t, e, 0.05);
+        let all = run(&dev, &l, (t, e), None, &cfg, false);
+        let one = run(&dev, &l[100 * e..101 * e], (1, e), None, &cfg, false);
+        assert_eq!(one.0, all.0[600..606]);
+        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&one.1), bits(&all.1[600..606]), "bitwise weights");
+    }
 }

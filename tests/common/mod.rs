@@ -91,8 +91,8 @@ pub fn wide(v: &[f32]) -> Vec<f64> {
 }
 
 /// Logits `[T, E]` whose ranked values are at least `gap` apart within each token, so that
-/// f32 rounding can never flip a pick: a random permutation of `0, gap, 2·gap, …` plus a
-/// per-token offset.
+/// f32 rounding can never flip a pick: a random permutation of `0, s, 2·s, …` (s a per-token
+/// spacing in [gap, 1.25·gap]) plus a per-token offset.
 pub fn separated_logits(g: &mut moe_kernels::synth::Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(t * e);
     for _ in 0..t {
@@ -102,10 +102,14 @@ pub fn separated_logits(g: &mut moe_kernels::synth::Gen, t: usize, e: usize, gap
             ranks.swap(i, j);
         }
         let offset = g.uniform(1, 2.0)[0];
+        // A spacing of its own per token (in [gap, 1.25 gap]): softmax cancels the offset, so
+        // equal spacings would give every token the same scores and tie tokens against each
+        // other (top-1 priority, expert choice) below f32 resolution.
+        let step = gap * (1.125 + g.uniform(1, 0.125)[0]);
         out.extend(
             ranks
                 .iter()
-                .map(|&r| offset + gap * (r as f32 - e as f32 / 2.0)),
+                .map(|&r| offset + step * (r as f32 - e as f32 / 2.0)),
         );
     }
     out
