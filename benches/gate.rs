@@ -34,6 +34,7 @@ fn bench(c: &mut Criterion) {
                 cfg: &routing,
                 tokens: t,
                 experts: e,
+                in_layer: Some((&layer, &p.x, moe_kernels::Stage::Gate)),
             };
             case.bench(&mut group, common::GPT4_NAME);
         }
@@ -49,6 +50,7 @@ fn bench(c: &mut Criterion) {
             cfg: &cfg,
             tokens: t,
             experts: e,
+            in_layer: None,
         };
         case.bench(&mut group, common::DEEPSEEK_NAME);
     }
@@ -63,6 +65,8 @@ struct Case<'a> {
     cfg: &'a RoutingConfig,
     tokens: usize,
     experts: usize,
+    /// The layer and input this gate runs inside, for device timing on GPU backends.
+    in_layer: common::InLayer<'a>,
 }
 
 impl Case<'_> {
@@ -82,7 +86,7 @@ impl Case<'_> {
         )));
         let id = BenchmarkId::new(format!("{}/{name}", dev.kind()), format!("T{t}"));
         group.bench_function(id, |b| {
-            b.iter_custom(|iters| common::time_stage(dev, iters, || run(&mut out)))
+            b.iter_custom(|iters| common::time_stage(dev, iters, self.in_layer, || run(&mut out)))
         });
         black_box(&out);
     }

@@ -8,6 +8,7 @@ mod common;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use moe_kernels::Stage;
 
 fn bench(c: &mut Criterion) {
     let devs = common::backends("router");
@@ -32,7 +33,7 @@ fn bench(c: &mut Criterion) {
                 format!("T{t}"),
             );
             group.bench_function(id, |b| {
-                b.iter_custom(|iters| common::time_stage(dev, iters, || run(&mut logits)))
+                b.iter_custom(|iters| common::time_stage(dev, iters, Some((&layer, &x, Stage::Router)), || run(&mut logits)))
             });
             black_box(&logits);
         }

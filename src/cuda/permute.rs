@@ -113,11 +113,23 @@ pub fn launch(
     let e_u = to_u32("experts", experts, MAX_INDEX)?;
     let m_u = to_u32("(E + 1) x chunks", m, MAX_INDEX)?;
     let nb_u = nb as u32;
+    // The gather's width picks the module (kernels 1-3 are the same in both variants).
+    let (name, vec) = if hidden % 4 == 0 {
+        WIDTHS[1]
+    } else {
+        WIDTHS[0]
+    };
+    let variant = format!("permute.{name}");
+    let cols = hidden / vec;
+    let bs = crate::cuda::combine::block_for(cols);
+    let gy = to_u32("blocks per row", cols.div_ceil(bs), 65_535)?;
+    let s_u = to_u32("slots", slots, u32::MAX as usize)?;
+    let h_u = to_u32("hidden", hidden, u32::MAX as usize)?;
 
     // The count table, every cell written by permute_count before it is read.
     let mut cells = dev.alloc::<u32>(m)?;
 
-    let func = dev.function(Stage::Permute, "permute.x1", "permute_count")?;
+    let func = dev.function(Stage::Permute, &variant, "permute_count")?;
     let mut b = dev.stream.launch_builder(&func);
     b.arg(&gate.topk_ids)
         .arg(&gate.kept)
@@ -134,7 +146,7 @@ pub fn launch(
     // experts, nb (u32); lengths checked above, M = (E + 1) · NB < 2^31; grid (NB) × 256.
     drv(unsafe { b.launch(cfg) }, "launching permute_count")?;
 
-    let func = dev.function(Stage::Permute, "permute.x1", "permute_scan")?;
+    let func = dev.function(Stage::Permute, &variant, "permute_scan")?;
     let mut b = dev.stream.launch_builder(&func);
     b.arg(&mut cells)
         .arg(&mut out.expert_offsets)
@@ -149,7 +161,7 @@ pub fn launch(
     // offsets_ptr (u32 [E + 1], length checked), m, nb (u32); one block of 1024 threads.
     drv(unsafe { b.launch(cfg) }, "launching permute_scan")?;
 
-    let func = dev.function(Stage::Permute, "permute.x1", "permute_place")?;
+    let func = dev.function(Stage::Permute, &variant, "permute_place")?;
     let mut b = dev.stream.launch_builder(&func);
     b.arg(&gate.topk_ids).arg(&gate.kept).arg(&cells);
     b.arg(&mut out.sorted_assignment)
@@ -168,17 +180,7 @@ pub fn launch(
     if hidden == 0 {
         return Ok(());
     }
-    let (name, vec) = if hidden % 4 == 0 {
-        WIDTHS[1]
-    } else {
-        WIDTHS[0]
-    };
-    let cols = hidden / vec;
-    let bs = crate::cuda::combine::block_for(cols);
-    let gy = to_u32("blocks per row", cols.div_ceil(bs), 65_535)?;
-    let s_u = to_u32("slots", slots, u32::MAX as usize)?;
-    let h_u = to_u32("hidden", hidden, u32::MAX as usize)?;
-    let func = dev.function(Stage::Permute, &format!("permute.{name}"), "permute_gather")?;
+    let func = dev.function(Stage::Permute, &variant, "permute_gather")?;
     let mut b = dev.stream.launch_builder(&func);
     b.arg(x)
         .arg(&out.sorted_assignment)
