@@ -22,8 +22,9 @@ import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except Exception: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and m["target"]["kind"] in (["test"], ["lib"]):
+        name = "lib" if m["target"]["kind"] == ["lib"] else m["target"]["name"]
+        print(name, m["executable"])
 ' | while read -r name exe; do cp "$exe" "device-bin/bin/test-$name"; done
   cargo bench --no-run --message-format=json 2>/dev/null \
     | python3 -c '
@@ -63,8 +64,17 @@ export CARGO_MANIFEST_DIR="$PWD"
 declare -a TABLE
 row() { TABLE+=("$(printf '%-34s %s' "$1" "$2")"); }
 
+# The whole run stays inside DC_BUDGET seconds (the device call's own limit is larger): a step
+# gets at most what is left, and steps past the budget are skipped, not started.
+DC_BUDGET="${DC_BUDGET:-420}"
 step() { # name, timeout seconds, command...
   local name="$1" t="$2"; shift 2
+  local left=$((DC_BUDGET - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    row "$name" "skipped (budget spent)"
+    return 0
+  fi
+  [ "$t" -gt "$left" ] && t=$left
   local start=$SECONDS
   echo "=== $name: $*" | tee -a "$LOG"
   timeout "$t" "$@" >"$L/$name.log" 2>&1
@@ -77,32 +87,31 @@ step() { # name, timeout seconds, command...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG" 2>&1
-step info 60 "$B/moe" info
-step demo-cuda 120 "$B/moe" demo --backend cuda
-# Every test binary on CUDA (and wgpu, if NVIDIA's Vulkan driver is found) plus the CPU.
+# Most important first: the whole run must fit one call (the order is the priority).
+step info 30 "$B/moe" info
+step demo-cuda 60 "$B/moe" demo --backend cuda
+step demo-wgpu 60 "$B/moe" demo --backend wgpu
+# Every test binary: CPU, CUDA and (with NVIDIA's Vulkan driver) wgpu.
 for t in "$B"/test-*; do
-  n=$(basename "$t")
-  step "$n" 300 "$t" --test-threads=4
-done
-# compute-sanitizer on the stage tests (CUDA runs them; memcheck and racecheck).
-for tool in memcheck racecheck; do
-  for s in router gate permute combine expert_gemm cuda_graph; do
-    [ -x "$B/test-$s" ] || continue
-    step "san-$tool-$s" 300 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-$s" --test-threads=1
-  done
-done
-# Short benches.
-for b in "$B"/bench-*; do
-  step "$(basename "$b")" 240 "$b" --bench --warm-up-time 0.3 --measurement-time 1 --noplot
+  step "$(basename "$t")" 60 "$t" --test-threads=8
 done
 # Ours and the PyTorch peers on the same card, then one comparison table.
-step bench-cuda 300 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3,qwen3_30b_a3b --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --json
+step bench-cuda 150 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3,qwen3_30b_a3b --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --json
 grep '^{' "$L/bench-cuda.log" >"$OUT/ours.jsonl"
 if [ -f bench/peers.py ]; then
-  step peers 300 python3 bench/peers.py --out "$OUT/peers.jsonl"
-  step compare 60 python3 bench/compare.py "$OUT/ours.jsonl" "$OUT/peers.jsonl"
+  step peers 150 python3 bench/peers.py --out "$OUT/peers.jsonl" --budget-s 120
+  step compare 30 python3 bench/compare.py "$OUT/ours.jsonl" "$OUT/peers.jsonl"
   cp "$L/compare.log" "$OUT/compare.txt"
 fi
+step bench-f32-cuda 90 "$B/moe" bench --backend cuda --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1
+step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1
+# compute-sanitizer on the CUDA unit tests and two stage tests.
+for tool in memcheck racecheck; do
+  step "san-$tool-lib" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-lib" cuda:: --test-threads=1
+  for s in gate permute; do
+    step "san-$tool-$s" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-$s" --test-threads=1
+  done
+done
 tar -C /tmp -czf "$OUT/logs.tgz" dc-logs
 echo
 echo "==== device-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null))"
