@@ -25,16 +25,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and m["target"]["kind"] in (["test"], ["lib"]):
         name = "lib" if m["target"]["kind"] == ["lib"] else m["target"]["name"]
         print(name, m["executable"])
-' | while read -r name exe; do cp "$exe" "device-bin/bin/test-$name"; done
-  cargo bench --no-run --message-format=json 2>/dev/null \
-    | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except Exception: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
-        print(m["target"]["name"], m["executable"])
-' | while read -r name exe; do cp "$exe" "device-bin/bin/bench-$name"; done
+'  | grep -v -E '^(cli|config|environment) ' \
+    | while read -r name exe; do cp "$exe" "device-bin/bin/test-$name"; done
   cargo build --release --bin moe
   cp target/release/moe device-bin/bin/moe
   strip device-bin/bin/* 2>/dev/null || true
@@ -58,7 +50,8 @@ if ls .gl/*.deb >/dev/null 2>&1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
 fi
-export VK_DRIVER_FILES="${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}"
+ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$ICD" ] && export VK_DRIVER_FILES="${VK_DRIVER_FILES:-$ICD}" __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 export XDG_RUNTIME_DIR=/tmp/xdg && mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
 export CARGO_MANIFEST_DIR="$PWD"
 declare -a TABLE

@@ -19,8 +19,11 @@ struct Expected {
     weights: Vec<f64>,
 }
 
+/// The fixtures folder: `CARGO_MANIFEST_DIR` at run time when set (test binaries carried to
+/// another machine, e.g. by scripts/device-check.sh), else where the crate was built.
 fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    Path::new(&root).join("tests/fixtures")
 }
 
 /// Every case name (the stem of each `*.config.json`).

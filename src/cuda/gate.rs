@@ -203,12 +203,8 @@ pub fn launch(
             lc.shared_mem_bytes = (warps * per_warp) as u32;
         }
         let null = 0u64;
-        let (groups, keep, group_size, lanes) = (
-            g_count as u32,
-            g_keep as u32,
-            g_size as u32,
-            g_lanes as u32,
-        );
+        let (groups, keep, group_size, lanes) =
+            (g_count as u32, g_keep as u32, g_size as u32, g_lanes as u32);
         let mut b = dev.stream.launch_builder(&func);
         b.arg(logits);
         match bias {
