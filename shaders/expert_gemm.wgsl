@@ -10,7 +10,13 @@
 //   GELU is exact: x·Φ(x) with Φ from an erf/erfc evaluation (`phi` below, ≤ 5e-7 relative in
 //   f32 arithmetic with correctly rounded exp, ~1e-7 typical).
 //
-// Both entry points run the same tiled GEMM `out[r, n] = epilogue(Σ_k a[r, k] · W[row(e, n), k])`
+// Entry points: expert_up / expert_down (the tiled GEMM below, any row count) and, for at most
+// RB_M = 32 rows in all (decode and small batches; chosen on the host), expert_up_rows /
+// expert_down_rows (scalar weight words) and expert_up_rows_x4 / expert_down_rows_x4 (128-bit
+// weight words; only when a weight row is a multiple of 4 words: K % 4 = 0 for f32, K % 8 = 0
+// for f16 / bf16). All six compute every output with the same arithmetic (see Determinism).
+//
+// Every entry point runs the same GEMM `out[r, n] = epilogue(Σ_k a[r, k] · W[row(e, n), k])`
 // with the weight rows of expert e at e·N .. e·N + N of the flattened [E·N, K] weight view:
 //                 a        K   N   W (rows of the flattened view)       out
 //   expert_up     x [rows,H]  H   F   Wu / Wg  [E·F, H]                   h [rows, F]
@@ -20,7 +26,8 @@
 // chunk covers every (expert, column) pair whose weight row lies in that chunk, indexing the
 // chunk with chunk-relative rows (e·N + n − chunk_first).
 //
-// Parameters (bindings of group 0, in order; the same for both entry points):
+// Parameters (bindings of group 0; expert_up / expert_down and the *_rows entry points use
+// 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9):
 //   0 p        uniform             GemmParams (below)
 //   1 offsets  storage read        u32 [E + 1]  expert_offsets (on the device, never read by the host)
 //   2 a        storage read        f32 [rows, K]  x_perm (expert_up) or h (expert_down)
@@ -32,10 +39,13 @@
 //   5 bias_b   storage read        f32 [E·N]  bu or bd (a 1-element dummy when has_bias bit 0 is 0)
 //   6 bias_g   storage read        f32 [E·F]  bg (a 1-element dummy when has_bias bit 1 is 0)
 //   7 out      storage read_write  f32 [rows, N]  h (expert_up) or y (expert_down)
+//   8 w4_b     storage read        vec4<u32> view of the words of binding 3 (*_rows_x4 only)
+//   9 w4_g     storage read        vec4<u32> view of the words of binding 4 (*_rows_x4 only;
+//                                  a 4-word dummy when not gated)
 // Overrides: W_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu, 2 geglu, 3 relu,
 //   4 gelu, 5 clamped_swiglu (alpha and limit in p).
 //
-// Launch (both entry points, one dispatch per weight chunk holding ≥ 1 row):
+// Launch of expert_up / expert_down (one dispatch per weight chunk holding ≥ 1 row):
 //   workgroup_size 256 = 16 × 16 invocations, each computing a 4 × 4 block of outputs
 //   (4 × (4 + 4) for gated expert_up: the gate and up values of the same 4 × 4 block).
 //   Tile BM = 64 rows × BN = 64 columns, BK = 16 deep.
@@ -47,11 +57,24 @@
 //   with e_first = chunk_first / N, e_count = (chunk_first + chunk_rows − 1) / N − e_first + 1.
 //   Workgroup x maps to (expert, row tile) by scanning offsets[e_first .. e_first + e_count]:
 //   row tiles of expert e_first first, then e_first + 1, …
-// Workgroup memory: three tiles of 64 rows × (16 + 4) f32 (padded against bank conflicts) =
-//   3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B (≤ 32 KiB).
+// Launch of the *_rows and *_rows_x4 entry points (rows ≤ 32; one dispatch per weight chunk
+//   holding ≥ 1 row):
+//   workgroup_size 256; a workgroup computes all (≤ 32) rows of one expert for RB_N = 32
+//   columns, k in blocks of RB_K = 64 (details above the small-path code).
+//   grid.x = e_count                        (expert e_first + x; experts without rows exit)
+//   grid.y = ceil(min(N, chunk_rows) / 32)  (column blocks of one expert inside the chunk;
+//                                            blocks past the expert's part of the chunk exit)
+//   grid.z = 1
+// Workgroup memory: expert_up / expert_down: three tiles of 64 rows × (16 + 4) f32 (padded
+//   against bank conflicts) = 3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B.
+//   *_rows: three tiles of 32 rows × (64 + 4) f32 = 3 × 8704 B = 26 112 B, plus 16 B of job
+//   info: 26 128 B. Both ≤ 32 KiB.
 // Determinism: every output is one f32 accumulator summed over k = 0, 1, …, K − 1 in order with
-//   fma (no split-K), then + bias, then the activation: the result of a row does not depend on
-//   the other rows, the tile it lands in, the chunking of the weights or the batch size.
+//   fma (no split-K; then k = K .. ceil(K / 16)·16 − 1 with a = w = 0, as the last k tile of
+//   expert_up / expert_down is zero-padded), then + bias, then the activation: the result of a
+//   row does not depend on the other rows, the tile it lands in, the chunking of the weights,
+//   the batch size or which of the entry points computed it. The epilogue's multiply-adds are
+//   explicit fma so that no compiler contraction can differ between the entry points.
 // Target: WGSL core, no extensions; no subgroup operations (any subgroup size).
 
 struct GemmParams {
@@ -105,7 +128,8 @@ fn sigmoid(v: f32) -> f32 {
     return 1.0 / (1.0 + exp(-v));
 }
 
-// Φ(v) = P(N(0,1) ≤ v) = erfc(−v/√2) / 2, to a few f32 ulps.
+// Φ(v) = P(N(0,1) ≤ v) = erfc(−v/√2) / 2, to a few f32 ulps. Every multiply-add is written
+// as fma (a compiler may not contract it differently in different entry points).
 //   |v/√2| < 0.5: Φ = 1/2 + erf(v/√2)/2 with erf's Maclaurin series (8 terms, truncation < 1e-12).
 //   0.5 ≤ z = |v/√2| < 10: erfc(z) = t · exp(−z² + P(s)), t = 1/(1 + z/2), s = (t − c) / r
 //     mapping t ∈ [1/6, 0.8] to [−1, 1]; P is a degree-10 least-squares fit of
@@ -125,12 +149,12 @@ fn phi(v: f32) -> f32 {
         s = fma(s, q, 1.128379167e-01);
         s = fma(s, q, -3.761263890e-01);
         s = fma(s, q, 1.128379167e+00);
-        return 0.5 + 0.5 * (x * s);
+        return fma(0.5, x * s, 0.5);
     }
     if (z >= 10.0) {
         return select(0.0, 1.0, x > 0.0);
     }
-    let t = 1.0 / (1.0 + 0.5 * z);
+    let t = 1.0 / fma(0.5, z, 1.0);
     let s = (t - 4.833333194e-01) * 3.157894850e+00;
     var pl = 1.990926819e-07;
     pl = fma(pl, s, 8.306947166e-06);
@@ -145,8 +169,8 @@ fn phi(v: f32) -> f32 {
     pl = fma(pl, s, -6.941611767e-01);
     let av = abs(v);
     let vh = bitcast<f32>(bitcast<u32>(av) & 0xfffff000u);
-    let e = t * exp(-0.5 * vh * vh) * exp(pl - 0.5 * ((av - vh) * (av + vh)));
-    return select(0.5 * e, 1.0 - 0.5 * e, x > 0.0);
+    let e = t * exp(-0.5 * vh * vh) * exp(fma(-0.5, (av - vh) * (av + vh), pl));
+    return select(0.5 * e, fma(-0.5, e, 1.0), x > 0.0);
 }
 
 fn gelu(v: f32) -> f32 {
@@ -361,4 +385,397 @@ fn expert_up(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 @compute @workgroup_size(256)
 fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     gemm_tile(wid, lid, ACT_NONE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small-batch path (expert_up_rows / expert_down_rows and their _x4 forms): ≤ RB_M = 32 rows in
+// all, so every expert has ≤ 32 rows. A workgroup owns one expert and RB_N = 32 weight rows
+// (output columns) and walks k in blocks of RB_K = 64: the 256 invocations load the
+// [32 × 64] weight block (and the gate block) with coalesced reads — 8 elements each, in _x4
+// as 128-bit vec4<u32> words — and the [rows × 64] block of `a`, two blocks ahead in
+// registers; they stage them in workgroup memory; then invocation (c = lid % 32, s = lid / 32)
+// adds the block into the outputs (rows s, s + 8, s + 16, s + 24; column c), k in order. Every
+// weight element is read from memory once for all rows of its expert.
+// The arithmetic of an output is that of gemm_tile, bit for bit: acc = 0; acc = fma(a[k], w[k],
+// acc) for k = 0 .. ceil(K / 16)·16 − 1 in order (a and w zero past K, as in gemm_tile's last
+// tile), then + bias, then `activate`. So a row gives the same bits on either path.
+
+const RB_M: u32 = 32u;
+const RB_N: u32 = 32u;
+const RB_K: u32 = 64u;
+// Row pitch of a small-path tile in vec4 (RB_K / 4 = 16 used, 1 of padding).
+const RPITCH: u32 = 17u;
+const RTILE_VEC4: u32 = 544u; // 32 rows · RPITCH
+
+// Weight words as 128-bit vectors (the _x4 entry points; bound only when a weight row is a whole
+// number of vec4 words, so that every row starts on one).
+@group(0) @binding(8) var<storage, read> w4_b: array<vec4<u32>>;
+@group(0) @binding(9) var<storage, read> w4_g: array<vec4<u32>>;
+
+// tile[row · RPITCH + k / 4][k % 4]: a rows (ra_s) and weight rows = columns (rb_s, rg_s).
+var<workgroup> ra_s: array<vec4<f32>, RTILE_VEC4>;
+var<workgroup> rb_s: array<vec4<f32>, RTILE_VEC4>;
+var<workgroup> rg_s: array<vec4<f32>, RTILE_VEC4>;
+
+// What a small-path workgroup computes: rows m0 .. m0 + mcount of expert e, its columns
+// n0 .. n0 + ncount (chunk-relative weight rows w_row0 ..); valid = 0: nothing (surplus).
+struct RowsJob {
+    valid: u32,
+    e: u32,
+    m0: u32,
+    mcount: u32,
+    n0: u32,
+    ncount: u32,
+    w_row0: u32,
+    k16: u32, // K rounded up to gemm_tile's BK: the k range both paths accumulate over
+}
+
+// Eight f32 values (elements 0..3 in lo, 4..7 in hi).
+struct V8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// One k block in registers: this invocation's 8 elements of a, of w_b and of w_g.
+struct RowsRegs {
+    a: V8,
+    b: V8,
+    g: V8,
+}
+
+// Accumulators of rows s + 8·j (u: up or down, g: gate), j = 0..3.
+struct RowsAcc {
+    u: vec4<f32>,
+    g: vec4<f32>,
+}
+
+// `v` with element i replaced by x.
+fn v8_set(v: V8, i: u32, x: f32) -> V8 {
+    var r = v;
+    if (i < 4u) {
+        r.lo[i] = x;
+    } else {
+        r.hi[i - 4u] = x;
+    }
+    return r;
+}
+
+fn v8_get(v: V8, i: u32) -> f32 {
+    if (i < 4u) {
+        return v.lo[i];
+    }
+    return v.hi[i - 4u];
+}
+
+// Must be called in uniform control flow (workgroupUniformLoad). Workgroup (x, y) = (expert
+// e_first + x, column block y of that expert's part of the chunk).
+fn rows_job(wid: vec3<u32>, lid: u32) -> RowsJob {
+    let e = p.e_first + wid.x;
+    if (lid == 0u) {
+        var info = vec4<u32>(0u);
+        if (wid.x < p.e_count) {
+            let lo = min(offsets[e], p.rows);
+            let hi = min(offsets[e + 1u], p.rows);
+            if (hi > lo) {
+                info = vec4<u32>(lo, min(hi - lo, RB_M), 1u, 0u);
+            }
+        }
+        tile_info = info;
+    }
+    let info = workgroupUniformLoad(&tile_info);
+    var j = RowsJob(0u, e, info.x, info.y, 0u, 0u, 0u, 0u);
+    let n = p.n_dim;
+    let e_row = e * n;
+    let n_lo = max(e_row, p.chunk_first) - e_row;
+    let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
+    let n0 = n_lo + wid.y * RB_N;
+    if (info.z == 0u || n0 >= n_hi) {
+        return j;
+    }
+    j.valid = 1u;
+    j.n0 = n0;
+    j.ncount = min(RB_N, n_hi - n0);
+    j.w_row0 = e_row + n0 - p.chunk_first;
+    j.k16 = (p.k_dim + BK - 1u) / BK * BK;
+    return j;
+}
+
+// Elements of `a` for k block kt: element i is row (lid / 64) + 4·i at k = kt·64 + lid % 64
+// (a warp reads 32 consecutive floats of a row); zero past K and past the expert's rows.
+fn rows_load_a(j: RowsJob, kt: u32, lid: u32) -> V8 {
+    var v = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    let kd = p.k_dim;
+    let k = kt * RB_K + (lid & 63u);
+    if (k < kd) {
+        for (var i = 0u; i < 8u; i++) {
+            let r = (lid >> 6u) + 4u * i;
+            if (r < j.mcount) {
+                v = v8_set(v, i, a[(j.m0 + r) * kd + k]);
+            }
+        }
+    }
+    return v;
+}
+
+// Tile-relative k of weight element i of this invocation (weight row lid / 8, l = lid % 8):
+//   mode 0 (_x4, f32):    words 4l .. 4l + 3 and 32 + 4l .. 32 + 4l + 3 of the block row
+//   mode 1 (_x4, 16-bit): words 4l .. 4l + 3 = elements 8l .. 8l + 7
+//   mode 2 (scalar):      elements l, l + 8, …, l + 56
+fn rows_wk(mode: u32, l: u32, i: u32) -> u32 {
+    if (mode == 0u) {
+        return 4u * l + i + select(0u, 28u, i >= 4u);
+    }
+    if (mode == 1u) {
+        return 8u * l + i;
+    }
+    return l + 8u * i;
+}
+
+// Weight elements of block kt through the scalar words w_b / w_g (mode 2), zero past K and
+// past the columns of the job.
+fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
+    var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
+                     V8(vec4<f32>(0.0), vec4<f32>(0.0)));
+    let kd = p.k_dim;
+    let c = lid >> 3u;
+    if (c < j.ncount) {
+        for (var i = 0u; i < 8u; i++) {
+            let k = kt * RB_K + rows_wk(2u, lid & 7u, i);
+            if (k < kd) {
+                let wi = (j.w_row0 + c) * kd + k;
+                t.b = v8_set(t.b, i, w_decode(w_b[w_word(wi)], wi));
+                if (gated) {
+                    t.g = v8_set(t.g, i, w_decode(w_g[w_word(wi)], wi));
+                }
+            }
+        }
+    }
+    return t;
+}
+
+// The 4 or 8 elements of one 128-bit weight word vector, widened to f32 (mode 0: 4; mode 1: 8).
+// `t` with them stored (f32: elements 4q .. 4q + 3; 16-bit: elements 0 .. 7).
+fn rows_decode4(t: V8, q: u32, v: vec4<u32>) -> V8 {
+    var r = t;
+    if (W_DTYPE == 0u) {
+        let f = bitcast<vec4<f32>>(v);
+        if (q == 0u) {
+            r.lo = f;
+        } else {
+            r.hi = f;
+        }
+    } else {
+        r.lo = vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u));
+        r.hi = vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u));
+    }
+    return r;
+}
+
+// Weight elements of block kt through w4_b / w4_g (mode 0 for f32, 1 for 16-bit): rows hold
+// K (f32) or K / 2 (16-bit, K even) words, a multiple of 4, so each vec4 lies inside one row
+// and is either wholly before K or wholly past it (zero).
+fn rows_load_w4(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
+    var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
+                     V8(vec4<f32>(0.0), vec4<f32>(0.0)));
+    let c = lid >> 3u;
+    let l = lid & 7u;
+    if (c >= j.ncount) {
+        return t;
+    }
+    if (W_DTYPE == 0u) {
+        let kw = p.k_dim;
+        for (var q = 0u; q < 2u; q++) {
+            let word = kt * RB_K + 4u * l + 32u * q;
+            if (word < kw) {
+                let vi = ((j.w_row0 + c) * kw + word) >> 2u;
+                t.b = rows_decode4(t.b, q, w4_b[vi]);
+                if (gated) {
+                    t.g = rows_decode4(t.g, q, w4_g[vi]);
+                }
+            }
+        }
+    } else {
+        let kw = p.k_dim >> 1u;
+        let word = kt * (RB_K / 2u) + 4u * l;
+        if (word < kw) {
+            let vi = ((j.w_row0 + c) * kw + word) >> 2u;
+            t.b = rows_decode4(t.b, 0u, w4_b[vi]);
+            if (gated) {
+                t.g = rows_decode4(t.g, 0u, w4_g[vi]);
+            }
+        }
+    }
+    return t;
+}
+
+// Stores a block from registers into workgroup memory (two barriers: call in uniform flow).
+fn rows_stage(t: RowsRegs, lid: u32, mode: u32, gated: bool) {
+    workgroupBarrier(); // every invocation is done with the previous block
+    let ka = lid & 63u;
+    let c = lid >> 3u;
+    for (var i = 0u; i < 8u; i++) {
+        let r = (lid >> 6u) + 4u * i;
+        ra_s[r * RPITCH + (ka >> 2u)][ka & 3u] = v8_get(t.a, i);
+        let k = rows_wk(mode, lid & 7u, i);
+        rb_s[c * RPITCH + (k >> 2u)][k & 3u] = v8_get(t.b, i);
+        if (gated) {
+            rg_s[c * RPITCH + (k >> 2u)][k & 3u] = v8_get(t.g, i);
+        }
+    }
+    workgroupBarrier();
+}
+
+// Adds block kt (staged) into this invocation's accumulators, k in order, up to k16.
+// Returns the updated accumulators.
+fn rows_compute(j: RowsJob, kt: u32, lid: u32, gated: bool, acc_in: RowsAcc) -> RowsAcc {
+    var acc = acc_in;
+    let c = lid & 31u;
+    let s = lid >> 5u;
+    if (s >= j.mcount || c >= j.ncount) {
+        return acc;
+    }
+    let kv_end = min(RB_K / 4u, (j.k16 - kt * RB_K) / 4u);
+    for (var kv = 0u; kv < kv_end; kv++) {
+        let wv = rb_s[c * RPITCH + kv];
+        var gv = vec4<f32>(0.0);
+        if (gated) {
+            gv = rg_s[c * RPITCH + kv];
+        }
+        for (var q = 0u; q < 4u; q++) {
+            let r = s + 8u * q;
+            if (r < j.mcount) {
+                let av = ra_s[r * RPITCH + kv];
+                var u = acc.u[q];
+                u = fma(av.x, wv.x, u);
+                u = fma(av.y, wv.y, u);
+                u = fma(av.z, wv.z, u);
+                u = fma(av.w, wv.w, u);
+                acc.u[q] = u;
+                if (gated) {
+                    var g = acc.g[q];
+                    g = fma(av.x, gv.x, g);
+                    g = fma(av.y, gv.y, g);
+                    g = fma(av.z, gv.z, g);
+                    g = fma(av.w, gv.w, g);
+                    acc.g[q] = g;
+                }
+            }
+        }
+    }
+    return acc;
+}
+
+// The epilogue, as store_row: + bias, then the activation.
+fn rows_store(j: RowsJob, lid: u32, act: u32, gated: bool, acc: RowsAcc) {
+    let c = lid & 31u;
+    let s = lid >> 5u;
+    if (c >= j.ncount) {
+        return;
+    }
+    let n = p.n_dim;
+    let col = j.e * n + j.n0 + c;
+    for (var q = 0u; q < 4u; q++) {
+        let r = s + 8u * q;
+        if (r < j.mcount) {
+            var uv = acc.u[q];
+            var gv = 0.0;
+            if ((p.has_bias & 1u) != 0u) {
+                uv += bias_b[col];
+            }
+            if (gated) {
+                gv = acc.g[q];
+                if ((p.has_bias & 2u) != 0u) {
+                    gv += bias_g[col];
+                }
+            }
+            out[(j.m0 + r) * n + j.n0 + c] = activate(act, gv, uv);
+        }
+    }
+}
+
+fn is_gated(act: u32) -> bool {
+    return act == ACT_SWIGLU || act == ACT_GEGLU || act == ACT_CLAMPED_SWIGLU;
+}
+
+// The four entry points differ only in the weight load (scalar words or vec4 words) and in the
+// epilogue's activation; each runs: job, two blocks prefetched, then per block stage / prefetch
+// the block two ahead / accumulate, then the epilogue.
+@compute @workgroup_size(256)
+fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = rows_job(wid, lid);
+    if (j.valid == 0u) {
+        return;
+    }
+    let gated = is_gated(ACT);
+    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
+    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n1 = rows_load_w1(j, 0u, lid, gated);
+    var n2 = rows_load_w1(j, 1u, lid, gated);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        rows_stage(n1, lid, 2u, gated);
+        n1 = n2;
+        n2 = rows_load_w1(j, kt + 2u, lid, gated);
+        acc = rows_compute(j, kt, lid, gated, acc);
+    }
+    rows_store(j, lid, ACT, gated, acc);
+}
+
+@compute @workgroup_size(256)
+fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = rows_job(wid, lid);
+    if (j.valid == 0u) {
+        return;
+    }
+    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
+    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n1 = rows_load_w1(j, 0u, lid, false);
+    var n2 = rows_load_w1(j, 1u, lid, false);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        rows_stage(n1, lid, 2u, false);
+        n1 = n2;
+        n2 = rows_load_w1(j, kt + 2u, lid, false);
+        acc = rows_compute(j, kt, lid, false, acc);
+    }
+    rows_store(j, lid, ACT_NONE, false, acc);
+}
+
+@compute @workgroup_size(256)
+fn expert_up_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = rows_job(wid, lid);
+    if (j.valid == 0u) {
+        return;
+    }
+    let gated = is_gated(ACT);
+    let mode = select(1u, 0u, W_DTYPE == 0u);
+    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
+    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n1 = rows_load_w4(j, 0u, lid, gated);
+    var n2 = rows_load_w4(j, 1u, lid, gated);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        rows_stage(n1, lid, mode, gated);
+        n1 = n2;
+        n2 = rows_load_w4(j, kt + 2u, lid, gated);
+        acc = rows_compute(j, kt, lid, gated, acc);
+    }
+    rows_store(j, lid, ACT, gated, acc);
+}
+
+@compute @workgroup_size(256)
+fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = rows_job(wid, lid);
+    if (j.valid == 0u) {
+        return;
+    }
+    let mode = select(1u, 0u, W_DTYPE == 0u);
+    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
+    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n1 = rows_load_w4(j, 0u, lid, false);
+    var n2 = rows_load_w4(j, 1u, lid, false);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        rows_stage(n1, lid, mode, false);
+        n1 = n2;
+        n2 = rows_load_w4(j, kt + 2u, lid, false);
+        acc = rows_compute(j, kt, lid, false, acc);
+    }
+    rows_store(j, lid, ACT_NONE, false, acc);
 }

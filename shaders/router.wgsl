@@ -8,9 +8,16 @@
 //             in W_DTYPE (common.wgsl)
 //   3 bias    storage read        f32  [E] (a 1-element dummy when has_bias = 0)
 //   4 logits  storage read_write  f32  [T, E]
-// Launch: one invocation per (t, e) of the chunk: grid(T · rows, WG) workgroups of WG = 64,
-//   flattened with flat_id; invocations past T · rows exit. One dispatch per weight chunk.
-// Target: WGSL core; f32 accumulation in h order (deterministic, batch-independent).
+// Launch: one workgroup of RWG = 64 invocations per (t, e) pair of the chunk:
+//   T · rows workgroups on a 2-D grid (src/wgpu/context.rs `grid(T · rows, 1)`), flattened as
+//   pair = wid.x + wid.y · nwg.x = t · rows + (e − first_row); workgroups past T · rows exit.
+//   One dispatch per weight chunk.
+// Workgroup memory: RWG f32 partial sums = 256 B.
+// Determinism: invocation i sums h = i, i + 64, i + 128, … in order with fma (coalesced: the 64
+//   invocations read 64 consecutive elements of x[t] and of W[e]); the 64 partial sums are then
+//   added by a fixed pairwise tree (strides 32, 16, …, 1). The shape of the sum depends on H
+//   only: a token's logits do not depend on T or on the other tokens.
+// Target: WGSL core; no subgroup operations (any subgroup size).
 
 struct RouterParams {
     tokens: u32,
@@ -23,29 +30,45 @@ struct RouterParams {
     _pad1: u32,
 }
 
+const RWG: u32 = 64u;
+
 @group(0) @binding(0) var<uniform> p: RouterParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
 
+var<workgroup> part: array<f32, RWG>;
+
 @compute @workgroup_size(64)
 fn router_logits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let i = flat_id(wid, nwg, lid, 64u);
-    if (i >= p.tokens * p.rows) {
-        return;
+    let pair = wid.x + wid.y * nwg.x;
+    if (pair >= p.tokens * p.rows) {
+        return; // the whole workgroup: pair is uniform
     }
-    let t = i / p.rows;
-    let el = i % p.rows;
+    let t = pair / p.rows;
+    let el = pair % p.rows;
     let e = p.first_row + el;
+    let hd = p.hidden;
     var acc = 0.0;
-    for (var h = 0u; h < p.hidden; h++) {
-        let wi = el * p.hidden + h;
-        acc += x[t * p.hidden + h] * w_decode(w[w_word(wi)], wi);
+    for (var h = lid; h < hd; h += RWG) {
+        let wi = el * hd + h;
+        acc = fma(x[t * hd + h], w_decode(w[w_word(wi)], wi), acc);
     }
-    if (p.has_bias != 0u) {
-        acc += bias[e];
+    part[lid] = acc;
+    workgroupBarrier();
+    for (var s = RWG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            part[lid] += part[lid + s];
+        }
+        workgroupBarrier();
     }
-    logits[t * p.experts + e] = acc;
+    if (lid == 0u) {
+        var r = part[0];
+        if (p.has_bias != 0u) {
+            r += bias[e];
+        }
+        logits[t * p.experts + e] = r;
+    }
 }

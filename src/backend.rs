@@ -524,3 +524,30 @@ impl PermuteBuffers {
         )
     }
 }
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 5 copies of
+/// `bytes` after one warm-up; the bandwidth ceiling `moe bench` reports against.
+pub fn copy_bandwidth(dev: &Backend, bytes: usize) -> Result<f64> {
+    let bytes = bytes.max(1 << 20);
+    let secs = match &dev.device {
+        Device::Cpu => {
+            let src = vec![1u8; bytes];
+            let mut dst = vec![0u8; bytes];
+            let mut t = Vec::new();
+            for _ in 0..6 {
+                let start = std::time::Instant::now();
+                dst.copy_from_slice(&src);
+                t.push(start.elapsed().as_secs_f64());
+                std::hint::black_box(&dst);
+            }
+            t.remove(0);
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.copy_seconds(bytes)?,
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(d) => d.copy_seconds(bytes)?,
+    };
+    Ok(2.0 * bytes as f64 / secs / 1e9)
+}

@@ -189,6 +189,9 @@ pub struct Point {
     pub gemm_flops: f64,
     /// Expert weight bytes the FFN must read at least once (experts that got tokens).
     pub gemm_weight_bytes: f64,
+    /// Most tokens any expert received, and the mean (load balance).
+    pub max_load: u32,
+    pub mean_load: f64,
 }
 
 /// Times `iters` forwards of `layer` on `dev` after `warmup` forwards.
@@ -199,14 +202,9 @@ pub fn run_point(
     tokens: usize,
     warmup: usize,
     iters: usize,
+    routing: Routing,
 ) -> Result<Point> {
-    let x = fill(
-        tokens * s.hidden,
-        11 + tokens as u64,
-        1.0,
-        DType::F32,
-        vec![tokens, s.hidden],
-    )?;
+    let x = input(layer, tokens, routing)?;
     let prepared = layer.prepare(dev)?;
     let mut counts = Vec::new();
     for _ in 0..warmup {
@@ -265,9 +263,85 @@ pub fn run_point(
         layer: median(&mut totals),
         gemm_flops: 2.0 * mats * h * (rows * f + shared_rows * fs),
         gemm_weight_bytes: wbytes * mats * h * (used * f + fs),
+        max_load: counts.iter().copied().max().unwrap_or(0),
+        mean_load: counts.iter().map(|&c| f64::from(c)).sum::<f64>() / counts.len().max(1) as f64,
     })
 }
 
 fn dtype_of(layer: &MoeLayer) -> DType {
     layer.experts.up.dtype()
+}
+
+/// Device-to-device copy bandwidth of `dev` in GB/s, counting bytes read plus bytes written
+/// (the bandwidth ceiling of METHOD.md), median of a few copies of `bytes`.
+pub fn copy_bandwidth(dev: &Backend, bytes: usize) -> Result<f64> {
+    crate::backend::copy_bandwidth(dev, bytes)
+}
+
+/// Our own dense ceiling: the expert GEMM of one expert at `n x n`, 8192 rows (TFLOP/s).
+pub fn dense_ceiling(dev: &Backend, dtype: DType, n: usize) -> Result<f64> {
+    let s = Shape {
+        name: "dense",
+        experts: 1,
+        top_k: 1,
+        hidden: n,
+        ffn: n,
+        shared_ffn: None,
+        preset: Preset::Mixtral,
+    };
+    let l = layer(&s, dtype)?;
+    let p = run_point(dev, &s, &l, 8192, 1, 3, Routing::Uniform)?;
+    let g = p
+        .stages
+        .iter()
+        .find(|(st, _)| *st == Stage::ExpertGemm)
+        .map_or(f64::NAN, |(_, d)| d.as_secs_f64());
+    Ok(p.gemm_flops / g / 1e12)
+}
+
+/// How tokens spread over experts in a bench input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The router's own spread on random inputs (roughly uniform).
+    Uniform,
+    /// Every other token is pushed towards expert 0, so it takes about half the tokens.
+    Skewed,
+}
+
+impl std::str::FromStr for Routing {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "uniform" => Ok(Routing::Uniform),
+            "skewed" => Ok(Routing::Skewed),
+            o => Err(Error::Usage(format!(
+                "unknown routing {o:?} (expected uniform or skewed)"
+            ))),
+        }
+    }
+}
+
+/// Input `x` `[T, H]` for a bench point; with [`Routing::Skewed`], even tokens get a push
+/// along router row 0 that raises expert 0's logit by 20.
+pub fn input(layer: &MoeLayer, tokens: usize, routing: Routing) -> Result<Tensor> {
+    let h = layer.dims().hidden;
+    let x = fill(
+        tokens * h,
+        11 + tokens as u64,
+        1.0,
+        DType::F32,
+        vec![tokens, h],
+    )?;
+    if routing == Routing::Uniform {
+        return Ok(x);
+    }
+    let w0 = layer.router_weight.row_f64(0, h);
+    let norm2: f64 = w0.iter().map(|v| v * v).sum::<f64>().max(1e-30);
+    let mut v = x.to_f32_vec();
+    for t in (0..tokens).step_by(2) {
+        for (i, w) in w0.iter().enumerate() {
+            v[t * h + i] += (20.0 * w / norm2) as f32;
+        }
+    }
+    Tensor::from_f32(vec![tokens, h], v)
 }

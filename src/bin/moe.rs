@@ -97,6 +97,12 @@ enum Command {
         /// Print one JSON object per point instead of the table.
         #[arg(long)]
         json: bool,
+        /// Token-to-expert spread: uniform, skewed (expert 0 takes half the tokens), or both.
+        #[arg(long, default_value = "uniform")]
+        routing: String,
+        /// Also measure our own dense ceiling: one N x N expert, 8192 rows (0 = skip).
+        #[arg(long, default_value_t = 0)]
+        dense: usize,
     },
     /// List the backends and devices found.
     Info,
@@ -154,7 +160,11 @@ fn main() -> ExitCode {
             iters,
             warmup,
             json,
-        } => bench(&preset, &tokens, &backend, &dtype, iters, warmup, json),
+            routing,
+            dense,
+        } => bench(
+            &preset, &tokens, &backend, &dtype, iters, warmup, json, &routing, dense,
+        ),
         Command::Info => info(),
         #[cfg(feature = "cuda")]
         Command::Ptx { dump } => moe_kernels::cuda::ptx::dump(&dump).map(|files| {
@@ -388,6 +398,7 @@ fn info() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     presets: &str,
     tokens: &str,
@@ -396,27 +407,64 @@ fn bench(
     iters: usize,
     warmup: usize,
     json: bool,
+    routing: &str,
+    dense: usize,
 ) -> Result<ExitCode> {
-    use moe_kernels::bench;
+    use moe_kernels::bench::{self, Routing};
     let dev = Backend::from_name(backend)?;
     let dtype: DType = dtype.parse()?;
-    let tokens: Vec<usize> = tokens
-        .split(',')
+    let parse_list = |flag: &str, v: &str| -> Result<Vec<String>> {
+        let items: Vec<String> = v
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Err(Error::Usage(format!("{flag} is empty")));
+        }
+        Ok(items)
+    };
+    let tokens: Vec<usize> = parse_list("--tokens", tokens)?
+        .iter()
         .map(|t| {
-            t.trim()
-                .parse()
+            t.parse()
                 .map_err(|_| Error::Usage(format!("--tokens: {t:?} is not a token count")))
         })
         .collect::<Result<_>>()?;
+    let routings: Vec<Routing> = if routing == "both" {
+        vec![Routing::Uniform, Routing::Skewed]
+    } else {
+        parse_list("--routing", routing)?
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<_>>()?
+    };
+    let shapes: Vec<bench::Shape> = parse_list("--preset", presets)?
+        .iter()
+        .map(|n| bench::shape(n))
+        .collect::<Result<_>>()?;
+
+    // Ceilings measured in this run, on this device.
+    let copy_gbs = bench::copy_bandwidth(&dev, 1 << 30)?;
+    let dense_tflops = if dense > 0 {
+        Some(bench::dense_ceiling(&dev, dtype, dense)?)
+    } else {
+        None
+    };
     if !json {
         println!(
             "moe bench on {} ({dtype} expert weights; median of {iters} after {warmup} warm-up)",
             dev.kind()
         );
+        println!("ceilings measured now: copy {copy_gbs:.0} GB/s (read + write)");
+        if let Some(d) = dense_tflops {
+            println!("                       our expert GEMM, one {dense}x{dense} expert, 8192 rows: {d:.2} TFLOP/s");
+        }
         println!(
-            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>9} {:>9}",
+            "{:<14} {:>6} {:>8} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>8} {:>7} {:>7} {:>6}",
             "shape",
             "T",
+            "routing",
             "router",
             "gate",
             "permute",
@@ -424,35 +472,63 @@ fn bench(
             "combine",
             "layer(us)",
             "TFLOP/s",
-            "wGB/s"
+            "%dense",
+            "wGB/s",
+            "%copy"
         );
     }
-    for name in presets.split(',') {
-        let shape = bench::shape(name.trim())?;
-        let layer = bench::layer(&shape, dtype)?;
+    let total = (shapes.len() * tokens.len() * routings.len()) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for shape in &shapes {
+        bar.set_message(format!("{}: generating weights", shape.name));
+        let layer = bench::layer(shape, dtype)?;
         for &t in &tokens {
-            let p = bench::run_point(&dev, &shape, &layer, t, warmup, iters)?;
-            let us = |s: Stage| {
-                p.stages
-                    .iter()
-                    .find(|(x, _)| *x == s)
-                    .map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e6)
-            };
-            let g = us(Stage::ExpertGemm) / 1e6;
-            let tflops = p.gemm_flops / g / 1e12;
-            let gbs = p.gemm_weight_bytes / g / 1e9;
-            if json {
-                println!(
-                    "{{\"shape\":\"{}\",\"tokens\":{},\"dtype\":\"{}\",\"backend\":\"{}\",\"router_us\":{:.3},\"gate_us\":{:.3},\"permute_us\":{:.3},\"expert_gemm_us\":{:.3},\"combine_us\":{:.3},\"layer_us\":{:.3},\"gemm_tflops\":{:.3},\"gemm_weight_gbs\":{:.1}}}",
-                    p.shape, t, dtype, dev.kind(), us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm), us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, gbs
-                );
-            } else {
-                println!(
-                    "{:<14} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>9.2} {:>9.0}",
-                    p.shape, t, us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm), us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, gbs
-                );
+            for &routing in &routings {
+                bar.set_message(format!("{} T={t}", shape.name));
+                let p = bench::run_point(&dev, shape, &layer, t, warmup, iters, routing)?;
+                bar.inc(1);
+                let us = |s: Stage| {
+                    p.stages
+                        .iter()
+                        .find(|(x, _)| *x == s)
+                        .map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e6)
+                };
+                let g = us(Stage::ExpertGemm) / 1e6;
+                let tflops = p.gemm_flops / g / 1e12;
+                let gbs = p.gemm_weight_bytes / g / 1e9;
+                let pct_dense = dense_tflops.map_or(f64::NAN, |d| 100.0 * tflops / d);
+                let pct_copy = 100.0 * gbs / copy_gbs;
+                let rname = match routing {
+                    Routing::Uniform => "uniform",
+                    Routing::Skewed => "skewed",
+                };
+                if json {
+                    let line = serde_json::json!({
+                        "shape": p.shape, "tokens": t, "dtype": dtype.name(), "backend": dev.kind().name(),
+                        "routing": rname, "max_load": p.max_load, "mean_load": p.mean_load,
+                        "router_us": us(Stage::Router), "gate_us": us(Stage::Gate), "permute_us": us(Stage::Permute),
+                        "expert_gemm_us": us(Stage::ExpertGemm), "combine_us": us(Stage::Combine),
+                        "layer_us": p.layer.as_secs_f64() * 1e6, "gemm_tflops": tflops, "gemm_weight_gbs": gbs,
+                        "copy_gbs": copy_gbs, "dense_tflops": dense_tflops, "pct_copy": pct_copy,
+                        "pct_dense": dense_tflops.map(|_| pct_dense),
+                    });
+                    bar.suspend(|| println!("{line}"));
+                } else {
+                    bar.suspend(|| {
+                        println!(
+                            "{:<14} {:>6} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>8.2} {:>7.1} {:>7.0} {:>6.1}",
+                            p.shape, t, rname, us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm),
+                            us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, pct_dense, gbs, pct_copy
+                        )
+                    });
+                }
             }
         }
     }
+    bar.finish_and_clear();
     Ok(ExitCode::SUCCESS)
 }

@@ -152,3 +152,28 @@ pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+impl CudaDevice {
+    /// Median seconds of a device-to-device copy of `bytes` (5 copies after a warm-up),
+    /// timed with CUDA events.
+    pub fn copy_seconds(&self, bytes: usize) -> Result<f64> {
+        let src = self.alloc::<u8>(bytes)?;
+        let mut dst = self.alloc::<u8>(bytes)?;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::new();
+        for i in 0..6 {
+            let a = drv(self.stream.record_event(flags), "recording an event")?;
+            drv(
+                self.stream.memcpy_dtod(&src, &mut dst),
+                "device-to-device copy",
+            )?;
+            let b = drv(self.stream.record_event(flags), "recording an event")?;
+            drv(b.synchronize(), "waiting for an event")?;
+            if i > 0 {
+                times.push(f64::from(drv(a.elapsed_ms(&b), "reading an event")?) / 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+}

@@ -374,3 +374,65 @@ impl WgpuDevice {
 fn storage_usage() -> ::wgpu::BufferUsages {
     ::wgpu::BufferUsages::STORAGE | ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST
 }
+
+impl WgpuDevice {
+    /// Median seconds of a buffer-to-buffer copy of `bytes` (5 copies after a warm-up):
+    /// timestamp queries when available, else submit-and-wait wall time.
+    pub fn copy_seconds(&self, bytes: usize) -> Result<f64> {
+        let bytes = (bytes as u64)
+            .min(self.limits.max_buffer_size)
+            .next_multiple_of(4);
+        let make = |label| {
+            self.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let (src, dst) = (make("copy src"), make("copy dst"));
+        let stamps = self.timestamps.then(|| {
+            let qs = self.device.create_query_set(&::wgpu::QuerySetDescriptor {
+                label: Some("copy timestamps"),
+                ty: ::wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let buf = self.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("copy timestamps"),
+                size: 16,
+                usage: ::wgpu::BufferUsages::QUERY_RESOLVE | ::wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            (qs, GpuBuffer::<u64>::from_raw(buf, 2))
+        });
+        let mut times = Vec::new();
+        for i in 0..6 {
+            let mut enc = self.encoder();
+            if let Some((qs, _)) = &stamps {
+                enc.write_timestamp(qs, 0);
+            }
+            enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            if let Some((qs, buf)) = &stamps {
+                enc.write_timestamp(qs, 1);
+                enc.resolve_query_set(qs, 0..2, &buf.buffer, 0);
+            }
+            let start = std::time::Instant::now();
+            self.submit_and_wait(enc)?;
+            let wall = start.elapsed().as_secs_f64();
+            let t = match &stamps {
+                Some((_, buf)) => {
+                    let ticks = self.read(buf)?;
+                    ticks[1].saturating_sub(ticks[0]) as f64
+                        * f64::from(self.queue.get_timestamp_period())
+                        / 1e9
+                }
+                None => wall,
+            };
+            if i > 0 {
+                times.push(t.max(1e-9));
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+}

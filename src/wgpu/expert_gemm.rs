@@ -13,12 +13,21 @@
 //! chunk-relative rows, so no re-upload per expert is needed. Gate and up share one chunking
 //! (same shape, dtype and limit). Chunking never changes a result: every output is one f32
 //! accumulator summed in k order.
+//!
+//! Small batches (decode): with at most [`SMALL_ROWS`] = 32 rows in all (`T · k` routed rows,
+//! known on the host), the 64-row tiles would be almost empty and the grid too small to keep
+//! the memory busy, so the `*_rows` entry points run instead: one workgroup per (expert,
+//! 32 weight rows), looping over that expert's ≤ 32 rows with one read of each weight element,
+//! loaded with coalesced 128-bit reads (`*_rows_x4`, when a weight row is a whole number of
+//! vec4 words) or scalar words. They compute every output with exactly the tiled kernel's
+//! arithmetic (same fma order, zero padding, bias and activation code), so a token's output is
+//! bitwise the same whether its batch takes the small or the tiled path.
 
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::error::{Error, Result};
 use crate::stage::Stage;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::wgpu::context::{gpu_err, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::weights::GpuWeights;
@@ -27,6 +36,24 @@ use crate::wgpu::weights::GpuWeights;
 const TILE_ROWS: usize = 64;
 /// Columns of a workgroup's output tile (BN in the shader).
 const TILE_COLS: usize = 64;
+/// The most rows (in all, over every expert) the small-batch path takes (RB_M in the shader).
+/// Up to 32 rows, one read of a weight element serves every row of its expert while the
+/// tiled kernel's 64-row tiles would be at most half full; past it the tiles' reuse of the
+/// weight tile across 64 rows wins.
+pub const SMALL_ROWS: usize = 32;
+/// Columns (weight rows) of a small-path workgroup (RB_N in the shader).
+const SMALL_COLS: usize = 32;
+
+/// Which kernel [`encode_path`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPath {
+    /// The small-batch path when `rows <= SMALL_ROWS`, the tiled kernel otherwise.
+    Auto,
+    /// The tiled kernel (any row count).
+    Tiled,
+    /// The small-batch path (`rows <= SMALL_ROWS` only).
+    Rows,
+}
 
 /// Entry points of shaders/expert_gemm.wgsl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +62,14 @@ pub enum Entry {
     Up,
     /// GEMM 2: `y = h·Wdᵀ + bd`.
     Down,
+    /// [`Entry::Up`] for ≤ 32 rows, scalar weight words.
+    UpRows,
+    /// [`Entry::Down`] for ≤ 32 rows, scalar weight words.
+    DownRows,
+    /// [`Entry::Up`] for ≤ 32 rows, 128-bit weight words (rows of a multiple of 4 words).
+    UpRowsX4,
+    /// [`Entry::Down`] for ≤ 32 rows, 128-bit weight words (rows of a multiple of 4 words).
+    DownRowsX4,
 }
 
 impl Entry {
@@ -42,6 +77,10 @@ impl Entry {
         match self {
             Entry::Up => "expert_up",
             Entry::Down => "expert_down",
+            Entry::UpRows => "expert_up_rows",
+            Entry::DownRows => "expert_down_rows",
+            Entry::UpRowsX4 => "expert_up_rows_x4",
+            Entry::DownRowsX4 => "expert_down_rows_x4",
         }
     }
 }
@@ -65,6 +104,8 @@ pub struct GpuExperts {
     pub down_bias: Option<GpuBuffer<f32>>,
     /// Bound where a matrix or bias is absent.
     dummy_words: GpuBuffer<u32>,
+    /// Four words: the smallest binding of the shader's `array<vec4<u32>>`.
+    dummy_words4: GpuBuffer<u32>,
     dummy_f32: GpuBuffer<f32>,
 }
 
@@ -126,6 +167,7 @@ impl GpuExperts {
             up_bias: bias(&w.up_bias, "experts.up_proj_bias"),
             down_bias: bias(&w.down_bias, "experts.down_proj_bias"),
             dummy_words: dev.upload(&[0u32], "no weights"),
+            dummy_words4: dev.upload(&[0u32; 4], "no weights"),
             dummy_f32: dev.upload(&[0f32], "no bias"),
         })
     }
@@ -163,7 +205,9 @@ fn act_code(act: Activation) -> f64 {
 /// One GEMM pass: `out [rows, N] = epilogue(a [rows, K] · W[e]ᵀ)` for the weight row chunks
 /// `chunks` (`(first_row, rows, words, gate words)` of the flattened `[E·N, K]` view).
 struct Pass<'a> {
-    entry: Entry,
+    /// Tiled, small-batch scalar and small-batch vec4 entry points.
+    entries: [Entry; 3],
+    dtype: DType,
     constants: Vec<(&'static str, f64)>,
     k: usize,
     n: usize,
@@ -177,7 +221,8 @@ struct Pass<'a> {
 /// Records `y [rows, H]` = the expert FFN of `x_rows [rows, H]`, rows of expert e being
 /// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device; rows from `offsets[E]` on
 /// are not written). Allocates the intermediate `h [rows, F]` (one binding: it must fit the
-/// adapter's storage binding limit). Records dispatches only.
+/// adapter's storage binding limit). Records dispatches only. Takes the small-batch path when
+/// `rows <= SMALL_ROWS`, the tiled kernel otherwise (bitwise the same results).
 #[allow(clippy::too_many_arguments)]
 pub fn encode(
     dev: &WgpuDevice,
@@ -189,7 +234,35 @@ pub fn encode(
     act: Activation,
     y: &GpuBuffer<f32>,
 ) -> Result<()> {
+    encode_path(dev, enc, x_rows, rows, offsets, w, act, y, GemmPath::Auto)
+}
+
+/// [`encode`] with the kernel chosen by `path` (tests force each path).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_path(
+    dev: &WgpuDevice,
+    enc: &mut ::wgpu::CommandEncoder,
+    x_rows: &GpuBuffer<f32>,
+    rows: usize,
+    offsets: &GpuBuffer<u32>,
+    w: &GpuExperts,
+    act: Activation,
+    y: &GpuBuffer<f32>,
+    path: GemmPath,
+) -> Result<()> {
     let st = Stage::ExpertGemm;
+    let small = match path {
+        GemmPath::Auto => rows <= SMALL_ROWS,
+        GemmPath::Tiled => false,
+        GemmPath::Rows => {
+            if rows > SMALL_ROWS {
+                return Err(gpu_err(format!(
+                    "the small-batch expert GEMM takes at most {SMALL_ROWS} rows, not {rows}"
+                )));
+            }
+            true
+        }
+    };
     let ExpertDims {
         experts: e,
         hidden: h,
@@ -248,7 +321,8 @@ pub fn encode(
             .map_or(&w.dummy_words, |g| &g.chunks[i].words)
     };
     let up = Pass {
-        entry: Entry::Up,
+        entries: [Entry::Up, Entry::UpRows, Entry::UpRowsX4],
+        dtype: w.up.dtype,
         constants: vec![("W_DTYPE", w.up.dtype_code()), ("ACT", act_code(act))],
         k: h,
         n: f,
@@ -276,7 +350,8 @@ pub fn encode(
             .collect()
     };
     let down = Pass {
-        entry: Entry::Down,
+        entries: [Entry::Down, Entry::DownRows, Entry::DownRowsX4],
+        dtype: w.down.dtype,
         constants: vec![("W_DTYPE", w.down.dtype_code()), ("ACT", 0.0)],
         k: f,
         n: h,
@@ -290,15 +365,33 @@ pub fn encode(
         if pass.n == 0 {
             continue;
         }
-        let pipeline = dev.pipeline(Kernel::ExpertGemm(pass.entry), &pass.constants)?;
+        // Words per weight row; the vec4 form needs whole vec4 words per row (every row then
+        // starts on one, and so does every chunk, which starts on a row).
+        let row_words = match pass.dtype {
+            DType::F32 => Some(pass.k),
+            _ => (pass.k % 2 == 0).then_some(pass.k / 2),
+        };
+        let x4 = small && pass.k > 0 && row_words.is_some_and(|rw| rw % 4 == 0);
+        let entry = match (small, x4) {
+            (false, _) => pass.entries[0],
+            (true, false) => pass.entries[1],
+            (true, true) => pass.entries[2],
+        };
+        let pipeline = dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?;
         for &(first, n_rows, words, gwords) in &pass.chunks {
             if n_rows == 0 {
                 continue;
             }
             let e_first = first / pass.n;
             let e_count = (first + n_rows - 1) / pass.n - e_first + 1;
-            let groups_x = rows.div_ceil(TILE_ROWS) + e_count;
-            let groups_y = n_rows.min(pass.n).div_ceil(TILE_COLS);
+            let (groups_x, groups_y) = if small {
+                (e_count, n_rows.min(pass.n).div_ceil(SMALL_COLS))
+            } else {
+                (
+                    rows.div_ceil(TILE_ROWS) + e_count,
+                    n_rows.min(pass.n).div_ceil(TILE_COLS),
+                )
+            };
             let max = dev.limits.max_compute_workgroups_per_dimension as usize;
             if groups_x > max || groups_y > max {
                 return Err(gpu_err(format!(
@@ -320,23 +413,69 @@ pub fn encode(
                 limit,
                 _pad: 0,
             });
-            let bind = dev.bind(
-                &pipeline,
-                &[
-                    params.as_entire_binding(),
-                    offsets.binding(),
-                    pass.a.binding(),
-                    words.binding(),
-                    gwords.binding(),
-                    pass.bias_b.unwrap_or(&w.dummy_f32).binding(),
-                    pass.bias_g.unwrap_or(&w.dummy_f32).binding(),
-                    pass.out.binding(),
-                ],
-            );
+            let bias_b = pass.bias_b.unwrap_or(&w.dummy_f32);
+            let bias_g = pass.bias_g.unwrap_or(&w.dummy_f32);
+            let bind = if x4 {
+                // The gate words bind as vec4 too: a 4-word dummy when there is no gate.
+                let g4 = if std::ptr::eq(gwords, &w.dummy_words) {
+                    &w.dummy_words4
+                } else {
+                    gwords
+                };
+                bind_at(
+                    dev,
+                    &pipeline,
+                    &[
+                        (0, params.as_entire_binding()),
+                        (1, offsets.binding()),
+                        (2, pass.a.binding()),
+                        (5, bias_b.binding()),
+                        (6, bias_g.binding()),
+                        (7, pass.out.binding()),
+                        (8, words.binding()),
+                        (9, g4.binding()),
+                    ],
+                )
+            } else {
+                dev.bind(
+                    &pipeline,
+                    &[
+                        params.as_entire_binding(),
+                        offsets.binding(),
+                        pass.a.binding(),
+                        words.binding(),
+                        gwords.binding(),
+                        bias_b.binding(),
+                        bias_g.binding(),
+                        pass.out.binding(),
+                    ],
+                )
+            };
             dev.dispatch(enc, &pipeline, &bind, (groups_x as u32, groups_y as u32, 1));
         }
     }
     Ok(())
+}
+
+/// A bind group for group 0 of `pipeline` with each resource at its own binding number.
+fn bind_at(
+    dev: &WgpuDevice,
+    pipeline: &::wgpu::ComputePipeline,
+    resources: &[(u32, ::wgpu::BindingResource<'_>)],
+) -> ::wgpu::BindGroup {
+    let layout = pipeline.get_bind_group_layout(0);
+    let entries: Vec<::wgpu::BindGroupEntry<'_>> = resources
+        .iter()
+        .map(|(binding, r)| ::wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: r.clone(),
+        })
+        .collect();
+    dev.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &layout,
+        entries: &entries,
+    })
 }
 
 #[cfg(test)]
@@ -409,6 +548,78 @@ mod tests {
         encode(dev, &mut enc, &xb, rows, &ob, w, act, &yb).unwrap();
         dev.submit_and_wait(enc).unwrap();
         dev.read(&yb).unwrap()
+    }
+
+    /// [`run`] on the kernel chosen by `path`.
+    fn run_path(
+        dev: &WgpuDevice,
+        w: &GpuExperts,
+        x: &[f32],
+        offsets: &[u32],
+        act: Activation,
+        path: GemmPath,
+    ) -> Vec<f32> {
+        let h = w.dims.hidden;
+        let rows = x.len() / h;
+        let xb = dev.upload(x, "x");
+        let ob = dev.upload(offsets, "offsets");
+        let yb = dev.upload(&vec![f32::NAN; rows * h], "y");
+        let mut enc = dev.encoder();
+        encode_path(dev, &mut enc, &xb, rows, &ob, w, act, &yb, path).unwrap();
+        dev.submit_and_wait(enc).unwrap();
+        dev.read(&yb).unwrap()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn small_batch_path_is_bitwise_the_tiled_path() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(10);
+        // (E, F, H, offsets): H and F multiples of 8 (the vec4 entry points for every dtype,
+        // K over three 64-deep blocks with a partial last one) and odd ones (scalar words,
+        // 16-bit rows straddling words); an expert with no rows, a full 32-row expert, rows
+        // past offsets[E] (dropped), one row alone.
+        let cases: [(usize, usize, usize, &[u32]); 4] = [
+            (3, 152, 136, &[0, 13, 13, 30]),
+            (2, 150, 97, &[0, 7, 19]),
+            (1, 72, 40, &[0, 32]),
+            (4, 29, 37, &[0, 0, 1, 1, 1]),
+        ];
+        for (e, f, h, offsets) in cases {
+            let rows = (*offsets.last().unwrap() as usize + 2).min(SMALL_ROWS);
+            let kept = *offsets.last().unwrap() as usize;
+            let x = g.uniform(rows * h, 1.0);
+            let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            for act in ACTS {
+                for dtype in DType::ALL {
+                    let w = weights(&mut g, (e, f, h), act, dtype);
+                    let reference = expert_ffn(&xd, offsets, &w, act).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    // Chunks of 11 rows: chunks start mid-expert and mid-column-block.
+                    let limit = (h.max(f) * dtype.size() * 11 + 4) as u64;
+                    let chunked =
+                        GpuExperts::upload_with_limit(&dev, &w, act, Some(limit)).unwrap();
+                    assert!(chunked.down.chunks.len() > e);
+                    let tiled = run_path(&dev, &whole, &x, offsets, act, GemmPath::Tiled);
+                    let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
+                    assert!(err <= 2e-5, "{act:?} {dtype}: rel L2 {err:e}");
+                    for (label, gw) in [("whole", &whole), ("chunked", &chunked)] {
+                        let small = run_path(&dev, gw, &x, offsets, act, GemmPath::Rows);
+                        assert_eq!(
+                            bits(&tiled[..kept * h]),
+                            bits(&small[..kept * h]),
+                            "E {e} F {f} H {h} {act:?} {dtype} {label}: small path differs"
+                        );
+                    }
+                    let auto = run(&dev, &whole, &x, offsets, act);
+                    assert_eq!(bits(&tiled[..kept * h]), bits(&auto[..kept * h]));
+                }
+            }
+            println!("E {e} F {f} H {h}: small-batch path bitwise equal to the tiled path");
+        }
     }
 
     fn rel_l2(a: &[f32], b: &[f64]) -> f64 {

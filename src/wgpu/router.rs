@@ -1,7 +1,12 @@
 //! Stage 0 on wgpu: router logits (shaders/router.wgsl), one dispatch per weight chunk.
+//!
+//! One workgroup of 64 invocations per (token, expert) pair: each invocation sums a strided
+//! slice of `H` in order, then a fixed pairwise tree adds the 64 partial sums. A token's logits
+//! depend on `H` only, never on `T` (batch invariance), and `T = 1` still spreads every dot
+//! product over 64 lanes with coalesced reads instead of one serial loop per (t, e).
 
 use crate::error::Result;
-use crate::wgpu::context::{GpuBuffer, WgpuDevice, WG};
+use crate::wgpu::context::{GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::weights::GpuWeights;
 
@@ -73,7 +78,7 @@ pub fn encode(
                 logits.binding(),
             ],
         );
-        dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, WG));
+        dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, 1));
     }
     Ok(())
 }
