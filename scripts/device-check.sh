@@ -89,15 +89,15 @@ for t in "$B"/test-*; do
   step "$(basename "$t")" 60 "$t" --test-threads=8
 done
 # Ours and the PyTorch peers on the same card, then one comparison table.
-step bench-cuda 150 "$B/moe" bench --backend cuda --preset "${DC_PRESETS:-mixtral,deepseek_v3,qwen3_30b_a3b}" --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --json
+step bench-cuda 150 "$B/moe" bench --backend cuda --preset "${DC_PRESETS:-mixtral,deepseek_v3,qwen3_30b_a3b}" --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --dense 8192 --json
 grep '^{' "$L/bench-cuda.log" >"$OUT/ours.jsonl"
 if [ -f bench/peers.py ] && [ -z "${DC_SKIP_PEERS:-}" ]; then
   step peers 150 python3 bench/peers.py --out "$OUT/peers.jsonl" --budget-s 120
   step compare 30 python3 bench/compare.py "$OUT/ours.jsonl" "$OUT/peers.jsonl"
   cp "$L/compare.log" "$OUT/compare.txt"
 fi
-step bench-f32-cuda 90 "$B/moe" bench --backend cuda --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1
-step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1
+step bench-f32-cuda 90 "$B/moe" bench --backend cuda --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1 --routing both
+step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,32,4096 --dtype f32 --iters 5 --warmup 1 --dense 4096
 # compute-sanitizer on the CUDA unit tests and two stage tests.
 for tool in memcheck racecheck; do
   step "san-$tool-lib" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-lib" cuda:: --test-threads=1

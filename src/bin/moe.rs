@@ -363,10 +363,11 @@ fn info() -> Result<ExitCode> {
     println!("backends (auto picks the first usable one of cuda, wgpu, cpu):");
     for kind in [BackendKind::Cpu, BackendKind::Cuda, BackendKind::Wgpu] {
         match unavailable_reason(kind) {
-            None => println!(
+            None if kind == BackendKind::Cpu => println!(
                 "  {kind:<5} usable ({} threads)",
                 rayon::current_num_threads()
             ),
+            None => println!("  {kind:<5} usable"),
             Some(why) => println!("  {kind:<5} not usable: {why}"),
         }
     }
