@@ -40,7 +40,11 @@ fn bench(c: &mut Criterion) {
                 format!("T{t}"),
             );
             group.bench_function(id, |b| {
-                b.iter_custom(|iters| common::time_stage(dev, iters, Some((&layer, &p.x, Stage::Combine)), || run(&mut y)))
+                b.iter_custom(|iters| {
+                    common::time_stage(dev, iters, Some((&layer, &p.x, Stage::Combine)), || {
+                        run(&mut y)
+                    })
+                })
             });
             black_box(&y);
         }

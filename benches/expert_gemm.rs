@@ -57,7 +57,11 @@ fn bench(c: &mut Criterion) {
                 bytes: common::expert_gemm_bytes(&layer, perm),
             });
             group.bench_function(BenchmarkId::new(name, format!("T{t}")), |b| {
-                b.iter_custom(|iters| common::time_stage(dev, iters, Some((&layer, &p.x, Stage::ExpertGemm)), || run(&mut y_perm)))
+                b.iter_custom(|iters| {
+                    common::time_stage(dev, iters, Some((&layer, &p.x, Stage::ExpertGemm)), || {
+                        run(&mut y_perm)
+                    })
+                })
             });
             black_box(&y_perm);
         }

@@ -37,7 +37,11 @@ fn bench(c: &mut Criterion) {
                 format!("T{t}"),
             );
             group.bench_function(id, |b| {
-                b.iter_custom(|iters| common::time_stage(dev, iters, Some((&layer, &p.x, Stage::Permute)), || run(&mut out)))
+                b.iter_custom(|iters| {
+                    common::time_stage(dev, iters, Some((&layer, &p.x, Stage::Permute)), || {
+                        run(&mut out)
+                    })
+                })
             });
             black_box(&out);
         }

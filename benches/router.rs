@@ -33,7 +33,11 @@ fn bench(c: &mut Criterion) {
                 format!("T{t}"),
             );
             group.bench_function(id, |b| {
-                b.iter_custom(|iters| common::time_stage(dev, iters, Some((&layer, &x, Stage::Router)), || run(&mut logits)))
+                b.iter_custom(|iters| {
+                    common::time_stage(dev, iters, Some((&layer, &x, Stage::Router)), || {
+                        run(&mut logits)
+                    })
+                })
             });
             black_box(&logits);
         }

@@ -370,7 +370,8 @@ fn finish_weights(o: u32) {
     let renorm = p.renormalize != 0u && (sum != 0.0 || is_nan(sum));
     for (var j = 0u; j < p.slots; j++) {
         var w = weights[o + j];
-        if (renorm) {
+        // Only kept weights are divided: a dropped one stays exactly 0 even for a NaN sum.
+        if (renorm && kept[o + j] != 0u) {
             w = w / sum;
         }
         weights[o + j] = w * p.scale;

@@ -417,3 +417,32 @@ fn check_properties(out: &GateBuffers, c: &RoutingConfig, ctx: &str) {
         );
     }
 }
+
+/// Found by fuzzing (`fuzz/`, target `routing`): with capacity and renormalisation, a kept
+/// NaN weight made the sum NaN and the division turned the token's dropped weight into NaN.
+/// Dropped assignments weigh exactly 0 on every backend.
+#[test]
+fn dropped_weight_stays_zero_when_the_kept_sum_is_nan() {
+    // T = 2, E = 3, k = 2, C = 1. Token 0 picks [0, 2]; token 1 (all NaN) picks [0, 1]:
+    // its slot-0 assignment to expert 0 is dropped, its slot-1 one to expert 1 is kept.
+    let logits = [2.0, 0.0, 1.0, f64::NAN, f64::NAN, f64::NAN];
+    let c = RoutingConfig {
+        capacity: Some(Capacity::Tokens(1)),
+        renormalize: true,
+        ..cfg(2, Scoring::Softmax)
+    };
+    let r = run(&logits, 2, 3, None, &c);
+    assert_eq!(r.topk_ids, vec![0, 2, 0, 1]);
+    assert_eq!(r.kept, vec![true, true, false, true]);
+    assert_eq!(r.topk_weights[2], 0.0);
+    assert!(r.topk_weights[3].is_nan());
+    let l32: Vec<f32> = logits.iter().map(|&v| v as f32).collect();
+    for dev in common::backends("gate dropped NaN") {
+        let mut out = GateBuffers::poisoned(2, 2, 3);
+        dev.gate(&l32, None, &c, &mut out).unwrap();
+        assert_eq!(out.topk_ids, r.topk_ids, "{}", dev.kind());
+        assert_eq!(out.kept, vec![1, 1, 0, 1], "{}", dev.kind());
+        assert_eq!(out.topk_weights[2], 0.0, "{}: dropped weight", dev.kind());
+        assert!(out.topk_weights[3].is_nan(), "{}", dev.kind());
+    }
+}

@@ -22,7 +22,8 @@ struct Expected {
 /// The fixtures folder: `CARGO_MANIFEST_DIR` at run time when set (test binaries carried to
 /// another machine, e.g. by scripts/device-check.sh), else where the crate was built.
 fn fixtures_dir() -> PathBuf {
-    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     Path::new(&root).join("tests/fixtures")
 }
 

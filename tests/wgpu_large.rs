@@ -26,7 +26,9 @@ fn wgpu_or_skip(test: &str) -> Option<Backend> {
 /// Measured bound on lavapipe: printed; the assertion is DESIGN.md's f32 bound, 2e-5.
 #[test]
 fn f32_reduction_of_14336_stays_within_bound() {
-    let Some(dev) = wgpu_or_skip("wgpu K=14336") else { return };
+    let Some(dev) = wgpu_or_skip("wgpu K=14336") else {
+        return;
+    };
     let mut cfg = Preset::Mixtral.config();
     cfg.routing.top_k = 1;
     let layer = random_layer(cfg, 1, 96, 14336, Extras::default(), DType::F32, 17).unwrap();
@@ -41,8 +43,12 @@ fn f32_reduction_of_14336_stays_within_bound() {
 #[test]
 #[ignore = "Mixtral-sized weights (5.6 GB in f32): minutes on lavapipe; run by the GPU check"]
 fn mixtral_sized_layer_runs_without_binding_errors() {
-    let Some(dev) = wgpu_or_skip("wgpu mixtral-sized") else { return };
-    let layer = moe_kernels::bench::layer(&moe_kernels::bench::shape("mixtral").unwrap(), DType::F32).unwrap();
+    let Some(dev) = wgpu_or_skip("wgpu mixtral-sized") else {
+        return;
+    };
+    let layer =
+        moe_kernels::bench::layer(&moe_kernels::bench::shape("mixtral").unwrap(), DType::F32)
+            .unwrap();
     let x = random_x(2, 4096, 19);
     let out = layer.forward(&dev, &x).unwrap();
     let reference = layer.forward_reference(&x).unwrap();

@@ -80,7 +80,12 @@ pub type InLayer<'a> = Option<(&'a MoeLayer, &'a Tensor, Stage)>;
 ///   and read-backs are not counted. Without timestamps (some wgpu adapters), or without
 ///   `in_layer`, the host stage call is timed as submit-and-wait (it includes its uploads and
 ///   read-back; the bench id says which clock was used via the printed note).
-pub fn time_stage(dev: &Backend, iters: u64, in_layer: InLayer<'_>, mut stage: impl FnMut() -> Result<()>) -> Duration {
+pub fn time_stage(
+    dev: &Backend,
+    iters: u64,
+    in_layer: InLayer<'_>,
+    mut stage: impl FnMut() -> Result<()>,
+) -> Duration {
     if dev.kind() != BackendKind::Cpu {
         if let Some((layer, x, which)) = in_layer {
             if let Some(d) = device_stage_time(dev, layer, x, which, iters) {
@@ -100,11 +105,21 @@ pub fn time_stage(dev: &Backend, iters: u64, in_layer: InLayer<'_>, mut stage: i
 
 /// Device time of `stage` summed over `iters` prepared forwards, or `None` when the backend
 /// reports no per-stage device times.
-fn device_stage_time(dev: &Backend, layer: &MoeLayer, x: &Tensor, stage: Stage, iters: u64) -> Option<Duration> {
-    let prepared = layer.prepare(dev).unwrap_or_else(|e| panic!("prepare on {}: {e}", dev.kind()));
+fn device_stage_time(
+    dev: &Backend,
+    layer: &MoeLayer,
+    x: &Tensor,
+    stage: Stage,
+    iters: u64,
+) -> Option<Duration> {
+    let prepared = layer
+        .prepare(dev)
+        .unwrap_or_else(|e| panic!("prepare on {}: {e}", dev.kind()));
     let mut total = Duration::ZERO;
     for _ in 0..iters {
-        let out = prepared.forward(x).unwrap_or_else(|e| panic!("forward on {}: {e}", dev.kind()));
+        let out = prepared
+            .forward(x)
+            .unwrap_or_else(|e| panic!("forward on {}: {e}", dev.kind()));
         total += out.stage_times.iter().find(|(s, _)| *s == stage)?.1;
     }
     Some(total)

@@ -161,8 +161,14 @@ pub fn gate(
         if cfg.renormalize {
             let sum: f64 = w.iter().sum();
             // All picks dropped (or zero scores): nothing to renormalise, the weights stay 0.
+            // Only kept weights are divided: a dropped one stays exactly 0, even when a NaN
+            // score makes the sum NaN.
             if sum != 0.0 {
-                w.iter_mut().for_each(|x| *x /= sum);
+                for (j, x) in w.iter_mut().enumerate() {
+                    if kept[t * slots + j] {
+                        *x /= sum;
+                    }
+                }
             }
         }
         w.iter_mut().for_each(|x| *x *= cfg.scale);
