@@ -60,7 +60,8 @@ impl Capacity {
         match self {
             Capacity::Tokens(n) => n.max(0) as usize,
             Capacity::Fraction(f) => (f * t as f64).ceil() as usize,
-            Capacity::Factor(f) => (f * (t * k) as f64 / e as f64).ceil() as usize,
+            // In f64 throughout: `t * k` could overflow usize for absurd T.
+            Capacity::Factor(f) => (f * (t as f64 * k as f64) / e as f64).ceil() as usize,
         }
     }
 }
