@@ -6,9 +6,10 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
+use crate::cuda::context::{check_len, to_u32};
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, GateCuda};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stage::Stage;
 
 /// The two vector widths: (variant suffix, f32 elements per thread).
@@ -60,26 +61,6 @@ pub fn modules() -> Result<Vec<PtxModule>> {
 /// The shared expert's output `[T, H]` and optional gate logits `[T]`.
 pub type SharedCuda<'a> = Option<(&'a CudaSlice<f32>, Option<&'a CudaSlice<f32>>)>;
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(Error::shape(
-            Stage::Combine,
-            format!("{what} holds {have} elements, needs {need}"),
-        ));
-    }
-    Ok(())
-}
-
-fn to_u32(what: &str, n: usize, max: usize) -> Result<u32> {
-    if n > max {
-        return Err(Error::shape(
-            Stage::Combine,
-            format!("{what} = {n} exceeds the CUDA kernel's limit {max}"),
-        ));
-    }
-    Ok(n as u32)
-}
-
 /// Threads per block for `cols` threads per row: a multiple of 32 in 32..=256.
 pub(crate) fn block_for(cols: usize) -> usize {
     cols.next_multiple_of(32).clamp(32, 256)
@@ -100,14 +81,19 @@ pub fn launch(
     let mul = |what: &str, a: usize, b: usize| crate::shape::mul(Stage::Combine, what, a, b);
     let n = mul("T x slots", tokens, slots)?;
     let th = mul("T x H", tokens, hidden)?;
-    check_len("topk_weights", gate.topk_weights.len(), n)?;
-    check_len("kept", gate.kept.len(), n)?;
-    check_len("row_of_assignment", row_of_assignment.len(), n)?;
-    check_len("y", y.len(), th)?;
+    check_len(Stage::Combine, "topk_weights", gate.topk_weights.len(), n)?;
+    check_len(Stage::Combine, "kept", gate.kept.len(), n)?;
+    check_len(
+        Stage::Combine,
+        "row_of_assignment",
+        row_of_assignment.len(),
+        n,
+    )?;
+    check_len(Stage::Combine, "y", y.len(), th)?;
     if let Some((sy, gl)) = shared {
-        check_len("shared expert output", sy.len(), th)?;
+        check_len(Stage::Combine, "shared expert output", sy.len(), th)?;
         if let Some(g) = gl {
-            check_len("shared gate logits", g.len(), tokens)?;
+            check_len(Stage::Combine, "shared gate logits", g.len(), tokens)?;
         }
     }
     if tokens == 0 || hidden == 0 {
@@ -121,11 +107,11 @@ pub fn launch(
     let cols = hidden / vec;
     let bs = block_for(cols);
     let gy = cols.div_ceil(bs);
-    to_u32("T x slots", n, u32::MAX as usize)?;
-    let t = to_u32("tokens", tokens, i32::MAX as usize)?;
-    let s = to_u32("slots", slots, u32::MAX as usize)?;
-    let h = to_u32("hidden", hidden, u32::MAX as usize)?;
-    to_u32("blocks per token", gy, 65_535)?;
+    to_u32(Stage::Combine, "T x slots", n, u32::MAX as usize)?;
+    let t = to_u32(Stage::Combine, "tokens", tokens, i32::MAX as usize)?;
+    let s = to_u32(Stage::Combine, "slots", slots, u32::MAX as usize)?;
+    let h = to_u32(Stage::Combine, "hidden", hidden, u32::MAX as usize)?;
+    to_u32(Stage::Combine, "blocks per token", gy, 65_535)?;
     let rows = (y_perm.len() / hidden).min(u32::MAX as usize) as u32;
     let cfg = LaunchConfig {
         grid_dim: (t, gy as u32, 1),
@@ -187,8 +173,8 @@ mod tests {
         assert_eq!(block_for(1), 32);
         assert_eq!(block_for(33), 64);
         assert_eq!(block_for(1792), 256);
-        assert!(check_len("y", 1, 2).is_err());
-        assert!(to_u32("gy", 65_536, 65_535).is_err());
+        assert!(check_len(Stage::Combine, "y", 1, 2).is_err());
+        assert!(to_u32(Stage::Combine, "gy", 65_536, 65_535).is_err());
     }
 
     /// On a CUDA device (skipped without one): against the CPU reference with and without

@@ -23,6 +23,32 @@ pub(crate) fn cuda_err(what: impl Into<String>) -> Error {
     }
 }
 
+/// Largest index the kernels that use signed 32-bit index arithmetic accept.
+pub(crate) const MAX_INDEX: usize = i32::MAX as usize;
+
+/// An error unless a device buffer named `what` holds at least `need` elements.
+pub(crate) fn check_len(stage: Stage, what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::shape(
+            stage,
+            format!("{what} holds {have} elements, needs {need}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `n` as a kernel `u32` parameter, or a shape error when it exceeds `max` (the index range
+/// the kernel's 32-bit arithmetic supports).
+pub(crate) fn to_u32(stage: Stage, what: &str, n: usize, max: usize) -> Result<u32> {
+    if n > max || u32::try_from(n).is_err() {
+        return Err(Error::shape(
+            stage,
+            format!("{what} = {n} exceeds the CUDA kernels' limit {max}"),
+        ));
+    }
+    Ok(n as u32)
+}
+
 /// Wraps a driver error with what was being done.
 pub(crate) fn drv<T>(
     r: std::result::Result<T, cudarc::driver::DriverError>,

@@ -16,6 +16,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::cuda::context::drv;
+use crate::cuda::context::to_u32;
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, CudaWeights};
 use crate::error::{Error, Result};
@@ -132,16 +133,6 @@ fn upload_bias(dev: &CudaDevice, b: Option<&Tensor>, n: usize) -> Result<CudaSli
     }
 }
 
-/// `v` as a kernel `u32`, or a shape error naming `what`.
-fn to_u32(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| {
-        Error::shape(
-            Stage::ExpertGemm,
-            format!("{what} = {v} exceeds the CUDA kernel's 32-bit index range"),
-        )
-    })
-}
-
 impl CudaExperts {
     /// Uploads `w` (E experts, or one shared expert as E = 1) for `act`.
     pub fn upload(dev: &CudaDevice, w: &ExpertWeights, act: Activation) -> Result<Self> {
@@ -162,7 +153,12 @@ impl CudaExperts {
             }
         }
         // The kernel forms (e * N + n) in 32 bits for weight rows and bias elements.
-        to_u32(dims.experts * dims.ffn.max(dims.hidden), "E x max(F, H)")?;
+        to_u32(
+            Stage::ExpertGemm,
+            "E x max(F, H)",
+            dims.experts * dims.ffn.max(dims.hidden),
+            u32::MAX as usize,
+        )?;
         let (e, f, h) = (dims.experts, dims.ffn, dims.hidden);
         Ok(CudaExperts {
             dims,
@@ -251,10 +247,10 @@ fn run_gemm(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let rows_u = to_u32(rows, "rows")?;
-    let experts_u = to_u32(w.dims.experts, "E")?;
-    let n_u = to_u32(g.n, "N")?;
-    let k_u = to_u32(g.k, "K")?;
+    let rows_u = to_u32(Stage::ExpertGemm, "rows", rows, u32::MAX as usize)?;
+    let experts_u = to_u32(Stage::ExpertGemm, "E", w.dims.experts, u32::MAX as usize)?;
+    let n_u = to_u32(Stage::ExpertGemm, "N", g.n, u32::MAX as usize)?;
+    let k_u = to_u32(Stage::ExpertGemm, "K", g.k, u32::MAX as usize)?;
     let (code, alpha, limit) = (g.code, g.alpha, g.limit);
     let mut b = dev.stream.launch_builder(&func);
     b.arg(g.a)

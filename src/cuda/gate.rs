@@ -9,6 +9,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::config::{Combine, Priority, RoutingConfig, Scoring};
+use crate::cuda::context::{check_len, to_u32};
 use crate::cuda::context::{drv, grid_1d};
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, GateCuda};
@@ -56,20 +57,6 @@ fn shape_err(what: impl Into<String>) -> Error {
     Error::shape(Stage::Gate, what)
 }
 
-/// `v` as a kernel `u32`, or a shape error naming it.
-fn u32_of(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| shape_err(format!("{what} = {v} exceeds the kernels' u32 range")))
-}
-
-fn check_len(what: &str, len: usize, need: usize) -> Result<()> {
-    if len < need {
-        return Err(shape_err(format!(
-            "{what} holds {len} elements, needs at least {need}"
-        )));
-    }
-    Ok(())
-}
-
 /// Largest power of two <= `v` (`v` >= 1).
 fn prev_pow2(v: usize) -> usize {
     1 << (usize::BITS - 1 - v.leading_zeros())
@@ -111,24 +98,24 @@ pub fn launch(
     if tokens > 1 << 31 {
         return Err(shape_err(format!("T = {tokens} exceeds 2^31")));
     }
-    u32_of("T x slots", n)?;
-    check_len("logits", logits.len(), te)?;
+    to_u32(Stage::Gate, "T x slots", n, u32::MAX as usize)?;
+    check_len(Stage::Gate, "logits", logits.len(), te)?;
     if let Some(b) = bias {
-        check_len("score_correction_bias", b.len(), experts)?;
+        check_len(Stage::Gate, "score_correction_bias", b.len(), experts)?;
     }
-    check_len("topk_ids", out.topk_ids.len(), n)?;
-    check_len("topk_weights", out.topk_weights.len(), n)?;
-    check_len("kept", out.kept.len(), n)?;
-    check_len("counts", out.counts.len(), experts)?;
+    check_len(Stage::Gate, "topk_ids", out.topk_ids.len(), n)?;
+    check_len(Stage::Gate, "topk_weights", out.topk_weights.len(), n)?;
+    check_len(Stage::Gate, "kept", out.kept.len(), n)?;
+    check_len(Stage::Gate, "counts", out.counts.len(), experts)?;
 
     if tokens == 0 {
         // Nothing to route: every expert got 0 assignments. No kernel is launched.
         return drv(dev.stream.memset_zeros(&mut out.counts), "zeroing counts");
     }
 
-    let t32 = u32_of("T", tokens)?;
-    let e32 = u32_of("E", experts)?;
-    let s32 = u32_of("slots", slots)?;
+    let t32 = to_u32(Stage::Gate, "T", tokens, u32::MAX as usize)?;
+    let e32 = to_u32(Stage::Gate, "E", experts, u32::MAX as usize)?;
+    let s32 = to_u32(Stage::Gate, "slots", slots, u32::MAX as usize)?;
 
     // Group-limited selection; keeping every group selects from all experts.
     let (g_count, g_keep, g_size, g_lanes) = match cfg.groups {
@@ -254,7 +241,7 @@ pub fn launch(
         // ---- capacity: [BPR order], chunk counts, per-expert prefix, finalize.
         let c = u32::try_from(cap.tokens_per_expert(tokens, slots, experts)).unwrap_or(u32::MAX);
         let nb = n.div_ceil(CHUNK);
-        let nb32 = u32_of("capacity chunks", nb)?;
+        let nb32 = to_u32(Stage::Gate, "capacity chunks", nb, u32::MAX as usize)?;
         let cells_len = experts
             .checked_mul(nb)
             .ok_or_else(|| shape_err("capacity table size overflows"))?;
@@ -265,7 +252,12 @@ pub fn launch(
             let mut order: CudaSlice<u32> = dev.alloc(tokens)?;
             let mut prio: CudaSlice<u32> = dev.alloc(tokens)?;
             let tiles = tokens.div_ceil(RANK_TILE);
-            let (tiles32, cols, zero, mode) = (u32_of("rank tiles", tiles)?, 1u32, 0u32, 0u32);
+            let (tiles32, cols, zero, mode) = (
+                to_u32(Stage::Gate, "rank tiles", tiles, u32::MAX as usize)?,
+                1u32,
+                0u32,
+                0u32,
+            );
             let null = 0u64;
             let func = dev.function(Stage::Gate, variant, "gate_rank")?;
             let mut b = dev.stream.launch_builder(&func);
@@ -337,13 +329,16 @@ pub fn launch(
     } else if let Some(ec) = cfg.expert_choice {
         // ---- expert choice: every expert keeps its top-C tokens, then finalize.
         let c = ((ec.capacity_factor * tokens as f64 / experts as f64).ceil() as usize).min(tokens);
-        let c32 = u32_of("expert-choice capacity", c)?;
+        let c32 = to_u32(Stage::Gate, "expert-choice capacity", c, u32::MAX as usize)?;
         let tiles = tokens.div_ceil(RANK_TILE);
         let blocks = tiles
             .checked_mul(experts)
             .ok_or_else(|| shape_err("gate_rank grid overflows"))?;
-        u32_of("gate_rank blocks", blocks)?;
-        let (tiles32, mode) = (u32_of("rank tiles", tiles)?, 1u32);
+        to_u32(Stage::Gate, "gate_rank blocks", blocks, u32::MAX as usize)?;
+        let (tiles32, mode) = (
+            to_u32(Stage::Gate, "rank tiles", tiles, u32::MAX as usize)?,
+            1u32,
+        );
         let (Some(keys), Some(slot_of)) = (ec_keys.as_ref(), slot_of.as_ref()) else {
             return Err(shape_err("expert-choice scratch missing"));
         };

@@ -10,6 +10,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
+use crate::cuda::context::{check_len, to_u32, MAX_INDEX};
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, GateCuda, PermuteCuda};
 use crate::error::{Error, Result};
@@ -19,8 +20,6 @@ use crate::stage::Stage;
 const CHUNK: usize = 1024;
 /// The two gather widths: (variant suffix, 32-bit words per thread).
 const WIDTHS: [(&str, usize); 2] = [("x1", 1), ("x4", 4)];
-/// Largest N, M and grid x the kernels index with 32-bit arithmetic.
-const MAX_INDEX: usize = i32::MAX as usize;
 
 /// The placeholders of one gather width (see the header of kernels/permute.ptx).
 fn subs(name: &str, vec: usize) -> Vec<(&'static str, String)> {
@@ -55,26 +54,6 @@ pub fn modules() -> Result<Vec<PtxModule>> {
         .collect()
 }
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(Error::shape(
-            Stage::Permute,
-            format!("{what} holds {have} elements, needs {need}"),
-        ));
-    }
-    Ok(())
-}
-
-fn to_u32(what: &str, n: usize, max: usize) -> Result<u32> {
-    if n > max {
-        return Err(Error::shape(
-            Stage::Permute,
-            format!("{what} = {n} exceeds the CUDA kernels' limit {max}"),
-        ));
-    }
-    Ok(n as u32)
-}
-
 /// Launches the permutation of `gate`'s assignments and the gather of `x` `[T, H]` into `out`.
 pub fn launch(
     dev: &CudaDevice,
@@ -86,13 +65,33 @@ pub fn launch(
 ) -> Result<()> {
     let mul = |what: &str, a: usize, b: usize| crate::shape::mul(Stage::Permute, what, a, b);
     let n = mul("T x slots", tokens, slots)?;
-    check_len("topk_ids", gate.topk_ids.len(), n)?;
-    check_len("kept", gate.kept.len(), n)?;
-    check_len("x", x.len(), mul("T x H", tokens, hidden)?)?;
-    check_len("expert_offsets", out.expert_offsets.len(), experts + 1)?;
-    check_len("sorted_assignment", out.sorted_assignment.len(), n)?;
-    check_len("row_of_assignment", out.row_of_assignment.len(), n)?;
-    check_len("x_perm", out.x_perm.len(), mul("T x slots x H", n, hidden)?)?;
+    check_len(Stage::Permute, "topk_ids", gate.topk_ids.len(), n)?;
+    check_len(Stage::Permute, "kept", gate.kept.len(), n)?;
+    check_len(Stage::Permute, "x", x.len(), mul("T x H", tokens, hidden)?)?;
+    check_len(
+        Stage::Permute,
+        "expert_offsets",
+        out.expert_offsets.len(),
+        experts + 1,
+    )?;
+    check_len(
+        Stage::Permute,
+        "sorted_assignment",
+        out.sorted_assignment.len(),
+        n,
+    )?;
+    check_len(
+        Stage::Permute,
+        "row_of_assignment",
+        out.row_of_assignment.len(),
+        n,
+    )?;
+    check_len(
+        Stage::Permute,
+        "x_perm",
+        out.x_perm.len(),
+        mul("T x slots x H", n, hidden)?,
+    )?;
     if n == 0 {
         // No assignment: nothing to launch, but the offsets are defined (all 0).
         let mut offsets = out.expert_offsets.slice_mut(..experts + 1);
@@ -109,9 +108,9 @@ pub fn launch(
     }
     let nb = n.div_ceil(CHUNK);
     let m = mul("(E + 1) x chunks", experts + 1, nb)?;
-    let n_u = to_u32("T x slots", n, MAX_INDEX)?;
-    let e_u = to_u32("experts", experts, MAX_INDEX)?;
-    let m_u = to_u32("(E + 1) x chunks", m, MAX_INDEX)?;
+    let n_u = to_u32(Stage::Permute, "T x slots", n, MAX_INDEX)?;
+    let e_u = to_u32(Stage::Permute, "experts", experts, MAX_INDEX)?;
+    let m_u = to_u32(Stage::Permute, "(E + 1) x chunks", m, MAX_INDEX)?;
     let nb_u = nb as u32;
     // The gather's width picks the module (kernels 1-3 are the same in both variants).
     let (name, vec) = if hidden % 4 == 0 {
@@ -122,9 +121,9 @@ pub fn launch(
     let variant = format!("permute.{name}");
     let cols = hidden / vec;
     let bs = crate::cuda::combine::block_for(cols);
-    let gy = to_u32("blocks per row", cols.div_ceil(bs), 65_535)?;
-    let s_u = to_u32("slots", slots, u32::MAX as usize)?;
-    let h_u = to_u32("hidden", hidden, u32::MAX as usize)?;
+    let gy = to_u32(Stage::Permute, "blocks per row", cols.div_ceil(bs), 65_535)?;
+    let s_u = to_u32(Stage::Permute, "slots", slots, u32::MAX as usize)?;
+    let h_u = to_u32(Stage::Permute, "hidden", hidden, u32::MAX as usize)?;
 
     // The count table, every cell written by permute_count before it is read.
     let mut cells = dev.alloc::<u32>(m)?;
@@ -225,8 +224,8 @@ mod tests {
             }
         }
         assert!(m[1].source.contains("ld.global.nc.v4.b32"));
-        assert!(check_len("x", 1, 2).is_err());
-        assert!(to_u32("n", MAX_INDEX + 1, MAX_INDEX).is_err());
+        assert!(check_len(Stage::Permute, "x", 1, 2).is_err());
+        assert!(to_u32(Stage::Permute, "n", MAX_INDEX + 1, MAX_INDEX).is_err());
     }
 
     /// (ids, kept) for `t` tokens with `k` distinct experts each out of `e`; mode 1 puts every

@@ -5,9 +5,10 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
+use crate::cuda::context::{check_len, to_u32, MAX_INDEX};
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, CudaWeights};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stage::Stage;
 use crate::tensor::DType;
 
@@ -57,28 +58,6 @@ pub fn modules() -> Result<Vec<PtxModule>> {
         .collect()
 }
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(Error::shape(
-            Stage::Router,
-            format!("{what} holds {have} elements, needs {need}"),
-        ));
-    }
-    Ok(())
-}
-
-fn to_u32(what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n)
-        .ok()
-        .filter(|&v| v <= i32::MAX as u32)
-        .ok_or_else(|| {
-            Error::shape(
-                Stage::Router,
-                format!("{what} = {n} exceeds the CUDA kernel's index range (2^31)"),
-            )
-        })
-}
-
 /// Launches `logits [T, E] = x [T, H] · wᵀ (+ bias [E])` on the device's stream.
 pub fn launch(
     dev: &CudaDevice,
@@ -90,8 +69,9 @@ pub fn launch(
 ) -> Result<()> {
     let (experts, hidden) = (w.rows, w.cols);
     let mul = |what: &str, a: usize, b: usize| crate::shape::mul(Stage::Router, what, a, b);
-    check_len("x", x.len(), mul("T x H", tokens, hidden)?)?;
+    check_len(Stage::Router, "x", x.len(), mul("T x H", tokens, hidden)?)?;
     check_len(
+        Stage::Router,
         "router weight bytes",
         w.bytes.len(),
         mul(
@@ -100,18 +80,23 @@ pub fn launch(
             w.dtype.size(),
         )?,
     )?;
-    check_len("logits", logits.len(), mul("T x E", tokens, experts)?)?;
+    check_len(
+        Stage::Router,
+        "logits",
+        logits.len(),
+        mul("T x E", tokens, experts)?,
+    )?;
     if let Some(b) = bias {
-        check_len("router bias", b.len(), experts)?;
+        check_len(Stage::Router, "router bias", b.len(), experts)?;
     }
     if tokens == 0 || experts == 0 {
         return Ok(());
     }
     let warps = mul("warp tiles", tokens.div_ceil(TILE), experts.div_ceil(TILE))?;
-    to_u32("warp tiles", warps)?;
-    let t = to_u32("tokens", tokens)?;
-    let e = to_u32("experts", experts)?;
-    let h = to_u32("hidden", hidden)?;
+    to_u32(Stage::Router, "warp tiles", warps, MAX_INDEX)?;
+    let t = to_u32(Stage::Router, "tokens", tokens, MAX_INDEX)?;
+    let e = to_u32(Stage::Router, "experts", experts, MAX_INDEX)?;
+    let h = to_u32(Stage::Router, "hidden", hidden, MAX_INDEX)?;
     let blocks = warps.div_ceil(WARPS_PER_BLOCK) as u32;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -152,9 +137,9 @@ mod tests {
 
     #[test]
     fn error_helpers_name_the_stage() {
-        assert!(check_len("x", 1, 2).is_err());
-        assert!(to_u32("n", 1 << 31).is_err());
-        assert_eq!(to_u32("n", 5).unwrap(), 5);
+        assert!(check_len(Stage::Router, "x", 1, 2).is_err());
+        assert!(to_u32(Stage::Router, "n", 1 << 31, MAX_INDEX).is_err());
+        assert_eq!(to_u32(Stage::Router, "n", 5, MAX_INDEX).unwrap(), 5);
     }
 
     fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
