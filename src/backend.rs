@@ -17,6 +17,7 @@ use crate::cpu::combine::{Assignments, SharedInput};
 use crate::cpu::expert_gemm::ExpertWeights;
 use crate::cpu::permute::Permutation;
 use crate::error::{Error, Result};
+use crate::limits::{self, Footprint, LayerShape, Resource};
 use crate::shape;
 use crate::stage::Stage;
 use crate::tensor::Tensor;
@@ -82,6 +83,8 @@ pub(crate) enum Device {
 #[derive(Debug)]
 pub struct Backend {
     pub(crate) device: Device,
+    /// Cap on a prepared layer's weights plus one forward's buffers, in bytes.
+    memory_limit: Option<u64>,
 }
 
 /// Why a backend kind cannot be used here, or `None` when it can.
@@ -149,14 +152,17 @@ impl Backend {
         match kind {
             BackendKind::Cpu => Ok(Backend {
                 device: Device::Cpu,
+                memory_limit: None,
             }),
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => Ok(Backend {
                 device: Device::Cuda(std::sync::Arc::new(crate::cuda::CudaDevice::new(0)?)),
+                memory_limit: None,
             }),
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => Ok(Backend {
                 device: Device::Wgpu(std::sync::Arc::new(crate::wgpu::WgpuDevice::new()?)),
+                memory_limit: None,
             }),
             #[allow(unreachable_patterns)] // reached when a backend's feature is off
             other => Err(Error::BackendUnavailable {
@@ -164,6 +170,99 @@ impl Backend {
                 reason: unavailable_reason(other).unwrap_or_default(),
             }),
         }
+    }
+
+    /// This backend with a cap of `bytes` on what a prepared layer's weights and one forward's
+    /// buffers ([`Footprint`]) may take together: device memory on a GPU, host memory on the
+    /// CPU. Checked before anything is allocated or launched; past it, [`MoeLayer::prepare`] or
+    /// the forward returns [`Error::Limit`] with [`Resource::MemoryLimit`]. The device's own
+    /// limits are checked as well, whichever is smaller wins.
+    ///
+    /// [`MoeLayer::prepare`]: crate::MoeLayer::prepare
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// The cap set with [`Backend::with_memory_limit`], if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.memory_limit
+    }
+
+    /// Checks that weights of `weight_bytes` fit before they are uploaded: the memory limit,
+    /// and on CUDA the free device memory. (wgpu reports no free memory: its buffer sizes are
+    /// checked as they are created, and an out-of-memory there is an [`Error::Limit`] too.)
+    pub fn check_weights(&self, weight_bytes: u64) -> Result<()> {
+        let kind = self.kind();
+        let what = || "the layer's weights".to_string();
+        if let Some(cap) = self.memory_limit {
+            limits::check(kind, Resource::MemoryLimit, what, weight_bytes, cap)?;
+        }
+        match &self.device {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => limits::check(
+                kind,
+                Resource::DeviceMemory,
+                what,
+                weight_bytes,
+                d.free_memory()?,
+            ),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(_) => Ok(()),
+        }
+    }
+
+    /// Checks, before anything is allocated or launched, that a forward of `tokens` tokens
+    /// through `layer` fits this backend with `resident` bytes (the prepared weights) already
+    /// taken: every buffer within the kernels' index range and the device's buffer and
+    /// binding sizes, all of them within the free device (or host) memory and the memory limit.
+    pub fn check_forward(&self, layer: &LayerShape, tokens: usize, resident: u64) -> Result<()> {
+        let fp = Footprint::forward(layer, tokens);
+        let kind = self.kind();
+        let total = fp.total_bytes();
+        let what = || format!("a {tokens}-token forward's buffers");
+        match &self.device {
+            Device::Cpu => {
+                // The f32 stage buffers plus the f64 temporaries of the stage running: about 3×.
+                limits::check_host(kind, what, total.saturating_mul(3))?;
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                fp.check_elements(kind, crate::cuda::context::MAX_INDEX as u64)?;
+                limits::check(kind, Resource::DeviceMemory, what, total, d.free_memory()?)?;
+                limits::check_host(
+                    kind,
+                    || "the forward's read-backs".into(),
+                    fp.host_readback_bytes(),
+                )?;
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => {
+                fp.check_each(kind, Resource::BufferSize, d.limits.max_buffer_size)?;
+                fp.check_each(
+                    kind,
+                    Resource::BindingSize,
+                    d.limits.max_storage_buffer_binding_size,
+                )?;
+                fp.check_elements(kind, u64::from(u32::MAX))?;
+                limits::check_host(
+                    kind,
+                    || "the forward's read-backs".into(),
+                    fp.host_readback_bytes(),
+                )?;
+            }
+        }
+        if let Some(cap) = self.memory_limit {
+            limits::check(
+                kind,
+                Resource::MemoryLimit,
+                || format!("the weights ({resident} bytes) and a {tokens}-token forward's buffers"),
+                total.saturating_add(resident),
+                cap,
+            )?;
+        }
+        Ok(())
     }
 
     /// Which kind this is.

@@ -204,8 +204,10 @@ pub fn run_point(
     iters: usize,
     routing: Routing,
 ) -> Result<Point> {
-    let x = input(layer, tokens, routing)?;
     let prepared = layer.prepare(dev)?;
+    // Before x exists: a --tokens value past a limit fails here, not in the allocator.
+    dev.check_forward(&layer.shape(), tokens, layer.weight_bytes())?;
+    let x = input(layer, tokens, routing)?;
     let mut counts = Vec::new();
     for _ in 0..warmup {
         counts = prepared.forward(&x)?.counts;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::backend::BackendKind;
+use crate::limits::Resource;
 use crate::stage::Stage;
 
 /// Everything that can go wrong, with the context a user needs to fix it.
@@ -48,6 +49,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A shape needs more than the device (or host) offers: memory, one buffer or binding, a
+    /// kernel's index range, a grid. Returned before anything is allocated or launched.
+    #[error(
+        "{backend}: {what}: needs {}, more than the {resource} ({})",
+        quantity(*need, resource.unit()),
+        quantity(*limit, resource.unit())
+    )]
+    Limit {
+        backend: BackendKind,
+        resource: Resource,
+        what: String,
+        need: u64,
+        limit: u64,
+    },
+
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -72,5 +88,49 @@ impl Error {
     /// A config error.
     pub(crate) fn config(what: impl Into<String>) -> Self {
         Error::Config(what.into())
+    }
+}
+
+/// `n unit`, with a binary-prefixed size after byte counts of a KiB or more.
+fn quantity(n: u64, unit: &str) -> String {
+    if unit != "bytes" || n < 1024 {
+        return format!("{n} {unit}");
+    }
+    let units = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64 / 1024.0;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{n} bytes ({v:.1} {})", units[i])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_errors_name_resource_and_both_sizes() {
+        let e = Error::Limit {
+            backend: BackendKind::Wgpu,
+            resource: Resource::BufferSize,
+            what: "buffer y_perm".into(),
+            need: 3 << 30,
+            limit: 1 << 30,
+        };
+        assert_eq!(
+            e.to_string(),
+            "wgpu: buffer y_perm: needs 3221225472 bytes (3.0 GiB), more than the device's \
+             largest buffer (1073741824 bytes (1.0 GiB))"
+        );
+        let e = Error::Limit {
+            backend: BackendKind::Cuda,
+            resource: Resource::IndexRange,
+            what: "x_perm".into(),
+            need: 5_000_000_000,
+            limit: i32::MAX as u64,
+        };
+        assert!(e.to_string().contains("5000000000 elements"), "{e}");
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Device, GateBuffers, PermuteBuffers};
+use crate::backend::{Backend, BackendKind, Device, GateBuffers, PermuteBuffers};
 use crate::config::LayerConfig;
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
@@ -13,6 +13,7 @@ use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::cpu::gate::Routing;
 use crate::error::{Error, Result};
 use crate::io;
+use crate::limits::{self, Footprint, LayerShape};
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
 
@@ -315,6 +316,52 @@ impl MoeLayer {
         self.dims
     }
 
+    /// What a forward's buffers depend on (for [`Footprint::forward`]).
+    ///
+    /// [`Footprint::forward`]: crate::limits::Footprint::forward
+    pub fn shape(&self) -> LayerShape {
+        LayerShape {
+            dims: self.dims,
+            config: self.config,
+            shared_ffn: self
+                .shared
+                .as_ref()
+                .map(|s| s.weights.up.shape().get(1).copied().unwrap_or(0)),
+            shared_gate: self.shared.as_ref().is_some_and(|s| s.gate.is_some()),
+        }
+    }
+
+    /// Bytes of every weight and bias as stored.
+    pub fn weight_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| limits::product(&[t.len(), t.dtype().size()]);
+        let ew = |w: &ExpertWeights| {
+            [
+                w.gate.as_ref(),
+                Some(&w.up),
+                Some(&w.down),
+                w.gate_bias.as_ref(),
+                w.up_bias.as_ref(),
+                w.down_bias.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(bytes)
+            .fold(0u64, u64::saturating_add)
+        };
+        [
+            Some(&self.router_weight),
+            self.router_bias.as_ref(),
+            self.score_correction_bias.as_ref(),
+            self.shared.as_ref().and_then(|s| s.gate.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .map(bytes)
+        .fold(0u64, u64::saturating_add)
+        .saturating_add(ew(&self.experts))
+        .saturating_add(self.shared.as_ref().map_or(0, |s| ew(&s.weights)))
+    }
+
     /// The same layer with expert and shared-expert weights rounded to `dtype`. Router
     /// weights and biases stay as stored, since routing decisions are made on them.
     pub fn with_expert_dtype(&self, dtype: DType) -> MoeLayer {
@@ -349,9 +396,24 @@ impl MoeLayer {
         }
     }
 
+    /// An [`Error::Limit`] unless the host can hold the f64 reference forward of `tokens`
+    /// tokens (every activation in f64 plus the stage temporaries: about 3× the f32
+    /// [`Footprint`]). [`MoeLayer::forward_reference`] runs it first; call it before building
+    /// a large input to fail before that allocation too.
+    pub fn check_reference(&self, tokens: usize) -> Result<()> {
+        limits::check_host(
+            BackendKind::Cpu,
+            || format!("the f64 reference forward of {tokens} tokens"),
+            Footprint::forward(&self.shape(), tokens)
+                .total_bytes()
+                .saturating_mul(3),
+        )
+    }
+
     /// The pure f64 reference forward (no rounding between stages).
     pub fn forward_reference(&self, x: &Tensor) -> Result<ReferenceOutput> {
         let t = self.check_x(x)?;
+        self.check_reference(t)?;
         let (e, h) = (self.dims.experts, self.dims.hidden);
         let cfg = &self.config;
         let logits = cpu::router::router_logits(x, &self.router_weight, self.router_bias.as_ref())?;
@@ -390,6 +452,8 @@ impl MoeLayer {
     /// The layer made ready on `dev` (weights uploaded once for GPU backends); call
     /// [`PreparedLayer::forward`] as often as needed.
     pub fn prepare<'a>(&'a self, dev: &'a Backend) -> Result<PreparedLayer<'a>> {
+        let resident = self.weight_bytes();
+        dev.check_weights(resident)?;
         let inner = match &dev.device {
             Device::Cpu => Prepared::Staged,
             #[cfg(feature = "cuda")]
@@ -405,6 +469,7 @@ impl MoeLayer {
             layer: self,
             dev,
             inner,
+            resident,
         })
     }
 
@@ -516,12 +581,16 @@ pub struct PreparedLayer<'a> {
     layer: &'a MoeLayer,
     dev: &'a Backend,
     inner: Prepared,
+    /// Bytes of the weights this layer keeps on the backend.
+    resident: u64,
 }
 
 impl PreparedLayer<'_> {
     /// One forward of `x` `[T, H]`.
     pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
-        self.layer.check_x(x)?;
+        let t = self.layer.check_x(x)?;
+        self.dev
+            .check_forward(&self.layer.shape(), t, self.resident)?;
         match (&self.inner, &self.dev.device) {
             #[cfg(feature = "cuda")]
             (Prepared::Cuda(l), Device::Cuda(d)) => l.forward(d, x),

@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod error;
 pub mod io;
 pub mod layer;
+pub mod limits;
 pub mod shape;
 pub mod stage;
 pub mod synth;
@@ -40,5 +41,6 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use layer::{ForwardOutput, MoeLayer, PreparedLayer};
+pub use limits::Resource;
 pub use stage::Stage;
 pub use tensor::{DType, Tensor};

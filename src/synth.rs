@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::backend::BackendKind;
 use crate::config::LayerConfig;
 use crate::error::Result;
 use crate::layer::MoeLayer;
+use crate::limits;
 use crate::tensor::{DType, Tensor};
 
 /// What a synthetic layer holds besides the routed experts.
@@ -64,6 +66,19 @@ pub fn random_layer(
     dtype: DType,
     seed: u64,
 ) -> Result<MoeLayer> {
+    // Generated in f32 before the cast; checked before any of it is allocated.
+    let per_expert = if config.activation.is_gated() { 3 } else { 2 };
+    let shared = extras
+        .shared_ffn
+        .map_or(0, |fs| limits::product(&[per_expert, fs, h]));
+    limits::check_host(
+        BackendKind::Cpu,
+        || format!("a synthetic layer with E = {e}, H = {h}, F = {f}"),
+        limits::product(&[per_expert, e, f, h])
+            .saturating_add(shared)
+            .saturating_add(limits::product(&[e, h]))
+            .saturating_mul(4),
+    )?;
     let mut g = Gen::new(seed);
     let mut t = BTreeMap::new();
     // Router weights are larger than 1/sqrt(H) so scores are spread out, as in trained routers.

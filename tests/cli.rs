@@ -642,6 +642,52 @@ fn demo_small_passes() {
 }
 
 #[test]
+fn demo_past_the_limits_fails_cleanly() {
+    // 1e11 tokens (6 PiB of buffers) and a 175 TiB layer: refused with the numbers, before
+    // anything that large is allocated, on the CPU and on whatever `auto` picks.
+    for backend in ["cpu", "auto"] {
+        let out = moe(&["demo", "--backend", backend, "--tokens", "100000000000"]);
+        assert_fails(&out, &["needs", "more than the"]);
+        let out = moe(&[
+            "demo",
+            "--backend",
+            backend,
+            "--hidden",
+            "1000000",
+            "--ffn",
+            "1000000",
+        ]);
+        assert_fails(&out, &["synthetic layer", "available host memory"]);
+    }
+}
+
+#[test]
+fn run_past_the_limits_fails_cleanly() {
+    // Expert choice gives each of T = 131072 tokens E = 8192 slots: x_perm [T·E, 64] is
+    // 275 GB, from a 32 MB input and 4 MB of weights.
+    let fx = Fixture::new("past_limits");
+    fx.set_config(r#"{"expert_choice": {"capacity_factor": 1.0}, "activation": "relu"}"#);
+    let mut config = Preset::Mixtral.config();
+    config.activation = Activation::Relu;
+    let layer = random_layer(config, 8192, 64, 1, Extras::default(), DType::F32, 1)
+        .expect("synthetic layer");
+    fx.set_weights(&[
+        Raw::from_tensor("router.weight", &layer.router_weight),
+        Raw::from_tensor("experts.up_proj", &layer.experts.up),
+        Raw::from_tensor("experts.down_proj", &layer.experts.down),
+    ]);
+    fx.set_input(&[x_raw(131_072, 64)]);
+    assert_fails(
+        &fx.run(&[]),
+        &["131072-token forward", "available host memory"],
+    );
+    assert_fails(
+        &fx.run_backend(None, &[]),
+        &["131072-token forward", "needs"],
+    );
+}
+
+#[test]
 fn demo_small_auto_passes() {
     let out = moe(&["demo", "--tokens", "5", "--hidden", "16", "--ffn", "24"]);
     assert_ok(&out);

@@ -234,6 +234,9 @@ fn demo(
     let experts = 16;
     let config = Preset::Gpt4.config();
     let layer = synth::random_layer(config, experts, hidden, ffn, Extras::default(), dtype, seed)?;
+    // Both forwards' limits before x is built, so a huge --tokens fails here with the numbers.
+    dev.check_forward(&layer.shape(), tokens, layer.weight_bytes())?;
+    layer.check_reference(tokens)?;
     let x = synth::random_x(tokens, hidden, seed);
     println!(
         "moe demo: GPT-4-style MoE layer, {experts} experts, top-{}, SwiGLU",

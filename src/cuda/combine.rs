@@ -5,11 +5,13 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use crate::backend::BackendKind;
 use crate::cuda::context::drv;
 use crate::cuda::context::{check_len, to_u32};
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, GateCuda};
 use crate::error::Result;
+use crate::limits::{self, Resource};
 use crate::stage::Stage;
 
 /// The two vector widths: (variant suffix, f32 elements per thread).
@@ -111,7 +113,13 @@ pub fn launch(
     let t = to_u32(Stage::Combine, "tokens", tokens, i32::MAX as usize)?;
     let s = to_u32(Stage::Combine, "slots", slots, u32::MAX as usize)?;
     let h = to_u32(Stage::Combine, "hidden", hidden, u32::MAX as usize)?;
-    to_u32(Stage::Combine, "blocks per token", gy, 65_535)?;
+    limits::check(
+        BackendKind::Cuda,
+        Resource::GridSize,
+        || format!("{}: blocks per token (grid y)", Stage::Combine),
+        gy as u64,
+        65_535,
+    )?;
     let rows = (y_perm.len() / hidden).min(u32::MAX as usize) as u32;
     let cfg = LaunchConfig {
         grid_dim: (t, gy as u32, 1),
@@ -174,7 +182,8 @@ mod tests {
         assert_eq!(block_for(33), 64);
         assert_eq!(block_for(1792), 256);
         assert!(check_len(Stage::Combine, "y", 1, 2).is_err());
-        assert!(to_u32(Stage::Combine, "gy", 65_536, 65_535).is_err());
+        assert!(to_u32(Stage::Combine, "gy", 65_536, 65_535)
+            .is_err_and(|e| matches!(e, crate::Error::Limit { .. })));
     }
 
     /// On a CUDA device (skipped without one): against the CPU reference with and without

@@ -13,6 +13,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
+use crate::limits::{self, Resource};
 use crate::stage::Stage;
 
 /// An error from the CUDA backend.
@@ -37,15 +38,17 @@ pub(crate) fn check_len(stage: Stage, what: &str, have: usize, need: usize) -> R
     Ok(())
 }
 
-/// `n` as a kernel `u32` parameter, or a shape error when it exceeds `max` (the index range
-/// the kernel's 32-bit arithmetic supports).
+/// `n` as a kernel `u32` parameter, or an [`Error::Limit`] ([`Resource::IndexRange`]) when
+/// it exceeds `max` (the index range the kernel's 32-bit arithmetic supports).
 pub(crate) fn to_u32(stage: Stage, what: &str, n: usize, max: usize) -> Result<u32> {
-    if n > max || u32::try_from(n).is_err() {
-        return Err(Error::shape(
-            stage,
-            format!("{what} = {n} exceeds the CUDA kernels' limit {max}"),
-        ));
-    }
+    let max = max.min(u32::MAX as usize);
+    limits::check(
+        BackendKind::Cuda,
+        Resource::IndexRange,
+        || format!("{stage}: {what}"),
+        n as u64,
+        max as u64,
+    )?;
     Ok(n as u32)
 }
 
@@ -55,6 +58,28 @@ pub(crate) fn drv<T>(
     what: &str,
 ) -> Result<T> {
     r.map_err(|e| cuda_err(format!("{what}: {e:?}")))
+}
+
+/// Wraps an allocation's driver error: out-of-memory becomes an [`Error::Limit`] on device
+/// memory (with the bytes asked for and the bytes free), anything else a backend error.
+fn alloc_err<T>(
+    r: std::result::Result<T, cudarc::driver::DriverError>,
+    ctx: &CudaContext,
+    bytes: usize,
+) -> Result<T> {
+    r.map_err(|e| {
+        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::Limit {
+                backend: BackendKind::Cuda,
+                resource: Resource::DeviceMemory,
+                what: "a device allocation".into(),
+                need: bytes as u64,
+                limit: ctx.mem_get_info().map_or(0, |(free, _)| free as u64),
+            }
+        } else {
+            cuda_err(format!("device allocation of {bytes} bytes: {e:?}"))
+        }
+    })
 }
 
 /// One CUDA device with its stream and caches.
@@ -142,12 +167,23 @@ impl CudaDevice {
         if data.is_empty() {
             return self.alloc(0);
         }
-        drv(self.stream.clone_htod(data), "host-to-device copy")
+        alloc_err(
+            self.stream.clone_htod(data),
+            &self.ctx,
+            std::mem::size_of_val(data),
+        )
     }
 
     /// A zeroed device buffer of `n` elements (at least one is allocated).
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        drv(self.stream.alloc_zeros::<T>(n.max(1)), "device allocation")
+        let bytes = n.max(1).saturating_mul(std::mem::size_of::<T>());
+        alloc_err(self.stream.alloc_zeros::<T>(n.max(1)), &self.ctx, bytes)
+    }
+
+    /// Bytes free on the device now.
+    pub fn free_memory(&self) -> Result<u64> {
+        let (free, _total) = drv(self.ctx.mem_get_info(), "querying free device memory")?;
+        Ok(free as u64)
     }
 
     /// The first `n` elements of `buf`, copied to the host (synchronises the stream).

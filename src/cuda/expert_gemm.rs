@@ -13,6 +13,7 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use crate::backend::BackendKind;
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::cuda::context::drv;
@@ -20,6 +21,7 @@ use crate::cuda::context::to_u32;
 use crate::cuda::ptx::{self, PtxModule};
 use crate::cuda::{CudaDevice, CudaWeights};
 use crate::error::{Error, Result};
+use crate::limits::{self, Resource};
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
 
@@ -217,15 +219,14 @@ fn run_gemm(
     }
     let bno = if g.code >= 3 { 64 } else { 128 };
     let tiles_m = rows / BM + w.dims.experts;
-    let blocks = tiles_m
-        .checked_mul(g.n.div_ceil(bno))
-        .filter(|&b| b <= i32::MAX as usize)
-        .ok_or_else(|| {
-            Error::shape(
-                Stage::ExpertGemm,
-                "expert GEMM grid exceeds 2^31 - 1 blocks",
-            )
-        })?;
+    let blocks = limits::product(&[tiles_m, g.n.div_ceil(bno)]);
+    limits::check(
+        BackendKind::Cuda,
+        Resource::GridSize,
+        || format!("{}: the expert GEMM's grid", Stage::ExpertGemm),
+        blocks,
+        i32::MAX as u64,
+    )?;
     let (name, entry, _) = variant(w.dtype);
     let func = dev.function(Stage::ExpertGemm, name, entry)?;
     let smem = if w.dtype == DType::F32 {

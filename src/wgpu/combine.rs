@@ -49,7 +49,7 @@ pub fn encode(
     y: &GpuBuffer<f32>,
 ) -> Result<()> {
     let pipeline = dev.pipeline(Kernel::Combine(Entry::Combine), &[])?;
-    let dummy = dev.upload(&[0f32], "no shared expert");
+    let dummy = dev.upload(&[0f32], "no shared expert")?;
     let (sy, sg) = match shared {
         Some((s, g)) => (s, g),
         None => (&dummy, None),
@@ -76,6 +76,6 @@ pub fn encode(
             y.binding(),
         ],
     );
-    dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * hidden, WG));
+    dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * hidden, WG)?);
     Ok(())
 }

@@ -11,6 +11,8 @@ use bytemuck::Pod;
 
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
+use crate::limits::{self, Resource};
+use crate::stage::Stage;
 use crate::wgpu::kernels::Kernel;
 
 /// Invocations per workgroup of the 1-D elementwise kernels (every shader's `WG` constant).
@@ -47,6 +49,27 @@ pub(crate) fn gpu_err(what: impl Into<String>) -> Error {
         backend: BackendKind::Wgpu,
         reason: what.into(),
     }
+}
+
+/// An [`Error::Limit`] of the wgpu backend unless `need <= limit`.
+pub(crate) fn within(
+    resource: Resource,
+    what: impl FnOnce() -> String,
+    need: u64,
+    limit: u64,
+) -> Result<()> {
+    limits::check(BackendKind::Wgpu, resource, what, need, limit)
+}
+
+/// `n` as a shader `u32`, or an [`Error::Limit`] on the shaders' 32-bit index range.
+pub(crate) fn index_u32(stage: Stage, what: &str, n: usize) -> Result<u32> {
+    within(
+        Resource::IndexRange,
+        || format!("{stage}: {what}"),
+        n as u64,
+        u64::from(u32::MAX),
+    )?;
+    Ok(n as u32)
 }
 
 /// Cached pipelines keyed by kernel and its specialisation constants (as f64 bits).
@@ -188,51 +211,86 @@ impl WgpuDevice {
     }
 
     /// A storage buffer holding `data`.
-    pub fn upload<T: Pod>(&self, data: &[T], label: &str) -> GpuBuffer<T> {
+    pub fn upload<T: Pod>(&self, data: &[T], label: &str) -> Result<GpuBuffer<T>> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let buffer = if bytes.len() >= 4 {
-            self.device
-                .create_buffer_init(&::wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: bytes,
-                    usage: storage_usage(),
-                })
-        } else {
-            self.device
-                .create_buffer_init(&::wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: &[0u8; 4],
-                    usage: storage_usage(),
-                })
-        };
-        GpuBuffer {
+        let contents = if bytes.len() >= 4 { bytes } else { &[0u8; 4] };
+        let buffer = self.create_checked(label, contents.len() as u64, |dev| {
+            dev.create_buffer_init(&::wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: storage_usage(),
+            })
+        })?;
+        Ok(GpuBuffer {
             buffer,
             len: data.len(),
             _t: PhantomData,
-        }
+        })
     }
 
     /// An uninitialised storage buffer of `len` elements (its contents are whatever the first
     /// kernel writes; wgpu zero-fills new buffers).
     pub fn alloc<T: Pod>(&self, len: usize, label: &str) -> Result<GpuBuffer<T>> {
-        let bytes = (len * std::mem::size_of::<T>()).max(4) as u64;
-        if bytes > self.limits.max_buffer_size {
-            return Err(gpu_err(format!(
-                "buffer {label} needs {bytes} bytes, more than the adapter's max_buffer_size {}",
-                self.limits.max_buffer_size
-            )));
-        }
-        let buffer = self.device.create_buffer(&::wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes.next_multiple_of(4),
-            usage: storage_usage(),
-            mapped_at_creation: false,
-        });
+        let bytes = limits::product(&[len, std::mem::size_of::<T>()])
+            .max(4)
+            .next_multiple_of(4);
+        let buffer = self.create_checked(label, bytes, |dev| {
+            dev.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: storage_usage(),
+                mapped_at_creation: false,
+            })
+        })?;
         Ok(GpuBuffer {
             buffer,
             len,
             _t: PhantomData,
         })
+    }
+
+    /// Creates a buffer of `bytes` with `create` after checking it against the adapter's
+    /// largest buffer, and catches what wgpu would otherwise hand its panicking default error
+    /// handler: out-of-memory becomes an [`Error::Limit`] on device memory, a validation error
+    /// a backend error.
+    fn create_checked(
+        &self,
+        label: &str,
+        bytes: u64,
+        create: impl FnOnce(&::wgpu::Device) -> ::wgpu::Buffer,
+    ) -> Result<::wgpu::Buffer> {
+        limits::check(
+            BackendKind::Wgpu,
+            Resource::BufferSize,
+            || format!("buffer {label}"),
+            bytes,
+            self.limits.max_buffer_size,
+        )?;
+        let oom = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
+        let invalid = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let buffer = create(&self.device);
+        let invalid = pollster::block_on(invalid.pop());
+        let oom = pollster::block_on(oom.pop());
+        if oom.is_some() {
+            return Err(Error::Limit {
+                backend: BackendKind::Wgpu,
+                resource: Resource::DeviceMemory,
+                what: format!("buffer {label}"),
+                need: bytes,
+                // wgpu reports no free-memory figure; 0 says "none was left".
+                limit: 0,
+            });
+        }
+        if let Some(e) = invalid {
+            return Err(gpu_err(format!(
+                "creating buffer {label} ({bytes} bytes): {e}"
+            )));
+        }
+        Ok(buffer)
     }
 
     /// A storage buffer of `len` elements whose every byte is 0xFF (NaN as f32, `u32::MAX` as
@@ -299,14 +357,21 @@ impl WgpuDevice {
 
     /// A 2-D grid covering `n` items with `per_group` items per workgroup: x up to the
     /// per-dimension limit, y for the rest. Shaders flatten `wid.x + wid.y · nwg.x`.
-    pub fn grid(&self, n: usize, per_group: u32) -> (u32, u32, u32) {
-        let groups = n.div_ceil(per_group as usize) as u64;
+    /// An [`Error::Limit`] when `n` needs more than the limit squared.
+    pub fn grid(&self, n: usize, per_group: u32) -> Result<(u32, u32, u32)> {
+        let groups = n.div_ceil(per_group.max(1) as usize) as u64;
         let max_x = u64::from(self.limits.max_compute_workgroups_per_dimension.max(1));
         if groups == 0 {
-            return (0, 0, 0);
+            return Ok((0, 0, 0));
         }
+        within(
+            Resource::GridSize,
+            || format!("a launch over {n} items, {per_group} per workgroup"),
+            groups,
+            max_x * max_x,
+        )?;
         let x = groups.min(max_x);
-        (x as u32, groups.div_ceil(x) as u32, 1)
+        Ok((x as u32, groups.div_ceil(x) as u32, 1))
     }
 
     /// A new command encoder.

@@ -26,9 +26,10 @@
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::error::{Error, Result};
+use crate::limits::{self, Resource};
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
-use crate::wgpu::context::{gpu_err, GpuBuffer, WgpuDevice};
+use crate::wgpu::context::{gpu_err, within, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::weights::GpuWeights;
 
@@ -156,19 +157,21 @@ impl GpuExperts {
         };
         let down = GpuWeights::upload(dev, &w.down, max_bytes, "experts.down_proj")?;
         let bias = |b: &Option<Tensor>, label: &str| {
-            b.as_ref().map(|t| dev.upload(&t.to_f32_vec(), label))
+            b.as_ref()
+                .map(|t| dev.upload(&t.to_f32_vec(), label))
+                .transpose()
         };
         Ok(GpuExperts {
             dims,
             gate,
             up,
             down,
-            gate_bias: bias(&w.gate_bias, "experts.gate_proj_bias"),
-            up_bias: bias(&w.up_bias, "experts.up_proj_bias"),
-            down_bias: bias(&w.down_bias, "experts.down_proj_bias"),
-            dummy_words: dev.upload(&[0u32], "no weights"),
-            dummy_words4: dev.upload(&[0u32; 4], "no weights"),
-            dummy_f32: dev.upload(&[0f32], "no bias"),
+            gate_bias: bias(&w.gate_bias, "experts.gate_proj_bias")?,
+            up_bias: bias(&w.up_bias, "experts.up_proj_bias")?,
+            down_bias: bias(&w.down_bias, "experts.down_proj_bias")?,
+            dummy_words: dev.upload(&[0u32], "no weights")?,
+            dummy_words4: dev.upload(&[0u32; 4], "no weights")?,
+            dummy_f32: dev.upload(&[0f32], "no bias")?,
         })
     }
 }
@@ -296,19 +299,24 @@ pub fn encode_path(
     if rows == 0 || h == 0 {
         return Ok(());
     }
-    let max_elems = rows.saturating_mul(h.max(f));
-    if max_elems > u32::MAX as usize || e.saturating_mul(h.max(f)) > u32::MAX as usize {
-        return Err(gpu_err(format!(
-            "expert GEMM of {rows} rows, E = {e}, H = {h}, F = {f} exceeds 32-bit indexing"
-        )));
-    }
-    let h_bytes = (rows * f * 4) as u64;
-    if h_bytes > dev.max_binding_bytes() {
-        return Err(gpu_err(format!(
-            "the expert FFN's intermediate h [{rows}, {f}] needs {h_bytes} bytes, more than the adapter's storage binding limit {}",
-            dev.max_binding_bytes()
-        )));
-    }
+    let max_elems = limits::product(&[rows.max(e), h.max(f)]);
+    within(
+        Resource::IndexRange,
+        || {
+            format!(
+                "{}: {rows} rows, E = {e}, H = {h}, F = {f}",
+                Stage::ExpertGemm
+            )
+        },
+        max_elems,
+        u64::from(u32::MAX),
+    )?;
+    within(
+        Resource::BindingSize,
+        || format!("{}: the intermediate h [{rows}, {f}]", Stage::ExpertGemm),
+        limits::product(&[rows, f, 4]),
+        dev.max_binding_bytes(),
+    )?;
     let hbuf = dev.alloc::<f32>(rows * f, "expert_h")?;
 
     let (alpha, limit) = match act {
@@ -392,12 +400,18 @@ pub fn encode_path(
                     n_rows.min(pass.n).div_ceil(TILE_COLS),
                 )
             };
-            let max = dev.limits.max_compute_workgroups_per_dimension as usize;
-            if groups_x > max || groups_y > max {
-                return Err(gpu_err(format!(
-                    "expert GEMM grid {groups_x} × {groups_y} exceeds the adapter's {max} workgroups per dimension"
-                )));
-            }
+            let max = u64::from(dev.limits.max_compute_workgroups_per_dimension);
+            within(
+                Resource::GridSize,
+                || {
+                    format!(
+                        "{}: grid {groups_x} × {groups_y}, per dimension",
+                        Stage::ExpertGemm
+                    )
+                },
+                groups_x.max(groups_y) as u64,
+                max,
+            )?;
             let params = dev.uniform(&Params {
                 experts: e as u32,
                 rows: rows as u32,
@@ -541,9 +555,9 @@ mod tests {
     ) -> Vec<f32> {
         let h = w.dims.hidden;
         let rows = x.len() / h;
-        let xb = dev.upload(x, "x");
-        let ob = dev.upload(offsets, "offsets");
-        let yb = dev.upload(&vec![f32::NAN; rows * h], "y");
+        let xb = dev.upload(x, "x").unwrap();
+        let ob = dev.upload(offsets, "offsets").unwrap();
+        let yb = dev.upload(&vec![f32::NAN; rows * h], "y").unwrap();
         let mut enc = dev.encoder();
         encode(dev, &mut enc, &xb, rows, &ob, w, act, &yb).unwrap();
         dev.submit_and_wait(enc).unwrap();
@@ -561,9 +575,9 @@ mod tests {
     ) -> Vec<f32> {
         let h = w.dims.hidden;
         let rows = x.len() / h;
-        let xb = dev.upload(x, "x");
-        let ob = dev.upload(offsets, "offsets");
-        let yb = dev.upload(&vec![f32::NAN; rows * h], "y");
+        let xb = dev.upload(x, "x").unwrap();
+        let ob = dev.upload(offsets, "offsets").unwrap();
+        let yb = dev.upload(&vec![f32::NAN; rows * h], "y").unwrap();
         let mut enc = dev.encoder();
         encode_path(dev, &mut enc, &xb, rows, &ob, w, act, &yb, path).unwrap();
         dev.submit_and_wait(enc).unwrap();

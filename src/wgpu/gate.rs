@@ -8,8 +8,9 @@
 
 use crate::config::{Combine, Priority, RoutingConfig, Scoring};
 use crate::error::{Error, Result};
+use crate::limits::{self, Resource};
 use crate::stage::Stage;
-use crate::wgpu::context::{gpu_err, GpuBuffer, WgpuDevice, WG};
+use crate::wgpu::context::{index_u32, within, GpuBuffer, WgpuDevice, WG};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::GateGpu;
 
@@ -146,14 +147,17 @@ fn loop_iterations(
 }
 
 fn too_large(what: &str) -> Error {
-    Error::shape(
-        Stage::Gate,
-        format!("{what} exceeds the 32-bit indexing of the wgpu gate"),
-    )
+    Error::Limit {
+        backend: crate::BackendKind::Wgpu,
+        resource: Resource::IndexRange,
+        what: format!("{}: {what}", Stage::Gate),
+        need: u64::MAX,
+        limit: u64::from(u32::MAX),
+    }
 }
 
 fn to_u32(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| too_large(what))
+    index_u32(Stage::Gate, what, v)
 }
 
 /// Records the gate on `logits` `[T, E]` into `out`.
@@ -240,15 +244,17 @@ fn encode_with(
             by_top1,
             use_rank,
         );
-        if most > LAVAPIPE_LOOP_LIMIT {
-            return Err(Error::shape(
-                Stage::Gate,
+        within(
+            Resource::LoopIterations,
+            || {
                 format!(
-                    "T = {tokens}, E = {experts}, {slots} slots needs up to {most} loop iterations \
-                     in one invocation; lavapipe stops an invocation after {LAVAPIPE_LOOP_LIMIT}"
-                ),
-            ));
-        }
+                    "{}: T = {tokens}, E = {experts}, {slots} slots on lavapipe",
+                    Stage::Gate
+                )
+            },
+            most as u64,
+            LAVAPIPE_LOOP_LIMIT as u64,
+        )?;
     }
 
     // Scratch regions, in u32 words.
@@ -280,13 +286,12 @@ fn encode_with(
         "expert-choice thresholds",
     )?;
     to_u32(len, "gate scratch")?;
-    if (len * 4) as u64 > dev.max_binding_bytes() {
-        return Err(gpu_err(format!(
-            "the gate's scratch needs {} bytes, more than the adapter's largest binding {}",
-            len * 4,
-            dev.max_binding_bytes()
-        )));
-    }
+    within(
+        Resource::BindingSize,
+        || format!("{}: the gate's scratch", Stage::Gate),
+        limits::product(&[len, 4]),
+        dev.max_binding_bytes(),
+    )?;
     let scratch = dev.alloc::<u32>(len.max(1), "gate scratch")?;
 
     let params = Params {
@@ -329,7 +334,7 @@ fn encode_with(
     let bias_buf = match bias {
         Some(b) => b,
         None => {
-            dummy = dev.upload(&[0f32], "no score_correction_bias");
+            dummy = dev.upload(&[0f32], "no score_correction_bias")?;
             &dummy
         }
     };
@@ -363,10 +368,10 @@ fn encode_with(
             Ok(())
         };
 
-    let per_token = dev.grid(tokens, 1);
-    let per_token_inv = dev.grid(tokens, WG);
-    let per_expert = dev.grid(experts, 1);
-    let per_block = dev.grid(slots * blocks, 1);
+    let per_token = dev.grid(tokens, 1)?;
+    let per_token_inv = dev.grid(tokens, WG)?;
+    let per_expert = dev.grid(experts, 1)?;
+    let per_block = dev.grid(slots * blocks, 1)?;
     run(enc, Entry::Select, per_token)?;
     match mode {
         MODE_PLAIN => {
@@ -448,13 +453,13 @@ mod tests {
         force_global: bool,
     ) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>) {
         let n = t * cfg.slots(e);
-        let lb = dev.upload(l, "logits");
-        let bb = bias.map(|b| dev.upload(b, "bias"));
+        let lb = dev.upload(l, "logits").unwrap();
+        let bb = bias.map(|b| dev.upload(b, "bias").unwrap());
         let out = GateGpu {
-            topk_ids: dev.upload(&vec![u32::MAX; n], "ids"),
-            topk_weights: dev.upload(&vec![f32::NAN; n], "weights"),
-            kept: dev.upload(&vec![7u32; n], "kept"),
-            counts: dev.upload(&vec![u32::MAX; e], "counts"),
+            topk_ids: dev.upload(&vec![u32::MAX; n], "ids").unwrap(),
+            topk_weights: dev.upload(&vec![f32::NAN; n], "weights").unwrap(),
+            kept: dev.upload(&vec![7u32; n], "kept").unwrap(),
+            counts: dev.upload(&vec![u32::MAX; e], "counts").unwrap(),
         };
         let mut enc = dev.encoder();
         encode_with(
@@ -632,11 +637,23 @@ mod tests {
             priority: Priority::Top1Score,
             ..RoutingConfig::default()
         };
-        let lb = dev.upload(&vec![0.5f32; t * e], "logits");
+        let lb = dev.upload(&vec![0.5f32; t * e], "logits").unwrap();
         let out = GateGpu::alloc(&dev, t, 1, e).unwrap();
         let mut enc = dev.encoder();
         let err = encode(&dev, &mut enc, &lb, t, e, None, &cfg, &out).unwrap_err();
         assert!(err.to_string().contains("lavapipe"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Limit {
+                    resource: Resource::LoopIterations,
+                    need: 70_000..,
+                    limit: 65_535,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use crate::wgpu::{
 };
 use crate::wgpu::{GateGpu, GpuBuffer, PermuteGpu, WgpuDevice};
 
-fn bias_buf(dev: &WgpuDevice, b: Option<&Tensor>, label: &str) -> Option<GpuBuffer<f32>> {
-    b.map(|b| dev.upload(&b.to_f32_vec(), label))
+fn bias_buf(dev: &WgpuDevice, b: Option<&Tensor>, label: &str) -> Result<Option<GpuBuffer<f32>>> {
+    b.map(|b| dev.upload(&b.to_f32_vec(), label)).transpose()
 }
 
 /// Stage 0 with host buffers.
@@ -27,9 +27,9 @@ pub fn router(
     logits: &mut [f32],
 ) -> Result<()> {
     let t = x.shape()[0];
-    let xb = dev.upload(&x.to_f32_vec(), "x");
+    let xb = dev.upload(&x.to_f32_vec(), "x")?;
     let wb = GpuWeights::upload(dev, w, None, "router.weight")?;
-    let bb = bias_buf(dev, bias, "router.bias");
+    let bb = bias_buf(dev, bias, "router.bias")?;
     let out = dev.alloc_poisoned::<f32>(logits.len(), "logits")?;
     let mut enc = dev.encoder();
     router_stage::encode(dev, &mut enc, &xb, t, &wb, bb.as_ref(), &out)?;
@@ -46,8 +46,8 @@ pub fn gate(
     cfg: &RoutingConfig,
     out: &mut GateBuffers,
 ) -> Result<()> {
-    let lb = dev.upload(logits, "logits");
-    let bb = bias_buf(dev, bias, "score_correction_bias");
+    let lb = dev.upload(logits, "logits")?;
+    let bb = bias_buf(dev, bias, "score_correction_bias")?;
     let g = GateGpu {
         topk_ids: dev.alloc_poisoned(out.tokens * out.slots, "topk_ids")?,
         topk_weights: dev.alloc_poisoned(out.tokens * out.slots, "topk_weights")?,
@@ -75,13 +75,13 @@ pub fn gate(
 }
 
 /// The gate's host buffers on the device.
-pub fn upload_gate(dev: &WgpuDevice, g: &GateBuffers) -> GateGpu {
-    GateGpu {
-        topk_ids: dev.upload(&g.topk_ids, "topk_ids"),
-        topk_weights: dev.upload(&g.topk_weights, "topk_weights"),
-        kept: dev.upload(&g.kept, "kept"),
-        counts: dev.upload(&g.counts, "counts"),
-    }
+pub fn upload_gate(dev: &WgpuDevice, g: &GateBuffers) -> Result<GateGpu> {
+    Ok(GateGpu {
+        topk_ids: dev.upload(&g.topk_ids, "topk_ids")?,
+        topk_weights: dev.upload(&g.topk_weights, "topk_weights")?,
+        kept: dev.upload(&g.kept, "kept")?,
+        counts: dev.upload(&g.counts, "counts")?,
+    })
 }
 
 /// Stage 2 with host buffers.
@@ -91,8 +91,8 @@ pub fn permute(
     x: &Tensor,
     out: &mut PermuteBuffers,
 ) -> Result<()> {
-    let g = upload_gate(dev, gate);
-    let xb = dev.upload(&x.to_f32_vec(), "x");
+    let g = upload_gate(dev, gate)?;
+    let xb = dev.upload(&x.to_f32_vec(), "x")?;
     let n = out.tokens * out.slots;
     let p = PermuteGpu {
         expert_offsets: dev.alloc_poisoned(out.experts + 1, "expert_offsets")?,
@@ -133,8 +133,8 @@ pub fn expert_gemm(
     let experts = GpuExperts::upload(dev, w, act)?;
     let h = experts.dims.hidden;
     let rows = x_rows.len().checked_div(h).unwrap_or(0);
-    let xb = dev.upload(x_rows, "x_rows");
-    let ob = dev.upload(offsets, "expert_offsets");
+    let xb = dev.upload(x_rows, "x_rows")?;
+    let ob = dev.upload(offsets, "expert_offsets")?;
     let yb = dev.alloc_poisoned::<f32>(y.len(), "y_rows")?;
     let mut enc = dev.encoder();
     expert_gemm::encode(dev, &mut enc, &xb, rows, &ob, &experts, act, &yb)?;
@@ -153,13 +153,14 @@ pub fn combine(
     output_scale: f32,
     y: &mut [f32],
 ) -> Result<()> {
-    let g = upload_gate(dev, gate);
-    let yp = dev.upload(y_perm, "y_perm");
-    let rows = dev.upload(&perm.row_of_assignment, "row_of_assignment");
-    let sy = shared.map(|(s, _)| dev.upload(s, "shared"));
+    let g = upload_gate(dev, gate)?;
+    let yp = dev.upload(y_perm, "y_perm")?;
+    let rows = dev.upload(&perm.row_of_assignment, "row_of_assignment")?;
+    let sy = shared.map(|(s, _)| dev.upload(s, "shared")).transpose()?;
     let sg = shared
         .and_then(|(_, g)| g)
-        .map(|g| dev.upload(g, "shared_gate"));
+        .map(|g| dev.upload(g, "shared_gate"))
+        .transpose()?;
     let out = dev.alloc_poisoned::<f32>(y.len(), "y")?;
     let mut enc = dev.encoder();
     let sh = sy.as_ref().map(|s| (s, sg.as_ref()));

@@ -41,11 +41,13 @@ impl WgpuLayer {
             router_bias: layer
                 .router_bias
                 .as_ref()
-                .map(|b| dev.upload(&b.to_f32_vec(), "router.bias")),
+                .map(|b| dev.upload(&b.to_f32_vec(), "router.bias"))
+                .transpose()?,
             correction_bias: layer
                 .score_correction_bias
                 .as_ref()
-                .map(|b| dev.upload(&b.to_f32_vec(), "router.score_correction_bias")),
+                .map(|b| dev.upload(&b.to_f32_vec(), "router.score_correction_bias"))
+                .transpose()?,
             experts: GpuExperts::upload(dev, &layer.experts, act)?,
             shared: layer
                 .shared
@@ -69,7 +71,7 @@ impl WgpuLayer {
         let slots = r.slots(e);
         let start = Instant::now();
 
-        let xb = dev.upload(&x.to_f32_vec(), "x");
+        let xb = dev.upload(&x.to_f32_vec(), "x")?;
         let logits = dev.alloc::<f32>(t * e, "logits")?;
         let shared_logit = match &self.shared_gate {
             Some(_) => Some(dev.alloc::<f32>(t, "shared gate logits")?),
@@ -82,7 +84,7 @@ impl WgpuLayer {
             Some(_) => Some(dev.alloc::<f32>(t * h, "shared y")?),
             None => None,
         };
-        let shared_offsets = dev.upload(&[0u32, t as u32], "shared offsets");
+        let shared_offsets = dev.upload(&[0u32, t as u32], "shared offsets")?;
         let y = dev.alloc::<f32>(t * h, "y")?;
 
         let stamps = Timestamps::new(dev);

@@ -6,8 +6,9 @@
 //! its (bucket, block) base plus its rank. The shader header gives every pass and its launch.
 
 use crate::error::{Error, Result};
+use crate::limits::{self, Resource};
 use crate::stage::Stage;
-use crate::wgpu::context::{gpu_err, GpuBuffer, WgpuDevice};
+use crate::wgpu::context::{index_u32, within, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::{GateGpu, PermuteGpu};
 
@@ -65,12 +66,7 @@ struct Params {
 }
 
 fn to_u32(what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| {
-        Error::shape(
-            Stage::Permute,
-            format!("{what} = {n} exceeds the u32 index range of the wgpu kernels"),
-        )
-    })
+    index_u32(Stage::Permute, what, n)
 }
 
 fn expect_len(name: &str, have: usize, want: usize) -> Result<()> {
@@ -114,17 +110,17 @@ pub fn encode(
         _pad: 0,
     };
     to_u32("T x slots x H", n * hidden)?;
-    for (name, bytes) in [
-        ("x", x.len * 4),
-        ("x_perm", out.x_perm.len * 4),
-        ("scan table", cells * 4),
+    for (name, elems) in [
+        ("x", x.len),
+        ("x_perm", out.x_perm.len),
+        ("scan table", cells),
     ] {
-        if bytes as u64 > dev.max_binding_bytes() {
-            return Err(gpu_err(format!(
-                "permute: {name} needs a {bytes}-byte binding, more than the adapter's {}",
-                dev.max_binding_bytes()
-            )));
-        }
+        within(
+            Resource::BindingSize,
+            || format!("{}: binding {name}", Stage::Permute),
+            limits::product(&[elems, 4]),
+            dev.max_binding_bytes(),
+        )?;
     }
 
     let cell_buf = dev.alloc::<u32>(cells, "permute cells")?;
@@ -147,11 +143,11 @@ pub fn encode(
             rank_buf.binding(),
         ],
     );
-    dev.dispatch(enc, &pipe, &bind, dev.grid(blocks * CHUNK, CHUNK as u32));
+    dev.dispatch(enc, &pipe, &bind, dev.grid(blocks * CHUNK, CHUNK as u32)?);
 
     let pipe = dev.pipeline(Kernel::Permute(Entry::ScanReduce), &[])?;
     let bind = dev.bind(&pipe, &[p.clone(), cell_buf.binding(), tile_buf.binding()]);
-    dev.dispatch(enc, &pipe, &bind, dev.grid(cells, TILE as u32));
+    dev.dispatch(enc, &pipe, &bind, dev.grid(cells, TILE as u32)?);
 
     let pipe = dev.pipeline(Kernel::Permute(Entry::ScanTiles), &[])?;
     let bind = dev.bind(&pipe, &[p.clone(), tile_buf.binding()]);
@@ -167,7 +163,7 @@ pub fn encode(
             out.expert_offsets.binding(),
         ],
     );
-    dev.dispatch(enc, &pipe, &bind, dev.grid(cells, TILE as u32));
+    dev.dispatch(enc, &pipe, &bind, dev.grid(cells, TILE as u32)?);
 
     if n == 0 {
         return Ok(());
@@ -185,7 +181,7 @@ pub fn encode(
             out.row_of_assignment.binding(),
         ],
     );
-    dev.dispatch(enc, &pipe, &bind, dev.grid(n, WG));
+    dev.dispatch(enc, &pipe, &bind, dev.grid(n, WG)?);
 
     if hidden == 0 {
         return Ok(());
@@ -206,6 +202,6 @@ pub fn encode(
             out.x_perm.binding(),
         ],
     );
-    dev.dispatch(enc, &pipe, &bind, dev.grid(n * per_row, WG));
+    dev.dispatch(enc, &pipe, &bind, dev.grid(n * per_row, WG)?);
     Ok(())
 }

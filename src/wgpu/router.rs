@@ -54,7 +54,7 @@ pub fn encode(
     let bias_buf = match bias {
         Some(b) => b,
         None => {
-            dummy = dev.upload(&[0f32], "no bias");
+            dummy = dev.upload(&[0f32], "no bias")?;
             &dummy
         }
     };
@@ -78,7 +78,7 @@ pub fn encode(
                 logits.binding(),
             ],
         );
-        dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, 1));
+        dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, 1)?);
     }
     Ok(())
 }

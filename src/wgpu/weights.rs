@@ -2,9 +2,12 @@
 //! 2i in the low half), split into row chunks so that no binding exceeds the adapter's storage
 //! binding or buffer size (128 MiB on some adapters). A chunk always starts on a whole word.
 
+use crate::backend::BackendKind;
+use crate::error::Error;
 use crate::error::Result;
+use crate::limits::Resource;
 use crate::tensor::{DType, Tensor, TensorData};
-use crate::wgpu::context::{gpu_err, GpuBuffer, WgpuDevice};
+use crate::wgpu::context::{GpuBuffer, WgpuDevice};
 
 /// A contiguous range of rows of a weight matrix.
 #[derive(Debug)]
@@ -49,10 +52,13 @@ impl GpuWeights {
         let align = if elem == 2 && cols % 2 == 1 { 2 } else { 1 };
         let mut per_chunk = ((limit.saturating_sub(4)) / row_bytes) as usize / align * align;
         if per_chunk == 0 {
-            return Err(gpu_err(format!(
-                "{label}: one row of {cols} {} elements ({row_bytes} bytes) exceeds the binding limit of {limit} bytes",
-                t.dtype()
-            )));
+            return Err(Error::Limit {
+                backend: BackendKind::Wgpu,
+                resource: Resource::BindingSize,
+                what: format!("{label}: one row of {cols} {} elements", t.dtype()),
+                need: row_bytes + 4,
+                limit,
+            });
         }
         per_chunk = per_chunk.min(rows.max(1));
         let mut chunks = Vec::new();
@@ -63,7 +69,7 @@ impl GpuWeights {
             chunks.push(WeightChunk {
                 first_row: first,
                 rows: n,
-                words: dev.upload(&words, label),
+                words: dev.upload(&words, label)?,
             });
             first += n;
             if rows == 0 {

@@ -1,0 +1,388 @@
+//! Device limits: what one forward needs and the checks every backend runs on it before it
+//! allocates or launches anything.
+//!
+//! A forward's buffers are known from the layer's dims, its routing and T alone
+//! ([`Footprint::forward`]), so a shape past a limit — one buffer larger than the device's
+//! largest buffer or binding, more elements than a kernel's 32-bit index range, more bytes than
+//! the memory free on the device or host (or than the limit set with
+//! [`crate::Backend::with_memory_limit`]) — is an [`Error::Limit`] naming the resource, what
+//! needed it, and both numbers, instead of an abort in the allocator, a driver error in the
+//! middle of a launch sequence or a wgpu validation panic.
+//!
+//! Sizes are computed in `u128` and saturate at `u64::MAX`: no product of user-given sizes can
+//! overflow on the way to the check.
+
+use std::fmt;
+
+use crate::backend::BackendKind;
+use crate::config::LayerConfig;
+use crate::cpu::expert_gemm::ExpertDims;
+use crate::error::{Error, Result};
+
+/// Which limit a shape ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// Memory the host can give (`MemAvailable`, bounded by the cgroup's `memory.max`).
+    HostMemory,
+    /// Memory free on the GPU.
+    DeviceMemory,
+    /// The memory limit set on the backend with [`crate::Backend::with_memory_limit`].
+    MemoryLimit,
+    /// The largest single buffer the device creates (wgpu `max_buffer_size`).
+    BufferSize,
+    /// The largest storage binding (wgpu `max_storage_buffer_binding_size`).
+    BindingSize,
+    /// The elements a kernel addresses with its 32-bit index arithmetic.
+    IndexRange,
+    /// Workgroups or blocks in one launch.
+    GridSize,
+    /// Shared (workgroup) memory of one block.
+    SharedMemory,
+    /// Loop iterations one invocation may run (Mesa's lavapipe stops it past 65535).
+    LoopIterations,
+}
+
+impl Resource {
+    /// The unit `need` and `limit` are counted in.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Resource::IndexRange => "elements",
+            Resource::GridSize => "workgroups",
+            Resource::LoopIterations => "iterations",
+            _ => "bytes",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resource::HostMemory => "available host memory",
+            Resource::DeviceMemory => "free device memory",
+            Resource::MemoryLimit => "backend's memory limit",
+            Resource::BufferSize => "device's largest buffer",
+            Resource::BindingSize => "device's largest storage binding",
+            Resource::IndexRange => "kernels' 32-bit index range",
+            Resource::GridSize => "device's largest grid",
+            Resource::SharedMemory => "shared memory per block",
+            Resource::LoopIterations => "loop iterations per invocation",
+        })
+    }
+}
+
+/// An [`Error::Limit`] unless `need <= limit`.
+pub fn check(
+    backend: BackendKind,
+    resource: Resource,
+    what: impl FnOnce() -> String,
+    need: u64,
+    limit: u64,
+) -> Result<()> {
+    if need <= limit {
+        return Ok(());
+    }
+    Err(Error::Limit {
+        backend,
+        resource,
+        what: what(),
+        need,
+        limit,
+    })
+}
+
+/// `a · b · …` in u64, saturating (a saturated size fails every check, as it should).
+pub fn product(factors: &[usize]) -> u64 {
+    let p = factors
+        .iter()
+        .try_fold(1u128, |acc, &f| acc.checked_mul(f as u128));
+    p.map_or(u64::MAX, |p| u64::try_from(p).unwrap_or(u64::MAX))
+}
+
+/// One buffer of a forward: its name and its length in 4-byte elements (every activation,
+/// id and scratch buffer of every backend is f32 or u32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferNeed {
+    pub name: &'static str,
+    pub elements: u64,
+}
+
+impl BufferNeed {
+    /// Its size in bytes (saturating).
+    pub fn bytes(&self) -> u64 {
+        self.elements.saturating_mul(4)
+    }
+}
+
+/// Every activation-sized buffer one forward allocates on the device (weights excluded): the
+/// same list on CUDA and wgpu, scratch included at its largest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footprint {
+    pub tokens: usize,
+    pub buffers: Vec<BufferNeed>,
+}
+
+/// The parts of a layer a forward's buffers depend on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerShape {
+    pub dims: ExpertDims,
+    pub config: LayerConfig,
+    /// The shared expert's FFN width, when the layer has one.
+    pub shared_ffn: Option<usize>,
+    /// Whether the shared expert has a sigmoid gate (one more router launch).
+    pub shared_gate: bool,
+}
+
+impl Footprint {
+    /// The buffers of a forward of `tokens` tokens.
+    pub fn forward(layer: &LayerShape, tokens: usize) -> Footprint {
+        let ExpertDims {
+            experts: e,
+            hidden: h,
+            ffn: f,
+        } = layer.dims;
+        let t = tokens;
+        let r = &layer.config.routing;
+        let s = r.slots(e);
+        let n = product(&[t, s]) as usize;
+        // Batch-wide gate passes (capacity, expert choice) keep a [T, E] scratch.
+        let batch_wide = r.capacity.is_some() || r.expert_choice.is_some();
+        // The permutation's scan table: (E + 1) counters per 256 assignments (wgpu's chunk;
+        // CUDA's is larger, so this bounds both).
+        let cells = product(&[e.saturating_add(1), n.div_ceil(256).max(1)]);
+        let mut b = vec![
+            BufferNeed {
+                name: "x",
+                elements: product(&[t, h]),
+            },
+            BufferNeed {
+                name: "logits",
+                elements: product(&[t, e]),
+            },
+            BufferNeed {
+                name: "topk_ids",
+                elements: product(&[t, s]),
+            },
+            BufferNeed {
+                name: "topk_weights",
+                elements: product(&[t, s]),
+            },
+            BufferNeed {
+                name: "kept",
+                elements: product(&[t, s]),
+            },
+            BufferNeed {
+                name: "gate scratch",
+                elements: if batch_wide {
+                    product(&[t, e, 2])
+                } else {
+                    t as u64
+                },
+            },
+            BufferNeed {
+                name: "sorted_assignment",
+                elements: product(&[t, s]),
+            },
+            BufferNeed {
+                name: "row_of_assignment",
+                elements: product(&[t, s]),
+            },
+            BufferNeed {
+                name: "permute scan table",
+                elements: cells,
+            },
+            BufferNeed {
+                name: "x_perm",
+                elements: product(&[t, s, h]),
+            },
+            BufferNeed {
+                name: "expert intermediate h",
+                elements: product(&[t, s, f]),
+            },
+            BufferNeed {
+                name: "y_perm",
+                elements: product(&[t, s, h]),
+            },
+            BufferNeed {
+                name: "y",
+                elements: product(&[t, h]),
+            },
+        ];
+        if let Some(fs) = layer.shared_ffn {
+            b.push(BufferNeed {
+                name: "shared expert h",
+                elements: product(&[t, fs]),
+            });
+            b.push(BufferNeed {
+                name: "shared expert y",
+                elements: product(&[t, h]),
+            });
+        }
+        if layer.shared_gate {
+            b.push(BufferNeed {
+                name: "shared gate logits",
+                elements: t as u64,
+            });
+        }
+        Footprint { tokens, buffers: b }
+    }
+
+    /// All buffers together, in bytes (saturating).
+    pub fn total_bytes(&self) -> u64 {
+        self.buffers
+            .iter()
+            .fold(0u64, |acc, b| acc.saturating_add(b.bytes()))
+    }
+
+    /// The bytes the host holds for the outputs a GPU forward reads back, plus x's f32 copy.
+    pub fn host_readback_bytes(&self) -> u64 {
+        ["x", "y", "topk_ids", "topk_weights", "kept"]
+            .iter()
+            .filter_map(|n| self.buffers.iter().find(|b| b.name == *n))
+            .fold(0u64, |acc, b| acc.saturating_add(b.bytes()))
+    }
+
+    /// Each buffer within `max_elements` (a kernel's index range), as [`Resource::IndexRange`].
+    pub fn check_elements(&self, backend: BackendKind, max_elements: u64) -> Result<()> {
+        for b in &self.buffers {
+            check(
+                backend,
+                Resource::IndexRange,
+                || format!("buffer {} of a {}-token forward", b.name, self.tokens),
+                b.elements,
+                max_elements,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Each buffer within `max_bytes` as `resource` (buffer or binding size).
+    pub fn check_each(
+        &self,
+        backend: BackendKind,
+        resource: Resource,
+        max_bytes: u64,
+    ) -> Result<()> {
+        for b in &self.buffers {
+            check(
+                backend,
+                resource,
+                || format!("buffer {} of a {}-token forward", b.name, self.tokens),
+                b.bytes(),
+                max_bytes,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes the host can still give this process: Linux's `MemAvailable`, bounded by the cgroup v2
+/// `memory.max − memory.current` when the process runs under one. `None` where neither can be
+/// read (other systems): then only the address-space bound [`isize::MAX`] is checked.
+pub fn host_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let avail = meminfo.as_deref().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    let read_u64 =
+        |p: &str| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let cgroup = match (
+        read_u64("/sys/fs/cgroup/memory.max"),
+        read_u64("/sys/fs/cgroup/memory.current"),
+    ) {
+        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
+        _ => None,
+    };
+    match (avail, cgroup) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// An [`Error::Limit`] unless the host can hold `bytes` more (and the allocation is within
+/// `isize::MAX`, Rust's own bound), checked before allocating anything that large.
+pub fn check_host(backend: BackendKind, what: impl FnOnce() -> String, bytes: u64) -> Result<()> {
+    let limit = host_available_bytes()
+        .unwrap_or(u64::MAX)
+        .min(isize::MAX as u64);
+    check(backend, Resource::HostMemory, what, bytes, limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExpertChoice;
+
+    fn shape(e: usize, h: usize, f: usize) -> LayerShape {
+        LayerShape {
+            dims: ExpertDims {
+                experts: e,
+                hidden: h,
+                ffn: f,
+            },
+            config: LayerConfig::default(),
+            shared_ffn: None,
+            shared_gate: false,
+        }
+    }
+
+    #[test]
+    fn product_saturates_instead_of_overflowing() {
+        assert_eq!(product(&[3, 5, 7]), 105);
+        assert_eq!(product(&[]), 1);
+        assert_eq!(product(&[usize::MAX, usize::MAX, 2]), u64::MAX);
+        assert_eq!(product(&[0, usize::MAX]), 0);
+    }
+
+    #[test]
+    fn footprint_counts_every_buffer_of_a_top2_forward() {
+        // T = 10, E = 4, H = 6, F = 8, top-2: x 60, logits 40, 5 × [T, 2] = 100, gate scratch
+        // 10, scan table 5 × 1, x_perm 120, h 160, y_perm 120, y 60.
+        let fp = Footprint::forward(&shape(4, 6, 8), 10);
+        let total: u64 = fp.buffers.iter().map(|b| b.elements).sum();
+        assert_eq!(total, 60 + 40 + 100 + 10 + 5 + 120 + 160 + 120 + 60);
+        assert_eq!(fp.total_bytes(), 4 * total);
+        assert_eq!(fp.host_readback_bytes(), 4 * (60 + 60 + 60));
+    }
+
+    #[test]
+    fn expert_choice_scales_with_t_times_e() {
+        let mut s = shape(1000, 16, 16);
+        s.config.routing.expert_choice = Some(ExpertChoice {
+            capacity_factor: 1.0,
+        });
+        let fp = Footprint::forward(&s, 1_000_000);
+        let x_perm = fp.buffers.iter().find(|b| b.name == "x_perm").unwrap();
+        assert_eq!(x_perm.elements, 1_000_000 * 1000 * 16);
+        let err = fp
+            .check_elements(BackendKind::Cpu, u32::MAX as u64)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Limit {
+                resource: Resource::IndexRange,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn absurd_sizes_saturate_and_fail_the_host_check() {
+        let fp = Footprint::forward(&shape(usize::MAX / 2, usize::MAX / 3, 7), usize::MAX);
+        assert_eq!(fp.total_bytes(), u64::MAX);
+        let err = check_host(BackendKind::Cpu, || "absurd".into(), fp.total_bytes()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("available host memory"), "{msg}");
+    }
+
+    #[test]
+    fn host_memory_is_readable_here() {
+        // CI and the development machines are Linux: the check must not silently disappear.
+        if cfg!(target_os = "linux") {
+            let b = host_available_bytes().expect("MemAvailable readable on Linux");
+            assert!(b > 0);
+        }
+    }
+}
