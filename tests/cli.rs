@@ -1176,6 +1176,36 @@ fn bad_configs() {
             vec!["expert_choice", "capacity"],
         ),
         (
+            "top_k 1e18 (fits u64, far past E)",
+            r#"{"top_k": 1000000000000000000}"#,
+            vec!["top_k", "E = 4"],
+        ),
+        (
+            "top_k past u64",
+            r#"{"top_k": 100000000000000000000000000000}"#,
+            vec!["top_k"],
+        ),
+        (
+            "groups.count u64::MAX",
+            r#"{"groups": {"count": 18446744073709551615, "keep": 1}}"#,
+            vec!["groups.count", "divide"],
+        ),
+        (
+            "groups.count past u64",
+            r#"{"groups": {"count": 18446744073709551616, "keep": 1}}"#,
+            vec!["groups"],
+        ),
+        (
+            "capacity tokens past i64",
+            r#"{"capacity": {"tokens": 9223372036854775808}}"#,
+            vec!["capacity"],
+        ),
+        (
+            "capacity factor overflows to infinity",
+            r#"{"capacity": {"factor": 1e400}}"#,
+            vec!["config"],
+        ),
+        (
             "clamped_swiglu limit 0",
             r#"{"activation": {"clamped_swiglu": {"alpha": 1.702, "limit": 0}}}"#,
             vec!["clamped_swiglu"],
@@ -1191,6 +1221,30 @@ fn bad_configs() {
         })
         .collect();
     run_table(results);
+}
+
+/// Huge but valid numbers mean "no limit": they run (on the CPU and on the backend `auto`
+/// picks) and allocate nothing in proportion to them.
+#[test]
+fn huge_valid_config_numbers_run() {
+    let cases = [
+        r#"{"capacity": {"tokens": 9223372036854775807}}"#,
+        r#"{"capacity": {"factor": 1e300}}"#,
+        r#"{"capacity": {"fraction": 1e300}, "priority": "top1_score"}"#,
+        r#"{"expert_choice": {"capacity_factor": 1e300}}"#,
+    ];
+    for (i, json) in cases.iter().enumerate() {
+        let fx = Fixture::new(&format!("huge_valid_{i}"));
+        fx.set_config(json);
+        for out in [fx.run(&[]), fx.run_backend(None, &[])] {
+            assert_ok(&out);
+            let slots = if json.contains("expert_choice") { E } else { 2 };
+            let tensors = check_output(&fx.output, T, slots, true);
+            // Nothing is dropped under a capacity that large.
+            let kept = tensors["kept"].i32s();
+            assert!(kept.iter().all(|&k| k == 1), "{json}: {kept:?}");
+        }
+    }
 }
 
 /// A type error should say which key has the wrong type, not only where in the file.
