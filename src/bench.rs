@@ -131,6 +131,16 @@ pub fn layer(s: &Shape, dtype: DType) -> Result<MoeLayer> {
         cfg.routing.scoring = Scoring::Sigmoid;
         cfg.routing.groups = Some(Groups { count: 8, keep: 4 });
     }
+    // Generated in place: checked against the host before any of it is allocated.
+    let mats = if cfg.activation.is_gated() { 3 } else { 2 };
+    let fs = s.shared_ffn.unwrap_or(0);
+    crate::limits::check_host(
+        crate::BackendKind::Cpu,
+        || format!("the {} layer's weights in {dtype}", s.name),
+        crate::limits::product(&[mats, e, f, h, dtype.size()])
+            .saturating_add(crate::limits::product(&[3, fs, h, dtype.size()]))
+            .saturating_add(crate::limits::product(&[e, h, 4])),
+    )?;
     let a = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
     let mut t = BTreeMap::new();
     t.insert(
