@@ -6,6 +6,8 @@
 #   scripts/device-check.sh run       # on the lent GPU machine (no Rust toolchain there):
 #                                     # CUDA tests, compute-sanitizer, wgpu on NVIDIA's Vulkan,
 #                                     # short benches, peer script; logs under $OUT, table last.
+# Knobs: DC_BUDGET (seconds, 420), DC_PRESETS, DC_SKIP_PEERS, DC_SAN (stage tests under the
+# sanitizer), DC_TOOLS (sanitizer tools), DC_CASES (property cases on the GPU, 300).
 #
 # Carry `device-bin` (and `.gl` for the Vulkan loader, see the device README) with the call:
 #   run(command="bash scripts/device-check.sh run", carry=["device-bin", ".gl"])
@@ -98,8 +100,12 @@ if [ -f bench/peers.py ] && [ -z "${DC_SKIP_PEERS:-}" ]; then
 fi
 step bench-f32-cuda 90 "$B/moe" bench --backend cuda --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1 --routing both
 step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,32,4096 --dtype f32 --iters 5 --warmup 1 --dense 4096
+# Issue 6 on the GPU: the property suite at a larger size and the 10,000-forward memory test
+# (CUDA included), then every compute-sanitizer tool (DC_TOOLS to choose).
+step properties-cuda 120 env MOE_PROPTEST_CASES="${DC_CASES:-300}" "$B/test-properties" --nocapture
+step memory-10k 120 "$B/test-memory" --ignored --nocapture
 # compute-sanitizer on the CUDA unit tests and two stage tests.
-for tool in memcheck racecheck; do
+for tool in ${DC_TOOLS:-memcheck racecheck initcheck synccheck}; do
   step "san-$tool-lib" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-lib" cuda:: --test-threads=1
   for s in ${DC_SAN:-gate permute}; do
     step "san-$tool-$s" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-$s" --test-threads=1
