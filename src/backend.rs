@@ -231,11 +231,6 @@ impl Backend {
             Device::Cuda(d) => {
                 fp.check_elements(kind, crate::cuda::context::MAX_INDEX as u64)?;
                 limits::check(kind, Resource::DeviceMemory, what, total, d.free_memory()?)?;
-                limits::check_host(
-                    kind,
-                    || "the forward's read-backs".into(),
-                    fp.host_readback_bytes(),
-                )?;
             }
             #[cfg(feature = "wgpu")]
             Device::Wgpu(d) => {
@@ -246,12 +241,15 @@ impl Backend {
                     d.limits.max_storage_buffer_binding_size,
                 )?;
                 fp.check_elements(kind, u64::from(u32::MAX))?;
-                limits::check_host(
-                    kind,
-                    || "the forward's read-backs".into(),
-                    fp.host_readback_bytes(),
-                )?;
             }
+        }
+        if kind != BackendKind::Cpu {
+            // A GPU forward's x copy and read-backs live on the host.
+            limits::check_host(
+                kind,
+                || "the forward's read-backs".into(),
+                fp.host_readback_bytes(),
+            )?;
         }
         if let Some(cap) = self.memory_limit {
             limits::check(

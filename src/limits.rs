@@ -36,8 +36,6 @@ pub enum Resource {
     IndexRange,
     /// Workgroups or blocks in one launch.
     GridSize,
-    /// Shared (workgroup) memory of one block.
-    SharedMemory,
     /// Loop iterations one invocation may run (Mesa's lavapipe stops it past 65535).
     LoopIterations,
 }
@@ -64,7 +62,6 @@ impl fmt::Display for Resource {
             Resource::BindingSize => "device's largest storage binding",
             Resource::IndexRange => "kernels' 32-bit index range",
             Resource::GridSize => "device's largest grid",
-            Resource::SharedMemory => "shared memory per block",
             Resource::LoopIterations => "loop iterations per invocation",
         })
     }

@@ -297,9 +297,9 @@ impl WgpuDevice {
     /// u32), so that an element a kernel fails to write is caught by the stage tests.
     pub fn alloc_poisoned<T: Pod>(&self, len: usize, label: &str) -> Result<GpuBuffer<T>> {
         let buf = self.alloc::<T>(len, label)?;
-        let bytes = (len * std::mem::size_of::<T>()).max(4).next_multiple_of(4);
+        // The size `alloc` checked and created, padding included.
         self.queue
-            .write_buffer(&buf.buffer, 0, &vec![0xFFu8; bytes]);
+            .write_buffer(&buf.buffer, 0, &vec![0xFFu8; buf.buffer.size() as usize]);
         Ok(buf)
     }
 
