@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::backend::BackendKind;
 use crate::cuda::context::drv;
 use crate::cuda::context::{check_len, to_u32};
-use crate::cuda::ptx::{self, PtxModule};
+use crate::cuda::ptx::PtxModule;
 use crate::cuda::{CudaDevice, GateCuda};
 use crate::error::Result;
 use crate::limits::{self, Resource};
@@ -47,15 +47,7 @@ pub fn modules() -> Result<Vec<PtxModule>> {
     WIDTHS
         .iter()
         .map(|&(name, vec)| {
-            Ok(PtxModule {
-                stage: Stage::Combine,
-                variant: format!("combine.{name}"),
-                source: ptx::render(
-                    Stage::Combine,
-                    ptx::template(Stage::Combine),
-                    &subs(name, vec),
-                )?,
-            })
+            PtxModule::specialise(Stage::Combine, format!("combine.{name}"), &subs(name, vec))
         })
         .collect()
 }

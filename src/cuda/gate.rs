@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::config::{Combine, Priority, RoutingConfig, Scoring};
 use crate::cuda::context::{check_len, to_u32};
 use crate::cuda::context::{drv, grid_1d};
-use crate::cuda::ptx::{self, PtxModule};
+use crate::cuda::ptx::PtxModule;
 use crate::cuda::{CudaDevice, GateCuda};
 use crate::error::{Error, Result};
 use crate::stage::Stage;
@@ -40,15 +40,10 @@ const FLAG_SOFTMAX_SELECTED: u32 = 32;
 /// Every module variant of this stage: the template with its buffers in shared memory
 /// (`gate`) and in global scratch memory (`gate.global`).
 pub fn modules() -> Result<Vec<PtxModule>> {
-    let template = ptx::template(Stage::Gate);
     [(SHARED_VARIANT, "shared"), (GLOBAL_VARIANT, "global")]
         .into_iter()
         .map(|(variant, space)| {
-            Ok(PtxModule {
-                stage: Stage::Gate,
-                variant: variant.to_string(),
-                source: ptx::render(Stage::Gate, template, &[("SPACE", space.to_string())])?,
-            })
+            PtxModule::specialise(Stage::Gate, variant, &[("SPACE", space.to_string())])
         })
         .collect()
 }

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
 use crate::cuda::context::{check_len, to_u32, MAX_INDEX};
-use crate::cuda::ptx::{self, PtxModule};
+use crate::cuda::ptx::PtxModule;
 use crate::cuda::{CudaDevice, GateCuda, PermuteCuda};
 use crate::error::{Error, Result};
 use crate::stage::Stage;
@@ -41,15 +41,7 @@ pub fn modules() -> Result<Vec<PtxModule>> {
     WIDTHS
         .iter()
         .map(|&(name, vec)| {
-            Ok(PtxModule {
-                stage: Stage::Permute,
-                variant: format!("permute.{name}"),
-                source: ptx::render(
-                    Stage::Permute,
-                    ptx::template(Stage::Permute),
-                    &subs(name, vec),
-                )?,
-            })
+            PtxModule::specialise(Stage::Permute, format!("permute.{name}"), &subs(name, vec))
         })
         .collect()
 }

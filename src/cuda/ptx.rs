@@ -16,6 +16,21 @@ pub struct PtxModule {
     pub source: String,
 }
 
+impl PtxModule {
+    /// Module `variant` of `stage`: the stage's template with `subs` filled in.
+    pub fn specialise(
+        stage: Stage,
+        variant: impl Into<String>,
+        subs: &[(&str, String)],
+    ) -> Result<Self> {
+        Ok(PtxModule {
+            stage,
+            variant: variant.into(),
+            source: render(stage, template(stage), subs)?,
+        })
+    }
+}
+
 /// `template` with every `${NAME}` replaced by its value in `subs`. An unknown or unfilled
 /// placeholder is an error, so a module can never reach the driver half-specialised.
 pub fn render(stage: Stage, template: &str, subs: &[(&str, String)]) -> Result<String> {
@@ -78,11 +93,7 @@ pub fn stage_modules(stage: Stage) -> Result<Vec<PtxModule>> {
 
 /// A module that needs no specialisation: the template as it is.
 pub fn plain(stage: Stage) -> Result<Vec<PtxModule>> {
-    Ok(vec![PtxModule {
-        stage,
-        variant: stage.stem().to_string(),
-        source: render(stage, template(stage), &[])?,
-    }])
+    Ok(vec![PtxModule::specialise(stage, stage.stem(), &[])?])
 }
 
 /// Writes every module to `dir/<variant>.ptx`; returns the paths written.

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
 use crate::cuda::context::{check_len, to_u32, MAX_INDEX};
-use crate::cuda::ptx::{self, PtxModule};
+use crate::cuda::ptx::PtxModule;
 use crate::cuda::{CudaDevice, CudaWeights};
 use crate::error::Result;
 use crate::stage::Stage;
@@ -49,11 +49,7 @@ pub fn modules() -> Result<Vec<PtxModule>> {
             for (j, name) in loads.into_iter().enumerate() {
                 subs.push((name, load_w(dtype, j)));
             }
-            Ok(PtxModule {
-                stage: Stage::Router,
-                variant: variant(dtype),
-                source: ptx::render(Stage::Router, ptx::template(Stage::Router), &subs)?,
-            })
+            PtxModule::specialise(Stage::Router, variant(dtype), &subs)
         })
         .collect()
 }
