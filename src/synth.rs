@@ -49,6 +49,37 @@ impl Gen {
     pub fn below(&mut self, lo: usize, hi: usize) -> usize {
         self.0.gen_range(lo..hi)
     }
+
+    /// A uniform random permutation of `0..n` (Fisher-Yates, from the back).
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.below(0, i + 1);
+            p.swap(i, j);
+        }
+        p
+    }
+}
+
+/// Logits `[T, E]` whose ranked values are at least `gap` apart within each token, so that
+/// f32 rounding can never flip a pick: a random permutation of `0, s, 2·s, …` (s a per-token
+/// spacing in [gap, 1.25·gap]) plus a per-token offset.
+pub fn separated_logits(g: &mut Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * e);
+    for _ in 0..t {
+        let ranks = g.permutation(e);
+        let offset = g.uniform(1, 2.0)[0];
+        // A spacing of its own per token (in [gap, 1.25 gap]): softmax cancels the offset, so
+        // equal spacings would give every token the same scores and tie tokens against each
+        // other (top-1 priority, expert choice) below f32 resolution.
+        let step = gap * (1.125 + g.uniform(1, 0.125)[0]);
+        out.extend(
+            ranks
+                .iter()
+                .map(|&r| offset + step * (r as f32 - e as f32 / 2.0)),
+        );
+    }
+    out
 }
 
 /// Uniform scale giving variance 1/fan_in.

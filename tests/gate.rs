@@ -179,7 +179,7 @@ fn capacity_fraction_and_factor() {
         ..cfg(2, Scoring::Softmax)
     };
     let mut g = Gen::new(3);
-    let l: Vec<f64> = common::wide(&common::separated_logits(&mut g, 10, 4, 0.5));
+    let l: Vec<f64> = common::wide(&moe_kernels::synth::separated_logits(&mut g, 10, 4, 0.5));
     // ceil(0.25 * 10) = 3; ceil(1.5 * 10 * 2 / 4) = 8.
     assert_eq!(
         run(&l, 10, 4, None, &c(Capacity::Fraction(0.25))).capacity,
@@ -340,7 +340,7 @@ fn every_variant_on_every_backend_matches_reference() {
     let mut cases = 0;
     for &t in &common::TOKENS {
         for &(e, k) in &shapes {
-            let logits = common::separated_logits(&mut g, t, e, 0.05);
+            let logits = moe_kernels::synth::separated_logits(&mut g, t, e, 0.05);
             let bias: Vec<f32> = g.uniform(e, 0.01);
             for (name, c) in variants(e, k) {
                 let bias_t = moe_kernels::Tensor::from_f32(vec![e], bias.clone()).unwrap();

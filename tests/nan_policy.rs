@@ -115,7 +115,7 @@ fn variants(e: usize, k: usize) -> Vec<(String, RoutingConfig, bool)> {
 /// (all NaN, all +inf, all -inf, +inf and -inf mixed, one NaN, one +inf, one -inf, several
 /// -inf), later rows get NaN / ±inf scattered at random (about one in six).
 fn special_logits(g: &mut Gen, t: usize, e: usize) -> Vec<f32> {
-    let mut l = common::separated_logits(g, t, e, 0.05);
+    let mut l = moe_kernels::synth::separated_logits(g, t, e, 0.05);
     let patterns: [&dyn Fn(usize, usize) -> Option<f32>; 8] = [
         &|_, _| Some(NAN),
         &|_, _| Some(INF),

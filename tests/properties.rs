@@ -750,16 +750,10 @@ impl fmt::Debug for GateCase {
 /// tokens). Adjacent logits of a token are ≥ 0.6·gap apart.
 fn margin_logits(g: &mut Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
     let jitter: Vec<f32> = g.uniform(e, 0.2).iter().map(|u| u + 0.2).collect();
-    let mut step_rank: Vec<usize> = (0..t).collect();
-    for i in (1..t).rev() {
-        step_rank.swap(i, g.below(0, i + 1));
-    }
+    let step_rank = g.permutation(t);
     let mut out = Vec::with_capacity(t * e);
     for &sr in &step_rank {
-        let mut ranks: Vec<usize> = (0..e).collect();
-        for i in (1..e).rev() {
-            ranks.swap(i, g.below(0, i + 1));
-        }
+        let ranks = g.permutation(e);
         let step = gap * (1.0 + 0.25 * sr as f32 / t.max(1) as f32);
         out.extend(
             ranks

@@ -405,7 +405,7 @@ mod tests {
     use super::*;
     use crate::config::{Capacity, ExpertChoice, Groups};
     use crate::cpu::gate::{gate, Routing};
-    use crate::synth::Gen;
+    use crate::synth::{separated_logits, Gen};
 
     fn device() -> Option<WgpuDevice> {
         match WgpuDevice::new() {
@@ -419,28 +419,6 @@ mod tests {
                 None
             }
         }
-    }
-
-    /// Logits `[T, E]` with each token's values at least `gap` apart (a random permutation of
-    /// a per-token spacing in [gap, 1.25 gap) plus a per-token offset), so neither a pick nor
-    /// a comparison across tokens is a near-tie.
-    fn logits(g: &mut Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
-        let mut out = Vec::with_capacity(t * e);
-        for _ in 0..t {
-            let mut ranks: Vec<usize> = (0..e).collect();
-            for i in (1..e).rev() {
-                let j = g.below(0, i + 1);
-                ranks.swap(i, j);
-            }
-            let offset = g.uniform(1, 2.0)[0];
-            let step = gap * (1.125 + g.uniform(1, 0.125)[0]);
-            out.extend(
-                ranks
-                    .iter()
-                    .map(|&r| offset + step * (r as f32 - e as f32 / 2.0)),
-            );
-        }
-        out
     }
 
     /// The gate on the device, outputs poisoned first: (ids, weights, kept, counts).
@@ -506,7 +484,7 @@ mod tests {
         gap: f32,
     ) {
         let mut g = Gen::new(seed);
-        let l = logits(&mut g, t, e, gap);
+        let l = separated_logits(&mut g, t, e, gap);
         let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
         let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
         let want = gate(&wide(&l), t, e, bias.as_deref().map(wide).as_deref(), cfg).unwrap();
@@ -664,7 +642,7 @@ mod tests {
             top_k: 6,
             ..RoutingConfig::default()
         };
-        let l = logits(&mut Gen::new(9), t, e, 0.05);
+        let l = separated_logits(&mut Gen::new(9), t, e, 0.05);
         let all = run(&dev, &l, (t, e), None, &cfg, false);
         let one = run(&dev, &l[100 * e..101 * e], (1, e), None, &cfg, false);
         assert_eq!(one.0, all.0[600..606]);

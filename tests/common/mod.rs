@@ -90,31 +90,6 @@ pub fn wide(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
 }
 
-/// Logits `[T, E]` whose ranked values are at least `gap` apart within each token, so that
-/// f32 rounding can never flip a pick: a random permutation of `0, s, 2·s, …` (s a per-token
-/// spacing in [gap, 1.25·gap]) plus a per-token offset.
-pub fn separated_logits(g: &mut moe_kernels::synth::Gen, t: usize, e: usize, gap: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(t * e);
-    for _ in 0..t {
-        let mut ranks: Vec<usize> = (0..e).collect();
-        for i in (1..e).rev() {
-            let j = g.below(0, i + 1);
-            ranks.swap(i, j);
-        }
-        let offset = g.uniform(1, 2.0)[0];
-        // A spacing of its own per token (in [gap, 1.25 gap]): softmax cancels the offset, so
-        // equal spacings would give every token the same scores and tie tokens against each
-        // other (top-1 priority, expert choice) below f32 resolution.
-        let step = gap * (1.125 + g.uniform(1, 0.125)[0]);
-        out.extend(
-            ranks
-                .iter()
-                .map(|&r| offset + step * (r as f32 - e as f32 / 2.0)),
-        );
-    }
-    out
-}
-
 /// Bound for a backend computing with `dtype` weights against a reference that uses the same
 /// rounded weights: f32 activations everywhere except CUDA's tensor-core path, which rounds
 /// activations to the weight dtype too (so DESIGN.md's dtype bound applies there).
