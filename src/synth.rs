@@ -61,6 +61,56 @@ impl Gen {
     }
 }
 
+/// How [`assignments`] spreads tokens over experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// k distinct uniform picks per token.
+    Random,
+    /// Every token on expert 0 first (one expert takes everything it can).
+    FirstExpert,
+    /// The upper half of the experts never chosen when possible (empty experts).
+    LowerHalf,
+    /// Random picks with every third assignment dropped.
+    DropEveryThird,
+}
+
+impl Spread {
+    pub const ALL: [Spread; 4] = [
+        Spread::Random,
+        Spread::FirstExpert,
+        Spread::LowerHalf,
+        Spread::DropEveryThird,
+    ];
+}
+
+/// Gate outputs `(topk_ids, kept)` `[T, k]` for the permutation tests: `k` distinct experts
+/// out of `e` per token, as the gate produces, spread as `spread` says.
+pub fn assignments(
+    g: &mut Gen,
+    t: usize,
+    k: usize,
+    e: usize,
+    spread: Spread,
+) -> (Vec<u32>, Vec<u32>) {
+    let mut ids = Vec::with_capacity(t * k);
+    for _ in 0..t {
+        let mut pool: Vec<u32> = (0..e as u32).collect();
+        for j in 0..k {
+            let pick = match spread {
+                Spread::FirstExpert => j,
+                Spread::LowerHalf => g.below(j, (e / 2).max(k)),
+                Spread::Random | Spread::DropEveryThird => g.below(j, e),
+            };
+            pool.swap(j, pick);
+            ids.push(pool[j]);
+        }
+    }
+    let kept = (0..t * k)
+        .map(|i| u32::from(spread != Spread::DropEveryThird || i % 3 != 1))
+        .collect();
+    (ids, kept)
+}
+
 /// Logits `[T, E]` whose ranked values are at least `gap` apart within each token, so that
 /// f32 rounding can never flip a pick: a random permutation of `0, s, 2·s, …` (s a per-token
 /// spacing in [gap, 1.25·gap]) plus a per-token offset.

@@ -4,7 +4,7 @@
 mod common;
 
 use moe_kernels::cpu::permute::{gather, permute};
-use moe_kernels::synth::{random_x, Gen};
+use moe_kernels::synth::{assignments, random_x, Gen, Spread};
 use moe_kernels::{GateBuffers, PermuteBuffers};
 
 #[test]
@@ -33,30 +33,6 @@ fn out_of_range_id_is_an_error() {
     assert!(permute(&[0, 1], &[true], 3).is_err());
 }
 
-/// (ids, kept) generators covering the sweep's corner cases.
-fn assignments(g: &mut Gen, t: usize, k: usize, e: usize, mode: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut ids = Vec::with_capacity(t * k);
-    for _ in 0..t {
-        // k distinct experts per token, as the gate produces.
-        let mut pool: Vec<u32> = (0..e as u32).collect();
-        for j in 0..k {
-            let pick = match mode {
-                // every token on expert 0 first (one expert takes everything it can)
-                1 => j,
-                // experts in the upper half never chosen when possible (empty experts)
-                2 => g.below(j, (e / 2).max(k)),
-                _ => g.below(j, e),
-            };
-            pool.swap(j, pick);
-            ids.push(pool[j]);
-        }
-    }
-    let kept = (0..t * k)
-        .map(|i| u32::from(mode != 3 || i % 3 != 1))
-        .collect();
-    (ids, kept)
-}
-
 #[test]
 fn every_backend_matches_reference_and_properties() {
     let backends = common::backends("permute");
@@ -64,10 +40,10 @@ fn every_backend_matches_reference_and_properties() {
     let mut cases = 0;
     for &t in &common::TOKENS {
         for &(e, k) in &[(1usize, 1usize), (5, 1), (8, 2), (16, 16), (61, 8)] {
-            for mode in 0..4 {
+            for (mode, spread) in Spread::ALL.into_iter().enumerate() {
                 let h = if mode % 2 == 0 { 13 } else { 8 }; // 8 takes the 4-wide gather path
                 let x = random_x(t, h, (t * 31 + e) as u64);
-                let (ids, kept) = assignments(&mut g, t, k, e, mode);
+                let (ids, kept) = assignments(&mut g, t, k, e, spread);
                 let kept_b: Vec<bool> = kept.iter().map(|&v| v == 1).collect();
                 let reference = permute(&ids, &kept_b, e).unwrap();
                 let ref_rows = gather(&x, k, &reference).unwrap();
@@ -77,7 +53,7 @@ fn every_backend_matches_reference_and_properties() {
                 gate.topk_weights = vec![0.5; t * k];
                 gate.counts = vec![0; e];
                 for dev in &backends {
-                    let ctx = format!("{} T={t} E={e} k={k} mode={mode}", dev.kind());
+                    let ctx = format!("{} T={t} E={e} k={k} {spread:?}", dev.kind());
                     let mut out = PermuteBuffers::poisoned(t, k, e, h);
                     dev.permute(&gate, &x, &mut out).unwrap();
                     assert_eq!(out.permutation(), reference, "{ctx}");

@@ -194,6 +194,7 @@ pub fn launch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::synth::{assignments, Spread};
 
     #[test]
     fn both_widths_render_without_placeholders() {
@@ -220,35 +221,6 @@ mod tests {
         assert!(to_u32(Stage::Permute, "n", MAX_INDEX + 1, MAX_INDEX).is_err());
     }
 
-    /// (ids, kept) for `t` tokens with `k` distinct experts each out of `e`; mode 1 puts every
-    /// token on expert 0 first, mode 2 leaves the upper half of the experts empty, mode 3
-    /// drops every third assignment.
-    fn assignments(
-        g: &mut crate::synth::Gen,
-        t: usize,
-        k: usize,
-        e: usize,
-        mode: usize,
-    ) -> (Vec<u32>, Vec<u32>) {
-        let mut ids = Vec::with_capacity(t * k);
-        for _ in 0..t {
-            let mut pool: Vec<u32> = (0..e as u32).collect();
-            for j in 0..k {
-                let pick = match mode {
-                    1 => j,
-                    2 => g.below(j, (e / 2).max(k)),
-                    _ => g.below(j, e),
-                };
-                pool.swap(j, pick);
-                ids.push(pool[j]);
-            }
-        }
-        let kept = (0..t * k)
-            .map(|i| u32::from(mode != 3 || i % 3 != 1))
-            .collect();
-        (ids, kept)
-    }
-
     /// On a CUDA device (skipped without one): bit-exact against the CPU reference over
     /// one and many chunks, one and several bucket windows, both gather widths, and T = 0.
     #[test]
@@ -271,10 +243,10 @@ mod tests {
             (16384, 8, 16),
         ];
         for &(t, k, e) in &shapes {
-            for mode in 0..4 {
+            for (mode, spread) in Spread::ALL.into_iter().enumerate() {
                 let h = [13, 8, 1, 64][mode];
                 let x = crate::synth::random_x(t, h, (t * 31 + e) as u64);
-                let (ids, kept) = assignments(&mut g, t, k, e, mode);
+                let (ids, kept) = assignments(&mut g, t, k, e, spread);
                 let kept_b: Vec<bool> = kept.iter().map(|&v| v != 0).collect();
                 let reference = crate::cpu::permute::permute(&ids, &kept_b, e).unwrap();
                 let rows = crate::cpu::permute::gather(&x, k, &reference).unwrap();
@@ -293,7 +265,7 @@ mod tests {
                 };
                 let xd = dev.upload(&x.to_f32_vec()).unwrap();
                 launch(&dev, &gate, (t, k, e), &xd, h, &mut out).unwrap();
-                let ctx = format!("T={t} k={k} E={e} H={h} mode={mode}");
+                let ctx = format!("T={t} k={k} E={e} H={h} {spread:?}");
                 assert_eq!(
                     dev.read(&out.expert_offsets, e + 1).unwrap(),
                     reference.expert_offsets,
