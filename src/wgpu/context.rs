@@ -72,6 +72,23 @@ pub(crate) fn index_u32(stage: Stage, what: &str, n: usize) -> Result<u32> {
     Ok(n as u32)
 }
 
+/// The device of the `tests` unit tests: `None` (said on stdout) without an adapter, except
+/// under CI, where a missing adapter fails the test instead of skipping it.
+#[cfg(test)]
+pub(crate) fn test_device(tests: &str) -> Option<WgpuDevice> {
+    match WgpuDevice::new() {
+        Ok(d) => Some(d),
+        Err(err) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI needs a wgpu adapter: {err}"
+            );
+            println!("wgpu {tests} unit tests skipped: {err}");
+            None
+        }
+    }
+}
+
 /// Cached pipelines keyed by kernel and its specialisation constants (as f64 bits).
 type PipelineKey = (Kernel, Vec<(&'static str, u64)>);
 

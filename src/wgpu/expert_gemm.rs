@@ -515,17 +515,7 @@ mod tests {
     ];
 
     fn device() -> Option<WgpuDevice> {
-        match WgpuDevice::new() {
-            Ok(d) => Some(d),
-            Err(err) => {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "CI needs a wgpu adapter: {err}"
-                );
-                println!("wgpu expert GEMM unit tests skipped: {err}");
-                None
-            }
-        }
+        crate::wgpu::context::test_device("expert GEMM")
     }
 
     fn weights(

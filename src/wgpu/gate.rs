@@ -408,17 +408,7 @@ mod tests {
     use crate::synth::{separated_logits, Gen};
 
     fn device() -> Option<WgpuDevice> {
-        match WgpuDevice::new() {
-            Ok(d) => Some(d),
-            Err(err) => {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "CI needs a wgpu adapter: {err}"
-                );
-                println!("wgpu gate unit tests skipped: {err}");
-                None
-            }
-        }
+        crate::wgpu::context::test_device("gate")
     }
 
     /// The gate on the device, outputs poisoned first: (ids, weights, kept, counts).
