@@ -2,6 +2,7 @@
 //! run time (no CUDA toolkit needed). One module per stage launches that stage's kernels on
 //! device buffers, stream-ordered, with no host synchronisation inside a forward.
 
+pub mod act;
 pub mod combine;
 pub mod context;
 pub mod expert_gemm;

@@ -5,6 +5,7 @@
 //! [`context`] owns the device, typed buffers and the pipeline cache; [`weights`] packs and
 //! chunks weight matrices under the adapter's binding limit.
 
+pub mod act;
 pub mod combine;
 pub mod context;
 pub mod expert_gemm;
@@ -14,6 +15,7 @@ pub mod kernels;
 pub mod layer;
 pub mod permute;
 pub mod router;
+pub mod scratch;
 pub mod weights;
 
 pub use context::{GpuBuffer, WgpuDevice};
