@@ -5,69 +5,26 @@
 //! into caller-owned typed buffers so tests can poison them first: an element a backend fails
 //! to write shows up as NaN or `u32::MAX`.
 //!
-//! Today only the CPU backend computes; CUDA (issue #4) and wgpu (issue #3) are probed and
-//! answer with [`Error::BackendUnavailable`] naming what is missing.
+//! Every stage computes on every backend: the CPU (the f64 reference with stage boundaries
+//! stored as a GPU stores them), CUDA (hand-written PTX) and wgpu (WGSL). A backend that
+//! cannot run here answers [`Error::BackendUnavailable`] naming what is missing. The whole
+//! layer runs through [`MoeLayer::prepare`](crate::MoeLayer::prepare).
 
-use std::fmt;
-use std::str::FromStr;
 
 use crate::config::{Activation, RoutingConfig};
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
 use crate::cpu::expert_gemm::ExpertWeights;
-use crate::cpu::permute::Permutation;
+pub use crate::device::{BackendKind, GateBuffers, PermuteBuffers};
 use crate::error::{Error, Result};
 use crate::limits::{self, Footprint, LayerShape, Resource};
 use crate::shape;
 use crate::stage::Stage;
 use crate::tensor::Tensor;
 
-/// The kinds of backend the crate knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    Cpu,
-    Cuda,
-    Wgpu,
-}
-
-impl BackendKind {
-    /// Preference order of [`Backend::auto`]: CUDA, then wgpu, then CPU.
-    pub const AUTO_ORDER: [BackendKind; 3] =
-        [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
-
-    /// The name used on the command line and in `MOE_BACKEND`.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Cpu => "cpu",
-            BackendKind::Cuda => "cuda",
-            BackendKind::Wgpu => "wgpu",
-        }
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for BackendKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "cpu" => Ok(BackendKind::Cpu),
-            "cuda" => Ok(BackendKind::Cuda),
-            "wgpu" => Ok(BackendKind::Wgpu),
-            other => Err(Error::Usage(format!(
-                "unknown backend {other:?} (expected auto, cpu, cuda or wgpu)"
-            ))),
-        }
-    }
-}
-
 /// What a backend computes on. Every stage method matches on this, so a new backend that
 /// forgets a stage does not compile.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Device {
     /// The f64 reference, with stage boundaries rounded to f32 as a GPU stores them.
     Cpu,
@@ -79,8 +36,9 @@ pub(crate) enum Device {
     Wgpu(std::sync::Arc<crate::wgpu::WgpuDevice>),
 }
 
-/// A device handle. Create it once and reuse it; it is `Send + Sync`.
-#[derive(Debug)]
+/// A device handle. Create it once and reuse it; it is `Send + Sync`, and cloning it shares
+/// the device (and its module and pipeline caches).
+#[derive(Debug, Clone)]
 pub struct Backend {
     pub(crate) device: Device,
     /// Cap on a prepared layer's weights plus one forward's buffers, in bytes.
@@ -123,8 +81,9 @@ fn wgpu_reason() -> Option<String> {
 }
 
 impl Backend {
-    /// The best usable backend: `MOE_BACKEND` (auto, cpu, cuda, wgpu) when set, else CUDA,
-    /// then wgpu, then CPU, skipping those that cannot run here.
+    /// The best usable backend. The environment variable `MOE_BACKEND` (`auto`, `cpu`,
+    /// `cuda` or `wgpu`) overrides the choice: set to a kind, that kind or its error; unset,
+    /// empty or `auto`, the first of CUDA, wgpu, CPU that can be created here.
     pub fn auto() -> Result<Self> {
         match std::env::var("MOE_BACKEND") {
             Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => Backend::new(v.parse()?),
@@ -169,6 +128,46 @@ impl Backend {
                 backend: other,
                 reason: unavailable_reason(other).unwrap_or_default(),
             }),
+        }
+    }
+
+    /// A CUDA backend on device `ordinal` (its own context and stream).
+    #[cfg(feature = "cuda")]
+    pub fn cuda(ordinal: usize) -> Result<Self> {
+        Ok(Backend {
+            device: Device::Cuda(std::sync::Arc::new(crate::cuda::CudaDevice::new(ordinal)?)),
+            memory_limit: None,
+        })
+    }
+
+    /// A CUDA backend that launches on the caller's stream (a runtime's own, e.g. candle's
+    /// `CudaDevice::cuda_stream()`): every launch of this backend is enqueued on `stream`, in
+    /// its context, and nothing synchronises it except explicit read-backs.
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda_stream(stream: std::sync::Arc<cudarc::driver::CudaStream>) -> Result<Self> {
+        Ok(Backend {
+            device: Device::Cuda(std::sync::Arc::new(
+                crate::cuda::CudaDevice::from_stream(stream)?,
+            )),
+            memory_limit: None,
+        })
+    }
+
+    /// A wgpu backend on the caller's device and queue (a runtime's own). The device's
+    /// features and limits are used as they are; the crate needs none beyond WebGPU's
+    /// defaults and uses timestamp queries only where enabled. `info` names the adapter in
+    /// messages (`adapter.get_info()`).
+    #[cfg(feature = "wgpu")]
+    pub fn from_wgpu(
+        device: ::wgpu::Device,
+        queue: ::wgpu::Queue,
+        info: ::wgpu::AdapterInfo,
+    ) -> Self {
+        Backend {
+            device: Device::Wgpu(std::sync::Arc::new(crate::wgpu::WgpuDevice::from_device(
+                device, queue, info,
+            ))),
+            memory_limit: None,
         }
     }
 
@@ -516,109 +515,6 @@ impl Backend {
 fn narrow(src: &[f64], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = s as f32;
-    }
-}
-
-/// Outputs of stage 1 for T tokens with `slots` assignments each, `[T, slots]` token-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GateBuffers {
-    pub tokens: usize,
-    pub slots: usize,
-    pub experts: usize,
-    pub topk_ids: Vec<u32>,
-    /// The weight applied to each assignment (0 where dropped).
-    pub topk_weights: Vec<f32>,
-    /// 1 where the assignment survived capacity, else 0.
-    pub kept: Vec<u32>,
-    /// Kept assignments per expert, `[E]`.
-    pub counts: Vec<u32>,
-}
-
-impl GateBuffers {
-    /// Buffers filled with poison (NaN, `u32::MAX`) so an unwritten element is caught.
-    pub fn poisoned(tokens: usize, slots: usize, experts: usize) -> Self {
-        let n = tokens * slots;
-        GateBuffers {
-            tokens,
-            slots,
-            experts,
-            topk_ids: vec![u32::MAX; n],
-            topk_weights: vec![f32::NAN; n],
-            kept: vec![u32::MAX; n],
-            counts: vec![u32::MAX; experts],
-        }
-    }
-
-    fn check_sizes(&self) -> Result<()> {
-        let st = Stage::Gate;
-        let n = shape::mul(st, "T x slots", self.tokens, self.slots)?;
-        shape::expect_len(st, "topk_ids", self.topk_ids.len(), n)?;
-        shape::expect_len(st, "topk_weights", self.topk_weights.len(), n)?;
-        shape::expect_len(st, "kept", self.kept.len(), n)?;
-        shape::expect_len(st, "counts", self.counts.len(), self.experts)
-    }
-}
-
-/// Outputs of stage 2: the permutation and the gathered rows.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PermuteBuffers {
-    pub tokens: usize,
-    pub slots: usize,
-    pub experts: usize,
-    pub hidden: usize,
-    /// `[E + 1]`; rows from `expert_offsets[E]` on are dropped assignments.
-    pub expert_offsets: Vec<u32>,
-    /// `[T·slots]`.
-    pub sorted_assignment: Vec<u32>,
-    /// `[T·slots]`.
-    pub row_of_assignment: Vec<u32>,
-    /// `[T·slots, H]`.
-    pub x_perm: Vec<f32>,
-}
-
-impl PermuteBuffers {
-    /// Buffers filled with poison (NaN, `u32::MAX`) so an unwritten element is caught.
-    pub fn poisoned(tokens: usize, slots: usize, experts: usize, hidden: usize) -> Self {
-        let n = tokens * slots;
-        PermuteBuffers {
-            tokens,
-            slots,
-            experts,
-            hidden,
-            expert_offsets: vec![u32::MAX; experts + 1],
-            sorted_assignment: vec![u32::MAX; n],
-            row_of_assignment: vec![u32::MAX; n],
-            x_perm: vec![f32::NAN; n * hidden],
-        }
-    }
-
-    /// The permutation part as the CPU reference's type.
-    pub fn permutation(&self) -> Permutation {
-        Permutation {
-            experts: self.experts,
-            expert_offsets: self.expert_offsets.clone(),
-            sorted_assignment: self.sorted_assignment.clone(),
-            row_of_assignment: self.row_of_assignment.clone(),
-        }
-    }
-
-    fn check_sizes(&self) -> Result<()> {
-        let st = Stage::Permute;
-        let n = shape::mul(st, "T x slots", self.tokens, self.slots)?;
-        shape::expect_len(
-            st,
-            "expert_offsets",
-            self.expert_offsets.len(),
-            self.experts + 1,
-        )?;
-        shape::expect_len(st, "sorted_assignment", self.sorted_assignment.len(), n)?;
-        shape::expect_len(st, "row_of_assignment", self.row_of_assignment.len(), n)?;
-        shape::expect_len(
-            st,
-            "x_perm",
-            self.x_perm.len(),
-            shape::mul(st, "rows x H", n, self.hidden)?,
-        )
     }
 }
 

@@ -209,15 +209,15 @@ pub fn run_point(
     dev: &Backend,
     s: &Shape,
     layer: &MoeLayer,
-    tokens: usize,
+    (tokens, act): (usize, DType),
     warmup: usize,
     iters: usize,
     routing: Routing,
 ) -> Result<Point> {
-    let prepared = layer.prepare(dev)?;
     // Before x exists: a --tokens value past a limit fails here, not in the allocator.
     dev.check_forward(&layer.shape(), tokens, layer.weight_bytes())?;
-    let x = input(layer, tokens, routing)?;
+    let prepared = layer.prepare(dev, tokens, act)?;
+    let x = input(layer, tokens, routing)?.cast(act);
     let mut counts = Vec::new();
     for _ in 0..warmup {
         counts = prepared.forward(&x)?.counts;
@@ -302,7 +302,7 @@ pub fn dense_ceiling(dev: &Backend, dtype: DType, n: usize) -> Result<f64> {
         preset: Preset::Mixtral,
     };
     let l = layer(&s, dtype)?;
-    let p = run_point(dev, &s, &l, 8192, 1, 3, Routing::Uniform)?;
+    let p = run_point(dev, &s, &l, (8192, dtype), 1, 3, Routing::Uniform)?;
     let g = p
         .stages
         .iter()

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::backend::BackendKind;
+use crate::device::BackendKind;
 use crate::limits::Resource;
 use crate::stage::Stage;
 

@@ -81,6 +81,8 @@ pub fn load_input(path: &Path) -> Result<Tensor> {
 pub enum OutTensor {
     F32(Vec<usize>, Vec<f32>),
     I32(Vec<usize>, Vec<i32>),
+    /// A tensor in its own dtype (f32, f16 or bf16).
+    Tensor(Tensor),
 }
 
 /// Writes named tensors to a safetensors file.
@@ -100,6 +102,14 @@ pub fn save(path: &Path, tensors: &[(&str, OutTensor)]) -> Result<()> {
                 s.clone(),
                 bytemuck::cast_slice(v).to_vec(),
             ),
+            OutTensor::Tensor(t) => {
+                let (d, b): (StDtype, Vec<u8>) = match t.data() {
+                    TensorData::F32(v) => (StDtype::F32, bytemuck::cast_slice(v).to_vec()),
+                    TensorData::F16(v) => (StDtype::F16, bytemuck::cast_slice(v).to_vec()),
+                    TensorData::BF16(v) => (StDtype::BF16, bytemuck::cast_slice(v).to_vec()),
+                };
+                (name.to_string(), d, t.shape().to_vec(), b)
+            }
         })
         .collect();
     let views = bytes

@@ -5,7 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BackendKind, Device, GateBuffers, PermuteBuffers};
+use std::sync::Mutex;
+
+use crate::backend::{Backend, BackendKind, Device};
+use crate::cpu::device::{CpuResident, CpuStages, CpuWorkspace};
+use crate::device::{self, LayerWeights, Plan};
 use crate::config::LayerConfig;
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
@@ -65,6 +69,8 @@ pub struct ForwardOutput {
     pub hidden: usize,
     /// Assignments per token (`top_k`, or E for expert choice).
     pub slots: usize,
+    /// The activation dtype of the forward: `y` holds values of it, widened exactly to f32.
+    pub dtype: DType,
     /// `[T, H]`.
     pub y: Vec<f32>,
     /// `[T, slots]`.
@@ -75,11 +81,19 @@ pub struct ForwardOutput {
     pub kept: Vec<u32>,
     /// `[E]`, kept assignments per expert.
     pub counts: Vec<u32>,
-    /// Time of each stage: host wall time on the CPU backend, GPU timestamps on wgpu (empty
-    /// when the adapter has no timestamp queries).
+    /// Time of each stage: host wall time on the CPU backend, CUDA events, GPU timestamps on
+    /// wgpu (empty when the adapter has no timestamp queries).
     pub stage_times: Vec<(Stage, Duration)>,
     /// Wall time of the whole forward on the host (upload, launches, wait; not read-backs).
     pub wall_time: Duration,
+}
+
+impl ForwardOutput {
+    /// `y` `[T, H]` as a tensor in the forward's activation dtype (exact: `y` holds values of
+    /// that dtype).
+    pub fn y_tensor(&self) -> Result<Tensor> {
+        Tensor::from_f32(vec![self.tokens, self.hidden], self.y.clone()).map(|t| t.cast(self.dtype))
+    }
 }
 
 /// The f64 reference's outputs.
@@ -449,154 +463,520 @@ impl MoeLayer {
         Ok(ReferenceOutput { y, routing })
     }
 
-    /// The layer made ready on `dev` (weights uploaded once for GPU backends); call
-    /// [`PreparedLayer::forward`] as often as needed.
-    pub fn prepare<'a>(&'a self, dev: &'a Backend) -> Result<PreparedLayer<'a>> {
+    /// The weights and config as the backends' uploads read them.
+    pub(crate) fn weights(&self) -> LayerWeights<'_> {
+        LayerWeights {
+            config: &self.config,
+            dims: self.dims,
+            router_weight: &self.router_weight,
+            router_bias: self.router_bias.as_ref(),
+            correction_bias: self.score_correction_bias.as_ref(),
+            experts: &self.experts,
+            shared: self.shared.as_ref().map(|s| &s.weights),
+            shared_gate: self.shared.as_ref().and_then(|s| s.gate.as_ref()),
+        }
+    }
+
+    /// The layer made ready on `dev` for forwards of up to `max_tokens` tokens with
+    /// activations (`x`, `x_perm`, `h`, `y_perm`, `y`) in `act_dtype`: the weights are uploaded
+    /// and one workspace is allocated, once. A forward of any `T <= max_tokens` allocates
+    /// nothing. The prepared layer owns what it needs: `self` may be dropped afterwards.
+    pub fn prepare(
+        &self,
+        dev: &Backend,
+        max_tokens: usize,
+        act_dtype: DType,
+    ) -> Result<PreparedLayer> {
         let resident = self.weight_bytes();
         dev.check_weights(resident)?;
+        dev.check_forward(&self.shape(), max_tokens, resident)?;
+        let w = self.weights();
         let inner = match &dev.device {
-            Device::Cpu => Prepared::Staged,
+            Device::Cpu => {
+                let res = CpuResident::new(&w);
+                let ws = CpuWorkspace::new(act_dtype, &res);
+                Inner::Cpu(Box::new((res, ws)))
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
-                Prepared::Cuda(Box::new(crate::cuda::layer::CudaLayer::upload(d, self)?))
+                let res = crate::cuda::device::CudaResident::upload(d, &w)?;
+                let ws =
+                    crate::cuda::device::CudaWorkspace::alloc(d, &res, max_tokens, act_dtype, true)?;
+                Inner::Cuda(Box::new((res, ws)))
             }
             #[cfg(feature = "wgpu")]
             Device::Wgpu(d) => {
-                Prepared::Wgpu(Box::new(crate::wgpu::layer::WgpuLayer::upload(d, self)?))
+                let res = crate::wgpu::device::WgpuResident::upload(d, &w)?;
+                let mut ws =
+                    crate::wgpu::device::WgpuWorkspace::alloc(d, &res, max_tokens, act_dtype, true)?;
+                // Record (never submit) the forwards that use the most scratch, so that the
+                // pool holds every buffer a forward of up to max_tokens asks for.
+                let st = crate::wgpu::device::WgpuStages { dev: d };
+                for t in [max_tokens, max_tokens.min(1)] {
+                    let mut enc = d.encoder();
+                    device::forward(&st, &mut enc, &res, &mut ws, self.plan(t), (), ())?;
+                    drop(enc);
+                }
+                Inner::Wgpu(Box::new((res, ws)))
             }
         };
         Ok(PreparedLayer {
-            layer: self,
-            dev,
-            inner,
+            dev: dev.clone(),
+            shape: self.shape(),
+            hidden: self.dims.hidden,
+            slots: self.config.routing.slots(self.dims.experts),
+            experts: self.dims.experts,
+            plan: self.plan(0),
+            max_tokens,
+            dtype: act_dtype,
             resident,
+            last_tokens: std::sync::atomic::AtomicUsize::new(0),
+            inner: Mutex::new(inner),
         })
     }
 
-    /// The forward pass on `dev` (prepares the layer first: for repeated forwards on a GPU,
-    /// [`MoeLayer::prepare`] once instead).
+    fn plan(&self, tokens: usize) -> Plan {
+        Plan {
+            tokens,
+            shared: self.shared.is_some(),
+            shared_gate: self.shared.as_ref().is_some_and(|s| s.gate.is_some()),
+        }
+    }
+
+    /// The forward pass of `x` `[T, H]` on `dev`, with activations in `x`'s dtype (prepares
+    /// the layer for T tokens first: for repeated forwards, [`MoeLayer::prepare`] once instead).
     pub fn forward(&self, dev: &Backend, x: &Tensor) -> Result<ForwardOutput> {
-        self.prepare(dev)?.forward(x)
-    }
-
-    /// The forward pass through the backend's stage calls, timing each stage on the host.
-    fn forward_staged(&self, dev: &Backend, x: &Tensor) -> Result<ForwardOutput> {
-        let start_all = Instant::now();
         let t = self.check_x(x)?;
-        let (e, h) = (self.dims.experts, self.dims.hidden);
-        let cfg = &self.config;
-        let slots = cfg.routing.slots(e);
-        let mut times = Vec::with_capacity(Stage::ALL.len());
-        let mut timed = |stage: Stage, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-            let start = Instant::now();
-            f()?;
-            times.push((stage, start.elapsed()));
-            Ok(())
-        };
-
-        let mut logits = vec![f32::NAN; t * e];
-        let mut shared_g = self
-            .shared
-            .as_ref()
-            .and_then(|s| s.gate.as_ref())
-            .map(|_| vec![f32::NAN; t]);
-        timed(Stage::Router, &mut || {
-            dev.router(
-                x,
-                &self.router_weight,
-                self.router_bias.as_ref(),
-                &mut logits,
-            )?;
-            if let (Some(g), Some(out)) = (
-                self.shared.as_ref().and_then(|s| s.gate.as_ref()),
-                shared_g.as_mut(),
-            ) {
-                dev.router(x, g, None, out)?;
-            }
-            Ok(())
-        })?;
-        let mut gate = GateBuffers::poisoned(t, slots, e);
-        timed(Stage::Gate, &mut || {
-            dev.gate(
-                &logits,
-                self.score_correction_bias.as_ref(),
-                &cfg.routing,
-                &mut gate,
-            )
-        })?;
-        let mut perm = PermuteBuffers::poisoned(t, slots, e, h);
-        timed(Stage::Permute, &mut || dev.permute(&gate, x, &mut perm))?;
-        let mut y_perm = vec![f32::NAN; t * slots * h];
-        let mut shared_y = self.shared.as_ref().map(|_| vec![f32::NAN; t * h]);
-        timed(Stage::ExpertGemm, &mut || {
-            dev.expert_gemm(&perm, &self.experts, cfg.activation, &mut y_perm)?;
-            if let (Some(s), Some(out)) = (&self.shared, shared_y.as_mut()) {
-                dev.shared_expert(x, &s.weights, cfg.activation, out)?;
-            }
-            Ok(())
-        })?;
-        let mut y = vec![f32::NAN; t * h];
-        let shared = shared_y.as_deref().map(|s| (s, shared_g.as_deref()));
-        timed(Stage::Combine, &mut || {
-            dev.combine(
-                &y_perm,
-                &gate,
-                &perm,
-                shared,
-                cfg.output_scale as f32,
-                &mut y,
-            )
-        })?;
-        Ok(ForwardOutput {
-            tokens: t,
-            hidden: h,
-            slots,
-            y,
-            topk_ids: gate.topk_ids,
-            topk_weights: gate.topk_weights,
-            kept: gate.kept,
-            counts: gate.counts,
-            stage_times: times,
-            wall_time: start_all.elapsed(),
-        })
+        self.prepare(dev, t, x.dtype())?.forward(x)
     }
 }
 
-/// What a backend keeps of a prepared layer.
-#[derive(Debug)]
-enum Prepared {
-    /// Stage-by-stage through the backend's calls (CPU).
-    Staged,
-    /// Weights resident on a CUDA device; one stream-ordered sequence of launches per forward.
+/// What a backend keeps of a prepared layer: its resident weights and its workspace.
+enum Inner {
+    Cpu(Box<(CpuResident, CpuWorkspace)>),
     #[cfg(feature = "cuda")]
-    Cuda(Box<crate::cuda::layer::CudaLayer>),
-    /// Weights resident on a wgpu device; one submission per forward.
+    Cuda(
+        Box<(
+            crate::cuda::device::CudaResident,
+            crate::cuda::device::CudaWorkspace,
+        )>,
+    ),
     #[cfg(feature = "wgpu")]
-    Wgpu(Box<crate::wgpu::layer::WgpuLayer>),
+    Wgpu(
+        Box<(
+            crate::wgpu::device::WgpuResident,
+            crate::wgpu::device::WgpuWorkspace,
+        )>,
+    ),
 }
 
-/// A layer ready to run on one backend.
-#[derive(Debug)]
-pub struct PreparedLayer<'a> {
-    layer: &'a MoeLayer,
-    dev: &'a Backend,
-    inner: Prepared,
+/// A layer ready to run on one backend: its weights resident there and one workspace for
+/// forwards of up to `max_tokens` tokens, in one activation dtype. It owns everything it
+/// uses. Forwards on one prepared layer are serialised (its workspace is locked per forward);
+/// prepare one per thread or stream for concurrent forwards.
+pub struct PreparedLayer {
+    dev: Backend,
+    shape: LayerShape,
+    hidden: usize,
+    slots: usize,
+    experts: usize,
+    plan: Plan,
+    max_tokens: usize,
+    dtype: DType,
     /// Bytes of the weights this layer keeps on the backend.
     resident: u64,
+    /// Tokens of the last forward (what the routing read-backs cover).
+    last_tokens: std::sync::atomic::AtomicUsize,
+    inner: Mutex<Inner>,
 }
 
-impl PreparedLayer<'_> {
-    /// One forward of `x` `[T, H]`.
-    pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
-        let t = self.layer.check_x(x)?;
-        self.dev
-            .check_forward(&self.layer.shape(), t, self.resident)?;
-        match (&self.inner, &self.dev.device) {
-            #[cfg(feature = "cuda")]
-            (Prepared::Cuda(l), Device::Cuda(d)) => l.forward(d, x),
+impl std::fmt::Debug for PreparedLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PreparedLayer({} up to {} tokens, {} activations)",
+            self.dev.kind(),
+            self.max_tokens,
+            self.dtype
+        )
+    }
+}
+
+/// The routing of the last forward, read back on request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingOutput {
+    /// `[T, slots]`.
+    pub topk_ids: Vec<u32>,
+    /// `[T, slots]`, the weights applied (0 where dropped).
+    pub topk_weights: Vec<f32>,
+    /// `[T, slots]`, 1 where kept.
+    pub kept: Vec<u32>,
+    /// `[E]`, kept assignments per expert.
+    pub counts: Vec<u32>,
+}
+
+impl PreparedLayer {
+    /// The activation dtype of `x`, `y` and every activation-sized intermediate.
+    pub fn act_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The most tokens one forward may have.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The backend this layer runs on.
+    pub fn backend(&self) -> &Backend {
+        &self.dev
+    }
+
+    /// Bytes of device memory the workspace holds (0 on the CPU).
+    pub fn workspace_bytes(&self) -> u64 {
+        match self.inner.lock().as_deref() {
             #[cfg(feature = "wgpu")]
-            (Prepared::Wgpu(l), Device::Wgpu(d)) => l.forward(d, x),
-            _ => self.layer.forward_staged(self.dev, x),
+            Ok(Inner::Wgpu(b)) => b.1.bytes(),
+            _ => 0,
+        }
+    }
+
+    /// Buffers the device handle has created so far (wgpu only; `None` elsewhere): a forward
+    /// on a prepared layer adds none on the device-resident path.
+    pub fn device_allocations(&self) -> Option<u64> {
+        match &self.dev.device {
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => Some(d.allocations()),
+            _ => None,
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| Error::Usage("a previous forward on this prepared layer panicked".into()))
+    }
+
+    fn check_tokens(&self, t: usize) -> Result<()> {
+        if t > self.max_tokens {
+            return Err(Error::shape(
+                Stage::Router,
+                format!(
+                    "a forward of {t} tokens exceeds the {} this layer was prepared for \
+                     (MoeLayer::prepare's max_tokens)",
+                    self.max_tokens
+                ),
+            ));
+        }
+        self.dev.check_forward(&self.shape, t, self.resident)
+    }
+
+    fn check_x(&self, x: &Tensor) -> Result<usize> {
+        let t = match x.shape() {
+            [t, h] if *h == self.hidden => *t,
+            s => {
+                return Err(Error::shape(
+                    Stage::Router,
+                    format!("x must be [T, H] with H = {}, got shape {s:?}", self.hidden),
+                ))
+            }
+        };
+        if x.dtype() != self.dtype {
+            return Err(Error::Dtype {
+                context: format!(
+                    "x of a layer prepared for {} activations (cast it, or prepare for {})",
+                    self.dtype,
+                    x.dtype()
+                ),
+                dtype: x.dtype().to_string(),
+            });
+        }
+        self.check_tokens(t)?;
+        Ok(t)
+    }
+
+    /// One forward of the host tensor `x` `[T, H]` (in the activation dtype): uploads `x`,
+    /// runs the forward, waits, and reads `y` and the routing back.
+    pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
+        let t = self.check_x(x)?;
+        let start = Instant::now();
+        let mut inner = self.lock()?;
+        let plan = Plan {
+            tokens: t,
+            ..self.plan
+        };
+        let (y, stage_times, wall) = match &mut *inner {
+            Inner::Cpu(b) => {
+                let (res, ws) = &mut **b;
+                let mut y = Vec::new();
+                device::forward(&CpuStages, &mut (), res, ws, plan, x, &mut y)?;
+                let wall = start.elapsed();
+                let times = Stage::ALL
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &s)| match (ws.marks[i], ws.marks[i + 1]) {
+                        (Some(a), Some(b)) => Some((s, b.duration_since(a))),
+                        _ => None,
+                    })
+                    .collect();
+                (y, times, wall)
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(b) => {
+                let Device::Cuda(d) = &self.dev.device else {
+                    return Err(Error::Usage("prepared layer lost its CUDA device".into()));
+                };
+                crate::cuda::layer::forward_host(d, &b.0, &mut b.1, plan, x)?
+            }
+            #[cfg(feature = "wgpu")]
+            Inner::Wgpu(b) => {
+                let Device::Wgpu(d) = &self.dev.device else {
+                    return Err(Error::Usage("prepared layer lost its wgpu device".into()));
+                };
+                crate::wgpu::layer::forward_host(d, &b.0, &mut b.1, plan, x)?
+            }
+        };
+        self.last_tokens
+            .store(t, std::sync::atomic::Ordering::Relaxed);
+        let routing = self.read_routing_locked(&inner, t)?;
+        Ok(ForwardOutput {
+            tokens: t,
+            hidden: self.hidden,
+            slots: self.slots,
+            dtype: self.dtype,
+            y,
+            topk_ids: routing.topk_ids,
+            topk_weights: routing.topk_weights,
+            kept: routing.kept,
+            counts: routing.counts,
+            stage_times,
+            wall_time: wall,
+        })
+    }
+
+    /// Records one forward of `tokens` tokens into the caller's `enc`: `x` `[T, H]` is read from
+    /// `(buffer, byte offset)` and `y` `[T, H]` written to `(buffer, byte offset)`, both dense
+    /// in [`PreparedLayer::act_dtype`] (f32: one element per 4 bytes; f16 / bf16: 2 bytes each).
+    /// The caller submits `enc`. Nothing is allocated, uploaded or read back; the routing stays
+    /// on the device ([`PreparedLayer::read_routing`] after the submission).
+    ///
+    /// Requirements, checked: the backend is wgpu ([`Backend::from_wgpu`] for the caller's own
+    /// device) and both buffers belong to its device; offsets are multiples of 4; each region
+    /// spans whole u32 words (`ceil(T·H·size / 4)·4` bytes: with a 16-bit dtype and `T·H` odd,
+    /// the last 2 bytes of `y`'s region are written as padding); `x` has `COPY_SRC` and `y`
+    /// `COPY_DST` usage. Not checkable, so the caller's part: `enc` comes from the same
+    /// device, and a recorded forward is submitted before the next forward of this prepared
+    /// layer is recorded (the per-forward parameters are written with `Queue::write_buffer`,
+    /// which applies at the next submission).
+    #[cfg(feature = "wgpu")]
+    pub fn forward_wgpu(
+        &self,
+        enc: &mut ::wgpu::CommandEncoder,
+        x: (&::wgpu::Buffer, u64),
+        y: (&::wgpu::Buffer, u64),
+        tokens: usize,
+    ) -> Result<()> {
+        self.check_tokens(tokens)?;
+        let mut inner = self.lock()?;
+        let (Inner::Wgpu(b), Device::Wgpu(d)) = (&mut *inner, &self.dev.device) else {
+            return Err(Error::Usage(format!(
+                "forward_wgpu needs a layer prepared on a wgpu backend, not {}",
+                self.dev.kind()
+            )));
+        };
+        let plan = Plan {
+            tokens,
+            ..self.plan
+        };
+        crate::wgpu::layer::forward_device(d, &b.0, &mut b.1, plan, enc, x, y, self.hidden)?;
+        self.last_tokens
+            .store(tokens, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Enqueues one forward of `tokens` tokens on the backend's CUDA stream, reading `x`
+    /// `[T, H]` from the caller's view and writing `y` `[T, H]` into the caller's view, both
+    /// dense with elements of [`PreparedLayer::act_dtype`] (`f32`, `half::f16` or
+    /// `half::bf16`). No synchronisation, allocation or copy: the stream orders it after the
+    /// caller's earlier work and before its later work; the routing stays on the device
+    /// ([`PreparedLayer::read_routing`] synchronises). The views must belong to the backend's
+    /// context (build the backend with [`Backend::from_cuda_stream`] on the runtime's stream).
+    #[cfg(feature = "cuda")]
+    pub fn forward_cuda<T: crate::tensor::Element>(
+        &self,
+        x: &cudarc::driver::CudaView<'_, T>,
+        y: &mut cudarc::driver::CudaViewMut<'_, T>,
+        tokens: usize,
+    ) -> Result<()> {
+        use crate::cuda::act::{ActView, ActViewMut};
+        self.check_device_io(T::DTYPE, x.len(), y.len(), tokens)?;
+        let n = tokens * self.hidden;
+        // SAFETY: a view of n elements of T is n · size_of::<T>() bytes of the same memory;
+        // u8 has no invalid bit patterns (ActView's header: raw bytes + dtype).
+        let xb = unsafe { x.transmute::<u8>(n * T::DTYPE.size()) };
+        // SAFETY: as above, for the caller's writable view.
+        let yb = unsafe { y.transmute_mut::<u8>(n * T::DTYPE.size()) };
+        let (Some(xb), Some(yb)) = (xb, yb) else {
+            return Err(Error::shape(Stage::Router, "x or y view is too small"));
+        };
+        let xv = ActView {
+            bytes: xb,
+            dtype: T::DTYPE,
+        };
+        let yv = ActViewMut {
+            bytes: yb,
+            dtype: T::DTYPE,
+        };
+        self.run_cuda(tokens, &xv, yv)
+    }
+
+    /// [`PreparedLayer::forward_cuda`] on raw device pointers, for runtimes on other CUDA
+    /// bindings: `x` and `y` hold `tokens · H` dense elements of [`PreparedLayer::act_dtype`].
+    ///
+    /// # Safety
+    /// `x` and `y` must be device allocations in the backend's CUDA context holding at least
+    /// `tokens · H · size` bytes each, not overlapping; `x` must stay unmodified and both must
+    /// stay allocated until the work enqueued on `stream` has finished. `stream` must be the
+    /// backend's stream (checked: another stream is an error, since nothing would order the
+    /// launches after the caller's work).
+    #[cfg(feature = "cuda")]
+    pub unsafe fn forward_cuda_raw(
+        &self,
+        x: cudarc::driver::sys::CUdeviceptr,
+        y: cudarc::driver::sys::CUdeviceptr,
+        tokens: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        use crate::cuda::act::{ActView, ActViewMut};
+        use crate::cuda::device::{forget_raw, raw_view};
+        let Device::Cuda(d) = &self.dev.device else {
+            return Err(self.not_cuda());
+        };
+        if stream != d.stream.cu_stream() {
+            return Err(Error::Usage(
+                "forward_cuda_raw: the stream is not this backend's stream (build the backend \
+                 with Backend::from_cuda_stream on it)"
+                    .into(),
+            ));
+        }
+        let n = tokens * self.hidden;
+        self.check_device_io(self.dtype, n, n, tokens)?;
+        // SAFETY: forwarded from this function's contract.
+        let (xs, xbytes) = unsafe { raw_view(d, x, n, self.dtype)? };
+        // SAFETY: as above, for y.
+        let (mut ys, ybytes) = unsafe { raw_view(d, y, n, self.dtype)? };
+        let run = {
+            let xv = ActView {
+                bytes: xs.slice(0..xbytes),
+                dtype: self.dtype,
+            };
+            let yv = ActViewMut {
+                bytes: ys.slice_mut(0..ybytes),
+                dtype: self.dtype,
+            };
+            self.run_cuda(tokens, &xv, yv)
+        };
+        forget_raw(xs);
+        forget_raw(ys);
+        run
+    }
+
+    #[cfg(feature = "cuda")]
+    fn not_cuda(&self) -> Error {
+        Error::Usage(format!(
+            "a CUDA forward needs a layer prepared on a CUDA backend, not {}",
+            self.dev.kind()
+        ))
+    }
+
+    /// Checks a device-resident forward's dtype, token count and buffer sizes.
+    #[allow(dead_code)]
+    fn check_device_io(&self, dtype: DType, x_len: usize, y_len: usize, t: usize) -> Result<()> {
+        if dtype != self.dtype {
+            return Err(Error::Dtype {
+                context: format!("x and y of a layer prepared for {} activations", self.dtype),
+                dtype: dtype.to_string(),
+            });
+        }
+        self.check_tokens(t)?;
+        let n = t.saturating_mul(self.hidden);
+        if x_len < n || y_len < n {
+            return Err(Error::shape(
+                Stage::Router,
+                format!(
+                    "x and y must hold T x H = {n} elements; they hold {x_len} and {y_len}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_cuda(
+        &self,
+        tokens: usize,
+        x: &crate::cuda::act::ActView<'_>,
+        y: crate::cuda::act::ActViewMut<'_>,
+    ) -> Result<()> {
+        let mut inner = self.lock()?;
+        let (Inner::Cuda(b), Device::Cuda(d)) = (&mut *inner, &self.dev.device) else {
+            return Err(self.not_cuda());
+        };
+        let plan = Plan {
+            tokens,
+            ..self.plan
+        };
+        crate::cuda::layer::forward_device(d, &b.0, &mut b.1, plan, x, y)?;
+        self.last_tokens
+            .store(tokens, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads back the routing of the last forward (ids, weights, kept flags, expert counts):
+    /// waits for the device.
+    pub fn read_routing(&self) -> Result<RoutingOutput> {
+        let inner = self.lock()?;
+        let t = self.last_tokens.load(std::sync::atomic::Ordering::Relaxed);
+        self.read_routing_locked(&inner, t)
+    }
+
+    fn read_routing_locked(&self, inner: &Inner, t: usize) -> Result<RoutingOutput> {
+        let n = t * self.slots;
+        match inner {
+            Inner::Cpu(b) => {
+                let g = &b.1.gate;
+                Ok(RoutingOutput {
+                    topk_ids: g.topk_ids.clone(),
+                    topk_weights: g.topk_weights.clone(),
+                    kept: g.kept.clone(),
+                    counts: g.counts.clone(),
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(b) => {
+                let Device::Cuda(d) = &self.dev.device else {
+                    return Err(Error::Usage("prepared layer lost its CUDA device".into()));
+                };
+                let g = &b.1.gate;
+                Ok(RoutingOutput {
+                    topk_ids: d.read(&g.topk_ids, n)?,
+                    topk_weights: d.read(&g.topk_weights, n)?,
+                    kept: d.read(&g.kept, n)?,
+                    counts: d.read(&g.counts, self.experts)?,
+                })
+            }
+            #[cfg(feature = "wgpu")]
+            Inner::Wgpu(b) => {
+                let Device::Wgpu(d) = &self.dev.device else {
+                    return Err(Error::Usage("prepared layer lost its wgpu device".into()));
+                };
+                let g = &b.1.gate;
+                Ok(RoutingOutput {
+                    topk_ids: d.read_prefix(&g.topk_ids, n)?,
+                    topk_weights: d.read_prefix(&g.topk_weights, n)?,
+                    kept: d.read_prefix(&g.kept, n)?,
+                    counts: d.read_prefix(&g.counts, self.experts)?,
+                })
+            }
         }
     }
 }

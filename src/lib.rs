@@ -18,15 +18,18 @@
 //! ```
 
 pub mod backend;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod config;
 pub mod cpu;
+pub mod device;
 pub mod error;
 pub mod io;
 pub mod layer;
 pub mod limits;
 pub mod shape;
 pub mod stage;
+#[cfg(any(test, feature = "cli"))]
 pub mod synth;
 pub mod tensor;
 
@@ -40,7 +43,7 @@ pub use config::{
     Activation, Capacity, Combine, LayerConfig, Preset, Priority, RoutingConfig, Scoring,
 };
 pub use error::{Error, Result};
-pub use layer::{ForwardOutput, MoeLayer, PreparedLayer};
+pub use layer::{ForwardOutput, MoeLayer, PreparedLayer, RoutingOutput};
 pub use limits::Resource;
 pub use stage::Stage;
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Element, Tensor, TensorData};

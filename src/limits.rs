@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use crate::backend::BackendKind;
+use crate::device::BackendKind;
 use crate::config::LayerConfig;
 use crate::cpu::expert_gemm::ExpertDims;
 use crate::error::{Error, Result};

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::BackendKind;
+use crate::device::BackendKind;
 use crate::config::LayerConfig;
 use crate::error::Result;
 use crate::layer::MoeLayer;

@@ -28,6 +28,17 @@ impl DType {
         }
     }
 
+    /// `v` as a device stores it in this dtype: rounded to f32 first (every kernel computes in
+    /// f32), then round-to-nearest-even to f16 or bf16; returned widened to f64.
+    pub fn round(self, v: f64) -> f64 {
+        let f = v as f32;
+        match self {
+            DType::F32 => f64::from(f),
+            DType::F16 => f16::from_f32(f).to_f64(),
+            DType::BF16 => bf16::from_f32(f).to_f64(),
+        }
+    }
+
     /// The name used on the command line and in messages.
     pub fn name(self) -> &'static str {
         match self {
@@ -56,6 +67,24 @@ impl FromStr for DType {
             ))),
         }
     }
+}
+
+/// A Rust element type of one of the activation dtypes (`f32`, `half::f16`, `half::bf16`).
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Its dtype.
+    const DTYPE: DType;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
 }
 
 /// The elements of a [`Tensor`].

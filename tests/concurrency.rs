@@ -15,7 +15,7 @@ fn assert_send_sync<T: Send + Sync>() {}
 const _: fn() = || {
     assert_send_sync::<Backend>();
     assert_send_sync::<MoeLayer>();
-    assert_send_sync::<PreparedLayer<'static>>();
+    assert_send_sync::<PreparedLayer>();
     assert_send_sync::<Tensor>();
 };
 
@@ -100,7 +100,7 @@ fn eight_threads_on_one_backend_match_one_thread_bitwise() {
                 .iter()
                 .map(|x| bits(&layer.forward(&dev, x).unwrap()))
                 .collect();
-            let prepared = layer.prepare(&dev).unwrap();
+            let prepared = layer.prepare(&dev, 300, DType::F32).unwrap();
             std::thread::scope(|s| {
                 let handles: Vec<_> = (0..THREADS)
                     .map(|i| {

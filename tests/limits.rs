@@ -60,8 +60,9 @@ fn memory_limit_is_checked_before_a_forward_and_the_handle_stays_usable() {
         let tight = moe_kernels::Backend::new(kind)
             .unwrap()
             .with_memory_limit(SMALL_WEIGHT_BYTES);
-        let prepared = layer.prepare(&tight).expect("weights fit exactly");
-        let err = prepared.forward(&x).expect_err("no room for activations");
+        let err = layer
+            .prepare(&tight, t, DType::F32)
+            .expect_err("no room for the workspace");
         let (backend, resource, need, limit) = limit_parts(&err);
         assert_eq!(backend, kind);
         assert_eq!(resource, Resource::MemoryLimit, "{err}");
@@ -80,25 +81,30 @@ fn memory_limit_is_checked_before_a_forward_and_the_handle_stays_usable() {
             .unwrap()
             .with_memory_limit(need);
         let out = layer
-            .prepare(&exact)
+            .prepare(&exact, t, DType::F32)
             .and_then(|p| p.forward(&x))
             .unwrap_or_else(|e| panic!("{kind}: a limit of exactly {need} bytes: {e}"));
         assert_eq!(out.topk_ids, reference.routing.topk_ids, "{kind}");
         let rel = common::rel_l2(&out.y, &reference.y);
         assert!(rel < common::tolerance(DType::F32), "{kind}: rel L2 {rel}");
 
-        // One byte less fails, and the same prepared layer still runs a smaller batch.
+        // One byte less fails; a layer prepared for 1 token fits, runs a 1-token forward and
+        // refuses a 64-token one (past its max_tokens) with a shape error.
         let short = moe_kernels::Backend::new(kind)
             .unwrap()
             .with_memory_limit(need - 1);
-        let p = layer.prepare(&short).expect("weights fit");
         assert!(matches!(
-            p.forward(&x),
+            layer.prepare(&short, t, DType::F32),
             Err(Error::Limit {
                 resource: Resource::MemoryLimit,
                 ..
             })
         ));
+        let p = layer.prepare(&short, 1, DType::F32).expect("1 token fits");
+        assert!(
+            matches!(p.forward(&x), Err(Error::Shape { .. })),
+            "{kind}: T past max_tokens"
+        );
         let x1 = random_x(1, 32, 9);
         let one = p.forward(&x1).expect("a 1-token forward fits");
         let ref1 = layer.forward_reference(&x1).expect("reference");
@@ -113,7 +119,9 @@ fn memory_limit_is_checked_before_the_weights_are_uploaded() {
     for dev in common::backends("memory_limit_weights") {
         let kind = dev.kind();
         let dev = dev.with_memory_limit(SMALL_WEIGHT_BYTES - 1);
-        let err = layer.prepare(&dev).expect_err("weights do not fit");
+        let err = layer
+            .prepare(&dev, 1, DType::F32)
+            .expect_err("weights do not fit");
         let (backend, resource, need, limit) = limit_parts(&err);
         assert_eq!(
             (backend, resource, need, limit),

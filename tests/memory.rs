@@ -56,7 +56,9 @@ struct Run {
 
 /// `n` prepared forwards, sampling RSS at each count in `at`.
 fn run_prepared(dev: &Backend, layer: &MoeLayer, x: &Tensor, n: usize, at: &[usize]) -> Run {
-    let prepared = layer.prepare(dev).expect("prepare");
+    let prepared = layer
+        .prepare(dev, x.shape()[0], x.dtype())
+        .expect("prepare");
     let mut samples = Vec::new();
     let start = Instant::now();
     let mut checksum = 0.0f64;

@@ -113,7 +113,7 @@ fn device_stage_time(
     iters: u64,
 ) -> Option<Duration> {
     let prepared = layer
-        .prepare(dev)
+        .prepare(dev, x.shape()[0], x.dtype())
         .unwrap_or_else(|e| panic!("prepare on {}: {e}", dev.kind()));
     let mut total = Duration::ZERO;
     for _ in 0..iters {

@@ -88,6 +88,10 @@ enum Command {
         /// Expert weight dtype: f32, f16 or bf16.
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// Activation dtype (x, intermediates, y): f32, f16 or bf16; default bf16 on a GPU (as
+        /// runtimes run), f32 on the CPU.
+        #[arg(long)]
+        act: Option<String>,
         /// Timed forwards per point (the median is reported).
         #[arg(long, default_value_t = 20)]
         iters: usize,
@@ -115,7 +119,21 @@ enum Command {
     },
 }
 
+/// Mesa's Vulkan device-select layer (an implicit layer the loader puts into every Vulkan
+/// instance) probes for a Wayland display and prints "error: XDG_RUNTIME_DIR is invalid or not
+/// set in the environment." on a headless machine. wgpu picks its adapter itself, so on such a
+/// machine the layer is switched off (`NODEVICE_SELECT=1`) unless the user set that variable.
+/// Runs first in `main`, before any other thread exists.
+fn quiet_headless_vulkan() {
+    let runtime_dir_ok = std::env::var_os("XDG_RUNTIME_DIR")
+        .is_some_and(|d| std::path::Path::new(&d).is_dir());
+    if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_headless_vulkan();
     // Usage errors exit 1 like every other error; --help and --version exit 0.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -157,13 +175,22 @@ fn main() -> ExitCode {
             tokens,
             backend,
             dtype,
+            act,
             iters,
             warmup,
             json,
             routing,
             dense,
         } => bench(
-            &preset, &tokens, &backend, &dtype, iters, warmup, json, &routing, dense,
+            &preset,
+            &tokens,
+            &backend,
+            (&dtype, act.as_deref()),
+            iters,
+            warmup,
+            json,
+            &routing,
+            dense,
         ),
         Command::Info => info(),
         #[cfg(feature = "cuda")]
@@ -245,7 +272,7 @@ fn demo(
     println!("  T = {tokens} tokens, H = {hidden}, F = {ffn}, expert weights {dtype}, seed {seed}");
     println!("  backend: {}", dev.kind());
 
-    let prepared = layer.prepare(&dev)?;
+    let prepared = layer.prepare(&dev, tokens, DType::F32)?;
     // One warm-up forward (pipeline creation, first-touch allocations), then the timed one.
     prepared.forward(&x)?;
     let out = prepared.forward(&x)?;
@@ -337,7 +364,7 @@ fn run(
     let (t, k) = (out.tokens, out.slots);
     let to_i32 = |v: &[u32]| v.iter().map(|&a| a as i32).collect::<Vec<_>>();
     let mut tensors = vec![
-        ("y", OutTensor::F32(vec![t, out.hidden], out.y.clone())),
+        ("y", OutTensor::Tensor(out.y_tensor()?)),
         (
             "topk_ids",
             OutTensor::I32(vec![t, k], to_i32(&out.topk_ids)),
@@ -407,7 +434,7 @@ fn bench(
     presets: &str,
     tokens: &str,
     backend: &str,
-    dtype: &str,
+    (dtype, act): (&str, Option<&str>),
     iters: usize,
     warmup: usize,
     json: bool,
@@ -417,6 +444,11 @@ fn bench(
     use moe_kernels::bench::{self, Routing};
     let dev = Backend::from_name(backend)?;
     let dtype: DType = dtype.parse()?;
+    let act: DType = match act {
+        Some(a) => a.parse()?,
+        None if dev.kind() == BackendKind::Cpu => DType::F32,
+        None => DType::BF16,
+    };
     let parse_list = |flag: &str, v: &str| -> Result<Vec<String>> {
         let items: Vec<String> = v
             .split(',')
@@ -493,7 +525,7 @@ fn bench(
         for &t in &tokens {
             for &routing in &routings {
                 bar.set_message(format!("{} T={t}", shape.name));
-                let p = bench::run_point(&dev, shape, &layer, t, warmup, iters, routing)?;
+                let p = bench::run_point(&dev, shape, &layer, (t, act), warmup, iters, routing)?;
                 bar.inc(1);
                 let us = |s: Stage| {
                     p.stages

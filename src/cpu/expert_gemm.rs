@@ -97,6 +97,19 @@ pub fn activate(act: Activation, g: f64, u: f64) -> f64 {
 
 /// One row `x` `[H]` through expert `e`; returns `[H]`.
 pub fn ffn_row(x: &[f64], w: &ExpertWeights, d: ExpertDims, e: usize, act: Activation) -> Vec<f64> {
+    ffn_row_stored(x, w, d, e, act, |v| v)
+}
+
+/// [`ffn_row`] with the intermediate `h` passed through `store` (the rounding of a device
+/// that stores `h` in a narrower dtype between its two GEMMs).
+pub fn ffn_row_stored(
+    x: &[f64],
+    w: &ExpertWeights,
+    d: ExpertDims,
+    e: usize,
+    act: Activation,
+    store: impl Fn(f64) -> f64,
+) -> Vec<f64> {
     let (h, f) = (d.hidden, d.ffn);
     let hidden: Vec<f64> = (0..f)
         .map(|fi| {
@@ -108,7 +121,7 @@ pub fn ffn_row(x: &[f64], w: &ExpertWeights, d: ExpertDims, e: usize, act: Activ
                 }
                 None => 0.0,
             };
-            activate(act, g, u)
+            store(activate(act, g, u))
         })
         .collect();
     (0..h)
@@ -126,6 +139,17 @@ pub fn expert_ffn(
     expert_offsets: &[u32],
     w: &ExpertWeights,
     act: Activation,
+) -> Result<Vec<f64>> {
+    expert_ffn_stored(x_perm, expert_offsets, w, act, |v| v)
+}
+
+/// [`expert_ffn`] with `h` passed through `store` (see [`ffn_row_stored`]).
+pub fn expert_ffn_stored(
+    x_perm: &[f64],
+    expert_offsets: &[u32],
+    w: &ExpertWeights,
+    act: Activation,
+    store: impl Fn(f64) -> f64 + Sync,
 ) -> Result<Vec<f64>> {
     let d = w.dims(act)?;
     let st = Stage::ExpertGemm;
@@ -153,13 +177,23 @@ pub fn expert_ffn(
             return; // a dropped row (r >= offsets[E]): stays zero
         }
         let x = &x_perm[r * d.hidden..(r + 1) * d.hidden];
-        out.copy_from_slice(&ffn_row(x, w, d, e - 1, act));
+        out.copy_from_slice(&ffn_row_stored(x, w, d, e - 1, act, &store));
     });
     Ok(y)
 }
 
 /// The shared expert on every token of `x` `[T, H]`; `w` holds it as one expert.
 pub fn shared_ffn(x: &Tensor, w: &ExpertWeights, act: Activation) -> Result<Vec<f64>> {
+    shared_ffn_stored(x, w, act, |v| v)
+}
+
+/// [`shared_ffn`] with `h` passed through `store` (see [`ffn_row_stored`]).
+pub fn shared_ffn_stored(
+    x: &Tensor,
+    w: &ExpertWeights,
+    act: Activation,
+    store: impl Fn(f64) -> f64 + Sync,
+) -> Result<Vec<f64>> {
     let d = w.dims(act)?;
     let (t, h) = shape::matrix(Stage::ExpertGemm, "x", x)?;
     shape::expect_eq(Stage::ExpertGemm, "shared expert H", d.hidden, h)?;
@@ -169,7 +203,7 @@ pub fn shared_ffn(x: &Tensor, w: &ExpertWeights, act: Activation) -> Result<Vec<
         return Ok(y);
     }
     y.par_chunks_mut(h).enumerate().for_each(|(ti, out)| {
-        out.copy_from_slice(&ffn_row(&x.row_f64(ti, h), w, d, 0, act));
+        out.copy_from_slice(&ffn_row_stored(&x.row_f64(ti, h), w, d, 0, act, &store));
     });
     Ok(y)
 }

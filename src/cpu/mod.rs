@@ -5,6 +5,7 @@
 //! fixed order, so results do not depend on the thread count.
 
 pub mod combine;
+pub(crate) mod device;
 pub mod expert_gemm;
 pub mod gate;
 pub mod permute;

@@ -11,7 +11,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::backend::BackendKind;
+use crate::device::BackendKind;
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
 use crate::stage::Stage;
@@ -104,16 +104,15 @@ impl std::fmt::Debug for CudaDevice {
 impl CudaDevice {
     /// Opens device `ordinal`. Checks for the driver library first (cudarc panics without it).
     pub fn new(ordinal: usize) -> Result<Self> {
-        crate::cuda::probe().map_err(cuda_err)?;
-        let ctx = drv(CudaContext::new(ordinal), "creating the CUDA context")?;
-        let name = drv(ctx.name(), "device name")?;
-        let compute_capability = drv(ctx.compute_capability(), "compute capability")?;
-        if compute_capability.0 < 8 {
+        let devices = crate::cuda::probe().map_err(cuda_err)?;
+        if ordinal >= devices.len() {
             return Err(cuda_err(format!(
-                "{name} is sm_{}{}; the kernels target sm_80 and newer",
-                compute_capability.0, compute_capability.1
+                "no CUDA device {ordinal}: the driver reports {}",
+                devices.len()
             )));
         }
+        let ctx = drv(CudaContext::new(ordinal), "creating the CUDA context")?;
+        let (name, compute_capability) = Self::describe(&ctx)?;
         // SAFETY: every launch, copy and allocation of this crate goes through the one stream
         // below, so stream order already sequences every buffer's uses; cudarc's per-buffer
         // events would only add work (and event records inside CUDA-graph captures).
@@ -126,6 +125,33 @@ impl CudaDevice {
             compute_capability,
             modules: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A handle that launches on the caller's `stream`, in its context. cudarc's event
+    /// tracking is left as the caller set it (it is the caller's context).
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let (name, compute_capability) = Self::describe(&ctx)?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            name,
+            compute_capability,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Name and compute capability, or an error for a device older than sm_80.
+    fn describe(ctx: &CudaContext) -> Result<(String, (i32, i32))> {
+        let name = drv(ctx.name(), "device name")?;
+        let cc = drv(ctx.compute_capability(), "compute capability")?;
+        if cc.0 < 8 {
+            return Err(cuda_err(format!(
+                "{name} is sm_{}{}; the kernels target sm_80 and newer",
+                cc.0, cc.1
+            )));
+        }
+        Ok((name, cc))
     }
 
     /// Function `entry` of the module variant `variant` of `stage`, loading (JIT-compiling) the

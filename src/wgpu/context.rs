@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ::wgpu::util::DeviceExt;
 use bytemuck::Pod;
 
-use crate::backend::BackendKind;
+use crate::device::BackendKind;
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
 use crate::stage::Stage;
@@ -102,6 +103,8 @@ pub struct WgpuDevice {
     pub timestamps: bool,
     modules: Mutex<HashMap<&'static str, Arc<::wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<::wgpu::ComputePipeline>>>,
+    /// Buffers created through this handle (storage, uniform, read-back staging).
+    allocations: AtomicU64,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -125,10 +128,7 @@ impl WgpuDevice {
         ))
         .map_err(|e| gpu_err(format!("no wgpu adapter: {e}")))?;
         let info = adapter.get_info();
-        let features = adapter.features();
-        let wanted =
-            ::wgpu::Features::TIMESTAMP_QUERY | ::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-        let required_features = features & wanted;
+        let required_features = adapter.features() & Self::WANTED;
         let limits = adapter.limits();
         let (device, queue) =
             pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
@@ -140,15 +140,47 @@ impl WgpuDevice {
                 trace: ::wgpu::Trace::Off,
             }))
             .map_err(|e| gpu_err(format!("adapter {} refused a device: {e}", info.name)))?;
-        Ok(WgpuDevice {
-            timestamps: required_features.contains(wanted),
+        Ok(Self::wrap(device, queue, info))
+    }
+
+    /// Optional features the crate uses where the device has them: GPU timestamps.
+    const WANTED: ::wgpu::Features = ::wgpu::Features::TIMESTAMP_QUERY
+        .union(::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+
+    /// A handle on a device and queue that the caller created (a runtime's own): the crate
+    /// records into and submits on them, and uses the device's limits and features as they are.
+    /// `info` describes the adapter (for messages and `moe info`).
+    pub fn from_device(
+        device: ::wgpu::Device,
+        queue: ::wgpu::Queue,
+        info: ::wgpu::AdapterInfo,
+    ) -> Self {
+        Self::wrap(device, queue, info)
+    }
+
+    fn wrap(device: ::wgpu::Device, queue: ::wgpu::Queue, info: ::wgpu::AdapterInfo) -> Self {
+        let timestamps = device.features().contains(Self::WANTED);
+        let limits = device.limits();
+        WgpuDevice {
+            timestamps,
             device,
             queue,
             info,
             limits,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-        })
+            allocations: AtomicU64::new(0),
+        }
+    }
+
+    /// How many buffers this handle has created so far (storage, uniform and read-back
+    /// staging buffers): a prepared forward on the device path adds none.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    fn count_allocation(&self) {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The largest storage binding and buffer, in bytes.
@@ -283,6 +315,7 @@ impl WgpuDevice {
             bytes,
             self.limits.max_buffer_size,
         )?;
+        self.count_allocation();
         let oom = self
             .device
             .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
@@ -322,11 +355,12 @@ impl WgpuDevice {
 
     /// A uniform buffer with the kernel's parameters (a `#[repr(C)]` Pod struct).
     pub fn uniform<T: Pod>(&self, params: &T) -> ::wgpu::Buffer {
+        self.count_allocation();
         self.device
             .create_buffer_init(&::wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
                 contents: bytemuck::bytes_of(params),
-                usage: ::wgpu::BufferUsages::UNIFORM,
+                usage: ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
             })
     }
 
@@ -417,10 +451,16 @@ impl WgpuDevice {
 
     /// Copies `buf` back to the host (an explicit, synchronous read-back).
     pub fn read<T: Pod>(&self, buf: &GpuBuffer<T>) -> Result<Vec<T>> {
-        let bytes = (buf.len * std::mem::size_of::<T>()) as u64;
+        self.read_prefix(buf, buf.len)
+    }
+
+    /// The first `n` elements of `buf` (at most its `len`), copied to the host.
+    pub fn read_prefix<T: Pod>(&self, buf: &GpuBuffer<T>, n: usize) -> Result<Vec<T>> {
+        let bytes = (n.min(buf.len) * std::mem::size_of::<T>()) as u64;
         if bytes == 0 {
             return Ok(Vec::new());
         }
+        self.count_allocation();
         let staging = self.device.create_buffer(&::wgpu::BufferDescriptor {
             label: Some("read-back"),
             size: bytes.next_multiple_of(4),

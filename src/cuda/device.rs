@@ -1,0 +1,382 @@
+//! The CUDA backend's side of the one forward ([`crate::device::forward`]): the layer's
+//! weights resident on the device ([`CudaResident`]), one workspace of every buffer a forward
+//! of up to `max_tokens` tokens needs ([`CudaWorkspace`]), and each stage launched on the
+//! device's stream. A forward allocates nothing, copies nothing between host and device and
+//! never synchronises, so it can be captured in a CUDA graph.
+
+use std::time::Duration;
+
+use cudarc::driver::{sys, CudaEvent, CudaSlice};
+
+use crate::config::LayerConfig;
+use crate::cpu::expert_gemm::ExpertDims;
+use crate::cuda::act::{ActView, ActViewMut};
+use crate::cuda::context::{cuda_err, drv};
+use crate::cuda::expert_gemm::CudaExperts;
+use crate::cuda::gate::GateScratchCuda;
+use crate::cuda::permute::PermuteScratchCuda;
+use crate::cuda::{combine, expert_gemm, gate, permute, router};
+use crate::cuda::{CudaDevice, CudaWeights, GateCuda, PermuteCuda};
+use crate::device::{LayerWeights, Stages};
+use crate::error::Result;
+use crate::stage::Stage;
+use crate::tensor::DType;
+
+/// Launches the stages on one CUDA device's stream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CudaStages<'d> {
+    pub dev: &'d CudaDevice,
+}
+
+/// A layer's weights on one CUDA device.
+#[derive(Debug)]
+pub struct CudaResident {
+    config: LayerConfig,
+    dims: ExpertDims,
+    router_w: CudaWeights,
+    router_bias: Option<CudaSlice<f32>>,
+    correction_bias: Option<CudaSlice<f32>>,
+    experts: CudaExperts,
+    shared: Option<CudaExperts>,
+    shared_gate: Option<CudaWeights>,
+}
+
+impl CudaResident {
+    /// Uploads every weight of `w` (validated already by [`crate::MoeLayer`]).
+    pub fn upload(dev: &CudaDevice, w: &LayerWeights<'_>) -> Result<Self> {
+        let act = w.config.activation;
+        let f32_buf = |t: Option<&crate::Tensor>| t.map(|b| dev.upload(&b.to_f32_vec())).transpose();
+        Ok(CudaResident {
+            config: *w.config,
+            dims: w.dims,
+            router_w: CudaWeights::upload(dev, w.router_weight)?,
+            router_bias: f32_buf(w.router_bias)?,
+            correction_bias: f32_buf(w.correction_bias)?,
+            experts: CudaExperts::upload(dev, w.experts, act)?,
+            shared: w
+                .shared
+                .map(|s| CudaExperts::upload(dev, s, act))
+                .transpose()?,
+            shared_gate: w
+                .shared_gate
+                .map(|g| CudaWeights::upload(dev, g))
+                .transpose()?,
+        })
+    }
+}
+
+/// Every buffer of a forward of up to `max_tokens` tokens.
+pub struct CudaWorkspace {
+    pub dtype: DType,
+    pub max_tokens: usize,
+    /// `[max_tokens, H]` in `dtype`: where the host-tensor forward uploads `x`.
+    pub x: CudaSlice<u8>,
+    pub logits: CudaSlice<f32>,
+    pub shared_logit: Option<CudaSlice<f32>>,
+    pub gate: GateCuda,
+    pub gate_scratch: GateScratchCuda,
+    pub perm: PermuteCuda,
+    pub perm_scratch: PermuteScratchCuda,
+    /// `[max_tokens·slots, F]` (and the shared expert's `[max_tokens, Fs]`) in `dtype`.
+    pub h: CudaSlice<u8>,
+    /// `[max_tokens·slots, H]` in `dtype`.
+    pub y_perm: CudaSlice<u8>,
+    /// `[max_tokens, H]` in `dtype`.
+    pub shared_y: Option<CudaSlice<u8>>,
+    /// `pairs[2T..2T+2] = [0, T]` for every T <= max_tokens: the shared expert's row range,
+    /// on the device without an upload per forward.
+    pub pairs: CudaSlice<u32>,
+    /// `[max_tokens, H]` in `dtype`: where the host-tensor forward reads `y`.
+    pub y: CudaSlice<u8>,
+    pub events: Option<Vec<CudaEvent>>,
+}
+
+impl std::fmt::Debug for CudaWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaWorkspace({} tokens, {})",
+            self.max_tokens, self.dtype
+        )
+    }
+}
+
+impl CudaWorkspace {
+    /// Allocates every buffer for up to `max_tokens` tokens in activation dtype `dtype`;
+    /// `timed` adds the CUDA events that time each stage.
+    pub fn alloc(
+        dev: &CudaDevice,
+        res: &CudaResident,
+        max_tokens: usize,
+        dtype: DType,
+        timed: bool,
+    ) -> Result<Self> {
+        let ExpertDims {
+            experts: e,
+            hidden: h,
+            ffn: f,
+        } = res.dims;
+        let r = &res.config.routing;
+        let slots = r.slots(e);
+        let n = max_tokens.saturating_mul(slots);
+        let sz = dtype.size();
+        let fs = res.shared.as_ref().map_or(0, |s| s.dims.ffn);
+        let h_elems = n.saturating_mul(f).max(max_tokens.saturating_mul(fs));
+        let pairs: Vec<u32> = (0..=max_tokens as u32).flat_map(|t| [0, t]).collect();
+        let events = if timed {
+            Some(
+                (0..6)
+                    .map(|_| {
+                        drv(
+                            dev.ctx
+                                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
+                            "creating an event",
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
+        Ok(CudaWorkspace {
+            dtype,
+            max_tokens,
+            x: dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?,
+            logits: dev.alloc(max_tokens.saturating_mul(e))?,
+            shared_logit: res
+                .shared_gate
+                .as_ref()
+                .map(|_| dev.alloc(max_tokens))
+                .transpose()?,
+            gate: GateCuda::alloc(dev, max_tokens, slots, e)?,
+            gate_scratch: GateScratchCuda::alloc(dev, max_tokens, e, r)?,
+            perm: PermuteCuda::alloc(dev, max_tokens, slots, e, h, dtype)?,
+            perm_scratch: PermuteScratchCuda::alloc(dev, max_tokens, slots, e)?,
+            h: dev.alloc(h_elems.saturating_mul(sz))?,
+            y_perm: dev.alloc(n.saturating_mul(h).saturating_mul(sz))?,
+            shared_y: res
+                .shared
+                .as_ref()
+                .map(|_| dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz)))
+                .transpose()?,
+            pairs: dev.upload(&pairs)?,
+            y: dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?,
+            events,
+        })
+    }
+
+    /// The five stage times of the last forward (waits for its last event).
+    pub fn stage_times(&self) -> Result<Option<Vec<(Stage, Duration)>>> {
+        let Some(ev) = &self.events else {
+            return Ok(None);
+        };
+        drv(ev[5].synchronize(), "waiting for an event")?;
+        let mut out = Vec::with_capacity(5);
+        for (i, &s) in Stage::ALL.iter().enumerate() {
+            let ms = drv(ev[i].elapsed_ms(&ev[i + 1]), "reading an event")?;
+            out.push((s, Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3)));
+        }
+        Ok(Some(out))
+    }
+}
+
+/// The first `bytes` bytes of `buf` as a read-only activation view.
+fn view(buf: &CudaSlice<u8>, bytes: usize, dtype: DType) -> ActView<'_> {
+    ActView {
+        bytes: buf.slice(0..bytes),
+        dtype,
+    }
+}
+
+fn view_mut(buf: &mut CudaSlice<u8>, bytes: usize, dtype: DType) -> ActViewMut<'_> {
+    ActViewMut {
+        bytes: buf.slice_mut(0..bytes),
+        dtype,
+    }
+}
+
+impl<'d> Stages for CudaStages<'d> {
+    type Resident = CudaResident;
+    type Workspace = CudaWorkspace;
+    type Rec = ();
+    type In<'a> = &'a ActView<'a>;
+    type Out<'a> = ActViewMut<'a>;
+
+    fn mark(&self, _: &mut (), ws: &mut CudaWorkspace, i: usize) -> Result<()> {
+        if let Some(ev) = &ws.events {
+            drv(ev[i].record(&self.dev.stream), "recording an event")?;
+        }
+        Ok(())
+    }
+
+    fn router(
+        &self,
+        _: &mut (),
+        res: &CudaResident,
+        ws: &mut CudaWorkspace,
+        x: &ActView<'_>,
+        t: usize,
+    ) -> Result<()> {
+        router::launch(
+            self.dev,
+            x,
+            t,
+            &res.router_w,
+            res.router_bias.as_ref(),
+            &mut ws.logits,
+        )
+    }
+
+    fn shared_gate(
+        &self,
+        _: &mut (),
+        res: &CudaResident,
+        ws: &mut CudaWorkspace,
+        x: &ActView<'_>,
+        t: usize,
+    ) -> Result<()> {
+        let (Some(gw), Some(out)) = (&res.shared_gate, ws.shared_logit.as_mut()) else {
+            return Ok(());
+        };
+        router::launch(self.dev, x, t, gw, None, out)
+    }
+
+    fn gate(&self, _: &mut (), res: &CudaResident, ws: &mut CudaWorkspace, t: usize) -> Result<()> {
+        gate::launch(
+            self.dev,
+            &ws.logits,
+            t,
+            res.dims.experts,
+            res.correction_bias.as_ref(),
+            &res.config.routing,
+            &mut ws.gate,
+            &mut ws.gate_scratch,
+        )
+    }
+
+    fn permute(
+        &self,
+        _: &mut (),
+        res: &CudaResident,
+        ws: &mut CudaWorkspace,
+        x: &ActView<'_>,
+        t: usize,
+    ) -> Result<()> {
+        let e = res.dims.experts;
+        let slots = res.config.routing.slots(e);
+        permute::launch(
+            self.dev,
+            &ws.gate,
+            (t, slots, e),
+            x,
+            res.dims.hidden,
+            &mut ws.perm,
+            &mut ws.perm_scratch,
+        )
+    }
+
+    fn experts(
+        &self,
+        _: &mut (),
+        res: &CudaResident,
+        ws: &mut CudaWorkspace,
+        t: usize,
+    ) -> Result<()> {
+        let d = res.dims;
+        let rows = t * res.config.routing.slots(d.experts);
+        let (dt, sz) = (ws.dtype, ws.dtype.size());
+        let a = view(&ws.perm.x_perm, rows * d.hidden * sz, dt);
+        let mut h = view_mut(&mut ws.h, rows * d.ffn * sz, dt);
+        let mut y = view_mut(&mut ws.y_perm, rows * d.hidden * sz, dt);
+        expert_gemm::launch(
+            self.dev,
+            &a,
+            rows,
+            &ws.perm.expert_offsets,
+            &res.experts,
+            res.config.activation,
+            &mut h,
+            &mut y,
+        )
+    }
+
+    fn shared(
+        &self,
+        _: &mut (),
+        res: &CudaResident,
+        ws: &mut CudaWorkspace,
+        x: &ActView<'_>,
+        t: usize,
+    ) -> Result<()> {
+        let (Some(s), Some(out)) = (&res.shared, ws.shared_y.as_mut()) else {
+            return Ok(());
+        };
+        let (dt, sz) = (ws.dtype, ws.dtype.size());
+        let mut h = view_mut(&mut ws.h, t * s.dims.ffn * sz, dt);
+        let mut y = view_mut(out, t * res.dims.hidden * sz, dt);
+        let offsets = ws.pairs.slice(2 * t..2 * t + 2);
+        expert_gemm::launch_offsets(
+            self.dev,
+            x,
+            t,
+            &offsets,
+            s,
+            res.config.activation,
+            &mut h,
+            &mut y,
+        )
+    }
+
+    fn combine(
+        &self,
+        _: &mut (),
+        res: &CudaResident,
+        ws: &mut CudaWorkspace,
+        t: usize,
+        mut y: ActViewMut<'_>,
+    ) -> Result<()> {
+        let (e, h) = (res.dims.experts, res.dims.hidden);
+        let slots = res.config.routing.slots(e);
+        let (dt, sz) = (ws.dtype, ws.dtype.size());
+        let yp = view(&ws.y_perm, t * slots * h * sz, dt);
+        let sy = ws.shared_y.as_ref().map(|s| view(s, t * h * sz, dt));
+        let shared = sy.as_ref().map(|s| (s, ws.shared_logit.as_ref()));
+        combine::launch(
+            self.dev,
+            &yp,
+            &ws.gate,
+            &ws.perm.row_of_assignment,
+            (t, slots, h),
+            shared,
+            res.config.output_scale as f32,
+            &mut y,
+        )
+    }
+}
+
+/// A caller's device region as a read-only activation view of `elems` elements of `dtype`.
+///
+/// # Safety
+/// `ptr` must be a device allocation of the backend's context holding at least
+/// `elems · dtype.size()` bytes, valid and not written by anything else until the stream
+/// has finished the work recorded with the view.
+pub(crate) unsafe fn raw_view<'a>(
+    dev: &'a CudaDevice,
+    ptr: sys::CUdeviceptr,
+    elems: usize,
+    dtype: DType,
+) -> Result<(CudaSlice<u8>, usize)> {
+    if ptr == 0 && elems > 0 {
+        return Err(cuda_err("null device pointer"));
+    }
+    let bytes = elems * dtype.size();
+    // SAFETY: the caller guarantees `ptr` holds `bytes` bytes on this context; the slice is
+    // leaked back by `forget_raw` and never freed by us.
+    let s = unsafe { dev.stream.upgrade_device_ptr::<u8>(ptr, bytes.max(1)) };
+    Ok((s, bytes))
+}
+
+/// Gives a slice made by [`raw_view`] back without freeing the caller's memory.
+pub(crate) fn forget_raw(s: CudaSlice<u8>) {
+    let _ = s.leak();
+}

@@ -1,0 +1,446 @@
+//! The wgpu backend's side of the one forward ([`crate::device::forward`]): the layer's
+//! weights resident on the device ([`WgpuResident`]), one workspace of every buffer a forward
+//! of up to `max_tokens` tokens needs ([`WgpuWorkspace`]), and each stage recorded into a
+//! command encoder that the caller submits. Nothing is allocated, uploaded or read back
+//! inside a forward: the per-forward parameters (uniforms, the shared expert's row range) are
+//! written with `Queue::write_buffer`, which takes effect at the next submission.
+
+use std::time::Duration;
+
+use crate::config::LayerConfig;
+use crate::cpu::expert_gemm::ExpertDims;
+use crate::device::{LayerWeights, Stages};
+use crate::error::{Error, Result};
+use crate::stage::Stage;
+use crate::tensor::DType;
+use crate::wgpu::act::{self, Act};
+use crate::wgpu::context::gpu_err;
+use crate::wgpu::expert_gemm::GpuExperts;
+use crate::wgpu::scratch::Scratch;
+use crate::wgpu::weights::GpuWeights;
+use crate::wgpu::{combine, expert_gemm, gate, permute, router};
+use crate::wgpu::{GateGpu, GpuBuffer, PermuteGpu, WgpuDevice};
+
+/// Records the stages on one wgpu device.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WgpuStages<'d> {
+    pub dev: &'d WgpuDevice,
+}
+
+/// A layer's weights on one wgpu device.
+#[derive(Debug)]
+pub struct WgpuResident {
+    config: LayerConfig,
+    dims: ExpertDims,
+    router_w: GpuWeights,
+    router_bias: Option<GpuBuffer<f32>>,
+    correction_bias: Option<GpuBuffer<f32>>,
+    experts: GpuExperts,
+    shared: Option<GpuExperts>,
+    shared_gate: Option<GpuWeights>,
+}
+
+impl WgpuResident {
+    /// Uploads every weight of `w` (validated already by [`crate::MoeLayer`]).
+    pub fn upload(dev: &WgpuDevice, w: &LayerWeights<'_>) -> Result<Self> {
+        let act = w.config.activation;
+        let f32_buf = |t: Option<&crate::Tensor>, label: &str| {
+            t.map(|b| dev.upload(&b.to_f32_vec(), label)).transpose()
+        };
+        Ok(WgpuResident {
+            config: *w.config,
+            dims: w.dims,
+            router_w: GpuWeights::upload(dev, w.router_weight, None, "router.weight")?,
+            router_bias: f32_buf(w.router_bias, "router.bias")?,
+            correction_bias: f32_buf(w.correction_bias, "router.score_correction_bias")?,
+            experts: GpuExperts::upload(dev, w.experts, act)?,
+            shared: w
+                .shared
+                .map(|s| GpuExperts::upload(dev, s, act))
+                .transpose()?,
+            shared_gate: w
+                .shared_gate
+                .map(|g| GpuWeights::upload(dev, g, None, "shared.gate.weight"))
+                .transpose()?,
+        })
+    }
+}
+
+/// Every buffer of a forward of up to `max_tokens` tokens.
+#[derive(Debug)]
+pub struct WgpuWorkspace {
+    pub dtype: DType,
+    pub max_tokens: usize,
+    pub scratch: Scratch,
+    /// `[max_tokens, H]` dense, in `dtype` words: the forward's input.
+    pub x: GpuBuffer<u32>,
+    pub logits: GpuBuffer<f32>,
+    pub shared_logit: Option<GpuBuffer<f32>>,
+    pub gate: GateGpu,
+    pub perm: PermuteGpu,
+    /// `[max_tokens·slots, H]` padded rows.
+    pub y_perm: GpuBuffer<u32>,
+    /// `[max_tokens, H]` padded rows.
+    pub shared_y: Option<GpuBuffer<u32>>,
+    /// `[0, T]`: the shared expert's one "expert" covers every token.
+    pub shared_offsets: GpuBuffer<u32>,
+    /// `[max_tokens, H]` dense, in `dtype` words: the forward's output.
+    pub y: GpuBuffer<u32>,
+    pub stamps: Option<Timestamps>,
+}
+
+impl WgpuWorkspace {
+    /// Allocates every buffer for up to `max_tokens` tokens in activation dtype `dtype`;
+    /// `timed` adds a timestamp query set when the device has timestamps.
+    pub fn alloc(
+        dev: &WgpuDevice,
+        res: &WgpuResident,
+        max_tokens: usize,
+        dtype: DType,
+        timed: bool,
+    ) -> Result<Self> {
+        let (e, h) = (res.dims.experts, res.dims.hidden);
+        let slots = res.config.routing.slots(e);
+        let n = max_tokens.saturating_mul(slots);
+        Ok(WgpuWorkspace {
+            dtype,
+            max_tokens,
+            scratch: Scratch::new(),
+            x: dev.alloc(act::words(max_tokens.saturating_mul(h), dtype), "x")?,
+            logits: dev.alloc(max_tokens.saturating_mul(e), "logits")?,
+            shared_logit: res
+                .shared_gate
+                .as_ref()
+                .map(|_| dev.alloc(max_tokens, "shared gate logits"))
+                .transpose()?,
+            gate: GateGpu::alloc(dev, max_tokens, slots, e)?,
+            perm: PermuteGpu::alloc(dev, max_tokens, slots, e, h, dtype)?,
+            y_perm: dev.alloc(act::matrix_words(n, h, dtype), "y_perm")?,
+            shared_y: res
+                .shared
+                .as_ref()
+                .map(|_| dev.alloc(act::matrix_words(max_tokens, h, dtype), "shared y"))
+                .transpose()?,
+            shared_offsets: dev.alloc(2, "shared offsets")?,
+            y: dev.alloc(act::words(max_tokens.saturating_mul(h), dtype), "y")?,
+            stamps: if timed {
+                Timestamps::new(dev)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Bytes the workspace holds on the device (scratch pool included).
+    pub fn bytes(&self) -> u64 {
+        let mut b = [
+            &self.x.buffer,
+            &self.logits.buffer,
+            &self.gate.topk_ids.buffer,
+            &self.gate.topk_weights.buffer,
+            &self.gate.kept.buffer,
+            &self.gate.counts.buffer,
+            &self.perm.expert_offsets.buffer,
+            &self.perm.sorted_assignment.buffer,
+            &self.perm.row_of_assignment.buffer,
+            &self.perm.x_perm.buffer,
+            &self.y_perm.buffer,
+            &self.shared_offsets.buffer,
+            &self.y.buffer,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum::<u64>();
+        for o in [&self.shared_y] {
+            b += o.as_ref().map_or(0, |x| x.buffer.size());
+        }
+        b + self.shared_logit.as_ref().map_or(0, |x| x.buffer.size()) + self.scratch.bytes()
+    }
+}
+
+fn x_act(ws: &WgpuWorkspace, t: usize, h: usize) -> Act<'_> {
+    Act::dense(&ws.x, ws.dtype, t, h)
+}
+
+impl Stages for WgpuStages<'_> {
+    type Resident = WgpuResident;
+    type Workspace = WgpuWorkspace;
+    type Rec = ::wgpu::CommandEncoder;
+    type In<'a> = ();
+    type Out<'a> = ();
+
+    fn mark(&self, enc: &mut Self::Rec, ws: &mut WgpuWorkspace, i: usize) -> Result<()> {
+        if i == 0 {
+            ws.scratch.begin()?;
+        }
+        if let Some(s) = &ws.stamps {
+            s.write(enc, i as u32);
+            if i == 5 {
+                s.resolve(enc);
+            }
+        }
+        Ok(())
+    }
+
+    fn router(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        _: (),
+        t: usize,
+    ) -> Result<()> {
+        let x = x_act(ws, t, res.dims.hidden);
+        router::encode(
+            self.dev,
+            enc,
+            &ws.scratch,
+            x,
+            &res.router_w,
+            res.router_bias.as_ref(),
+            &ws.logits,
+        )
+    }
+
+    fn shared_gate(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        _: (),
+        t: usize,
+    ) -> Result<()> {
+        let (Some(gw), Some(out)) = (&res.shared_gate, &ws.shared_logit) else {
+            return Ok(());
+        };
+        let x = x_act(ws, t, res.dims.hidden);
+        router::encode(self.dev, enc, &ws.scratch, x, gw, None, out)
+    }
+
+    fn gate(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        t: usize,
+    ) -> Result<()> {
+        gate::encode(
+            self.dev,
+            enc,
+            &ws.scratch,
+            &ws.logits,
+            t,
+            res.dims.experts,
+            res.correction_bias.as_ref(),
+            &res.config.routing,
+            &ws.gate,
+        )
+    }
+
+    fn permute(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        _: (),
+        t: usize,
+    ) -> Result<()> {
+        let e = res.dims.experts;
+        let slots = res.config.routing.slots(e);
+        let x = x_act(ws, t, res.dims.hidden);
+        permute::encode(
+            self.dev,
+            enc,
+            &ws.scratch,
+            &ws.gate,
+            (t, slots, e),
+            x,
+            &ws.perm,
+        )
+    }
+
+    fn experts(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        t: usize,
+    ) -> Result<()> {
+        let h = res.dims.hidden;
+        let rows = t * res.config.routing.slots(res.dims.experts);
+        expert_gemm::encode(
+            self.dev,
+            enc,
+            &ws.scratch,
+            Act::padded(&ws.perm.x_perm, ws.dtype, rows, h),
+            &ws.perm.expert_offsets,
+            &res.experts,
+            res.config.activation,
+            Act::padded(&ws.y_perm, ws.dtype, rows, h),
+        )
+    }
+
+    fn shared(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        _: (),
+        t: usize,
+    ) -> Result<()> {
+        let (Some(s), Some(out)) = (&res.shared, &ws.shared_y) else {
+            return Ok(());
+        };
+        let h = res.dims.hidden;
+        let t32 = crate::wgpu::context::index_u32(Stage::ExpertGemm, "T", t)?;
+        self.dev
+            .queue
+            .write_buffer(&ws.shared_offsets.buffer, 0, bytemuck::cast_slice(&[0u32, t32]));
+        expert_gemm::encode(
+            self.dev,
+            enc,
+            &ws.scratch,
+            x_act(ws, t, h),
+            &ws.shared_offsets,
+            s,
+            res.config.activation,
+            Act::padded(out, ws.dtype, t, h),
+        )
+    }
+
+    fn combine(
+        &self,
+        enc: &mut Self::Rec,
+        res: &WgpuResident,
+        ws: &mut WgpuWorkspace,
+        t: usize,
+        _: (),
+    ) -> Result<()> {
+        let (e, h) = (res.dims.experts, res.dims.hidden);
+        let slots = res.config.routing.slots(e);
+        let shared = ws
+            .shared_y
+            .as_ref()
+            .map(|s| (Act::padded(s, ws.dtype, t, h), ws.shared_logit.as_ref()));
+        combine::encode(
+            self.dev,
+            enc,
+            &ws.scratch,
+            Act::padded(&ws.y_perm, ws.dtype, t * slots, h),
+            &ws.gate,
+            &ws.perm.row_of_assignment,
+            (t, slots, h),
+            shared,
+            res.config.output_scale as f32,
+            Act::dense(&ws.y, ws.dtype, t, h),
+        )
+    }
+}
+
+/// Checks that a caller's `(buffer, offset)` region can hold `bytes` bytes of an activation
+/// and can be copied from or to by this device: offset and size multiples of 4, in range, the
+/// right usage, and the buffer created on this device (a buffer of another device is refused
+/// here, before anything is recorded into the caller's encoder).
+pub(crate) fn check_region(
+    dev: &WgpuDevice,
+    probe: &::wgpu::Buffer,
+    what: &str,
+    buffer: &::wgpu::Buffer,
+    offset: u64,
+    bytes: u64,
+    usage: ::wgpu::BufferUsages,
+) -> Result<()> {
+    let err = |m: String| Error::shape(Stage::Router, format!("{what}: {m}"));
+    if offset % 4 != 0 {
+        return Err(err(format!("offset {offset} is not a multiple of 4")));
+    }
+    let end = offset.saturating_add(bytes.next_multiple_of(4));
+    if end > buffer.size() {
+        return Err(err(format!(
+            "needs bytes {offset}..{end} (whole u32 words), but the buffer holds {}",
+            buffer.size()
+        )));
+    }
+    if !buffer.usage().contains(usage) {
+        return Err(err(format!(
+            "the buffer's usage {:?} lacks {usage:?}",
+            buffer.usage()
+        )));
+    }
+    // A zero-size copy to or from `probe` (a buffer of ours) validates the buffer's device
+    // without touching any data or allocating; the command buffer is never submitted.
+    let scope = dev
+        .device
+        .push_error_scope(::wgpu::ErrorFilter::Validation);
+    let mut enc = dev.encoder();
+    if usage.contains(::wgpu::BufferUsages::COPY_SRC) {
+        enc.copy_buffer_to_buffer(buffer, offset, probe, 0, 0);
+    } else {
+        enc.copy_buffer_to_buffer(probe, 0, buffer, offset, 0);
+    }
+    drop(enc.finish());
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(err(format!(
+            "the buffer cannot be used with this backend's device (created on another \
+             device?): {e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Six GPU timestamps around the five stages, when the adapter supports them in encoders.
+#[derive(Debug)]
+pub struct Timestamps {
+    set: ::wgpu::QuerySet,
+    buf: GpuBuffer<u64>,
+}
+
+impl Timestamps {
+    const N: u32 = 6;
+
+    fn new(dev: &WgpuDevice) -> Option<Self> {
+        if !dev.timestamps {
+            return None;
+        }
+        let set = dev.device.create_query_set(&::wgpu::QuerySetDescriptor {
+            label: Some("stage timestamps"),
+            ty: ::wgpu::QueryType::Timestamp,
+            count: Self::N,
+        });
+        let buf = dev.device.create_buffer(&::wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: u64::from(Self::N) * 8,
+            usage: ::wgpu::BufferUsages::QUERY_RESOLVE
+                | ::wgpu::BufferUsages::COPY_SRC
+                | ::wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Some(Timestamps {
+            set,
+            buf: GpuBuffer::from_raw(buf, Self::N as usize),
+        })
+    }
+
+    fn write(&self, enc: &mut ::wgpu::CommandEncoder, i: u32) {
+        enc.write_timestamp(&self.set, i);
+    }
+
+    fn resolve(&self, enc: &mut ::wgpu::CommandEncoder) {
+        enc.resolve_query_set(&self.set, 0..Self::N, &self.buf.buffer, 0);
+    }
+
+    /// The five stage times of the last submitted forward.
+    pub fn read(&self, dev: &WgpuDevice) -> Result<Vec<(Stage, Duration)>> {
+        let ticks = dev.read(&self.buf)?;
+        let period = f64::from(dev.queue.get_timestamp_period());
+        if ticks.len() != Self::N as usize {
+            return Err(gpu_err("timestamp read-back has the wrong length"));
+        }
+        let ns: Vec<u64> = ticks.iter().map(|&t| (t as f64 * period) as u64).collect();
+        Ok(Stage::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, Duration::from_nanos(ns[i + 1].saturating_sub(ns[i]))))
+            .collect())
+    }
+}
