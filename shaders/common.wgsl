@@ -57,3 +57,108 @@ fn ranks_before(a: f32, ia: u32, b: f32, ib: u32) -> bool {
 fn flat_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, wg: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * wg + lid;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Activations (x, x_perm, h, y_perm, the shared expert's output, y): bound as u32 words in
+// A_DTYPE, same codes as W_DTYPE: 0 = f32 (one per word), 1 = f16, 2 = bf16 (two per word,
+// element 2i of the buffer in the low half). Internal matrices have an even row stride in the
+// 16-bit dtypes (src/wgpu/act.rs). Reads widen exactly; writes round the f32 result to the
+// nearest A_DTYPE value, ties to even (WGSL leaves the rounding of pack2x16float unspecified
+// and its out-of-range results indeterminate, so both conversions are done on the bits).
+override A_DTYPE: u32 = 0u;
+
+// Index of the u32 word holding activation element `i`.
+fn a_word(i: u32) -> u32 {
+    if (A_DTYPE == 0u) {
+        return i;
+    }
+    return i >> 1u;
+}
+
+// The 16 bits of activation element `i` (A_DTYPE 1 or 2) from the word that holds it.
+fn a_half(word: u32, i: u32) -> u32 {
+    return select(word & 0xffffu, word >> 16u, (i & 1u) == 1u);
+}
+
+// f16 bits to f32, exactly (subnormals included: m · 2^-24 is exact in f32).
+fn f16_bits_to_f32(h: u32) -> f32 {
+    let s = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if (e == 0x1fu) {
+        return bitcast<f32>(s | 0x7f800000u | (m << 13u));
+    }
+    if (e == 0u) {
+        return bitcast<f32>(s | bitcast<u32>(f32(m) * 5.9604644775390625e-8));
+    }
+    return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
+}
+
+// Activation element `i` from the word that holds it, widened to f32 (exact).
+fn a_decode(word: u32, i: u32) -> f32 {
+    if (A_DTYPE == 0u) {
+        return bitcast<f32>(word);
+    }
+    let h = a_half(word, i);
+    if (A_DTYPE == 1u) {
+        return f16_bits_to_f32(h);
+    }
+    return bitcast<f32>(h << 16u);
+}
+
+// f32 to f16 bits, round to nearest, ties to even; overflow to ±inf, NaN stays NaN (quiet,
+// top payload bits kept), as the `half` crate's f16::from_f32.
+fn f32_to_f16_bits(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    let s = (b >> 16u) & 0x8000u;
+    let a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return s | 0x7e00u | ((a >> 13u) & 0x3ffu);
+    }
+    if (a >= 0x477ff000u) {
+        return s | 0x7c00u; // ≥ 65520 (the midpoint above 65504, ties to even) and ±inf
+    }
+    if (a >= 0x38800000u) {
+        // Normal: rebias the exponent (127 → 15), round off 13 mantissa bits; a carry into
+        // the exponent is the correct result.
+        let r = a - 0x38000000u;
+        return s | ((r + 0xfffu + ((r >> 13u) & 1u)) >> 13u);
+    }
+    if (a < 0x33000000u) {
+        return s; // below 2^-25 (half the smallest subnormal, a tie rounding to 0 included)
+    }
+    // Subnormal: round(|v| · 2^24) = round(m · 2^(e − 126)), m with its implicit bit.
+    let e = a >> 23u;
+    let m = (a & 0x7fffffu) | 0x800000u;
+    let sh = 126u - e; // 14 ..= 24
+    var q = m >> sh;
+    let rem = m & ((1u << sh) - 1u);
+    let half = 1u << (sh - 1u);
+    if (rem > half || (rem == half && (q & 1u) == 1u)) {
+        q += 1u;
+    }
+    return s | q;
+}
+
+// f32 to bf16 bits, round to nearest, ties to even; NaN stays NaN (quiet), as the `half`
+// crate's bf16::from_f32.
+fn f32_to_bf16_bits(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return (b >> 16u) | 0x40u;
+    }
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// The 16 bits of `v` rounded to A_DTYPE (1 or 2).
+fn a_bits16(v: f32) -> u32 {
+    if (A_DTYPE == 1u) {
+        return f32_to_f16_bits(v);
+    }
+    return f32_to_bf16_bits(v);
+}
+
+// One output word of two 16-bit activations (lo = the even element), rounded to A_DTYPE.
+fn a_pack2(lo: f32, hi: f32) -> u32 {
+    return a_bits16(lo) | (a_bits16(hi) << 16u);
+}

@@ -21,6 +21,18 @@
 //                 a        K   N   W (rows of the flattened view)       out
 //   expert_up     x [rows,H]  H   F   Wu / Wg  [E·F, H]                   h [rows, F]
 //   expert_down   h [rows,F]  F   H   Wd       [E·H, F]                   y [rows, H]
+//
+// Activations (a and out) are u32 words in A_DTYPE (common.wgsl; layout in src/wgpu/act.rs):
+// element (r, k) of a is element r·a_stride + k of its words (the caller's dense x: a_stride =
+// H; x_perm and h: the padded stride), out has an even row stride out_stride for f16 / bf16.
+// a is widened exactly; every output is the f32 result rounded once, to nearest even, at the
+// store. Output ownership (no word written by two invocations of one dispatch): f32 writes
+// one word per output; f16 / bf16 compute the two columns of a word in one invocation (the
+// column mapping below) and write the word whole. Column tiles then start on an even
+// expert-local column: one column early where a weight chunk starts at an odd one; that
+// column, and a column past the chunk's end, belongs to the neighbouring chunk's dispatch
+// (a later or earlier pass), so the half of the word holding it is kept (read-modify-write);
+// the padding column N of an odd-N row is written as 0.
 // Weights are bound one row chunk at a time (src/wgpu/weights.rs: chunks keep every binding under
 // the adapter's limit); a chunk may start and end in the middle of an expert. One dispatch per
 // chunk covers every (expert, column) pair whose weight row lies in that chunk, indexing the
@@ -30,7 +42,8 @@
 // 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9):
 //   0 p        uniform             GemmParams (below)
 //   1 offsets  storage read        u32 [E + 1]  expert_offsets (on the device, never read by the host)
-//   2 a        storage read        f32 [rows, K]  x_perm (expert_up) or h (expert_down)
+//   2 a        storage read        u32 words of a [rows, K] in A_DTYPE, row stride a_stride
+//                                  (x_perm or x for expert_up, h for expert_down)
 //   3 w_b      storage read        u32 words of the weight rows chunk_first .. chunk_first +
 //                                  chunk_rows of Wu (expert_up) or Wd (expert_down), [chunk_rows, K]
 //                                  in W_DTYPE (common.wgsl)
@@ -38,21 +51,25 @@
 //                                  only; a 1-word dummy otherwise)
 //   5 bias_b   storage read        f32 [E·N]  bu or bd (a 1-element dummy when has_bias bit 0 is 0)
 //   6 bias_g   storage read        f32 [E·F]  bg (a 1-element dummy when has_bias bit 1 is 0)
-//   7 out      storage read_write  f32 [rows, N]  h (expert_up) or y (expert_down)
+//   7 out      storage read_write  u32 words of out [rows, N] in A_DTYPE, row stride out_stride
+//                                  (h for expert_up, y for expert_down)
 //   8 w4_b     storage read        vec4<u32> view of the words of binding 3 (*_rows_x4 only)
 //   9 w4_g     storage read        vec4<u32> view of the words of binding 4 (*_rows_x4 only;
 //                                  a 4-word dummy when not gated)
-// Overrides: W_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu, 2 geglu, 3 relu,
-//   4 gelu, 5 clamped_swiglu (alpha and limit in p).
+// Overrides: W_DTYPE and A_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu,
+//   2 geglu, 3 relu, 4 gelu, 5 clamped_swiglu (alpha and limit in p).
 //
 // Launch of expert_up / expert_down (one dispatch per weight chunk holding ≥ 1 row):
-//   workgroup_size 256 = 16 × 16 invocations, each computing a 4 × 4 block of outputs
-//   (4 × (4 + 4) for gated expert_up: the gate and up values of the same 4 × 4 block).
+//   workgroup_size 256 = 16 × 16 invocations (tx = lid % 16, ty = lid / 16), each computing a
+//   4 × 4 block of outputs (4 × (4 + 4) for gated expert_up: the gate and up values of the
+//   same 4 × 4 block): rows 4·ty .. 4·ty + 3 of the tile, columns tx + 16·j (f32) or
+//   2·tx, 2·tx + 1, 2·tx + 32, 2·tx + 33 (f16 / bf16: two word-pairs).
 //   Tile BM = 64 rows × BN = 64 columns, BK = 16 deep.
 //   grid.x = ceil(rows / BM) + e_count      (row tiles: Σ_e ceil(count_e / BM) ≤ this static
 //                                            bound; surplus workgroups exit after reading offsets)
-//   grid.y = ceil(min(N, chunk_rows) / BN)  (column tiles of one expert inside the chunk;
-//                                            tiles past the expert's part of the chunk exit)
+//   grid.y = ceil((min(N, chunk_rows) + s) / BN), s = 0 for f32, 1 for f16 / bf16 (the early
+//                                            start above); column tiles of one expert inside the
+//                                            chunk; tiles past the expert's part of it exit
 //   grid.z = 1
 //   with e_first = chunk_first / N, e_count = (chunk_first + chunk_rows − 1) / N − e_first + 1.
 //   Workgroup x maps to (expert, row tile) by scanning offsets[e_first .. e_first + e_count]:
@@ -62,8 +79,8 @@
 //   workgroup_size 256; a workgroup computes all (≤ 32) rows of one expert for RB_N = 32
 //   columns, k in blocks of RB_K = 64 (details above the small-path code).
 //   grid.x = e_count                        (expert e_first + x; experts without rows exit)
-//   grid.y = ceil(min(N, chunk_rows) / 32)  (column blocks of one expert inside the chunk;
-//                                            blocks past the expert's part of the chunk exit)
+//   grid.y = ceil((min(N, chunk_rows) + s) / 32), s as above (column blocks of one expert
+//                                            inside the chunk; blocks past its part exit)
 //   grid.z = 1
 // Workgroup memory: expert_up / expert_down: three tiles of 64 rows × (16 + 4) f32 (padded
 //   against bank conflicts) = 3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B.
@@ -89,7 +106,11 @@ struct GemmParams {
     has_bias: u32,      // bit 0: bias_b, bit 1: bias_g
     alpha: f32,         // clamped_swiglu
     limit: f32,         // clamped_swiglu
-    _pad: u32,
+    a_stride: u32,      // elements between rows of a
+    out_stride: u32,    // elements between rows of out (even for 16-bit A_DTYPE)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 override ACT: u32 = 0u;
@@ -110,12 +131,12 @@ const TILE_VEC4: u32 = 320u; // BM · PITCH (= BN · PITCH)
 
 @group(0) @binding(0) var<uniform> p: GemmParams;
 @group(0) @binding(1) var<storage, read> offsets: array<u32>;
-@group(0) @binding(2) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> a: array<u32>;
 @group(0) @binding(3) var<storage, read> w_b: array<u32>;
 @group(0) @binding(4) var<storage, read> w_g: array<u32>;
 @group(0) @binding(5) var<storage, read> bias_b: array<f32>;
 @group(0) @binding(6) var<storage, read> bias_g: array<f32>;
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<u32>;
 
 // Tiles stored row-major along k: tile[row · PITCH + k / 4][k % 4].
 var<workgroup> a_s: array<vec4<f32>, TILE_VEC4>;
@@ -203,6 +224,49 @@ fn activate(act: u32, g: f32, u: f32) -> f32 {
     }
 }
 
+// Element k of row `row` of a, widened to f32.
+fn a_elem(row: u32, k: u32) -> f32 {
+    let i = row * p.a_stride + k;
+    return a_decode(a[a_word(i)], i);
+}
+
+// The epilogue of one output of expert-local column `col` of expert row block `e_row`: + bias,
+// then the activation (`u` the up or down sum, `g` the gate sum).
+fn epilogue(act: u32, gated: bool, e_row: u32, col: u32, u: f32, g: f32) -> f32 {
+    var uv = u;
+    var gv = 0.0;
+    if ((p.has_bias & 1u) != 0u) {
+        uv += bias_b[e_row + col];
+    }
+    if (gated) {
+        gv = g;
+        if ((p.has_bias & 2u) != 0u) {
+            gv += bias_g[e_row + col];
+        }
+    }
+    return activate(act, gv, uv);
+}
+
+// 16-bit A_DTYPE: stores expert-local columns col (even) and col + 1 of output row `row`, with
+// values v0 and v1, as one word; in0 / in1 say whether this dispatch computed them. A column
+// this dispatch did not compute is either the row padding (col + 1 = N: written as 0) or
+// belongs to the neighbouring weight chunk, whose dispatch (a separate pass, ordered with
+// this one) writes that half: its half of the word is kept (read, modify, write).
+fn store_pair16(row: u32, col: u32, v0: f32, v1: f32, in0: bool, in1: bool) {
+    let wi = (row * p.out_stride + col) >> 1u;
+    if (in0 && in1) {
+        out[wi] = a_pack2(v0, v1);
+    } else if (in0) {
+        if (col + 1u >= p.n_dim) {
+            out[wi] = a_pack2(v0, 0.0);
+        } else {
+            out[wi] = (out[wi] & 0xffff0000u) | a_bits16(v0);
+        }
+    } else if (in1) {
+        out[wi] = (out[wi] & 0xffffu) | (a_bits16(v1) << 16u);
+    }
+}
+
 // acc[j] += Σ_{k of this vec4, in order} av[k] · bj[k], for the 4 columns j of one row.
 fn mac(acc: vec4<f32>, av: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
     var r = fma(vec4<f32>(av.x), vec4<f32>(b0.x, b1.x, b2.x, b3.x), acc);
@@ -212,41 +276,60 @@ fn mac(acc: vec4<f32>, av: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32
     return r;
 }
 
-// Epilogue of one output row: columns tx + 16·j of row `r` (tile-relative).
-fn store_row(act: u32, r: u32, tx: u32, m0: u32, mcount: u32, n0: u32, ncount: u32, bias_base: u32, gated: bool, u: vec4<f32>, g: vec4<f32>) {
+// Tile-relative column of accumulator lane j of invocation column tx: tx + 16·j for f32;
+// for 16-bit A_DTYPE the pairs 2·tx, 2·tx + 1 and 2·tx + 32, 2·tx + 33, so that the two
+// columns of an output word are computed by one invocation.
+fn tcol(tx: u32, j: u32) -> u32 {
+    if (A_DTYPE == 0u) {
+        return tx + 16u * j;
+    }
+    return 2u * tx + (j & 1u) + 32u * (j >> 1u);
+}
+
+// Epilogue of one output row: columns tcol(tx, j) of row `r` (tile-relative); the tile's
+// columns [clo, ncount) are this dispatch's (clo = 1 only where a 16-bit tile starts one
+// column early, on a word).
+fn store_row(act: u32, r: u32, tx: u32, m0: u32, mcount: u32, n0: u32, clo: u32, ncount: u32, bias_base: u32, gated: bool, u: vec4<f32>, g: vec4<f32>) {
     if (r >= mcount) {
         return;
     }
     let n = p.n_dim;
-    for (var j = 0u; j < 4u; j++) {
-        let c = tx + 16u * j;
-        if (c < ncount) {
-            var uv = u[j];
-            var gv = 0.0;
-            if ((p.has_bias & 1u) != 0u) {
-                uv += bias_b[bias_base + n0 + c];
+    if (A_DTYPE == 0u) {
+        for (var j = 0u; j < 4u; j++) {
+            let c = tx + 16u * j;
+            if (c < ncount) {
+                out[(m0 + r) * p.out_stride + n0 + c] = bitcast<u32>(epilogue(act, gated, bias_base, n0 + c, u[j], g[j]));
             }
-            if (gated) {
-                gv = g[j];
-                if ((p.has_bias & 2u) != 0u) {
-                    gv += bias_g[bias_base + n0 + c];
-                }
-            }
-            out[(m0 + r) * n + n0 + c] = activate(act, gv, uv);
         }
+        return;
+    }
+    for (var q = 0u; q < 2u; q++) {
+        let c = 2u * tx + 32u * q;
+        let in0 = c >= clo && c < ncount;
+        let in1 = c + 1u >= clo && c + 1u < ncount;
+        var v0 = 0.0;
+        var v1 = 0.0;
+        if (in0) {
+            v0 = epilogue(act, gated, bias_base, n0 + c, u[2u * q], g[2u * q]);
+        }
+        if (in1) {
+            v1 = epilogue(act, gated, bias_base, n0 + c + 1u, u[2u * q + 1u], g[2u * q + 1u]);
+        }
+        store_pair16(m0 + r, n0 + c, v0, v1, in0, in1);
     }
 }
 
 // The elements of k tile `kt` this invocation loads: element q is row (lid >> 4) + 16·q of the
 // tile at k = kt·BK + (lid & 15), of a (rows m0 ..), of w_b and of w_g (columns n0 ..,
-// chunk-relative weight rows w_row0 ..); zero outside the matrices.
+// chunk-relative weight rows w_row0 .., tile columns clo .. ncount); zero outside the
+// matrices. (w_row0 wraps below 0 when clo = 1; w_row0 + r does not, u32 arithmetic wraps.)
 struct TileRegs {
     a: vec4<f32>,
     b: vec4<f32>,
     g: vec4<f32>,
 }
 
-fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, ncount: u32, w_row0: u32, lid: u32, gated: bool) -> TileRegs {
+fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, clo: u32, ncount: u32, w_row0: u32, lid: u32, gated: bool) -> TileRegs {
     var t = TileRegs(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     let k = kt * BK + (lid & 15u);
     if (k >= kd) {
@@ -255,9 +338,9 @@ fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, ncount: u32, w_row0: u32, l
     for (var q = 0u; q < 4u; q++) {
         let r = (lid >> 4u) + 16u * q;
         if (r < mcount) {
-            t.a[q] = a[(m0 + r) * kd + k];
+            t.a[q] = a_elem(m0 + r, k);
         }
-        if (r < ncount) {
+        if (r >= clo && r < ncount) {
             let wi = (w_row0 + r) * kd + k;
             t.b[q] = w_decode(w_b[w_word(wi)], wi);
             if (gated) {
@@ -304,11 +387,15 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
     let e_row = e * n;
     let n_lo = max(e_row, p.chunk_first) - e_row;
     let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
-    let n0 = n_lo + wid.y * BN;
+    // 16-bit outputs: column tiles start on an even column (a word), one column early when
+    // the chunk starts at an odd one; that column is not this dispatch's (clo = 1).
+    let early = select(0u, n_lo & 1u, A_DTYPE != 0u);
+    let n0 = n_lo - early + wid.y * BN;
     if (n0 >= n_hi) {
         return; // past this expert's columns in the chunk
     }
     let ncount = min(BN, n_hi - n0);
+    let clo = select(0u, early, wid.y == 0u);
     let w_row0 = e_row + n0 - p.chunk_first; // chunk-relative weight row of column n0
 
     let tx = lid & 15u;
@@ -326,7 +413,7 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
     // Double buffering through registers: tile kt + 1 is loaded from memory while tile kt is
     // multiplied out of workgroup memory.
     let k_tiles = (kd + BK - 1u) / BK;
-    var next = load_tile(0u, kd, m0, mcount, ncount, w_row0, lid, gated);
+    var next = load_tile(0u, kd, m0, mcount, clo, ncount, w_row0, lid, gated);
     for (var kt = 0u; kt < k_tiles; kt++) {
         workgroupBarrier(); // every invocation is done with the previous tile
         for (var q = 0u; q < 4u; q++) {
@@ -340,7 +427,7 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
         }
         workgroupBarrier();
         if (kt + 1u < k_tiles) {
-            next = load_tile(kt + 1u, kd, m0, mcount, ncount, w_row0, lid, gated);
+            next = load_tile(kt + 1u, kd, m0, mcount, clo, ncount, w_row0, lid, gated);
         }
         if (computes) {
             for (var kv = 0u; kv < 4u; kv++) {
@@ -348,19 +435,19 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
                 let a1 = a_s[(ty * 4u + 1u) * PITCH + kv];
                 let a2 = a_s[(ty * 4u + 2u) * PITCH + kv];
                 let a3 = a_s[(ty * 4u + 3u) * PITCH + kv];
-                let b0 = b_s[(tx + 0u) * PITCH + kv];
-                let b1 = b_s[(tx + 16u) * PITCH + kv];
-                let b2 = b_s[(tx + 32u) * PITCH + kv];
-                let b3 = b_s[(tx + 48u) * PITCH + kv];
+                let b0 = b_s[tcol(tx, 0u) * PITCH + kv];
+                let b1 = b_s[tcol(tx, 1u) * PITCH + kv];
+                let b2 = b_s[tcol(tx, 2u) * PITCH + kv];
+                let b3 = b_s[tcol(tx, 3u) * PITCH + kv];
                 acc_u0 = mac(acc_u0, a0, b0, b1, b2, b3);
                 acc_u1 = mac(acc_u1, a1, b0, b1, b2, b3);
                 acc_u2 = mac(acc_u2, a2, b0, b1, b2, b3);
                 acc_u3 = mac(acc_u3, a3, b0, b1, b2, b3);
                 if (gated) {
-                    let g0 = g_s[(tx + 0u) * PITCH + kv];
-                    let g1 = g_s[(tx + 16u) * PITCH + kv];
-                    let g2 = g_s[(tx + 32u) * PITCH + kv];
-                    let g3 = g_s[(tx + 48u) * PITCH + kv];
+                    let g0 = g_s[tcol(tx, 0u) * PITCH + kv];
+                    let g1 = g_s[tcol(tx, 1u) * PITCH + kv];
+                    let g2 = g_s[tcol(tx, 2u) * PITCH + kv];
+                    let g3 = g_s[tcol(tx, 3u) * PITCH + kv];
                     acc_g0 = mac(acc_g0, a0, g0, g1, g2, g3);
                     acc_g1 = mac(acc_g1, a1, g0, g1, g2, g3);
                     acc_g2 = mac(acc_g2, a2, g0, g1, g2, g3);
@@ -371,10 +458,10 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
     }
 
     let bias_base = e_row;
-    store_row(act, ty * 4u + 0u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u0, acc_g0);
-    store_row(act, ty * 4u + 1u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u1, acc_g1);
-    store_row(act, ty * 4u + 2u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u2, acc_g2);
-    store_row(act, ty * 4u + 3u, tx, m0, mcount, n0, ncount, bias_base, gated, acc_u3, acc_g3);
+    store_row(act, ty * 4u + 0u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u0, acc_g0);
+    store_row(act, ty * 4u + 1u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u1, acc_g1);
+    store_row(act, ty * 4u + 2u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u2, acc_g2);
+    store_row(act, ty * 4u + 3u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u3, acc_g3);
 }
 
 @compute @workgroup_size(256)
@@ -394,8 +481,10 @@ fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 // [32 × 64] weight block (and the gate block) with coalesced reads — 8 elements each, in _x4
 // as 128-bit vec4<u32> words — and the [rows × 64] block of `a`, two blocks ahead in
 // registers; they stage them in workgroup memory; then invocation (c = lid % 32, s = lid / 32)
-// adds the block into the outputs (rows s, s + 8, s + 16, s + 24; column c), k in order. Every
-// weight element is read from memory once for all rows of its expert.
+// adds the block into the outputs (rows s, s + 8, s + 16, s + 24; column c), k in order; for
+// f16 / bf16 invocation (cp = lid % 16, s = lid / 16) takes columns 2·cp and 2·cp + 1 (one
+// output word) of rows s and s + 16 instead. Every weight element is read from memory once for
+// all rows of its expert.
 // The arithmetic of an output is that of gemm_tile, bit for bit: acc = 0; acc = fma(a[k], w[k],
 // acc) for k = 0 .. ceil(K / 16)·16 − 1 in order (a and w zero past K, as in gemm_tile's last
 // tile), then + bias, then `activate`. So a row gives the same bits on either path.
@@ -428,6 +517,7 @@ struct RowsJob {
     ncount: u32,
     w_row0: u32,
     k16: u32, // K rounded up to gemm_tile's BK: the k range both paths accumulate over
+    clo: u32, // first block column of this dispatch (1 where a 16-bit block starts early)
 }
 
 // Eight f32 values (elements 0..3 in lo, 4..7 in hi).
@@ -483,18 +573,21 @@ fn rows_job(wid: vec3<u32>, lid: u32) -> RowsJob {
         tile_info = info;
     }
     let info = workgroupUniformLoad(&tile_info);
-    var j = RowsJob(0u, e, info.x, info.y, 0u, 0u, 0u, 0u);
+    var j = RowsJob(0u, e, info.x, info.y, 0u, 0u, 0u, 0u, 0u);
     let n = p.n_dim;
     let e_row = e * n;
     let n_lo = max(e_row, p.chunk_first) - e_row;
     let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
-    let n0 = n_lo + wid.y * RB_N;
+    // As in gemm_tile: 16-bit column blocks start on an even column.
+    let early = select(0u, n_lo & 1u, A_DTYPE != 0u);
+    let n0 = n_lo - early + wid.y * RB_N;
     if (info.z == 0u || n0 >= n_hi) {
         return j;
     }
     j.valid = 1u;
     j.n0 = n0;
     j.ncount = min(RB_N, n_hi - n0);
+    j.clo = select(0u, early, wid.y == 0u);
     j.w_row0 = e_row + n0 - p.chunk_first;
     j.k16 = (p.k_dim + BK - 1u) / BK * BK;
     return j;
@@ -510,7 +603,7 @@ fn rows_load_a(j: RowsJob, kt: u32, lid: u32) -> V8 {
         for (var i = 0u; i < 8u; i++) {
             let r = (lid >> 6u) + 4u * i;
             if (r < j.mcount) {
-                v = v8_set(v, i, a[(j.m0 + r) * kd + k]);
+                v = v8_set(v, i, a_elem(j.m0 + r, k));
             }
         }
     }
@@ -538,7 +631,7 @@ fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
                      V8(vec4<f32>(0.0), vec4<f32>(0.0)));
     let kd = p.k_dim;
     let c = lid >> 3u;
-    if (c < j.ncount) {
+    if (c >= j.clo && c < j.ncount) {
         for (var i = 0u; i < 8u; i++) {
             let k = kt * RB_K + rows_wk(2u, lid & 7u, i);
             if (k < kd) {
@@ -579,7 +672,7 @@ fn rows_load_w4(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
                      V8(vec4<f32>(0.0), vec4<f32>(0.0)));
     let c = lid >> 3u;
     let l = lid & 7u;
-    if (c >= j.ncount) {
+    if (c < j.clo || c >= j.ncount) {
         return t;
     }
     if (W_DTYPE == 0u) {
@@ -626,8 +719,12 @@ fn rows_stage(t: RowsRegs, lid: u32, mode: u32, gated: bool) {
 }
 
 // Adds block kt (staged) into this invocation's accumulators, k in order, up to k16.
-// Returns the updated accumulators.
+// Returns the updated accumulators. f32: invocation (c = lid % 32, s = lid / 32) owns column c
+// of rows s + 8·q; 16-bit A_DTYPE: rows_compute16.
 fn rows_compute(j: RowsJob, kt: u32, lid: u32, gated: bool, acc_in: RowsAcc) -> RowsAcc {
+    if (A_DTYPE != 0u) {
+        return rows_compute16(j, kt, lid, gated, acc_in);
+    }
     var acc = acc_in;
     let c = lid & 31u;
     let s = lid >> 5u;
@@ -665,30 +762,79 @@ fn rows_compute(j: RowsJob, kt: u32, lid: u32, gated: bool, acc_in: RowsAcc) -> 
     return acc;
 }
 
+// 16-bit A_DTYPE: invocation (cp = lid % 16, s = lid / 16) owns the column pair 2·cp, 2·cp + 1
+// (one output word) of rows s and s + 16: accumulator q is column 2·cp + (q & 1) of row
+// s + 16·(q >> 1). Per output the same fma sequence as rows_compute.
+fn rows_compute16(j: RowsJob, kt: u32, lid: u32, gated: bool, acc_in: RowsAcc) -> RowsAcc {
+    var acc = acc_in;
+    let cp = 2u * (lid & 15u);
+    let s = lid >> 4u;
+    if (s >= j.mcount || cp + 1u < j.clo || cp >= j.ncount) {
+        return acc;
+    }
+    let kv_end = min(RB_K / 4u, (j.k16 - kt * RB_K) / 4u);
+    for (var kv = 0u; kv < kv_end; kv++) {
+        for (var q = 0u; q < 4u; q++) {
+            let r = s + 16u * (q >> 1u);
+            let c = cp + (q & 1u);
+            if (r < j.mcount) {
+                let av = ra_s[r * RPITCH + kv];
+                let wv = rb_s[c * RPITCH + kv];
+                var u = acc.u[q];
+                u = fma(av.x, wv.x, u);
+                u = fma(av.y, wv.y, u);
+                u = fma(av.z, wv.z, u);
+                u = fma(av.w, wv.w, u);
+                acc.u[q] = u;
+                if (gated) {
+                    let gv = rg_s[c * RPITCH + kv];
+                    var g = acc.g[q];
+                    g = fma(av.x, gv.x, g);
+                    g = fma(av.y, gv.y, g);
+                    g = fma(av.z, gv.z, g);
+                    g = fma(av.w, gv.w, g);
+                    acc.g[q] = g;
+                }
+            }
+        }
+    }
+    return acc;
+}
+
 // The epilogue, as store_row: + bias, then the activation.
 fn rows_store(j: RowsJob, lid: u32, act: u32, gated: bool, acc: RowsAcc) {
+    let e_row = j.e * p.n_dim;
+    if (A_DTYPE != 0u) {
+        let c = 2u * (lid & 15u);
+        let s = lid >> 4u;
+        for (var h = 0u; h < 2u; h++) {
+            let r = s + 16u * h;
+            if (r < j.mcount) {
+                let in0 = c >= j.clo && c < j.ncount;
+                let in1 = c + 1u >= j.clo && c + 1u < j.ncount;
+                var v0 = 0.0;
+                var v1 = 0.0;
+                if (in0) {
+                    v0 = epilogue(act, gated, e_row, j.n0 + c, acc.u[2u * h], acc.g[2u * h]);
+                }
+                if (in1) {
+                    v1 = epilogue(act, gated, e_row, j.n0 + c + 1u, acc.u[2u * h + 1u], acc.g[2u * h + 1u]);
+                }
+                store_pair16(j.m0 + r, j.n0 + c, v0, v1, in0, in1);
+            }
+        }
+        return;
+    }
     let c = lid & 31u;
     let s = lid >> 5u;
     if (c >= j.ncount) {
         return;
     }
-    let n = p.n_dim;
-    let col = j.e * n + j.n0 + c;
     for (var q = 0u; q < 4u; q++) {
         let r = s + 8u * q;
         if (r < j.mcount) {
-            var uv = acc.u[q];
-            var gv = 0.0;
-            if ((p.has_bias & 1u) != 0u) {
-                uv += bias_b[col];
-            }
-            if (gated) {
-                gv = acc.g[q];
-                if ((p.has_bias & 2u) != 0u) {
-                    gv += bias_g[col];
-                }
-            }
-            out[(j.m0 + r) * n + j.n0 + c] = activate(act, gv, uv);
+            let v = epilogue(act, gated, e_row, j.n0 + c, acc.u[q], acc.g[q]);
+            out[(j.m0 + r) * p.out_stride + j.n0 + c] = bitcast<u32>(v);
         }
     }
 }

@@ -4,7 +4,13 @@
 //
 // Mirrors: src/cpu/permute.rs `permute` (expert_offsets, sorted_assignment, row_of_assignment)
 //   and `gather` (x_perm), bit-exact. No atomics anywhere: row order is fixed by construction,
-//   and the gather copies the words of x (bound as u32), so x_perm is bitwise x.
+//   and the gather copies the bits of x's elements (bound as u32 words), so x_perm is bitwise x
+//   in any activation dtype.
+//
+// Activation layout (src/wgpu/act.rs): x is the caller's [T, H] with row stride x_stride
+//   elements (H: dense); x_perm [N, H] has the padded stride (H for f32, H rounded up to even
+//   for f16 / bf16, whose elements are two per word, element 2i in the low half). A row of
+//   x_perm is `dst_words` words; the padding element of an odd-H 16-bit row is written as 0.
 //
 // Algorithm (a blocked counting sort). A block is CHUNK = 256 consecutive assignments;
 //   NB = max(1, ceil(N / CHUNK)) blocks; the table `cells` has (E + 1) · NB entries, cell
@@ -19,7 +25,13 @@
 //      for b = 0..E (offsets[E] = kept rows).
 //   3. permute_place: row = cells[key · NB + i / CHUNK] + local_rank[i]; sorted[row] = i and
 //      row_of[i] = row (a permutation, stable within each bucket).
-//   4. permute_gather (or permute_gather4 when H % 4 == 0): x_perm[r, h] = x[sorted[r] / slots, h].
+//   4. x_perm[r, h] = x[sorted[r] / slots, h], one of (chosen on the host):
+//      permute_gather    word copy: f32, or 16-bit rows that start on a word in x (H and
+//                        x_stride even); row_words words per row, src_words / dst_words apart
+//      permute_gather4   the same, four words at a time (row_words, src_words and dst_words
+//                        multiples of 4)
+//      permute_gather16  16-bit x with odd H or odd x_stride (elements straddle words of x):
+//                        one output word = two elements, each extracted from its word of x
 //
 // Parameters (group 0; binding 0 is `p` for every entry point; the other bindings differ per
 // entry point and are numbered 1, 2, … in the order listed):
@@ -45,11 +57,13 @@
 //     4 local_rank  storage read_write  u32 [N]          in (read only here)
 //     5 sorted      storage read_write  u32 [N]          out: sorted_assignment
 //     6 row_of      storage read_write  u32 [N]          out: row_of_assignment
-//   permute_gather:
-//     1 x           storage read        u32 [T, H]       the f32 words of x
+//   permute_gather, permute_gather16:
+//     1 x           storage read        u32 words of x [T, H] (row stride x_stride elements)
 //     2 sorted      storage read        u32 [N]          sorted_assignment
-//     3 x_perm      storage read_write  u32 [N, H]       out: the f32 words of x_perm
-//   permute_gather4: as permute_gather with x and x_perm as vec4<u32> [T, H/4] and [N, H/4].
+//     3 x_perm      storage read_write  u32 words of x_perm [N, H] (dst_words per row), out
+//   permute_gather4: as permute_gather with x and x_perm bound as vec4<u32>.
+// Overrides: A_DTYPE (common.wgsl), used by permute_gather16 only (1 f16, 2 bf16: the copy is
+//   bitwise either way).
 //
 // Launch (grid(n, per) = ceil(n / per) workgroups on a 2-D grid, flattened x first):
 //   permute_rank          grid(NB · CHUNK, CHUNK), workgroup 256; one workgroup per block
@@ -57,8 +71,9 @@
 //   permute_scan_tiles    (1, 1, 1), workgroup 256; loops over the tile sums in TILE steps
 //   permute_scan_down     grid(CELLS, TILE), workgroup 256; one per tile
 //   permute_place         grid(N, 64), workgroup 64; one invocation per assignment
-//   permute_gather        grid(N · H, 64), workgroup 64; one invocation per element
-//   permute_gather4       grid(N · H/4, 64), workgroup 64; one invocation per 4 elements
+//   permute_gather        grid(N · row_words, 64), workgroup 64; one invocation per word
+//   permute_gather4       grid(N · row_words/4, 64), workgroup 64; one per 4 words
+//   permute_gather16      grid(N · dst_words, 64), workgroup 64; one per output word
 //   Workgroups and invocations past the end exit. Workgroup memory: 1 KiB per entry point.
 // Target: WGSL core, no extensions, any subgroup size.
 
@@ -76,6 +91,10 @@ struct PermuteParams {
     blocks: u32,       // NB
     cells: u32,        // CELLS = (E + 1) · NB
     tiles: u32,        // TILES = ceil(CELLS / TILE)
+    x_stride: u32,     // elements between rows of x (permute_gather16)
+    row_words: u32,    // words copied per row (permute_gather, permute_gather4)
+    src_words: u32,    // words between rows of x (permute_gather, permute_gather4)
+    dst_words: u32,    // words between rows of x_perm
     _pad0: u32,
 }
 
@@ -265,23 +284,41 @@ fn permute_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 fn permute_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let idx = flat_id(wid, nwg, lid, 64u);
-    if (idx >= p.assignments * p.hidden) {
+    if (idx >= p.assignments * p.row_words) {
         return;
     }
-    let r = idx / p.hidden;
-    let h = idx % p.hidden;
-    gx_perm[idx] = gx[(g_sorted[r] / p.slots) * p.hidden + h];
+    let r = idx / p.row_words;
+    let w = idx % p.row_words;
+    gx_perm[r * p.dst_words + w] = gx[(g_sorted[r] / p.slots) * p.src_words + w];
 }
 
 @compute @workgroup_size(64)
 fn permute_gather4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let h4 = p.hidden / 4u;
+    let w4 = p.row_words / 4u;
     let idx = flat_id(wid, nwg, lid, 64u);
-    if (idx >= p.assignments * h4) {
+    if (idx >= p.assignments * w4) {
         return;
     }
-    let r = idx / h4;
-    let h = idx % h4;
-    gx_perm4[idx] = gx4[(g_sorted[r] / p.slots) * h4 + h];
+    let r = idx / w4;
+    let w = idx % w4;
+    gx_perm4[r * (p.dst_words / 4u) + w] = gx4[(g_sorted[r] / p.slots) * (p.src_words / 4u) + w];
+}
+
+@compute @workgroup_size(64)
+fn permute_gather16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let idx = flat_id(wid, nwg, lid, 64u);
+    if (idx >= p.assignments * p.dst_words) {
+        return;
+    }
+    let r = idx / p.dst_words;
+    let c = 2u * (idx % p.dst_words);
+    let e0 = (g_sorted[r] / p.slots) * p.x_stride + c;
+    let lo = a_half(gx[a_word(e0)], e0);
+    var hi = 0u;
+    if (c + 1u < p.hidden) {
+        hi = a_half(gx[a_word(e0 + 1u)], e0 + 1u);
+    }
+    gx_perm[idx] = lo | (hi << 16u);
 }

@@ -27,10 +27,13 @@ use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
+use crate::shape;
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
-use crate::wgpu::context::{gpu_err, within, GpuBuffer, WgpuDevice};
+use crate::wgpu::act::{self, Act};
+use crate::wgpu::context::{gpu_err, index_u32, within, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
+use crate::wgpu::scratch::Scratch;
 use crate::wgpu::weights::GpuWeights;
 
 /// Rows of a workgroup's output tile (BM in the shader).
@@ -191,7 +194,9 @@ struct Params {
     has_bias: u32,
     alpha: f32,
     limit: f32,
-    _pad: u32,
+    a_stride: u32,
+    out_stride: u32,
+    _pad: [u32; 3],
 }
 
 /// The `ACT` override of the shader.
@@ -217,27 +222,31 @@ struct Pass<'a> {
     chunks: Vec<(usize, usize, &'a GpuBuffer<u32>, &'a GpuBuffer<u32>)>,
     bias_b: Option<&'a GpuBuffer<f32>>,
     bias_g: Option<&'a GpuBuffer<f32>>,
-    a: &'a GpuBuffer<f32>,
-    out: &'a GpuBuffer<f32>,
+    a: Act<'a>,
+    out: Act<'a>,
 }
 
-/// Records `y [rows, H]` = the expert FFN of `x_rows [rows, H]`, rows of expert e being
-/// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device; rows from `offsets[E]` on
-/// are not written). Allocates the intermediate `h [rows, F]` (one binding: it must fit the
-/// adapter's storage binding limit). Records dispatches only. Takes the small-batch path when
-/// `rows <= SMALL_ROWS`, the tiled kernel otherwise (bitwise the same results).
+/// Records `out [rows, H]` = the expert FFN of `a [rows, H]` (`rows = a.rows`), rows of
+/// expert e being `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device; rows from
+/// `offsets[E]` on are not written). `a` and `out` share one activation dtype; `a` may have any
+/// row stride (the caller's dense x for the shared expert, the padded x_perm for the routed
+/// ones), `out` is padded (an even stride for f16 / bf16). The intermediate `h [rows, F]`
+/// (padded, in the same dtype; one binding: it must fit the adapter's storage binding limit)
+/// comes from `scratch`, as do the uniforms: nothing is allocated. Records dispatches only.
+/// Takes the small-batch path when `rows <= SMALL_ROWS`, the tiled kernel otherwise (bitwise
+/// the same results).
 #[allow(clippy::too_many_arguments)]
 pub fn encode(
     dev: &WgpuDevice,
     enc: &mut ::wgpu::CommandEncoder,
-    x_rows: &GpuBuffer<f32>,
-    rows: usize,
+    scratch: &Scratch,
+    a: Act<'_>,
     offsets: &GpuBuffer<u32>,
     w: &GpuExperts,
     act: Activation,
-    y: &GpuBuffer<f32>,
+    out: Act<'_>,
 ) -> Result<()> {
-    encode_path(dev, enc, x_rows, rows, offsets, w, act, y, GemmPath::Auto)
+    encode_path(dev, enc, scratch, a, offsets, w, act, out, GemmPath::Auto)
 }
 
 /// [`encode`] with the kernel chosen by `path` (tests force each path).
@@ -245,15 +254,16 @@ pub fn encode(
 pub fn encode_path(
     dev: &WgpuDevice,
     enc: &mut ::wgpu::CommandEncoder,
-    x_rows: &GpuBuffer<f32>,
-    rows: usize,
+    scratch: &Scratch,
+    a: Act<'_>,
     offsets: &GpuBuffer<u32>,
     w: &GpuExperts,
     act: Activation,
-    y: &GpuBuffer<f32>,
+    out: Act<'_>,
     path: GemmPath,
 ) -> Result<()> {
     let st = Stage::ExpertGemm;
+    let rows = a.rows;
     let small = match path {
         GemmPath::Auto => rows <= SMALL_ROWS,
         GemmPath::Tiled => false,
@@ -277,28 +287,16 @@ pub fn encode_path(
             format!("the experts were uploaded for another activation than {act:?}"),
         ));
     }
-    if offsets.len != e + 1 {
-        return Err(Error::shape(
-            st,
-            format!(
-                "expert_offsets has {} entries, expected E + 1 = {}",
-                offsets.len,
-                e + 1
-            ),
-        ));
-    }
-    if x_rows.len < rows.saturating_mul(h) || y.len < rows.saturating_mul(h) {
-        return Err(Error::shape(
-            st,
-            format!(
-                "x_rows ({}) and y ({}) must hold rows × H = {rows} × {h} elements",
-                x_rows.len, y.len
-            ),
-        ));
-    }
+    act::at_least(st, "expert_offsets", offsets.len, e + 1)?;
+    act::same_dtype(st, "a and out", a.dtype, out.dtype)?;
+    shape::expect_eq(st, "a columns (H)", a.cols, h)?;
+    shape::expect_eq(st, "out columns (H)", out.cols, h)?;
+    a.check(st, "a", rows)?;
+    out.check_padded(st, "out", rows)?;
     if rows == 0 || h == 0 {
         return Ok(());
     }
+    let dtype = a.dtype;
     let max_elems = limits::product(&[rows.max(e), h.max(f)]);
     within(
         Resource::IndexRange,
@@ -311,13 +309,16 @@ pub fn encode_path(
         max_elems,
         u64::from(u32::MAX),
     )?;
+    let h_words = act::matrix_words(rows, f, dtype);
     within(
         Resource::BindingSize,
         || format!("{}: the intermediate h [{rows}, {f}]", Stage::ExpertGemm),
-        limits::product(&[rows, f, 4]),
+        limits::product(&[h_words, 4]),
         dev.max_binding_bytes(),
     )?;
-    let hbuf = dev.alloc::<f32>(rows * f, "expert_h")?;
+    let hbuf = scratch.buffer::<u32>(dev, "expert_gemm h", h_words)?;
+    let h_act = Act::padded(&hbuf, dtype, rows, f);
+    index_u32(st, "h elements", rows.saturating_mul(h_act.stride))?;
 
     let (alpha, limit) = match act {
         Activation::ClampedSwiglu(c) => (c.alpha as f32, c.limit as f32),
@@ -331,7 +332,11 @@ pub fn encode_path(
     let up = Pass {
         entries: [Entry::Up, Entry::UpRows, Entry::UpRowsX4],
         dtype: w.up.dtype,
-        constants: vec![("W_DTYPE", w.up.dtype_code()), ("ACT", act_code(act))],
+        constants: vec![
+            ("W_DTYPE", w.up.dtype_code()),
+            ("A_DTYPE", act::code(dtype)),
+            ("ACT", act_code(act)),
+        ],
         k: h,
         n: f,
         chunks: w
@@ -343,8 +348,8 @@ pub fn encode_path(
             .collect(),
         bias_b: w.up_bias.as_ref(),
         bias_g: w.gate_bias.as_ref(),
-        a: x_rows,
-        out: &hbuf,
+        a,
+        out: h_act,
     };
     // With F = 0 the down matrix has no rows to chunk, yet y = bd (or 0): one chunk covering
     // every output column with K = 0 (no weight is read).
@@ -360,14 +365,18 @@ pub fn encode_path(
     let down = Pass {
         entries: [Entry::Down, Entry::DownRows, Entry::DownRowsX4],
         dtype: w.down.dtype,
-        constants: vec![("W_DTYPE", w.down.dtype_code()), ("ACT", 0.0)],
+        constants: vec![
+            ("W_DTYPE", w.down.dtype_code()),
+            ("A_DTYPE", act::code(dtype)),
+            ("ACT", 0.0),
+        ],
         k: f,
         n: h,
         chunks: down_chunks,
         bias_b: w.down_bias.as_ref(),
         bias_g: None,
-        a: &hbuf,
-        out: y,
+        a: h_act,
+        out,
     };
     for pass in [up, down] {
         if pass.n == 0 {
@@ -392,13 +401,12 @@ pub fn encode_path(
             }
             let e_first = first / pass.n;
             let e_count = (first + n_rows - 1) / pass.n - e_first + 1;
+            // 16-bit outputs: column tiles start on an even column, up to one column early.
+            let cols = n_rows.min(pass.n) + usize::from(dtype != DType::F32);
             let (groups_x, groups_y) = if small {
-                (e_count, n_rows.min(pass.n).div_ceil(SMALL_COLS))
+                (e_count, cols.div_ceil(SMALL_COLS))
             } else {
-                (
-                    rows.div_ceil(TILE_ROWS) + e_count,
-                    n_rows.min(pass.n).div_ceil(TILE_COLS),
-                )
+                (rows.div_ceil(TILE_ROWS) + e_count, cols.div_ceil(TILE_COLS))
             };
             let max = u64::from(dev.limits.max_compute_workgroups_per_dimension);
             within(
@@ -412,21 +420,27 @@ pub fn encode_path(
                 groups_x.max(groups_y) as u64,
                 max,
             )?;
-            let params = dev.uniform(&Params {
-                experts: e as u32,
-                rows: rows as u32,
-                k_dim: pass.k as u32,
-                n_dim: pass.n as u32,
-                e_first: e_first as u32,
-                e_count: e_count as u32,
-                chunk_first: first as u32,
-                chunk_rows: n_rows as u32,
-                has_bias: u32::from(pass.bias_b.is_some())
-                    | (u32::from(pass.bias_g.is_some()) << 1),
-                alpha,
-                limit,
-                _pad: 0,
-            });
+            let params = scratch.uniform(
+                dev,
+                "expert_gemm params",
+                &Params {
+                    experts: e as u32,
+                    rows: rows as u32,
+                    k_dim: pass.k as u32,
+                    n_dim: pass.n as u32,
+                    e_first: e_first as u32,
+                    e_count: e_count as u32,
+                    chunk_first: first as u32,
+                    chunk_rows: n_rows as u32,
+                    has_bias: u32::from(pass.bias_b.is_some())
+                        | (u32::from(pass.bias_g.is_some()) << 1),
+                    alpha,
+                    limit,
+                    a_stride: pass.a.stride as u32,
+                    out_stride: pass.out.stride as u32,
+                    _pad: [0; 3],
+                },
+            )?;
             let bias_b = pass.bias_b.unwrap_or(&w.dummy_f32);
             let bias_g = pass.bias_g.unwrap_or(&w.dummy_f32);
             let bind = if x4 {
@@ -442,10 +456,10 @@ pub fn encode_path(
                     &[
                         (0, params.as_entire_binding()),
                         (1, offsets.binding()),
-                        (2, pass.a.binding()),
+                        (2, pass.a.binding(rows, 1)),
                         (5, bias_b.binding()),
                         (6, bias_g.binding()),
-                        (7, pass.out.binding()),
+                        (7, pass.out.binding(rows, 1)),
                         (8, words.binding()),
                         (9, g4.binding()),
                     ],
@@ -456,12 +470,12 @@ pub fn encode_path(
                     &[
                         params.as_entire_binding(),
                         offsets.binding(),
-                        pass.a.binding(),
+                        pass.a.binding(rows, 1),
                         words.binding(),
                         gwords.binding(),
                         bias_b.binding(),
                         bias_g.binding(),
-                        pass.out.binding(),
+                        pass.out.binding(rows, 1),
                     ],
                 )
             };
@@ -499,9 +513,9 @@ mod tests {
 
     use super::*;
     use crate::config::ClampedSwiglu;
-    use crate::cpu::expert_gemm::expert_ffn;
+    use crate::cpu::expert_gemm::{expert_ffn, expert_ffn_stored};
     use crate::synth::Gen;
-    use crate::tensor::DType;
+    use crate::wgpu::act::test_util::{self, rel_l2};
 
     const ACTS: [Activation; 5] = [
         Activation::Swiglu,
@@ -535,7 +549,7 @@ mod tests {
         }
     }
 
-    /// `y` for `x` (poisoned with NaN before the launch).
+    /// `y` for `x` (f32, poisoned with NaN before the launch).
     fn run(
         dev: &WgpuDevice,
         w: &GpuExperts,
@@ -543,15 +557,7 @@ mod tests {
         offsets: &[u32],
         act: Activation,
     ) -> Vec<f32> {
-        let h = w.dims.hidden;
-        let rows = x.len() / h;
-        let xb = dev.upload(x, "x").unwrap();
-        let ob = dev.upload(offsets, "offsets").unwrap();
-        let yb = dev.upload(&vec![f32::NAN; rows * h], "y").unwrap();
-        let mut enc = dev.encoder();
-        encode(dev, &mut enc, &xb, rows, &ob, w, act, &yb).unwrap();
-        dev.submit_and_wait(enc).unwrap();
-        dev.read(&yb).unwrap()
+        run_path(dev, w, x, offsets, act, GemmPath::Auto)
     }
 
     /// [`run`] on the kernel chosen by `path`.
@@ -565,11 +571,48 @@ mod tests {
     ) -> Vec<f32> {
         let h = w.dims.hidden;
         let rows = x.len() / h;
-        let xb = dev.upload(x, "x").unwrap();
+        let words = run_words(dev, w, x, offsets, act, path, (DType::F32, false));
+        act::unpack(&words, rows, h, h, DType::F32)
+    }
+
+    /// The words of `y` (padded rows in `dtype`, poisoned before the launch) for `x` (rounded
+    /// to `dtype`; dense rows when `dense_x`, as the shared expert reads the caller's x, else
+    /// padded as x_perm), on the kernel chosen by `path`.
+    fn run_words(
+        dev: &WgpuDevice,
+        w: &GpuExperts,
+        x: &[f32],
+        offsets: &[u32],
+        act: Activation,
+        path: GemmPath,
+        (dtype, dense_x): (DType, bool),
+    ) -> Vec<u32> {
+        let h = w.dims.hidden;
+        let rows = x.len() / h;
+        let st = if dense_x { h } else { act::stride(h, dtype) };
+        let xb = test_util::upload(dev, x, (rows, h, st), dtype, 0);
         let ob = dev.upload(offsets, "offsets").unwrap();
-        let yb = dev.upload(&vec![f32::NAN; rows * h], "y").unwrap();
+        let yb = test_util::poisoned(dev, act::matrix_words(rows, h, dtype));
+        let xa = Act {
+            buf: &xb,
+            dtype,
+            rows,
+            cols: h,
+            stride: st,
+        };
         let mut enc = dev.encoder();
-        encode_path(dev, &mut enc, &xb, rows, &ob, w, act, &yb, path).unwrap();
+        encode_path(
+            dev,
+            &mut enc,
+            &Scratch::new(),
+            xa,
+            &ob,
+            w,
+            act,
+            Act::padded(&yb, dtype, rows, h),
+            path,
+        )
+        .unwrap();
         dev.submit_and_wait(enc).unwrap();
         dev.read(&yb).unwrap()
     }
@@ -624,16 +667,6 @@ mod tests {
             }
             println!("E {e} F {f} H {h}: small-batch path bitwise equal to the tiled path");
         }
-    }
-
-    fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
-        let num: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(&x, y)| (f64::from(x) - y).powi(2))
-            .sum();
-        let den: f64 = b.iter().map(|y| y * y).sum();
-        (num / den.max(1e-300)).sqrt()
     }
 
     #[test]
@@ -709,6 +742,161 @@ mod tests {
             let err = rel_l2(&y, &reference);
             println!("{act:?} wide inputs: rel L2 {err:.2e}");
             assert!(err <= 2e-5, "{act:?}: {err:e}");
+        }
+    }
+
+    /// f16 / bf16 activations (x, h and y in the dtype, odd H and F) against the reference on
+    /// x rounded to the dtype with h rounded between the GEMMs; for T = 1, 7, 37 at k = 2
+    /// (2, 14, 74 rows) and 1 and 32 rows: the small path (≤ 32 rows) bitwise equal to the
+    /// tiled one, weight chunks starting at odd expert-local columns (read-modify-write of the
+    /// shared words) bitwise equal to whole weights, dense x rows (the shared expert's input,
+    /// straddling words) bitwise equal to padded ones, and the padding of y's rows written 0.
+    #[test]
+    fn half_activations_match_the_reference() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(11);
+        let (e, f, h) = (3, 29, 37);
+        for rows in [1usize, 2, 14, 32, 74] {
+            let kept = rows - rows / 5;
+            let cut = g.below(0, kept + 1) as u32;
+            // Expert 1 has no rows; rows from `kept` on are dropped.
+            let offsets = [0, cut, cut, kept as u32];
+            let x = g.uniform(rows * h, 1.0);
+            for dtype in [DType::F16, DType::BF16] {
+                let st = act::stride(h, dtype);
+                let xr = test_util::round(&x, dtype);
+                let xd: Vec<f64> = xr.iter().map(|&v| f64::from(v)).collect();
+                for (i, act) in ACTS.into_iter().enumerate() {
+                    let wdt = DType::ALL[i % 3];
+                    let w = weights(&mut g, (e, f, h), act, wdt);
+                    let reference =
+                        expert_ffn_stored(&xd, &offsets, &w, act, |v| dtype.round(v)).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    // Chunks of 11 (f32) or 10 rows (16-bit weights with odd rows): chunks
+                    // start mid-expert at odd and even expert-local columns.
+                    let limit = (h.max(f) * wdt.size() * 11 + 4) as u64;
+                    let chunked =
+                        GpuExperts::upload_with_limit(&dev, &w, act, Some(limit)).unwrap();
+                    assert!(chunked.up.chunks.len() > e && chunked.down.chunks.len() > e);
+                    let ctx = format!("{rows} rows, {dtype} activations, {wdt} weights, {act:?}");
+                    let run = |gw: &GpuExperts, path: GemmPath, dense: bool| {
+                        let words = run_words(&dev, gw, &xr, &offsets, act, path, (dtype, dense));
+                        words[..kept * st / 2].to_vec()
+                    };
+                    let auto = run(&whole, GemmPath::Auto, false);
+                    let y = act::unpack(&auto, kept, h, st, dtype);
+                    let err = rel_l2(&y, &reference[..kept * h]);
+                    assert!(err <= test_util::tolerance(dtype), "{ctx}: rel L2 {err:e}");
+                    for r in 0..kept {
+                        assert_eq!(auto[(r * st + h) / 2] >> 16, 0, "{ctx}: padding of row {r}");
+                    }
+                    assert_eq!(auto, run(&whole, GemmPath::Tiled, false), "{ctx}: tiled");
+                    if rows <= SMALL_ROWS {
+                        assert_eq!(auto, run(&whole, GemmPath::Rows, false), "{ctx}: small");
+                        assert_eq!(auto, run(&chunked, GemmPath::Rows, false), "{ctx}: chunked");
+                    }
+                    assert_eq!(
+                        auto,
+                        run(&chunked, GemmPath::Tiled, false),
+                        "{ctx}: chunked"
+                    );
+                    assert_eq!(auto, run(&whole, GemmPath::Auto, true), "{ctx}: dense x");
+                }
+                println!("{rows} rows, {dtype} activations: within tolerance, paths bitwise equal");
+            }
+        }
+    }
+
+    /// Buffers larger than the forward needs (a workspace for more rows) and a scratch pool
+    /// reused across forwards of different sizes: the same words as a fresh, exact run.
+    #[test]
+    fn larger_buffers_and_a_reused_pool() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(12);
+        let (e, f, h, max_rows) = (2, 21, 19, 80);
+        let act = Activation::Swiglu;
+        let w = weights(&mut g, (e, f, h), act, DType::BF16);
+        let gw = GpuExperts::upload(&dev, &w, act).unwrap();
+        for dtype in DType::ALL {
+            let st = act::stride(h, dtype);
+            let pool = Scratch::new();
+            let cap = act::matrix_words(max_rows, h, dtype);
+            let yb = test_util::poisoned(&dev, cap);
+            for rows in [80usize, 3, 40, 1] {
+                let x = test_util::round(&g.uniform(rows * h, 1.0), dtype);
+                let offsets = [0, (rows / 2) as u32, rows as u32];
+                let xb = test_util::upload(&dev, &x, (rows, h, st), dtype, cap);
+                let ob = dev.upload(&offsets, "offsets").unwrap();
+                test_util::poison(&dev, &yb);
+                pool.begin().unwrap();
+                let mut enc = dev.encoder();
+                encode(
+                    &dev,
+                    &mut enc,
+                    &pool,
+                    Act::padded(&xb, dtype, rows, h),
+                    &ob,
+                    &gw,
+                    act,
+                    Act::padded(&yb, dtype, max_rows, h),
+                )
+                .unwrap();
+                dev.submit_and_wait(enc).unwrap();
+                let got = dev.read(&yb).unwrap();
+                let want = run_words(&dev, &gw, &x, &offsets, act, GemmPath::Auto, (dtype, false));
+                let n = act::matrix_words(rows, h, dtype);
+                assert_eq!(got[..n], want[..n], "{dtype}, {rows} rows");
+                assert!(
+                    got[n..].iter().all(|&v| v == u32::MAX),
+                    "{dtype}: wrote past the rows"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_activations_are_refused() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(13);
+        let (e, f, h) = (2, 6, 5);
+        let act = Activation::Relu;
+        let w =
+            GpuExperts::upload(&dev, &weights(&mut g, (e, f, h), act, DType::F32), act).unwrap();
+        let ob = dev.upload(&[0u32, 1, 4], "offsets").unwrap();
+        let small = test_util::poisoned(&dev, 4);
+        let big = test_util::poisoned(&dev, 64);
+        let pool = Scratch::new();
+        let mut enc = dev.encoder();
+        let cases = [
+            // Output dtype differs from the input's.
+            (
+                Act::padded(&big, DType::F16, 4, h),
+                Act::padded(&big, DType::BF16, 4, h),
+            ),
+            // Input buffer too small for 4 rows.
+            (
+                Act::padded(&small, DType::F32, 4, h),
+                Act::padded(&big, DType::F32, 4, h),
+            ),
+            // A 16-bit output with an odd row stride.
+            (
+                Act::padded(&big, DType::F16, 4, h),
+                Act::dense(&big, DType::F16, 4, h),
+            ),
+            // Output with fewer rows than the input.
+            (
+                Act::padded(&big, DType::F32, 4, h),
+                Act::padded(&big, DType::F32, 3, h),
+            ),
+            // Wrong width.
+            (
+                Act::padded(&big, DType::F32, 4, h + 1),
+                Act::padded(&big, DType::F32, 4, h),
+            ),
+        ];
+        for (a, out) in cases {
+            let err = encode(&dev, &mut enc, &pool, a, &ob, &w, act, out).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{err:?}");
         }
     }
 }

@@ -10,8 +10,10 @@ use crate::config::{Combine, Priority, RoutingConfig, Scoring};
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
 use crate::stage::Stage;
+use crate::wgpu::act;
 use crate::wgpu::context::{index_u32, within, GpuBuffer, WgpuDevice, WG};
 use crate::wgpu::kernels::Kernel;
+use crate::wgpu::scratch::Scratch;
 use crate::wgpu::GateGpu;
 
 /// Entry points of shaders/gate.wgsl.
@@ -160,11 +162,14 @@ fn to_u32(v: usize, what: &str) -> Result<u32> {
     index_u32(Stage::Gate, what, v)
 }
 
-/// Records the gate on `logits` `[T, E]` into `out`.
+/// Records the gate on `logits` `[T, E]` into `out` (`[T, slots]`, counts `[E]`). Every buffer
+/// may be larger than needed (a workspace for more tokens); launches are sized from `tokens`.
+/// Allocates nothing: the uniform, the gate's scratch and the dummy bias come from `scratch`.
 #[allow(clippy::too_many_arguments)]
 pub fn encode(
     dev: &WgpuDevice,
     enc: &mut ::wgpu::CommandEncoder,
+    scratch: &Scratch,
     logits: &GpuBuffer<f32>,
     tokens: usize,
     experts: usize,
@@ -172,14 +177,25 @@ pub fn encode(
     cfg: &RoutingConfig,
     out: &GateGpu,
 ) -> Result<()> {
-    encode_with(dev, enc, (logits, tokens, experts), bias, cfg, out, false)
+    encode_with(
+        dev,
+        enc,
+        scratch,
+        (logits, tokens, experts),
+        bias,
+        cfg,
+        out,
+        false,
+    )
 }
 
 /// [`encode`], optionally forcing gate_select's row into the scratch buffer (the path taken
 /// when E + 2G exceeds the workgroup cache), so that tests can reach it with small E.
+#[allow(clippy::too_many_arguments)]
 fn encode_with(
     dev: &WgpuDevice,
     enc: &mut ::wgpu::CommandEncoder,
+    pool: &Scratch,
     (logits, tokens, experts): (&GpuBuffer<f32>, usize, usize),
     bias: Option<&GpuBuffer<f32>>,
     cfg: &RoutingConfig,
@@ -194,16 +210,7 @@ fn encode_with(
     let te = tokens
         .checked_mul(experts)
         .ok_or_else(|| too_large("T x E"))?;
-    let expect = |what: &str, got: usize, want: usize| -> Result<()> {
-        if got == want {
-            Ok(())
-        } else {
-            Err(Error::shape(
-                Stage::Gate,
-                format!("{what} holds {got} elements, expected {want}"),
-            ))
-        }
-    };
+    let expect = |what: &str, got: usize, want: usize| act::at_least(Stage::Gate, what, got, want);
     expect("logits", logits.len, te)?;
     if let Some(b) = bias {
         expect("score_correction_bias", b.len, experts)?;
@@ -292,7 +299,7 @@ fn encode_with(
         limits::product(&[len, 4]),
         dev.max_binding_bytes(),
     )?;
-    let scratch = dev.alloc::<u32>(len.max(1), "gate scratch")?;
+    let scratch = pool.buffer::<u32>(dev, "gate scratch", len.max(1))?;
 
     let params = Params {
         tokens: to_u32(tokens, "T")?,
@@ -329,12 +336,12 @@ fn encode_with(
         neg_inf: f32::NEG_INFINITY,
         _pad: [0; 3],
     };
-    let uniform = dev.uniform(&params);
+    let uniform = pool.uniform(dev, "gate params", &params)?;
     let dummy;
     let bias_buf = match bias {
         Some(b) => b,
         None => {
-            dummy = dev.upload(&[0f32], "no score_correction_bias")?;
+            dummy = pool.buffer::<f32>(dev, "gate no bias", 1)?;
             &dummy
         }
     };
@@ -420,19 +427,40 @@ mod tests {
         cfg: &RoutingConfig,
         force_global: bool,
     ) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>) {
-        let n = t * cfg.slots(e);
-        let lb = dev.upload(l, "logits").unwrap();
+        run_in(dev, &Scratch::new(), t, l, (t, e), bias, cfg, force_global)
+    }
+
+    /// [`run`] with scratch from `pool` and output buffers for `room` ≥ T tokens (read back
+    /// for the first T).
+    #[allow(clippy::too_many_arguments)]
+    fn run_in(
+        dev: &WgpuDevice,
+        pool: &Scratch,
+        room: usize,
+        l: &[f32],
+        (t, e): (usize, usize),
+        bias: Option<&[f32]>,
+        cfg: &RoutingConfig,
+        force_global: bool,
+    ) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>) {
+        let slots = cfg.slots(e);
+        let (n, cap) = (t * slots, room * slots);
+        let mut lv = l.to_vec();
+        lv.resize(room * e, f32::NAN);
+        let lb = dev.upload(&lv, "logits").unwrap();
         let bb = bias.map(|b| dev.upload(b, "bias").unwrap());
         let out = GateGpu {
-            topk_ids: dev.upload(&vec![u32::MAX; n], "ids").unwrap(),
-            topk_weights: dev.upload(&vec![f32::NAN; n], "weights").unwrap(),
-            kept: dev.upload(&vec![7u32; n], "kept").unwrap(),
+            topk_ids: dev.upload(&vec![u32::MAX; cap], "ids").unwrap(),
+            topk_weights: dev.upload(&vec![f32::NAN; cap], "weights").unwrap(),
+            kept: dev.upload(&vec![7u32; cap], "kept").unwrap(),
             counts: dev.upload(&vec![u32::MAX; e], "counts").unwrap(),
         };
+        pool.begin().unwrap();
         let mut enc = dev.encoder();
         encode_with(
             dev,
             &mut enc,
+            pool,
             (&lb, t, e),
             bb.as_ref(),
             cfg,
@@ -441,10 +469,12 @@ mod tests {
         )
         .unwrap();
         dev.submit_and_wait(enc).unwrap();
+        let ids = dev.read(&out.topk_ids).unwrap();
+        assert!(ids[n..].iter().all(|&v| v == u32::MAX), "wrote past T");
         (
-            dev.read(&out.topk_ids).unwrap(),
-            dev.read(&out.topk_weights).unwrap(),
-            dev.read(&out.kept).unwrap(),
+            ids[..n].to_vec(),
+            dev.read(&out.topk_weights).unwrap()[..n].to_vec(),
+            dev.read(&out.kept).unwrap()[..n].to_vec(),
             dev.read(&out.counts).unwrap(),
         )
     }
@@ -608,7 +638,7 @@ mod tests {
         let lb = dev.upload(&vec![0.5f32; t * e], "logits").unwrap();
         let out = GateGpu::alloc(&dev, t, 1, e).unwrap();
         let mut enc = dev.encoder();
-        let err = encode(&dev, &mut enc, &lb, t, e, None, &cfg, &out).unwrap_err();
+        let err = encode(&dev, &mut enc, &Scratch::new(), &lb, t, e, None, &cfg, &out).unwrap_err();
         assert!(err.to_string().contains("lavapipe"), "{err}");
         assert!(
             matches!(
@@ -638,5 +668,31 @@ mod tests {
         assert_eq!(one.0, all.0[600..606]);
         let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&one.1), bits(&all.1[600..606]), "bitwise weights");
+    }
+
+    /// One scratch pool reused by forwards of every mode at T = 37, 7, 1 (its buffers hold the
+    /// previous forward's data, the scratch rows forced on and off) with output and logits
+    /// buffers sized for 37 tokens: the reference's routing each time.
+    #[test]
+    fn a_reused_pool_and_larger_buffers_match_the_reference() {
+        let Some(dev) = device() else { return };
+        let pool = Scratch::new();
+        let e = 16;
+        let mut g = Gen::new(10);
+        for cfg in variants(4) {
+            for (t, global) in [(37, false), (7, true), (1, false), (37, true)] {
+                let l = separated_logits(&mut g, t, e, 0.05);
+                let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
+                let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+                let want =
+                    gate(&wide(&l), t, e, bias.as_deref().map(wide).as_deref(), &cfg).unwrap();
+                let got = run_in(&dev, &pool, 37, &l, (t, e), bias.as_deref(), &cfg, global);
+                check(
+                    &got,
+                    &want,
+                    &format!("T={t} {cfg:?} global={global}, reused pool"),
+                );
+            }
+        }
     }
 }

@@ -1,18 +1,31 @@
 //! Host-buffer entry points of the wgpu stages, behind `Backend`'s stage calls: upload the
-//! inputs, record the stage, submit once, read the outputs back. (A layer forward instead keeps
-//! everything on the device: see [`crate::wgpu::layer`].)
+//! inputs, record the stage, submit once, read the outputs back. Activations travel as f32
+//! (the stage-level host API is f32); each call uses a fresh [`Scratch`] pool. (A layer
+//! forward instead keeps everything on the device, with one pool for all its forwards.)
 
 use crate::backend::{GateBuffers, PermuteBuffers};
 use crate::config::{Activation, RoutingConfig};
 use crate::cpu::expert_gemm::ExpertWeights;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
+use crate::wgpu::act::Act;
 use crate::wgpu::expert_gemm::GpuExperts;
+use crate::wgpu::scratch::Scratch;
 use crate::wgpu::weights::GpuWeights;
 use crate::wgpu::{
     combine, expert_gemm, gate as gate_stage, permute as permute_stage, router as router_stage,
 };
 use crate::wgpu::{GateGpu, GpuBuffer, PermuteGpu, WgpuDevice};
+
+/// f32 activations as the words the shaders bind.
+fn f32_words(dev: &WgpuDevice, v: &[f32], label: &str) -> Result<GpuBuffer<u32>> {
+    dev.upload(&v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>(), label)
+}
+
+/// f32 activations read back from their words.
+fn read_f32(dev: &WgpuDevice, buf: &GpuBuffer<u32>) -> Result<Vec<f32>> {
+    Ok(dev.read(buf)?.into_iter().map(f32::from_bits).collect())
+}
 
 fn bias_buf(dev: &WgpuDevice, b: Option<&Tensor>, label: &str) -> Result<Option<GpuBuffer<f32>>> {
     b.map(|b| dev.upload(&b.to_f32_vec(), label)).transpose()
@@ -26,13 +39,14 @@ pub fn router(
     bias: Option<&Tensor>,
     logits: &mut [f32],
 ) -> Result<()> {
-    let t = x.shape()[0];
-    let xb = dev.upload(&x.to_f32_vec(), "x")?;
+    let (t, h) = crate::shape::matrix(crate::stage::Stage::Router, "x", x)?;
+    let xb = f32_words(dev, &x.to_f32_vec(), "x")?;
     let wb = GpuWeights::upload(dev, w, None, "router.weight")?;
     let bb = bias_buf(dev, bias, "router.bias")?;
     let out = dev.alloc_poisoned::<f32>(logits.len(), "logits")?;
     let mut enc = dev.encoder();
-    router_stage::encode(dev, &mut enc, &xb, t, &wb, bb.as_ref(), &out)?;
+    let xa = Act::dense(&xb, DType::F32, t, h);
+    router_stage::encode(dev, &mut enc, &Scratch::new(), xa, &wb, bb.as_ref(), &out)?;
     dev.submit_and_wait(enc)?;
     logits.copy_from_slice(&dev.read(&out)?);
     Ok(())
@@ -58,6 +72,7 @@ pub fn gate(
     gate_stage::encode(
         dev,
         &mut enc,
+        &Scratch::new(),
         &lb,
         out.tokens,
         out.experts,
@@ -92,22 +107,23 @@ pub fn permute(
     out: &mut PermuteBuffers,
 ) -> Result<()> {
     let g = upload_gate(dev, gate)?;
-    let xb = dev.upload(&x.to_f32_vec(), "x")?;
+    let xb = f32_words(dev, &x.to_f32_vec(), "x")?;
     let n = out.tokens * out.slots;
     let p = PermuteGpu {
         expert_offsets: dev.alloc_poisoned(out.experts + 1, "expert_offsets")?,
         sorted_assignment: dev.alloc_poisoned(n, "sorted_assignment")?,
         row_of_assignment: dev.alloc_poisoned(n, "row_of_assignment")?,
         x_perm: dev.alloc_poisoned(n * out.hidden, "x_perm")?,
+        dtype: DType::F32,
     };
     let mut enc = dev.encoder();
     permute_stage::encode(
         dev,
         &mut enc,
+        &Scratch::new(),
         &g,
         (out.tokens, out.slots, out.experts),
-        &xb,
-        out.hidden,
+        Act::dense(&xb, DType::F32, out.tokens, out.hidden),
         &p,
     )?;
     dev.submit_and_wait(enc)?;
@@ -117,7 +133,7 @@ pub fn permute(
         .copy_from_slice(&dev.read(&p.sorted_assignment)?);
     out.row_of_assignment
         .copy_from_slice(&dev.read(&p.row_of_assignment)?);
-    out.x_perm.copy_from_slice(&dev.read(&p.x_perm)?);
+    out.x_perm.copy_from_slice(&read_f32(dev, &p.x_perm)?);
     Ok(())
 }
 
@@ -133,13 +149,22 @@ pub fn expert_gemm(
     let experts = GpuExperts::upload(dev, w, act)?;
     let h = experts.dims.hidden;
     let rows = x_rows.len().checked_div(h).unwrap_or(0);
-    let xb = dev.upload(x_rows, "x_rows")?;
+    let xb = f32_words(dev, x_rows, "x_rows")?;
     let ob = dev.upload(offsets, "expert_offsets")?;
-    let yb = dev.alloc_poisoned::<f32>(y.len(), "y_rows")?;
+    let yb = dev.alloc_poisoned::<u32>(y.len(), "y_rows")?;
     let mut enc = dev.encoder();
-    expert_gemm::encode(dev, &mut enc, &xb, rows, &ob, &experts, act, &yb)?;
+    expert_gemm::encode(
+        dev,
+        &mut enc,
+        &Scratch::new(),
+        Act::dense(&xb, DType::F32, rows, h),
+        &ob,
+        &experts,
+        act,
+        Act::dense(&yb, DType::F32, y.len().checked_div(h).unwrap_or(0), h),
+    )?;
     dev.submit_and_wait(enc)?;
-    y.copy_from_slice(&dev.read(&yb)?);
+    y.copy_from_slice(&read_f32(dev, &yb)?);
     Ok(())
 }
 
@@ -154,28 +179,37 @@ pub fn combine(
     y: &mut [f32],
 ) -> Result<()> {
     let g = upload_gate(dev, gate)?;
-    let yp = dev.upload(y_perm, "y_perm")?;
+    let (t, h) = (gate.tokens, perm.hidden);
+    let yp = f32_words(dev, y_perm, "y_perm")?;
     let rows = dev.upload(&perm.row_of_assignment, "row_of_assignment")?;
-    let sy = shared.map(|(s, _)| dev.upload(s, "shared")).transpose()?;
+    let sy = shared
+        .map(|(s, _)| f32_words(dev, s, "shared"))
+        .transpose()?;
     let sg = shared
         .and_then(|(_, g)| g)
         .map(|g| dev.upload(g, "shared_gate"))
         .transpose()?;
-    let out = dev.alloc_poisoned::<f32>(y.len(), "y")?;
+    let out = dev.alloc_poisoned::<u32>(y.len(), "y")?;
     let mut enc = dev.encoder();
-    let sh = sy.as_ref().map(|s| (s, sg.as_ref()));
+    let f32_act = |b| Act::dense(b, DType::F32, t, h);
+    let sh = sy.as_ref().map(|s| (f32_act(s), sg.as_ref()));
+    let yp_rows = y_perm
+        .len()
+        .checked_div(h)
+        .unwrap_or(gate.tokens * gate.slots);
     combine::encode(
         dev,
         &mut enc,
-        &yp,
+        &Scratch::new(),
+        Act::dense(&yp, DType::F32, yp_rows, h),
         &g,
         &rows,
-        (gate.tokens, gate.slots, perm.hidden),
+        (t, gate.slots, h),
         sh,
         output_scale,
-        &out,
+        f32_act(&out),
     )?;
     dev.submit_and_wait(enc)?;
-    y.copy_from_slice(&dev.read(&out)?);
+    y.copy_from_slice(&read_f32(dev, &out)?);
     Ok(())
 }

@@ -8,6 +8,7 @@
 pub mod act;
 pub mod combine;
 pub mod context;
+pub mod device;
 pub mod expert_gemm;
 pub mod gate;
 pub mod host;
@@ -19,6 +20,9 @@ pub mod scratch;
 pub mod weights;
 
 pub use context::{GpuBuffer, WgpuDevice};
+
+use crate::tensor::DType;
+use act::Act;
 
 /// Stage 1's outputs on the device, `[T, slots]` token-major (counts `[E]`).
 #[derive(Debug)]
@@ -58,26 +62,36 @@ pub struct PermuteGpu {
     pub sorted_assignment: GpuBuffer<u32>,
     /// `[T·slots]`.
     pub row_of_assignment: GpuBuffer<u32>,
-    /// `[T·slots, H]`.
-    pub x_perm: GpuBuffer<f32>,
+    /// `[T·slots, H]` in `dtype` as u32 words, rows padded to [`act::stride`] elements.
+    pub x_perm: GpuBuffer<u32>,
+    /// The activation dtype of `x_perm` (that of the gathered `x`).
+    pub dtype: DType,
 }
 
 impl PermuteGpu {
-    /// Device buffers for `tokens × slots` assignments of width `hidden`.
+    /// Device buffers for `tokens × slots` assignments of width `hidden` in activation dtype
+    /// `dtype`.
     pub fn alloc(
         dev: &WgpuDevice,
         tokens: usize,
         slots: usize,
         experts: usize,
         hidden: usize,
+        dtype: DType,
     ) -> crate::Result<Self> {
-        let n = tokens * slots;
+        let n = tokens.saturating_mul(slots);
         Ok(PermuteGpu {
             expert_offsets: dev.alloc(experts + 1, "expert_offsets")?,
             sorted_assignment: dev.alloc(n, "sorted_assignment")?,
             row_of_assignment: dev.alloc(n, "row_of_assignment")?,
-            x_perm: dev.alloc(n * hidden, "x_perm")?,
+            x_perm: dev.alloc(act::matrix_words(n, hidden, dtype), "x_perm")?,
+            dtype,
         })
+    }
+
+    /// `x_perm` as the activation matrix `[rows, hidden]` (padded rows).
+    pub fn x_perm_act(&self, rows: usize, hidden: usize) -> Act<'_> {
+        Act::padded(&self.x_perm, self.dtype, rows, hidden)
     }
 }
 

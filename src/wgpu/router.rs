@@ -5,9 +5,13 @@
 //! depend on `H` only, never on `T` (batch invariance), and `T = 1` still spreads every dot
 //! product over 64 lanes with coalesced reads instead of one serial loop per (t, e).
 
-use crate::error::Result;
-use crate::wgpu::context::{GpuBuffer, WgpuDevice};
+use crate::error::{Error, Result};
+use crate::shape;
+use crate::stage::Stage;
+use crate::wgpu::act::{self, Act};
+use crate::wgpu::context::{index_u32, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
+use crate::wgpu::scratch::Scratch;
 use crate::wgpu::weights::GpuWeights;
 
 /// Entry points of shaders/router.wgsl.
@@ -33,52 +37,157 @@ struct Params {
     has_bias: u32,
     first_row: u32,
     rows: u32,
-    _pad: [u32; 2],
+    x_stride: u32,
+    _pad: u32,
 }
 
-/// Records `logits [T, E] = x [T, H] · wᵀ (+ bias [E])`, with `w` `[E, H]`.
+/// Records `logits [T, E] = x [T, H] · wᵀ (+ bias [E])`, with `w` `[E, H]` and `T = x.rows`;
+/// `x` in any activation dtype (widened exactly), `logits` f32. `logits` and `bias` may be
+/// larger than needed. Allocates nothing: uniforms and the dummy bias come from `scratch`.
 pub fn encode(
     dev: &WgpuDevice,
     enc: &mut ::wgpu::CommandEncoder,
-    x: &GpuBuffer<f32>,
-    tokens: usize,
+    scratch: &Scratch,
+    x: Act<'_>,
     w: &GpuWeights,
     bias: Option<&GpuBuffer<f32>>,
     logits: &GpuBuffer<f32>,
 ) -> Result<()> {
+    let st = Stage::Router;
+    let tokens = x.rows;
+    let (experts, hidden) = (w.rows, w.cols);
+    if x.cols != hidden {
+        return Err(Error::shape(
+            st,
+            format!("x has {} columns, the weight rows have {hidden}", x.cols),
+        ));
+    }
+    x.check(st, "x", tokens)?;
+    let te = shape::mul(st, "T x E", tokens, experts)?;
+    act::at_least(st, "logits", logits.len, te)?;
+    if let Some(b) = bias {
+        act::at_least(st, "router bias", b.len, experts)?;
+    }
+    let params = |first_row: usize, rows: usize| -> Result<Params> {
+        Ok(Params {
+            tokens: index_u32(st, "T", tokens)?,
+            experts: index_u32(st, "E", experts)?,
+            hidden: index_u32(st, "H", hidden)?,
+            has_bias: u32::from(bias.is_some()),
+            first_row: first_row as u32,
+            rows: rows as u32,
+            x_stride: index_u32(st, "x row stride", x.stride)?,
+            _pad: 0,
+        })
+    };
+    index_u32(st, "T x E", te)?;
+    if tokens == 0 {
+        return Ok(());
+    }
     let pipeline = dev.pipeline(
         Kernel::Router(Entry::Logits),
-        &[("W_DTYPE", w.dtype_code())],
+        &[("W_DTYPE", w.dtype_code()), ("A_DTYPE", act::code(x.dtype))],
     )?;
     let dummy;
     let bias_buf = match bias {
         Some(b) => b,
         None => {
-            dummy = dev.upload(&[0f32], "no bias")?;
+            dummy = scratch.buffer::<f32>(dev, "router no bias", 1)?;
             &dummy
         }
     };
     for c in &w.chunks {
-        let params = dev.uniform(&Params {
-            tokens: tokens as u32,
-            experts: w.rows as u32,
-            hidden: w.cols as u32,
-            has_bias: u32::from(bias.is_some()),
-            first_row: c.first_row as u32,
-            rows: c.rows as u32,
-            _pad: [0; 2],
-        });
+        if c.rows == 0 {
+            continue;
+        }
+        let params = scratch.uniform(dev, "router params", &params(c.first_row, c.rows)?)?;
         let bind = dev.bind(
             &pipeline,
             &[
                 params.as_entire_binding(),
-                x.binding(),
+                x.binding(tokens, 1),
                 c.words.binding(),
                 bias_buf.binding(),
-                logits.binding(),
+                act::range_binding(logits, te),
             ],
         );
         dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, 1)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! x in f16 / bf16 (odd H, dense rows straddling words), buffers larger than the forward
+    //! and one scratch pool reused across forwards of T = 37, 7, 1.
+
+    use super::*;
+    use crate::cpu::router::router_logits;
+    use crate::synth::Gen;
+    use crate::tensor::{DType, Tensor};
+    use crate::wgpu::act::test_util::{self, rel_l2};
+
+    #[test]
+    fn half_activations_match_the_reference() {
+        let Some(dev) = crate::wgpu::context::test_device("router") else {
+            return;
+        };
+        let mut g = Gen::new(21);
+        let (e, h, max_t) = (13, 97, 37);
+        for dtype in [DType::F16, DType::BF16] {
+            for wdt in DType::ALL {
+                let w = g.tensor(&[e, h], 0.2).cast(wdt);
+                let bias = g.tensor(&[e], 0.1);
+                let gw = GpuWeights::upload(&dev, &w, None, "router.weight").unwrap();
+                let bb = dev.upload(&bias.to_f32_vec(), "bias").unwrap();
+                let pool = Scratch::new();
+                let xb_cap = act::words(max_t * h, dtype);
+                let logits = dev.alloc::<f32>(max_t * e + 5, "logits").unwrap();
+                for t in [max_t, 7, 1] {
+                    let x = Tensor::from_f32(vec![t, h], g.uniform(t * h, 1.0))
+                        .unwrap()
+                        .cast(dtype);
+                    let xv = x.to_f32_vec();
+                    let want = router_logits(&x, &w, Some(&bias)).unwrap();
+                    let xb = test_util::upload(&dev, &xv, (t, h, h), dtype, xb_cap);
+                    test_util::poison(&dev, &logits);
+                    pool.begin().unwrap();
+                    let mut enc = dev.encoder();
+                    let xa = Act::dense(&xb, dtype, t, h);
+                    encode(&dev, &mut enc, &pool, xa, &gw, Some(&bb), &logits).unwrap();
+                    dev.submit_and_wait(enc).unwrap();
+                    let got = dev.read(&logits).unwrap();
+                    // Logits are f32 from exactly widened inputs: the f32 tolerance applies.
+                    let err = rel_l2(&got[..t * e], &want);
+                    assert!(
+                        err <= 2e-5,
+                        "{dtype} x, {wdt} weights, T {t}: rel L2 {err:e}"
+                    );
+                    assert!(got[t * e..].iter().all(|v| v.is_nan()), "wrote past T x E");
+                }
+            }
+            println!("router with {dtype} activations: within f32 tolerance");
+        }
+    }
+
+    #[test]
+    fn short_buffers_are_refused() {
+        let Some(dev) = crate::wgpu::context::test_device("router") else {
+            return;
+        };
+        let w = Gen::new(22).tensor(&[3, 5], 0.2);
+        let gw = GpuWeights::upload(&dev, &w, None, "router.weight").unwrap();
+        let xb = dev.alloc::<u32>(7, "x").unwrap();
+        let logits = dev.alloc::<f32>(6, "logits").unwrap();
+        let pool = Scratch::new();
+        let mut enc = dev.encoder();
+        for (x, n) in [
+            (Act::dense(&xb, DType::F32, 2, 5), 6), // x needs 10 words
+            (Act::dense(&xb, DType::F16, 3, 5), 6), // logits need 9
+            (Act::dense(&xb, DType::F16, 2, 4), 6), // H differs from the weights'
+        ] {
+            let err = encode(&dev, &mut enc, &pool, x, &gw, None, &logits).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{n}: {err:?}");
+        }
+    }
 }
