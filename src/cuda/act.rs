@@ -6,8 +6,10 @@
 //! Layout: dense row-major `[rows, cols]`, `cols · size` bytes per row (no padding: a CUDA
 //! thread can store 2 bytes).
 
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 
+use crate::error::{Error, Result};
+use crate::stage::Stage;
 use crate::tensor::DType;
 
 /// A read-only activation matrix: `bytes` holds at least `elems · dtype.size()` bytes.
@@ -24,16 +26,146 @@ pub struct ActViewMut<'a> {
     pub dtype: DType,
 }
 
-impl ActView<'_> {
+impl<'a> ActView<'a> {
+    /// An f32 matrix held in a typed buffer, viewed as its bytes.
+    pub fn of_f32(s: &'a CudaSlice<f32>) -> Result<Self> {
+        // SAFETY: every f32 bit pattern is a valid sequence of u8, and the byte view covers
+        // exactly the slice's 4 · len bytes (transmute checks that it fits).
+        let bytes = unsafe { s.transmute::<u8>(s.len() * 4) }
+            .ok_or_else(|| crate::cuda::context::cuda_err("an f32 buffer's byte view"))?;
+        Ok(ActView {
+            bytes,
+            dtype: DType::F32,
+        })
+    }
+
     /// Elements of `dtype` the view holds.
     pub fn elems(&self) -> usize {
         self.bytes.len() / self.dtype.size()
+    }
+
+    /// Dtype, length and device address, for the launchers' checks.
+    pub(crate) fn meta(&self, stream: &CudaStream) -> ActMeta {
+        ActMeta {
+            dtype: self.dtype,
+            bytes: self.bytes.len(),
+            addr: self.bytes.device_ptr(stream).0,
+        }
     }
 }
 
-impl ActViewMut<'_> {
+impl<'a> ActViewMut<'a> {
+    /// A writable f32 matrix held in a typed buffer, viewed as its bytes.
+    pub fn of_f32(s: &'a mut CudaSlice<f32>) -> Result<Self> {
+        let n = s.len() * 4;
+        // SAFETY: every u8 sequence written through the view is read back as f32 bits, valid
+        // for any pattern; the byte view covers exactly the slice's 4 · len bytes.
+        let bytes = unsafe { s.transmute_mut::<u8>(n) }
+            .ok_or_else(|| crate::cuda::context::cuda_err("an f32 buffer's byte view"))?;
+        Ok(ActViewMut {
+            bytes,
+            dtype: DType::F32,
+        })
+    }
+
     /// Elements of `dtype` the view holds.
     pub fn elems(&self) -> usize {
         self.bytes.len() / self.dtype.size()
     }
+
+    /// Dtype, length and device address, for the launchers' checks.
+    pub(crate) fn meta(&self, stream: &CudaStream) -> ActMeta {
+        ActMeta {
+            dtype: self.dtype,
+            bytes: self.bytes.len(),
+            addr: self.bytes.device_ptr(stream).0,
+        }
+    }
+}
+
+/// What a launcher checks of an activation operand before it launches.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActMeta {
+    pub dtype: DType,
+    /// Bytes the view holds.
+    pub bytes: usize,
+    /// Device address of its first byte.
+    pub addr: u64,
+}
+
+impl ActMeta {
+    /// An error unless the operand `what` of `stage` is `want`, holds at least `elems`
+    /// elements and starts at a multiple of its element size. Views may be larger than
+    /// needed (a workspace sized for the largest batch).
+    pub(crate) fn check(&self, stage: Stage, what: &str, want: DType, elems: usize) -> Result<()> {
+        if self.dtype != want {
+            return Err(Error::shape(
+                stage,
+                format!("{what} is {} but this launch needs {want}", self.dtype),
+            ));
+        }
+        let need = elems
+            .checked_mul(want.size())
+            .ok_or_else(|| Error::shape(stage, format!("{what}: size overflows")))?;
+        if self.bytes < need {
+            return Err(Error::shape(
+                stage,
+                format!(
+                    "{what} holds {} bytes, needs {need} ({elems} {want} elements)",
+                    self.bytes
+                ),
+            ));
+        }
+        if self.addr % want.size() as u64 != 0 {
+            return Err(Error::shape(
+                stage,
+                format!(
+                    "{what} starts at device address {:#x}, not a multiple of its {}-byte elements",
+                    self.addr,
+                    want.size()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the operand starts at a multiple of `align` bytes (vector accesses).
+    pub(crate) fn aligned(&self, align: u64) -> bool {
+        self.addr % align == 0
+    }
+}
+
+/// A tensor's elements as little-endian bytes in its own dtype (what an activation buffer of
+/// that dtype holds).
+pub fn tensor_bytes(t: &crate::tensor::Tensor) -> Vec<u8> {
+    use crate::tensor::TensorData;
+    match t.data() {
+        TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
+        TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
+        TensorData::BF16(v) => bytemuck::cast_slice(v).to_vec(),
+    }
+}
+
+/// Little-endian elements of `dtype`, widened to f64 (exact); a trailing partial element is
+/// ignored.
+pub fn bytes_to_f64(bytes: &[u8], dtype: DType) -> Vec<f64> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+    }
+}
+
+/// Device address of a typed buffer's first element (for alignment checks).
+pub(crate) fn slice_addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
 }

@@ -1,24 +1,33 @@
 //! Stage 3 on CUDA (kernels/expert_gemm.ptx): the grouped expert FFN as two launches of one
-//! kernel, `expert_gemm_<wt>`: GEMM 1 (`x_rows · W{g,u}ᵀ + b`, activation in the epilogue)
-//! writes `h` `[rows, F]` f32 to a scratch buffer, GEMM 2 (`h · Wdᵀ + bd`) writes `y`.
+//! kernel: GEMM 1 (`x_rows · W{g,u}ᵀ + b`, activation in the epilogue) writes `h` `[rows, F]`
+//! to a caller-provided scratch buffer, GEMM 2 (`h · Wdᵀ + bd`) writes `y`. `x_rows`, `h` and
+//! `y` are in the activation dtype (f32, f16 or bf16); accumulation is f32 and every stored
+//! element is rounded to the activation dtype once (nearest even).
 //!
-//! Variants, all rendered from the one template: `expert_gemm.f32` (f32 weights, FFMA) and
-//! `expert_gemm.bf16` / `expert_gemm.f16` (tensor cores, `mma.sync.m16n8k16` with f32
-//! accumulation; the f32 activations are rounded to the weight type as they are staged in
-//! shared memory). The template keeps the lines of its `//@begin ffma` / `//@begin mma`
-//! sections (closed by `//@end`) for the variant that uses them, then fills the `${NAME}`
-//! placeholders. Expert offsets stay on the device: the grid comes from the static bound
-//! `floor(rows / 128) + E` row tiles and surplus blocks exit.
+//! Variants, all rendered from the one template, one per (weight dtype W, activation dtype A):
+//! - A = f32: `expert_gemm.f32` (FFMA), `expert_gemm.bf16` / `expert_gemm.f16` (tensor cores,
+//!   `mma.sync.m16n8k16`, f32 accumulation; activations rounded to W as they are staged in
+//!   shared memory);
+//! - A = f16 / bf16: `expert_gemm.<W>.a<A>`: with A = W the activations go global → shared by
+//!   `cp.async` exactly like the weights (no conversion in the main loop); with A ≠ W (both
+//!   16-bit) they are widened and rounded to W on the way to shared memory; with W = f32 the
+//!   FFMA kernel widens them to f32.
+//!
+//! The template keeps the lines of its `//@begin TAG` sections for the variants that carry the
+//! tag (see [`Variant::tags`]), then fills the `${NAME}` placeholders. Expert offsets stay on
+//! the device: the grid comes from the static bound `floor(rows / 128) + E` row tiles and
+//! surplus blocks exit.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use crate::backend::BackendKind;
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
+use crate::cuda::act::{ActMeta, ActView, ActViewMut};
 use crate::cuda::context::drv;
 use crate::cuda::context::to_u32;
-use crate::cuda::ptx::{self, PtxModule};
+use crate::cuda::ptx::PtxModule;
 use crate::cuda::{CudaDevice, CudaWeights};
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
@@ -43,70 +52,202 @@ fn mma_smem_bytes() -> usize {
     (STAGES * STAGE_BYTES).max(EPILOGUE_BYTES)
 }
 
-/// The module variant, kernel entry and template section for a weight dtype.
-fn variant(dtype: DType) -> (&'static str, &'static str, &'static str) {
-    match dtype {
-        DType::F32 => ("expert_gemm.f32", "expert_gemm_f32", "ffma"),
-        DType::BF16 => ("expert_gemm.bf16", "expert_gemm_bf16", "mma"),
-        DType::F16 => ("expert_gemm.f16", "expert_gemm_f16", "mma"),
+/// One module variant: weight dtype `w`, activation dtype `a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Variant {
+    pub w: DType,
+    pub a: DType,
+}
+
+/// Every variant, the f32-activation ones first (their modules predate 16-bit activations).
+const VARIANTS: [Variant; 9] = [
+    Variant {
+        w: DType::F32,
+        a: DType::F32,
+    },
+    Variant {
+        w: DType::BF16,
+        a: DType::F32,
+    },
+    Variant {
+        w: DType::F16,
+        a: DType::F32,
+    },
+    Variant {
+        w: DType::F32,
+        a: DType::F16,
+    },
+    Variant {
+        w: DType::F32,
+        a: DType::BF16,
+    },
+    Variant {
+        w: DType::BF16,
+        a: DType::BF16,
+    },
+    Variant {
+        w: DType::F16,
+        a: DType::F16,
+    },
+    Variant {
+        w: DType::BF16,
+        a: DType::F16,
+    },
+    Variant {
+        w: DType::F16,
+        a: DType::BF16,
+    },
+];
+
+impl Variant {
+    /// Module variant name: `expert_gemm.<w>` (f32 activations) or `expert_gemm.<w>.a<a>`.
+    pub(crate) fn name(self) -> String {
+        match self.a {
+            DType::F32 => format!("expert_gemm.{}", self.w.name()),
+            a => format!("expert_gemm.{}.a{}", self.w.name(), a.name()),
+        }
+    }
+
+    /// Kernel entry: `expert_gemm_<w>` or `expert_gemm_<w>_a<a>`.
+    pub(crate) fn entry(self) -> String {
+        format!("expert_gemm_{}{}", self.w.name(), self.suffix())
+    }
+
+    fn suffix(self) -> String {
+        match self.a {
+            DType::F32 => String::new(),
+            a => format!("_a{}", a.name()),
+        }
+    }
+
+    /// Tensor cores (16-bit weights) rather than FFMA.
+    pub(crate) fn mma(self) -> bool {
+        self.w != DType::F32
+    }
+
+    /// The template sections this variant keeps (see the header of kernels/expert_gemm.ptx).
+    pub(crate) fn tags(self) -> Vec<&'static str> {
+        let mut t = vec![if self.mma() { "mma" } else { "ffma" }];
+        if self.a == DType::F32 {
+            t.push("a32");
+        } else {
+            t.push("a16");
+            if self.mma() {
+                t.push(if self.a == self.w { "acp" } else { "awide" });
+            }
+        }
+        t
+    }
+
+    /// Blocks per SM the kernel is compiled for (`.minnctapersm`): 2 (at most 128 registers)
+    /// except for the FFMA kernel with 16-bit activations, which spills at 128 registers and
+    /// is compiled for one block per SM instead.
+    pub(crate) fn min_ctas(self) -> u32 {
+        if !self.mma() && self.a != DType::F32 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Dynamic shared memory of a launch.
+    fn smem(self) -> usize {
+        if self.mma() {
+            mma_smem_bytes()
+        } else {
+            0
+        }
     }
 }
 
-/// The template's lines outside any `//@begin NAME` … `//@end` section, plus those inside
-/// sections named `keep`. The marker lines themselves are dropped.
-fn select_sections(template: &str, keep: &str) -> Result<String> {
-    let st = Stage::ExpertGemm;
-    let mut out = String::with_capacity(template.len());
-    let mut section: Option<&str> = None;
-    for line in template.lines() {
-        let t = line.trim();
-        if let Some(name) = t.strip_prefix("//@begin ") {
-            if section.is_some() {
-                return Err(Error::shape(st, "nested //@begin in the PTX template"));
-            }
-            section = Some(name.trim());
-        } else if t == "//@end" {
-            if section.take().is_none() {
-                return Err(Error::shape(
-                    st,
-                    "//@end without //@begin in the PTX template",
-                ));
-            }
-        } else if section.is_none_or(|s| s == keep) {
-            out.push_str(line);
-            out.push('\n');
+/// The 16-bit elements of the packed word `word` widened to f32 into `lo` and `hi`
+/// (`tmp16` two b16 temporaries, `tmp32` one b32 temporary).
+fn widen_pair(
+    a: DType,
+    word: &str,
+    lo: &str,
+    hi: &str,
+    tmp16: (&str, &str),
+    tmp32: &str,
+) -> Vec<String> {
+    match a {
+        DType::F16 => vec![
+            format!("mov.b32         {{{}, {}}}, {word};", tmp16.0, tmp16.1),
+            format!("cvt.f32.f16     {lo}, {};", tmp16.0),
+            format!("cvt.f32.f16     {hi}, {};", tmp16.1),
+        ],
+        _ => vec![
+            format!("shl.b32         {tmp32}, {word}, 16;"),
+            format!("mov.b32         {lo}, {tmp32};"),
+            format!("and.b32         {tmp32}, {word}, 0xFFFF0000;"),
+            format!("mov.b32         {hi}, {tmp32};"),
+        ],
+    }
+}
+
+/// FF_WIDEN: the ffma variant's 4 A elements (r_xa0, r_xa1) widened into f_la0..3.
+fn ff_widen(a: DType) -> String {
+    let mut v = widen_pair(a, "r_xa0", "f_la0", "f_la1", ("h_xa0", "h_xa1"), "r_t1");
+    v.extend(widen_pair(
+        a,
+        "r_xa1",
+        "f_la2",
+        "f_la3",
+        ("h_xa2", "h_xa3"),
+        "r_t1",
+    ));
+    v.join("\n    ")
+}
+
+/// AW_CONVERT: the awide variant's next A tile (r_xw0..7, rows lrow and lrow + 64) widened,
+/// rounded to `w` pairs and stored to its stage at r_t0 and r_t0 + 4096.
+fn aw_convert(a: DType, w: DType) -> String {
+    let mut v = Vec::new();
+    for i in 0..8 {
+        v.extend(widen_pair(
+            a,
+            &format!("r_xw{i}"),
+            "f_t0",
+            "f_t1",
+            ("h_a0", "h_a1"),
+            "r_t1",
+        ));
+        v.push(format!(
+            "cvt.rn.{}x2.f32 r_pk{}, f_t1, f_t0;",
+            w.name(),
+            i % 4
+        ));
+        if i % 4 == 3 {
+            let off = if i == 3 { "" } else { "+4096" };
+            v.push(format!(
+                "st.shared.v4.b32 [r_t0{off}], {{r_pk0, r_pk1, r_pk2, r_pk3}};"
+            ));
         }
     }
-    if section.is_some() {
-        return Err(Error::shape(
-            st,
-            "unterminated //@begin in the PTX template",
-        ));
-    }
-    Ok(out)
+    v.join("\n    ")
 }
 
 /// Every module variant of this stage.
 pub fn modules() -> Result<Vec<PtxModule>> {
-    let stage = Stage::ExpertGemm;
-    [DType::F32, DType::BF16, DType::F16]
-        .into_iter()
-        .map(|dtype| {
-            let (name, _, section) = variant(dtype);
-            let text = select_sections(ptx::template(stage), section)?;
+    VARIANTS
+        .iter()
+        .map(|&v| {
             let subs = [
-                ("VARIANT", name.to_string()),
-                ("WT", dtype.name().to_string()),
+                ("VARIANT", v.name()),
+                ("WT", v.w.name().to_string()),
+                ("ASUF", v.suffix()),
+                ("AT", v.a.name().to_string()),
+                ("A_SIZE", v.a.size().to_string()),
+                ("A_SHIFT", v.a.size().trailing_zeros().to_string()),
                 ("STAGES", STAGES.to_string()),
                 ("STAGES_M1", (STAGES - 1).to_string()),
                 ("WAIT_PENDING", (STAGES - 2).to_string()),
                 ("SMEM_BYTES", mma_smem_bytes().to_string()),
+                ("MIN_CTAS", v.min_ctas().to_string()),
+                ("FF_WIDEN", ff_widen(v.a)),
+                ("AW_CONVERT", aw_convert(v.a, v.w)),
             ];
-            Ok(PtxModule {
-                stage,
-                variant: name.to_string(),
-                source: ptx::render(stage, &text, &subs)?,
-            })
+            PtxModule::specialise(Stage::ExpertGemm, v.name(), &v.tags(), &subs)
         })
         .collect()
 }
@@ -192,9 +333,8 @@ fn act_code(act: Activation) -> (u32, f32, f32) {
     }
 }
 
-/// One launch of `expert_gemm_<wt>`: `out [rows, n] = act(a [rows, k] · w{0,1}ᵀ + b{0,1})`.
+/// One launch of the kernel: `out [rows, n] = act(a [rows, k] · w{0,1}ᵀ + b{0,1})`.
 struct Gemm<'a> {
-    a: &'a CudaSlice<f32>,
     w0: &'a CudaWeights,
     w1: &'a CudaWeights,
     b0: &'a CudaSlice<f32>,
@@ -206,13 +346,16 @@ struct Gemm<'a> {
     limit: f32,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_gemm(
     dev: &CudaDevice,
     w: &CudaExperts,
+    v: Variant,
     g: Gemm<'_>,
     rows: usize,
     offsets: &CudaSlice<u32>,
-    out: &mut CudaSlice<f32>,
+    a: &CudaView<'_, u8>,
+    out: &mut CudaViewMut<'_, u8>,
 ) -> Result<()> {
     if g.n == 0 || rows == 0 {
         return Ok(());
@@ -227,13 +370,9 @@ fn run_gemm(
         blocks,
         i32::MAX as u64,
     )?;
-    let (name, entry, _) = variant(w.dtype);
-    let func = dev.function(Stage::ExpertGemm, name, entry)?;
-    let smem = if w.dtype == DType::F32 {
-        0
-    } else {
-        mma_smem_bytes()
-    };
+    let entry = v.entry();
+    let func = dev.function(Stage::ExpertGemm, &v.name(), &entry)?;
+    let smem = v.smem();
     if smem > DEFAULT_SMEM_LIMIT {
         drv(
             func.set_attribute(
@@ -254,7 +393,7 @@ fn run_gemm(
     let k_u = to_u32(Stage::ExpertGemm, "K", g.k, u32::MAX as usize)?;
     let (code, alpha, limit) = (g.code, g.alpha, g.limit);
     let mut b = dev.stream.launch_builder(&func);
-    b.arg(g.a)
+    b.arg(a)
         .arg(offsets)
         .arg(&g.w0.bytes)
         .arg(&g.w1.bytes)
@@ -268,30 +407,54 @@ fn run_gemm(
         .arg(&code)
         .arg(&alpha)
         .arg(&limit);
-    // SAFETY: matches the KERNEL header of kernels/expert_gemm.ptx (`expert_gemm_<wt>`: a,
-    // offsets, w0, w1, b0, b1, out, rows, experts, n, k, act, alpha, limit). `launch` checked
-    // a >= rows*k and out >= rows*n f32 elements and offsets >= E+1; w0/w1 hold [E, n, k]
-    // elements of the variant's dtype and b0/b1 [E, n] f32 (CudaExperts::upload). The kernel
-    // clips every row to min(offsets[e+1], rows) and every column/k to n/k, so it stays in
-    // bounds for any offset values; LAUNCH: grid = (floor(rows/128) + E) * ceil(n/BNO)
-    // blocks of 256 threads, dynamic shared memory 0 (f32) or mma_smem_bytes() (raised above).
+    // SAFETY: matches the KERNEL header of kernels/expert_gemm.ptx (`expert_gemm_<w>[_a<a>]`
+    // of the variant: a, offsets, w0, w1, b0, b1, out, rows, experts, n, k, act, alpha, limit).
+    // `launch` checked that a holds >= rows*k and out >= rows*n elements of the activation
+    // dtype (element-aligned; 16-byte aligned where the f32-activation variants' vector loads
+    // need it) and offsets >= E+1; w0/w1 hold [E, n, k] elements of the variant's weight
+    // dtype and b0/b1 [E, n] f32 (CudaExperts::upload). The kernel clips every row to
+    // min(offsets[e+1], rows) and every column/k to n/k, so it stays in bounds for any offset
+    // values; LAUNCH: grid = (floor(rows/128) + E) * ceil(n/BNO) blocks of 256 threads,
+    // dynamic shared memory 0 (ffma) or mma_smem_bytes() (raised above).
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(|e| crate::cuda::context::cuda_err(format!("launching {entry}: {e:?}")))
 }
 
-/// Launches `y [rows, H]` = the expert FFN of `x_rows [rows, H]`; rows of expert e are
+/// An error unless the f32-activation variant `v` may read `a` with its vector loads: they
+/// run when `k % 4 == 0` (FFMA) or `k % 8 == 0` (tensor cores) and need a 16-byte aligned
+/// base (the 16-bit-activation variants check this on the device and fall back to element
+/// loads).
+fn check_f32_vector_base(v: Variant, what: &str, a: &ActMeta, k: usize) -> Result<()> {
+    let vector = if v.mma() { k % 8 == 0 } else { k % 4 == 0 };
+    if v.a == DType::F32 && vector && !a.aligned(16) {
+        return Err(Error::shape(
+            Stage::ExpertGemm,
+            format!(
+                "{what} (f32, rows of {k} elements) starts at {:#x}: the f32-activation kernels \
+                 need a 16-byte aligned base for their 16-byte loads",
+                a.addr
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Launches `y [rows, H]` = the expert FFN of `a [rows, H]`; rows of expert e are
 /// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device, never read by the host).
-/// Rows from `offsets[E]` on are not written. Allocates the intermediate `h [rows, F]` f32.
+/// Rows from `offsets[E]` on are not written. `h` is the caller's scratch for the
+/// intermediate `[rows, F]`; `a`, `h` and `y` share one activation dtype (f32, f16 or bf16)
+/// and may be larger than `rows` rows. Nothing is allocated.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     dev: &CudaDevice,
-    x_rows: &CudaSlice<f32>,
+    a: &ActView<'_>,
     rows: usize,
     offsets: &CudaSlice<u32>,
     w: &CudaExperts,
     act: Activation,
-    y: &mut CudaSlice<f32>,
+    h: &mut ActViewMut<'_>,
+    y: &mut ActViewMut<'_>,
 ) -> Result<()> {
     let st = Stage::ExpertGemm;
     let d = w.dims;
@@ -304,23 +467,22 @@ pub fn launch(
             ),
         ));
     }
-    if rows == 0 || d.hidden == 0 || d.experts == 0 {
-        return Ok(());
-    }
     let elems = rows
         .checked_mul(d.hidden)
         .ok_or_else(|| Error::shape(st, "rows x H overflows"))?;
     let h_elems = rows
         .checked_mul(d.ffn)
         .ok_or_else(|| Error::shape(st, "rows x F overflows"))?;
-    for (what, len) in [("x_rows", x_rows.len()), ("y", y.len())] {
-        if len < elems {
-            return Err(Error::shape(
-                st,
-                format!("{what} holds {len} elements, fewer than rows x H = {elems}"),
-            ));
-        }
-    }
+    let dtype = a.dtype;
+    let v = Variant {
+        w: w.dtype,
+        a: dtype,
+    };
+    let a_meta = a.meta(&dev.stream);
+    let h_meta = h.meta(&dev.stream);
+    a_meta.check(st, "x_rows", dtype, elems)?;
+    h_meta.check(st, "h (scratch)", dtype, h_elems)?;
+    y.meta(&dev.stream).check(st, "y", dtype, elems)?;
     if offsets.len() < d.experts + 1 {
         return Err(Error::shape(
             st,
@@ -331,14 +493,19 @@ pub fn launch(
             ),
         ));
     }
+    if rows == 0 || d.hidden == 0 || d.experts == 0 {
+        return Ok(());
+    }
+    check_f32_vector_base(v, "x_rows", &a_meta, d.hidden)?;
+    if d.ffn > 0 {
+        check_f32_vector_base(v, "h", &h_meta, d.ffn)?;
+    }
     let (code, alpha, limit) = act_code(act);
-    let mut h: CudaSlice<f32> = dev.alloc(h_elems)?;
     let (w0, b0) = match &w.gate {
         Some(g) => (g, &w.gate_bias),
         None => (&w.up, &w.up_bias),
     };
     let gemm1 = Gemm {
-        a: x_rows,
         w0,
         w1: &w.up,
         b0,
@@ -349,9 +516,8 @@ pub fn launch(
         alpha,
         limit,
     };
-    run_gemm(dev, w, gemm1, rows, offsets, &mut h)?;
+    run_gemm(dev, w, v, gemm1, rows, offsets, &a.bytes, &mut h.bytes)?;
     let gemm2 = Gemm {
-        a: &h,
         w0: &w.down,
         w1: &w.down,
         b0: &w.down_bias,
@@ -362,55 +528,151 @@ pub fn launch(
         alpha: 0.0,
         limit: 0.0,
     };
-    run_gemm(dev, w, gemm2, rows, offsets, y)
+    let h_in = h.bytes.slice(..);
+    run_gemm(dev, w, v, gemm2, rows, offsets, &h_in, &mut y.bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sections_select_one_variant() {
-        let t = "a\n//@begin ffma\nb\n//@end\n//@begin mma\nc\n//@end\nd\n";
-        assert_eq!(select_sections(t, "ffma").unwrap(), "a\nb\nd\n");
-        assert_eq!(select_sections(t, "mma").unwrap(), "a\nc\nd\n");
-        assert!(select_sections("//@begin x\n", "x").is_err());
-        assert!(select_sections("//@end\n", "x").is_err());
+    /// The text of the mma main loop (MM_LOOP up to the final wait) or the ffma one.
+    fn main_loop(src: &str) -> &str {
+        let (start, end) = if src.contains("MM_LOOP:") {
+            ("MM_LOOP:", "cp.async.wait_group 0;")
+        } else {
+            ("FF_LOOP:", "@p_t bra        FF_LOOP;")
+        };
+        let i = src.find(start).unwrap();
+        let j = i + src[i..].find(end).unwrap();
+        &src[i..j]
     }
 
     #[test]
     fn every_variant_renders_ascii_without_markers() {
         let m = modules().unwrap();
-        assert_eq!(m.len(), 3);
-        for v in &m {
-            assert!(v.source.is_ascii(), "{}", v.variant);
+        assert_eq!(m.len(), VARIANTS.len());
+        for (v, module) in VARIANTS.iter().zip(&m) {
+            assert_eq!(module.variant, v.name());
+            let src = &module.source;
+            assert!(src.is_ascii(), "{}", module.variant);
             let marker = |l: &str| l.trim().starts_with("//@begin") || l.trim() == "//@end";
             assert!(
-                !v.source.lines().any(marker) && !v.source.contains("${"),
+                !src.lines().any(marker) && !src.contains("${"),
                 "{}",
-                v.variant
+                module.variant
             );
-            let entry = format!(".entry {}(", variant_entry(&v.variant));
-            assert!(v.source.contains(&entry), "{} lacks {entry}", v.variant);
+            let entry = format!(".entry {}(", v.entry());
+            assert!(src.contains(&entry), "{} lacks {entry}", module.variant);
+            let body = main_loop(src);
+            if v.mma() {
+                let w = v.w.name();
+                let mma = format!("mma.sync.aligned.m16n8k16.row.col.f32.{w}.{w}.f32");
+                assert_eq!(body.matches(&mma).count(), 16, "{}", module.variant);
+            } else {
+                assert!(body.contains("fma.rn.f32      f_acc63, f_a7, f_b7, f_acc63;"));
+                assert!(!src.contains("cp.async.cg.shared"), "{}", module.variant);
+            }
+            let cp = body.matches("cp.async.cg.shared.global [").count();
+            match (v.mma(), v.a) {
+                (false, DType::F32) => {
+                    assert!(body.contains("ld.global.nc.v4.f32 {f_la0, f_la1, f_la2, f_la3}"));
+                }
+                (false, a) => {
+                    // 8-byte loads of 4 activations, widened to f32 at the shared store.
+                    assert!(body.contains("@p_u ld.global.nc.v2.b32 {r_xa0, r_xa1}, [d_pa];"));
+                    assert!(body.contains("@p_u ld.global.nc.b16 h_xa3, [d_pa+6];"));
+                    let widen = match a {
+                        DType::F16 => "cvt.f32.f16     f_la3, h_xa3;",
+                        _ => "and.b32         r_t1, r_xa1, 0xFFFF0000;",
+                    };
+                    assert!(body.contains(widen), "{}", module.variant);
+                    assert!(body.contains("ld.global.nc.v4.f32 {f_lb0, f_lb1, f_lb2, f_lb3}"));
+                }
+                (true, DType::F32) => {
+                    assert_eq!(cp, 2, "{}", module.variant);
+                    assert!(body.contains("ld.global.nc.v4.f32 {f_st0, f_st1, f_st2, f_st3}"));
+                    let w = v.w.name();
+                    assert!(body.contains(&format!("cvt.rn.{w}x2.f32 r_pk0, f_st1, f_st0;")));
+                }
+                (true, a) if a == v.w => {
+                    // A straight to shared memory: two cp.async for A, two for B, and no
+                    // conversion of any kind in the main loop.
+                    assert_eq!(cp, 4, "{}", module.variant);
+                    assert!(
+                        body.contains("cp.async.cg.shared.global [r_pad+4096], [d_src], 16, r_sz;")
+                    );
+                    assert!(!body.contains("cvt."), "{}", module.variant);
+                    assert!(!src.contains(".reg .f32   f_st<16>;"), "{}", module.variant);
+                }
+                (true, a) => {
+                    assert_eq!(cp, 2, "{}", module.variant);
+                    assert!(body.contains(
+                        "@p_u ld.global.nc.v4.b32 {r_xw4, r_xw5, r_xw6, r_xw7}, [d_pa1];"
+                    ));
+                    let w = v.w.name();
+                    assert!(body.contains(&format!("cvt.rn.{w}x2.f32 r_pk3, f_t1, f_t0;")));
+                    let widen = match a {
+                        DType::F16 => "cvt.f32.f16     f_t1, h_a1;",
+                        _ => "and.b32         r_t1, r_xw7, 0xFFFF0000;",
+                    };
+                    assert!(body.contains(widen), "{}", module.variant);
+                }
+            }
+            // Epilogue: f32 stores, or one rounding to the activation dtype.
+            if v.a == DType::F32 {
+                assert!(src.contains("st.global.f32   [d_t], f_h;"));
+                assert!(!src.contains("h_o"));
+            } else {
+                let cvt = format!("cvt.rn.{}.f32 h_o, f_h;", v.a.name());
+                assert!(src.contains(&cvt), "{}", module.variant);
+                assert!(src.contains("st.global.b16   [d_t], h_o;"));
+                assert!(!src.contains("st.global.f32"), "{}", module.variant);
+            }
         }
-        assert!(
-            m[0].source.contains("fma.rn.f32")
-                && !m[0].source.contains("cp.async.cg.shared.global [")
-        );
-        assert!(m[1]
-            .source
-            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
-        assert!(m[2]
-            .source
-            .contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
     }
 
-    fn variant_entry(name: &str) -> &'static str {
-        [DType::F32, DType::BF16, DType::F16]
-            .into_iter()
-            .map(variant)
-            .find(|v| v.0 == name)
-            .unwrap()
-            .1
+    #[test]
+    fn variant_names_entries_and_tags() {
+        let v = Variant {
+            w: DType::BF16,
+            a: DType::BF16,
+        };
+        assert_eq!(
+            (v.name(), v.entry()),
+            (
+                "expert_gemm.bf16.abf16".into(),
+                "expert_gemm_bf16_abf16".into()
+            )
+        );
+        assert_eq!(v.tags(), ["mma", "a16", "acp"]);
+        let v = Variant {
+            w: DType::F16,
+            a: DType::BF16,
+        };
+        assert_eq!(v.tags(), ["mma", "a16", "awide"]);
+        let v = Variant {
+            w: DType::F32,
+            a: DType::F16,
+        };
+        assert_eq!(
+            (v.name(), v.entry()),
+            ("expert_gemm.f32.af16".into(), "expert_gemm_f32_af16".into())
+        );
+        assert_eq!(v.tags(), ["ffma", "a16"]);
+        let v = Variant {
+            w: DType::F16,
+            a: DType::F32,
+        };
+        assert_eq!(
+            (v.name(), v.entry()),
+            ("expert_gemm.f16".into(), "expert_gemm_f16".into())
+        );
+        assert_eq!(v.tags(), ["mma", "a32"]);
+        for w in DType::ALL {
+            for a in DType::ALL {
+                assert!(VARIANTS.contains(&Variant { w, a }), "{w} {a}");
+            }
+        }
     }
 }

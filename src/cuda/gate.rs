@@ -4,7 +4,8 @@
 //! One warp per token does the per-token work (`gate_select`); without capacity that is the
 //! whole gate (plus a memset of `counts`). Capacity and expert-choice routing add batch-wide
 //! passes (`gate_rank`, `gate_cap_count`, `gate_cap_scan`, `gate_finalize`), launched in order
-//! on the device's stream with device scratch buffers: no host synchronisation and no read-back.
+//! on the device's stream with device scratch buffers that the caller allocates once
+//! ([`GateScratchCuda`]): no allocation, no host synchronisation and no read-back in a launch.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -43,7 +44,7 @@ pub fn modules() -> Result<Vec<PtxModule>> {
     [(SHARED_VARIANT, "shared"), (GLOBAL_VARIANT, "global")]
         .into_iter()
         .map(|(variant, space)| {
-            PtxModule::specialise(Stage::Gate, variant, &[("SPACE", space.to_string())])
+            PtxModule::specialise(Stage::Gate, variant, &[], &[("SPACE", space.to_string())])
         })
         .collect()
 }
@@ -68,7 +69,152 @@ fn group_lanes(count: usize, size: usize) -> usize {
     by_count.min(size.next_power_of_two()).max(1)
 }
 
-/// Launches the gate on `logits` `[T, E]` into `out`.
+/// What one gate launch needs, from the batch size, E and the routing config: shared by
+/// [`GateScratchCuda::alloc`] (for the largest batch) and [`launch`] (for the actual one).
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    slots: usize,
+    /// T × slots.
+    n: usize,
+    /// T × E.
+    te: usize,
+    /// Capacity applies (token choice with dropping).
+    capacity: bool,
+    /// Capacity with BPR priority (top-1 score order).
+    bpr: bool,
+    /// Expert-choice routing.
+    expert_choice: bool,
+    /// Bytes of one warp's gate_select buffers.
+    per_warp: usize,
+    /// gate_select's buffers go to global scratch (variant `gate.global`).
+    global: bool,
+    /// Capacity chunks ceil(n / 256).
+    nb: usize,
+}
+
+impl Plan {
+    fn new(tokens: usize, experts: usize, cfg: &RoutingConfig) -> Result<Plan> {
+        cfg.validate(experts)?;
+        let slots = cfg.slots(experts);
+        let n = tokens
+            .checked_mul(slots)
+            .ok_or_else(|| shape_err("T x slots overflows"))?;
+        let te = tokens
+            .checked_mul(experts)
+            .ok_or_else(|| shape_err("T x E overflows"))?;
+        if experts > 1 << 30 {
+            return Err(shape_err(format!("E = {experts} exceeds 2^30")));
+        }
+        if tokens > 1 << 31 {
+            return Err(shape_err(format!("T = {tokens} exceeds 2^31")));
+        }
+        let expert_choice = cfg.expert_choice.is_some();
+        let capacity = !expert_choice && cfg.capacity.is_some();
+        let groups = match cfg.groups {
+            Some(g) if g.keep < g.count => g.count,
+            _ => 0,
+        };
+        let per_warp = (8 * groups + 12 * experts + 7) & !7;
+        Ok(Plan {
+            slots,
+            n,
+            te,
+            capacity,
+            bpr: capacity && cfg.priority == Priority::Top1Score,
+            expert_choice,
+            per_warp,
+            global: SHARED_LIMIT / per_warp == 0,
+            nb: n.div_ceil(CHUNK),
+        })
+    }
+
+    /// Cells of the capacity count table, E × NB.
+    fn cells(&self, experts: usize) -> Result<usize> {
+        experts
+            .checked_mul(self.nb)
+            .ok_or_else(|| shape_err("capacity table size overflows"))
+    }
+
+    /// Bytes of gate_select's global per-warp buffers, T × PW.
+    fn select_bytes(&self, tokens: usize) -> Result<usize> {
+        tokens
+            .checked_mul(self.per_warp)
+            .ok_or_else(|| shape_err("gate scratch size overflows"))
+    }
+}
+
+/// Device scratch of the gate's batch-wide passes, allocated once by the caller (sized for
+/// the largest batch and one routing config) and reused by every launch; only what the
+/// config needs is allocated. Contents need not be preserved between launches.
+#[derive(Debug, Default)]
+pub struct GateScratchCuda {
+    /// BPR capacity: orderable key of each token's top-1 score, `u32 [T]`.
+    top1: Option<CudaSlice<u32>>,
+    /// BPR capacity: token at each priority position and its inverse, `u32 [T]` each.
+    order: Option<CudaSlice<u32>>,
+    prio: Option<CudaSlice<u32>>,
+    /// Capacity: rank of each assignment in its chunk, `u32 [T·S]`.
+    lrank: Option<CudaSlice<u32>>,
+    /// Capacity: per-(expert, chunk) counts, `u32 [E·NB]` (zeroed by each launch).
+    cells: Option<CudaSlice<u32>>,
+    /// Expert choice: keys `u32 [E, T]` and the slot of each (token, expert) `u32 [T, E]`.
+    ec_keys: Option<CudaSlice<u32>>,
+    slot_of: Option<CudaSlice<u32>>,
+    /// gate_select's per-warp buffers in global memory, `[T, PW]` bytes, when one warp's
+    /// buffers do not fit in 48 KiB of shared memory (large E).
+    select: Option<CudaSlice<u8>>,
+}
+
+impl GateScratchCuda {
+    /// Scratch for batches of up to `tokens` tokens over `experts` experts routed by `cfg`
+    /// (an empty struct when the config needs none).
+    pub fn alloc(
+        dev: &CudaDevice,
+        tokens: usize,
+        experts: usize,
+        cfg: &RoutingConfig,
+    ) -> Result<Self> {
+        let p = Plan::new(tokens, experts, cfg)?;
+        let mut s = GateScratchCuda::default();
+        if p.bpr {
+            s.top1 = Some(dev.alloc(tokens)?);
+            s.order = Some(dev.alloc(tokens)?);
+            s.prio = Some(dev.alloc(tokens)?);
+        }
+        if p.capacity {
+            s.lrank = Some(dev.alloc(p.n)?);
+            s.cells = Some(dev.alloc(p.cells(experts)?)?);
+        }
+        if p.expert_choice {
+            s.ec_keys = Some(dev.alloc(p.te)?);
+            s.slot_of = Some(dev.alloc(p.te)?);
+        }
+        if p.global {
+            s.select = Some(dev.alloc(p.select_bytes(tokens)?)?);
+        }
+        Ok(s)
+    }
+}
+
+/// `buf`, checked to hold at least `need` elements; an error naming it when it is missing
+/// (the scratch was allocated for another routing config) or short (for fewer tokens).
+fn need<'a, T>(
+    buf: Option<&'a mut CudaSlice<T>>,
+    what: &str,
+    need: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    let b = buf.ok_or_else(|| {
+        shape_err(format!(
+            "gate scratch has no {what}: allocate GateScratchCuda for this routing config"
+        ))
+    })?;
+    check_len(Stage::Gate, &format!("gate scratch {what}"), b.len(), need)?;
+    Ok(b)
+}
+
+/// Launches the gate on `logits` `[T, E]` into `out`, with the batch-wide passes' buffers in
+/// `scratch` (allocated by [`GateScratchCuda::alloc`] for at least `tokens` tokens, `experts`
+/// and a config that needs the same passes). Buffers may be larger than the batch needs.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     dev: &CudaDevice,
@@ -78,21 +224,10 @@ pub fn launch(
     bias: Option<&CudaSlice<f32>>,
     cfg: &RoutingConfig,
     out: &mut GateCuda,
+    scratch: &mut GateScratchCuda,
 ) -> Result<()> {
-    cfg.validate(experts)?;
-    let slots = cfg.slots(experts);
-    let n = tokens
-        .checked_mul(slots)
-        .ok_or_else(|| shape_err("T x slots overflows"))?;
-    let te = tokens
-        .checked_mul(experts)
-        .ok_or_else(|| shape_err("T x E overflows"))?;
-    if experts > 1 << 30 {
-        return Err(shape_err(format!("E = {experts} exceeds 2^30")));
-    }
-    if tokens > 1 << 31 {
-        return Err(shape_err(format!("T = {tokens} exceeds 2^31")));
-    }
+    let plan = Plan::new(tokens, experts, cfg)?;
+    let (slots, n, te) = (plan.slots, plan.n, plan.te);
     to_u32(Stage::Gate, "T x slots", n, u32::MAX as usize)?;
     check_len(Stage::Gate, "logits", logits.len(), te)?;
     if let Some(b) = bias {
@@ -105,7 +240,8 @@ pub fn launch(
 
     if tokens == 0 {
         // Nothing to route: every expert got 0 assignments. No kernel is launched.
-        return drv(dev.stream.memset_zeros(&mut out.counts), "zeroing counts");
+        let mut counts = out.counts.slice_mut(..experts);
+        return drv(dev.stream.memset_zeros(&mut counts), "zeroing counts");
     }
 
     let t32 = to_u32(Stage::Gate, "T", tokens, u32::MAX as usize)?;
@@ -121,12 +257,8 @@ pub fn launch(
         _ => (0, 0, 0, 1),
     };
 
-    let capacity = if cfg.expert_choice.is_some() {
-        None
-    } else {
-        cfg.capacity
-    };
-    let bpr = capacity.is_some() && cfg.priority == Priority::Top1Score;
+    let capacity = if plan.capacity { cfg.capacity } else { None };
+    let bpr = plan.bpr;
 
     let mut flags = 0;
     if cfg.renormalize {
@@ -154,34 +286,73 @@ pub fn launch(
     };
     let scale = cfg.scale as f32;
 
-    // Scratch of the batch-wide passes (zeroed by `alloc`).
-    let mut top1: Option<CudaSlice<u32>> = if bpr { Some(dev.alloc(tokens)?) } else { None };
-    let (mut ec_keys, mut slot_of): (Option<CudaSlice<u32>>, Option<CudaSlice<u32>>) =
-        if cfg.expert_choice.is_some() {
-            (Some(dev.alloc(te)?), Some(dev.alloc(te)?))
-        } else {
-            (None, None)
-        };
+    // Scratch of this launch, every buffer checked against this batch before any launch.
+    let GateScratchCuda {
+        top1,
+        order,
+        prio,
+        lrank,
+        cells,
+        ec_keys,
+        slot_of,
+        select,
+    } = scratch;
+    let mut top1 = if bpr {
+        Some(need(top1.as_mut(), "top1", tokens)?)
+    } else {
+        None
+    };
+    let mut order_prio = if bpr {
+        Some((
+            need(order.as_mut(), "order", tokens)?,
+            need(prio.as_mut(), "prio", tokens)?,
+        ))
+    } else {
+        None
+    };
+    let cells_len = plan.cells(experts)?;
+    let mut tables = if capacity.is_some() {
+        Some((
+            need(lrank.as_mut(), "lrank", n)?,
+            need(cells.as_mut(), "cells", cells_len)?,
+        ))
+    } else {
+        None
+    };
+    let (mut ec_keys, mut slot_of) = if plan.expert_choice {
+        (
+            Some(need(ec_keys.as_mut(), "ec_keys", te)?),
+            Some(need(slot_of.as_mut(), "slot_of", te)?),
+        )
+    } else {
+        (None, None)
+    };
+    let mut select = if plan.global {
+        Some(need(
+            select.as_mut(),
+            "select buffers",
+            plan.select_bytes(tokens)?,
+        )?)
+    } else {
+        None
+    };
 
     if flags & FLAG_FINAL != 0 {
-        drv(dev.stream.memset_zeros(&mut out.counts), "zeroing counts")?;
+        let mut counts = out.counts.slice_mut(..experts);
+        drv(dev.stream.memset_zeros(&mut counts), "zeroing counts")?;
     }
 
     // ---- gate_select: one warp per token.
-    let per_warp = (8 * g_count + 12 * experts + 7) & !7;
-    let fit = (SHARED_LIMIT / per_warp).min(MAX_WARPS);
-    let (variant, warps, mut scratch): (&str, usize, Option<CudaSlice<u8>>) = if fit >= 1 {
-        (SHARED_VARIANT, fit, None)
+    let per_warp = plan.per_warp;
+    let (variant, warps) = if plan.global {
+        (GLOBAL_VARIANT, MAX_WARPS)
     } else {
-        let bytes = tokens
-            .checked_mul(per_warp)
-            .ok_or_else(|| shape_err("gate scratch size overflows"))?;
-        (GLOBAL_VARIANT, MAX_WARPS, Some(dev.alloc(bytes)?))
+        (SHARED_VARIANT, (SHARED_LIMIT / per_warp).min(MAX_WARPS))
     };
     {
         let func = dev.function(Stage::Gate, variant, "gate_select")?;
         let mut lc: LaunchConfig = grid_1d(tokens * 32, (32 * warps) as u32);
-        if scratch.is_none() {
+        if select.is_none() {
             lc.shared_mem_bytes = (warps * per_warp) as u32;
         }
         let null = 0u64;
@@ -198,19 +369,19 @@ pub fn launch(
             .arg(&mut out.kept)
             .arg(&mut out.counts);
         match top1.as_mut() {
-            Some(s) => b.arg(s),
+            Some(s) => b.arg(&mut **s),
             None => b.arg(&null),
         };
         match ec_keys.as_mut() {
-            Some(s) => b.arg(s),
+            Some(s) => b.arg(&mut **s),
             None => b.arg(&null),
         };
         match slot_of.as_mut() {
-            Some(s) => b.arg(s),
+            Some(s) => b.arg(&mut **s),
             None => b.arg(&null),
         };
-        match scratch.as_mut() {
-            Some(s) => b.arg(s),
+        match select.as_mut() {
+            Some(s) => b.arg(&mut **s),
             None => b.arg(&null),
         };
         b.arg(&t32)
@@ -226,26 +397,27 @@ pub fn launch(
         // SAFETY: matches the gate_select header of kernels/gate.ptx: 10 pointers (logits
         // [T,E] f32, bias [E] f32 or 0, ids/weights/kept [T,S], counts [E], top1 [T], ec_keys
         // [E,T], slot_of [T,E], scratch [T,PW] bytes, each or 0 where its flag is off), then
-        // 9 u32 and 1 f32 scalars in header order; every buffer was checked above to hold what
-        // the kernel indexes; block 32*W <= 256 threads, W*PW bytes of dynamic shared memory
-        // (<= 48 KiB) in the shared variant; the scalars outlive the launch.
+        // 9 u32 and 1 f32 scalars in header order; every buffer was checked above to hold at
+        // least what the kernel indexes for this T (scratch buffers may be longer); block
+        // 32*W <= 256 threads, W*PW bytes of dynamic shared memory (<= 48 KiB) in the shared
+        // variant; the scalars outlive the launch.
         drv(unsafe { b.launch(lc) }.map(|_| ()), "launching gate_select")?;
     }
 
-    if let Some(cap) = capacity {
+    if let (Some(cap), Some((lrank, cells))) = (capacity, tables.as_mut()) {
         // ---- capacity: [BPR order], chunk counts, per-expert prefix, finalize.
         let c = u32::try_from(cap.tokens_per_expert(tokens, slots, experts)).unwrap_or(u32::MAX);
-        let nb = n.div_ceil(CHUNK);
+        let nb = plan.nb;
         let nb32 = to_u32(Stage::Gate, "capacity chunks", nb, u32::MAX as usize)?;
-        let cells_len = experts
-            .checked_mul(nb)
-            .ok_or_else(|| shape_err("capacity table size overflows"))?;
-        let mut lrank: CudaSlice<u32> = dev.alloc(n)?;
-        let mut cells: CudaSlice<u32> = dev.alloc(cells_len)?;
-        let mut order_prio: Option<(CudaSlice<u32>, CudaSlice<u32>)> = None;
-        if let Some(keys) = top1.as_ref() {
-            let mut order: CudaSlice<u32> = dev.alloc(tokens)?;
-            let mut prio: CudaSlice<u32> = dev.alloc(tokens)?;
+        // gate_cap_count writes only the cells of experts present in a chunk.
+        {
+            let mut used = cells.slice_mut(..cells_len);
+            drv(
+                dev.stream.memset_zeros(&mut used),
+                "zeroing the capacity table",
+            )?;
+        }
+        if let (Some(keys), Some((order, prio))) = (top1.as_ref(), order_prio.as_mut()) {
             let tiles = tokens.div_ceil(RANK_TILE);
             let (tiles32, cols, zero, mode) = (
                 to_u32(Stage::Gate, "rank tiles", tiles, u32::MAX as usize)?,
@@ -256,23 +428,23 @@ pub fn launch(
             let null = 0u64;
             let func = dev.function(Stage::Gate, variant, "gate_rank")?;
             let mut b = dev.stream.launch_builder(&func);
-            b.arg(keys)
+            b.arg(&**keys)
                 .arg(&null)
-                .arg(&mut order)
-                .arg(&mut prio)
+                .arg(&mut **order)
+                .arg(&mut **prio)
                 .arg(&t32)
                 .arg(&cols)
                 .arg(&tiles32)
                 .arg(&zero)
                 .arg(&mode);
             // SAFETY: matches the gate_rank header of kernels/gate.ptx in mode 0: keys [1, T]
-            // u32, slot_of unused (0), order [T] and prio [T] u32 outputs, then tokens, cols =
-            // 1, tiles = ceil(T / 256), cap (unused), mode; one 256-thread block per tile.
+            // u32, slot_of unused (0), order [T] and prio [T] u32 outputs (checked to hold T),
+            // then tokens, cols = 1, tiles = ceil(T / 256), cap (unused), mode; one 256-thread
+            // block per tile.
             drv(
                 unsafe { b.launch(grid_1d(tiles * RANK_TILE, RANK_TILE as u32)) }.map(|_| ()),
                 "launching gate_rank",
             )?;
-            order_prio = Some((order, prio));
         }
         {
             let null = 0u64;
@@ -280,17 +452,18 @@ pub fn launch(
             let mut b = dev.stream.launch_builder(&func);
             b.arg(&out.topk_ids);
             match order_prio.as_ref() {
-                Some((order, _)) => b.arg(order),
+                Some((order, _)) => b.arg(&**order),
                 None => b.arg(&null),
             };
-            b.arg(&mut lrank)
-                .arg(&mut cells)
+            b.arg(&mut **lrank)
+                .arg(&mut **cells)
                 .arg(&t32)
                 .arg(&s32)
                 .arg(&nb32);
             // SAFETY: matches the gate_cap_count header of kernels/gate.ptx: ids [T, S], order
-            // [T] or 0, lrank [T, S] out, cells [E, NB] out (zeroed), then T, S, NB with
-            // T*S < 2^32; one 256-thread block per chunk of 256 assignments.
+            // [T] or 0, lrank [T, S] out, cells [E, NB] out (its first E*NB cells zeroed
+            // above), then T, S, NB with T*S < 2^32; one 256-thread block per chunk of 256
+            // assignments.
             drv(
                 unsafe { b.launch(grid_1d(nb * CHUNK, CHUNK as u32)) }.map(|_| ()),
                 "launching gate_cap_count",
@@ -299,7 +472,7 @@ pub fn launch(
         {
             let func = dev.function(Stage::Gate, variant, "gate_cap_scan")?;
             let mut b = dev.stream.launch_builder(&func);
-            b.arg(&mut cells)
+            b.arg(&mut **cells)
                 .arg(&mut out.counts)
                 .arg(&e32)
                 .arg(&nb32)
@@ -315,8 +488,8 @@ pub fn launch(
             dev,
             variant,
             out,
-            order_prio.as_ref().map(|(_, prio)| prio),
-            Some((&lrank, &cells)),
+            order_prio.as_ref().map(|(_, prio)| &**prio),
+            Some((&**lrank, &**cells)),
             (t32, s32, nb32, c),
             0,
             cfg,
@@ -340,8 +513,8 @@ pub fn launch(
         {
             let func = dev.function(Stage::Gate, variant, "gate_rank")?;
             let mut b = dev.stream.launch_builder(&func);
-            b.arg(keys)
-                .arg(slot_of)
+            b.arg(&**keys)
+                .arg(&**slot_of)
                 .arg(&mut out.kept)
                 .arg(&mut out.counts)
                 .arg(&t32)
@@ -350,8 +523,9 @@ pub fn launch(
                 .arg(&c32)
                 .arg(&mode);
             // SAFETY: matches the gate_rank header of kernels/gate.ptx in mode 1: keys [E, T]
-            // u32, slot_of [T, E] u32, kept [T, E] out, counts [E] out, then tokens, cols = E,
-            // tiles = ceil(T / 256), cap = C <= T, mode = 1; tiles * E 256-thread blocks.
+            // u32, slot_of [T, E] u32 (both checked to hold T*E), kept [T, E] out, counts [E]
+            // out, then tokens, cols = E, tiles = ceil(T / 256), cap = C <= T, mode = 1;
+            // tiles * E 256-thread blocks.
             drv(
                 unsafe { b.launch(grid_1d(blocks * RANK_TILE, RANK_TILE as u32)) }.map(|_| ()),
                 "launching gate_rank",

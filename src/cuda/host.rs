@@ -1,6 +1,9 @@
 //! Host-buffer entry points of the CUDA stages, behind `Backend`'s stage calls: upload the
 //! inputs, launch the stage, read the outputs back (explicit synchronisation). Outputs are
 //! poisoned first (0xFF bytes: NaN / `u32::MAX`) so an unwritten element fails the tests.
+//! Host data is f32, so activations travel as f32 device buffers viewed as bytes
+//! ([`ActView::of_f32`]); scratch buffers are allocated per call here (the layer forward
+//! allocates them once instead).
 //! A layer forward instead stays on the device: see [`crate::cuda::layer`].
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
@@ -8,13 +11,16 @@ use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use crate::backend::{GateBuffers, PermuteBuffers};
 use crate::config::{Activation, RoutingConfig};
 use crate::cpu::expert_gemm::ExpertWeights;
+use crate::cuda::act::{ActView, ActViewMut};
 use crate::cuda::expert_gemm::CudaExperts;
+use crate::cuda::gate::GateScratchCuda;
+use crate::cuda::permute::PermuteScratchCuda;
 use crate::cuda::{
     combine, expert_gemm, gate as gate_stage, permute as permute_stage, router as router_stage,
 };
 use crate::cuda::{CudaDevice, CudaWeights, GateCuda, PermuteCuda};
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// A device buffer of `n` elements with every byte 0xFF.
 fn poisoned<T: DeviceRepr + ValidAsZeroBits + Clone + Default + bytemuck::Pod>(
@@ -41,7 +47,8 @@ pub fn router(
     let wb = CudaWeights::upload(dev, w)?;
     let bb = bias(dev, b)?;
     let mut out = poisoned::<f32>(dev, logits.len())?;
-    router_stage::launch(dev, &xb, x.shape()[0], &wb, bb.as_ref(), &mut out)?;
+    let xv = ActView::of_f32(&xb)?;
+    router_stage::launch(dev, &xv, x.shape()[0], &wb, bb.as_ref(), &mut out)?;
     logits.copy_from_slice(&dev.read(&out, logits.len())?);
     Ok(())
 }
@@ -63,7 +70,17 @@ pub fn gate(
         kept: poisoned(dev, n)?,
         counts: poisoned(dev, out.experts)?,
     };
-    gate_stage::launch(dev, &lb, out.tokens, out.experts, bb.as_ref(), cfg, &mut g)?;
+    let mut scratch = GateScratchCuda::alloc(dev, out.tokens, out.experts, cfg)?;
+    gate_stage::launch(
+        dev,
+        &lb,
+        out.tokens,
+        out.experts,
+        bb.as_ref(),
+        cfg,
+        &mut g,
+        &mut scratch,
+    )?;
     out.topk_ids.copy_from_slice(&dev.read(&g.topk_ids, n)?);
     out.topk_weights
         .copy_from_slice(&dev.read(&g.topk_weights, n)?);
@@ -97,15 +114,18 @@ pub fn permute(
         expert_offsets: poisoned(dev, out.experts + 1)?,
         sorted_assignment: poisoned(dev, n)?,
         row_of_assignment: poisoned(dev, n)?,
-        x_perm: poisoned(dev, n * out.hidden)?,
+        x_perm: poisoned(dev, n * out.hidden * 4)?,
+        dtype: DType::F32,
     };
+    let mut scratch = PermuteScratchCuda::alloc(dev, out.tokens, out.slots, out.experts)?;
     permute_stage::launch(
         dev,
         &g,
         (out.tokens, out.slots, out.experts),
-        &xb,
+        &ActView::of_f32(&xb)?,
         out.hidden,
         &mut p,
+        &mut scratch,
     )?;
     out.expert_offsets
         .copy_from_slice(&dev.read(&p.expert_offsets, out.experts + 1)?);
@@ -113,8 +133,9 @@ pub fn permute(
         .copy_from_slice(&dev.read(&p.sorted_assignment, n)?);
     out.row_of_assignment
         .copy_from_slice(&dev.read(&p.row_of_assignment, n)?);
+    let x_perm = dev.read(&p.x_perm, n * out.hidden * 4)?;
     out.x_perm
-        .copy_from_slice(&dev.read(&p.x_perm, n * out.hidden)?);
+        .copy_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&x_perm));
     Ok(())
 }
 
@@ -131,8 +152,18 @@ pub fn expert_gemm(
     let rows = x_rows.len().checked_div(experts.dims.hidden).unwrap_or(0);
     let xb = dev.upload(x_rows)?;
     let ob = dev.upload(offsets)?;
+    let mut hb = poisoned::<f32>(dev, rows * experts.dims.ffn)?;
     let mut yb = poisoned::<f32>(dev, y.len())?;
-    expert_gemm::launch(dev, &xb, rows, &ob, &experts, act, &mut yb)?;
+    expert_gemm::launch(
+        dev,
+        &ActView::of_f32(&xb)?,
+        rows,
+        &ob,
+        &experts,
+        act,
+        &mut ActViewMut::of_f32(&mut hb)?,
+        &mut ActViewMut::of_f32(&mut yb)?,
+    )?;
     y.copy_from_slice(&dev.read(&yb, y.len())?);
     Ok(())
 }
@@ -156,16 +187,17 @@ pub fn combine(
         .map(|g| dev.upload(g))
         .transpose()?;
     let mut out = poisoned::<f32>(dev, y.len())?;
-    let sh = sy.as_ref().map(|s| (s, sg.as_ref()));
+    let syv = sy.as_ref().map(ActView::of_f32).transpose()?;
+    let sh = syv.as_ref().map(|s| (s, sg.as_ref()));
     combine::launch(
         dev,
-        &yp,
+        &ActView::of_f32(&yp)?,
         &g,
         &rows,
         (gate.tokens, gate.slots, perm.hidden),
         sh,
         output_scale,
-        &mut out,
+        &mut ActViewMut::of_f32(&mut out)?,
     )?;
     y.copy_from_slice(&dev.read(&out, y.len())?);
     Ok(())

@@ -1,8 +1,13 @@
 //! PTX modules as the crate hands them to the driver. Kernel variants (dtype, tile shape) come
-//! from one hand-written template per stage in `kernels/`, specialised here by substituting
-//! named placeholders `${NAME}` (ptxas and the driver run no preprocessor on PTX). Every module
-//! the crate may load is listed by [`all_modules`]; `moe ptx --dump DIR` writes them, and CI
-//! runs ptxas on exactly those files.
+//! from one hand-written template per stage in `kernels/`, specialised here in two steps
+//! (ptxas and the driver run no preprocessor on PTX):
+//! 1. sections: the lines between `//@begin TAG` and `//@end` are kept only in the variants
+//!    whose tag set holds `TAG` (sections nest: a line is kept iff every section around it
+//!    is); the marker lines themselves are dropped ([`select_sections`]);
+//! 2. placeholders: every `${NAME}` is replaced by its value ([`render`]).
+//!
+//! Every module the crate may load is listed by [`all_modules`]; `moe ptx --dump DIR` writes
+//! them, and CI runs ptxas on exactly those files.
 
 use crate::error::{Error, Result};
 use crate::stage::Stage;
@@ -17,18 +22,60 @@ pub struct PtxModule {
 }
 
 impl PtxModule {
-    /// Module `variant` of `stage`: the stage's template with `subs` filled in.
+    /// Module `variant` of `stage`: the stage's template with the sections of `tags` kept
+    /// (every other section dropped) and `subs` filled in.
     pub fn specialise(
         stage: Stage,
         variant: impl Into<String>,
+        tags: &[&str],
         subs: &[(&str, String)],
     ) -> Result<Self> {
+        let text = select_sections(stage, template(stage), tags)?;
         Ok(PtxModule {
             stage,
             variant: variant.into(),
-            source: render(stage, template(stage), subs)?,
+            source: render(stage, &text, subs)?,
         })
     }
+}
+
+/// The lines of `template` outside every `//@begin TAG` ... `//@end` section, plus the lines
+/// whose enclosing sections all have a tag in `tags`. Marker lines (trimmed: `//@begin `
+/// followed by one tag, or exactly `//@end`) are dropped; every other line is copied with its
+/// own line ending, so a template without markers comes back unchanged.
+pub fn select_sections(stage: Stage, template: &str, tags: &[&str]) -> Result<String> {
+    let mut out = String::with_capacity(template.len());
+    // Enclosing sections, innermost last: whether each one is kept.
+    let mut open: Vec<bool> = Vec::new();
+    for line in template.split_inclusive('\n') {
+        let t = line.trim();
+        if let Some(tag) = t.strip_prefix("//@begin ") {
+            let tag = tag.trim();
+            if tag.is_empty() || tag.contains(char::is_whitespace) {
+                return Err(Error::shape(
+                    stage,
+                    format!("PTX template section marker {t:?} needs exactly one tag"),
+                ));
+            }
+            open.push(tags.contains(&tag));
+        } else if t == "//@end" {
+            if open.pop().is_none() {
+                return Err(Error::shape(
+                    stage,
+                    "//@end without //@begin in the PTX template",
+                ));
+            }
+        } else if open.iter().all(|&keep| keep) {
+            out.push_str(line);
+        }
+    }
+    if !open.is_empty() {
+        return Err(Error::shape(
+            stage,
+            "unterminated //@begin in the PTX template",
+        ));
+    }
+    Ok(out)
 }
 
 /// `template` with every `${NAME}` replaced by its value in `subs`. An unknown or unfilled
@@ -93,7 +140,7 @@ pub fn stage_modules(stage: Stage) -> Result<Vec<PtxModule>> {
 
 /// A module that needs no specialisation: the template as it is.
 pub fn plain(stage: Stage) -> Result<Vec<PtxModule>> {
-    Ok(vec![PtxModule::specialise(stage, stage.stem(), &[])?])
+    Ok(vec![PtxModule::specialise(stage, stage.stem(), &[], &[])?])
 }
 
 /// Writes every module to `dir/<variant>.ptx`; returns the paths written.
@@ -112,4 +159,99 @@ pub fn dump(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
         written.push(path);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FNV-1a, 64 bits: a fingerprint of a module's bytes (no hashing crate needed).
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
+    /// The f32-activation modules as `moe ptx --dump` wrote them before 16-bit activations
+    /// were added (variant, bytes, FNV-1a 64): they must stay byte-identical.
+    const F32_ACTIVATION_MODULES: [(&str, usize, u64); 12] = [
+        ("combine.x1", 9090, 0xc21ab05437433dd2),
+        ("combine.x4", 9153, 0x8132b672d999530f),
+        ("expert_gemm.bf16", 42454, 0xc06c7911445f8c89),
+        ("expert_gemm.f16", 42405, 0x6f5718a4327a7165),
+        ("expert_gemm.f32", 34328, 0xaedb79a156260e1d),
+        ("gate.global", 58200, 0x25c4b60b9adb78ac),
+        ("gate", 58200, 0xb4550f7c4e5581ee),
+        ("permute.x1", 21466, 0xd0b37757b5fa871f),
+        ("permute.x4", 21500, 0x68ec5d1cb7511d36),
+        ("router.bf16", 15772, 0x075b7300b9fd5ee7),
+        ("router.f16", 15622, 0x0704c8cf1a323c4d),
+        ("router.f32", 15494, 0x36f0f52b37027421),
+    ];
+
+    #[test]
+    fn f32_activation_modules_are_unchanged() {
+        let all = all_modules().unwrap();
+        for (variant, len, hash) in F32_ACTIVATION_MODULES {
+            let m = all
+                .iter()
+                .find(|m| m.variant == variant)
+                .unwrap_or_else(|| panic!("module {variant} is no longer dumped"));
+            assert_eq!(
+                (m.source.len(), fnv1a(m.source.as_bytes())),
+                (len, hash),
+                "{variant} changed"
+            );
+        }
+    }
+
+    #[test]
+    fn every_module_is_ascii_fully_rendered_and_uniquely_named() {
+        let all = all_modules().unwrap();
+        let mut names: Vec<&str> = all.iter().map(|m| m.variant.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "duplicate variant names");
+        for m in &all {
+            let marker = |l: &str| l.trim().starts_with("//@begin") || l.trim() == "//@end";
+            assert!(m.source.is_ascii(), "{}", m.variant);
+            assert!(!m.source.contains("${"), "{}", m.variant);
+            assert!(!m.source.lines().any(marker), "{}", m.variant);
+            assert!(
+                m.source.contains(".version 8.0\n.target sm_80\n"),
+                "{}",
+                m.variant
+            );
+            assert!(
+                m.variant
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_'),
+                "{}",
+                m.variant
+            );
+        }
+    }
+
+    #[test]
+    fn sections_nest_and_keep_line_endings() {
+        let st = Stage::ExpertGemm;
+        let t = "a\n//@begin x\nb\n  //@begin y\nc\n  //@end\n//@end\nd";
+        assert_eq!(select_sections(st, t, &[]).unwrap(), "a\nd");
+        assert_eq!(select_sections(st, t, &["x"]).unwrap(), "a\nb\nd");
+        assert_eq!(select_sections(st, t, &["y"]).unwrap(), "a\nd");
+        assert_eq!(select_sections(st, t, &["x", "y"]).unwrap(), "a\nb\nc\nd");
+        assert_eq!(select_sections(st, "p\r\nq\n", &[]).unwrap(), "p\r\nq\n");
+        assert!(select_sections(st, "//@begin x\n", &["x"]).is_err());
+        assert!(select_sections(st, "//@end\n", &[]).is_err());
+        assert!(select_sections(st, "//@begin\n//@end\n", &[]).is_err());
+        assert!(select_sections(st, "//@begin a b\n//@end\n", &[]).is_err());
+    }
+
+    #[test]
+    fn placeholders_must_be_filled() {
+        let st = Stage::Router;
+        assert_eq!(render(st, "x${A}y", &[("A", "1".into())]).unwrap(), "x1y");
+        assert!(render(st, "x${A}y", &[]).is_err());
+        assert!(render(st, "x${A", &[("A", "1".into())]).is_err());
+    }
 }
