@@ -22,6 +22,13 @@
 //! vec4 words) or scalar words. They compute every output with exactly the tiled kernel's
 //! arithmetic (same fma order, zero padding, bias and activation code), so a token's output is
 //! bitwise the same whether its batch takes the small or the tiled path.
+//!
+//! Activations (`a`, `h`, `out`) are f32, f16 or bf16 ([`Act`], the shader's `A_DTYPE`): read
+//! widened exactly, accumulated in f32, each output rounded once at the store. A 16-bit output
+//! word is written whole by the one invocation that computes both of its columns; where a
+//! weight chunk boundary splits a word's two columns, each chunk's dispatch keeps the other
+//! half (shaders/expert_gemm.wgsl). With f32 the results are bitwise those of the f32-only
+//! kernels.
 
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};

@@ -4,6 +4,9 @@
 //! A blocked counting sort without atomics: per-(bucket, block) counts and in-block ranks, an
 //! exclusive prefix sum over the counts in bucket-major order, then each assignment's row is
 //! its (bucket, block) base plus its rank. The shader header gives every pass and its launch.
+//! The gather copies x's elements bit for bit in any activation dtype: whole words where rows
+//! start on words (f32; 16-bit with even H), element by element into whole output words
+//! otherwise (16-bit with odd H, whose padded rows end in a 0 half).
 
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
