@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# scripts/sass-check.sh -- SASS-level checks of the expert GEMM kernels (what ptxas -v cannot
+# tell): every PTX module exactly as `moe ptx --dump` writes it is assembled for sm_90a
+# (ptxas 12.9, -arch=sm_90a, a cubin) and disassembled (cuobjdump -sass); then, for every
+# kernel `expert_gemm_*`, its MAIN LOOP must
+#   1. have no local-memory traffic (no LDL / STL);
+#   2. keep its 16-byte global loads: LDG.E.128 (FFMA kernels: the weight tile, plus the
+#      activation tile with f32 activations; tensor-core kernels with register-staged
+#      activations: the activation tile) and, in the tensor-core kernels, the cp.async copies
+#      LDGSTS.E.BYPASS.128 (weights; with activation dtype == weight dtype also the
+#      activations);
+#   3. where the activation dtype equals the weight dtype (expert_gemm_f32,
+#      expert_gemm_bf16_abf16, expert_gemm_f16_af16), convert nothing: no F2F / F2FP.
+# It also fails on LDL / STL anywhere in any kernel of any module.
+#
+# MAIN-LOOP HEURISTIC. SASS has no loop markers, but every loop closes with a backward branch:
+# a BRA (predicated or not) at address b whose target t <= b. Each backward branch spans the
+# instruction range [t, b]. Counting the kernel's math instructions (HMMA for the tensor-core
+# kernels, FFMA for the FFMA kernels) in each range, the main loop is the range with the most
+# of them (ties: the widest). Inner loops (the k-steps over one shared-memory tile, when ptxas
+# keeps them rolled) hold no more math than the loop around them, so the widest maximum is
+# the outer k-tile loop, with its global loads, cp.async and shared stores; the epilogue's
+# loops (bias, activation: a few FFMA, no HMMA) hold far fewer. Branch targets are read as
+# hex addresses (`BRA 0x5b0`) or as labels (`BRA `(.L_x_3)`, with `.L_x_3:` lines).
+# A negative control runs first: expert_gemm_bf16 (f32 activations rounded to bf16 on their way
+# to shared memory) must show F2FP in its main loop, or the heuristic is broken.
+#
+# Tools (cached outside the clone, installed on first use from PyPI with pip --target):
+#   ptxas      nvidia-cuda-nvcc-cu12==12.9.86       $CACHE/nvcc-12.9.86/nvidia/cuda_nvcc/bin
+#   cuobjdump  nvidia-cuda-cuobjdump==13.5.37 and  $CACHE/cuobjdump-13.5.37/nvidia/cu13/bin
+#              nvidia-cuda-nvdisasm==13.5.37 (cuobjdump -sass runs nvdisasm)
+# CACHE = ${XDG_CACHE_HOME:-~/.cache}/moe-kernels. The moe binary: $MOE_BIN if set, else
+# `cargo build --release --bin moe` (a no-op when it is fresh) and target/release/moe.
+#
+# Usage: scripts/sass-check.sh [WORKDIR]   (WORKDIR keeps the .ptx, .cubin and .sass files;
+# default a temporary directory). Exit status 0 when every check passes, 1 otherwise (each
+# failure names the module, the kernel and what was found).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/moe-kernels"
+NVCC_DIR="$CACHE/nvcc-12.9.86"
+PTXAS="$NVCC_DIR/nvidia/cuda_nvcc/bin/ptxas"
+OBJ_DIR="$CACHE/cuobjdump-13.5.37"
+OBJ_BIN="$OBJ_DIR/nvidia/cu13/bin"
+
+pip_install() { # target dir, packages...
+  local dir="$1"
+  shift
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" "$@"
+}
+if [ ! -x "$PTXAS" ]; then
+  echo "== installing ptxas 12.9 (nvidia-cuda-nvcc-cu12) into $NVCC_DIR"
+  pip_install "$NVCC_DIR" nvidia-cuda-nvcc-cu12==12.9.86
+fi
+if [ ! -x "$OBJ_BIN/cuobjdump" ] || [ ! -x "$OBJ_BIN/nvdisasm" ]; then
+  echo "== installing cuobjdump and nvdisasm 13.5 into $OBJ_DIR"
+  pip_install "$OBJ_DIR" nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37
+fi
+export PATH="$OBJ_BIN:$PATH"
+"$PTXAS" --version | tail -1
+cuobjdump --version | tail -1
+
+if [ -n "${MOE_BIN:-}" ]; then
+  MOE="$MOE_BIN"
+else
+  cargo build --release --bin moe
+  MOE=target/release/moe
+fi
+
+WORK="${1:-$(mktemp -d)}"
+mkdir -p "$WORK"
+"$MOE" ptx --dump "$WORK" >/dev/null
+shopt -s nullglob
+ptx=("$WORK"/*.ptx)
+if [ "${#ptx[@]}" -eq 0 ]; then
+  echo "sass-check: moe ptx --dump wrote no module" >&2
+  exit 1
+fi
+for f in "${ptx[@]}"; do
+  base="${f%.ptx}"
+  "$PTXAS" -arch=sm_90a "$f" -o "$base.cubin" 2>"$base.ptxas.log" || {
+    cat "$base.ptxas.log" >&2
+    echo "sass-check: ptxas failed on $(basename "$f") for sm_90a" >&2
+    exit 1
+  }
+  # nvdisasm warns about the ELF flavour on stderr; the listing is on stdout.
+  cuobjdump -sass "$base.cubin" >"$base.sass" 2>"$base.cuobjdump.log" || {
+    cat "$base.cuobjdump.log" >&2
+    echo "sass-check: cuobjdump -sass failed on $(basename "$base").cubin" >&2
+    exit 1
+  }
+done
+echo "sass-check: ${#ptx[@]} module(s) assembled for sm_90a and disassembled in $WORK"
+
+python3 - "$WORK" <<'PY'
+import glob
+import os
+import re
+import sys
+
+work = sys.argv[1]
+INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRA = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(?:!?U?P[T0-9]+\s*,\s*)?(?:0x([0-9a-f]+)|`\((\.L_x_\d+)\))")
+
+
+def functions(path):
+    """{kernel: [(address, instruction text)]} and each kernel's {label: address}."""
+    funcs, labels, name, pending = {}, {}, None, []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = re.search(r"Function\s*:\s*(\S+)", line)
+        if m:
+            name = m.group(1)
+            funcs[name], labels[name], pending = [], {}, []
+            continue
+        if name is None:
+            continue
+        m = LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = INSN.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for lab in pending:
+                labels[name][lab] = addr
+            pending = []
+            funcs[name].append((addr, m.group(2)))
+    return funcs, labels
+
+
+def loops(insns, labels):
+    """Every backward branch as (first address, last address)."""
+    out = []
+    for addr, text in insns:
+        m = BRA.search(text)
+        if not m:
+            continue
+        target = int(m.group(1), 16) if m.group(1) else labels.get(m.group(2))
+        if target is not None and target <= addr:
+            out.append((target, addr))
+    return out
+
+
+def count(insns, lo, hi, pattern):
+    rx = re.compile(pattern)
+    return sum(1 for a, t in insns if lo <= a <= hi and rx.search(t))
+
+
+def main_loop(insns, labels, math):
+    best = None
+    for lo, hi in loops(insns, labels):
+        key = (count(insns, lo, hi, math), hi - lo)
+        if best is None or key > best[0]:
+            best = (key, lo, hi)
+    if best is None or best[0][0] == 0:
+        return None
+    return best[1], best[2]
+
+
+def expectations(kernel):
+    """(math opcode, {pattern: minimum count} in the main loop, conversions forbidden)."""
+    m = re.fullmatch(r"expert_gemm_(f32|f16|bf16)(?:_a(f16|bf16))?", kernel)
+    if not m:
+        return None
+    w, a = m.group(1), m.group(2) or "f32"
+    ldg128 = r"\bLDG\.E\.128\b"
+    ldgsts = r"\bLDGSTS\.E\.BYPASS\.128\b"
+    if w == "f32":
+        need = {ldg128: 2 if a == "f32" else 1}
+        return "FFMA", need, a == w
+    if a == w:
+        return "HMMA", {ldgsts: 4}, True
+    return "HMMA", {ldgsts: 2, ldg128: 2}, False
+
+
+NAMES = {
+    r"\bLDG\.E\.128\b": "LDG.E.128",
+    r"\bLDGSTS\.E\.BYPASS\.128\b": "LDGSTS.128",
+}
+CONVERT = r"\bF2FP?\b"
+LOCAL = r"\b(LDL|STL)\b"
+
+failures, checked = [], 0
+control_seen = False
+for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
+    module = os.path.basename(sass)[: -len(".sass")]
+    funcs, labels = functions(sass)
+    if not funcs:
+        failures.append(f"{module}: no kernel found in the SASS listing")
+    for kernel, insns in funcs.items():
+        local = [t for _, t in insns if re.search(LOCAL, t)]
+        if local:
+            failures.append(f"{module} {kernel}: local memory ({len(local)} LDL/STL, e.g. {local[0]})")
+        exp = expectations(kernel)
+        if exp is None:
+            continue
+        op, need, no_convert = exp
+        math = rf"\b{op}\b"
+        span = main_loop(insns, labels[kernel], math)
+        if span is None:
+            failures.append(f"{module} {kernel}: no loop with {op} found")
+            continue
+        lo, hi = span
+        n_math = count(insns, lo, hi, math)
+        n_local = count(insns, lo, hi, LOCAL)
+        n_conv = count(insns, lo, hi, CONVERT)
+        found = {p: count(insns, lo, hi, p) for p in need}
+        bad = []
+        if n_local:
+            bad.append(f"{n_local} LDL/STL")
+        for p, minimum in need.items():
+            if found[p] < minimum:
+                bad.append(f"{found[p]} {NAMES[p]} (needs >= {minimum})")
+        if no_convert and n_conv:
+            bad.append(f"{n_conv} F2F/F2FP (activation dtype == weight dtype: no conversion)")
+        if kernel == "expert_gemm_bf16":
+            control_seen = True
+            if n_conv == 0:
+                bad.append("negative control: the f32 activations' F2FP rounding is not seen "
+                           "in the main loop, so the heuristic found the wrong loop")
+        loads = ", ".join(f"{NAMES[p]} {found[p]}" for p in need)
+        status = "FAIL: " + "; ".join(bad) if bad else "ok"
+        print(f"  {module:26} {kernel:24} main loop {lo:#06x}..{hi:#06x}: "
+              f"{op} {n_math}, {loads}, F2F/F2FP {n_conv}, "
+              f"LDL/STL {n_local}: {status}")
+        checked += 1
+        if bad:
+            failures.append(f"{module} {kernel}: " + "; ".join(bad))
+if not control_seen:
+    failures.append("expert_gemm_bf16 (the negative control) was not dumped")
+if checked == 0:
+    failures.append("no expert_gemm kernel was checked")
+for f in failures:
+    print(f"sass-check: {f}", file=sys.stderr)
+print(f"sass-check: {checked} GEMM kernel(s) checked, {len(failures)} failure(s)")
+sys.exit(1 if failures else 0)
+PY
