@@ -35,7 +35,15 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let stream = ctx.new_stream()?;
 
     let (e, h, f, max_t) = (8, 256, 512, 64);
-    let layer = random_layer(Preset::Mixtral.config(), e, h, f, Extras::default(), DType::BF16, 7)?;
+    let layer = random_layer(
+        Preset::Mixtral.config(),
+        e,
+        h,
+        f,
+        Extras::default(),
+        DType::BF16,
+        7,
+    )?;
     let dev = Backend::from_cuda_stream(stream.clone())?;
     let prepared = layer.prepare(&dev, max_t, DType::BF16)?;
 
@@ -63,7 +71,9 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let (num, den) = y
         .iter()
         .zip(&reference.y)
-        .fold((0.0, 0.0), |(n, d), (a, b)| (n + (a - b).powi(2), d + b * b));
+        .fold((0.0, 0.0), |(n, d), (a, b)| {
+            (n + (a - b).powi(2), d + b * b)
+        });
     let rel = (num / den).sqrt();
     let ids_ok = prepared.read_routing()?.topk_ids == reference.routing.topk_ids;
     println!(

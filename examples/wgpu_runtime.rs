@@ -35,7 +35,15 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     // A Mixtral-like layer (E = 8, top-2, SwiGLU) with bf16 weights, prepared once for up to
     // 64 tokens of bf16 activations on the runtime's device.
     let (e, h, f, max_t) = (8, 256, 512, 64);
-    let layer = random_layer(Preset::Mixtral.config(), e, h, f, Extras::default(), DType::BF16, 7)?;
+    let layer = random_layer(
+        Preset::Mixtral.config(),
+        e,
+        h,
+        f,
+        Extras::default(),
+        DType::BF16,
+        7,
+    )?;
     let dev = Backend::from_wgpu(device.clone(), queue.clone(), info);
     let prepared = layer.prepare(&dev, max_t, DType::BF16)?;
     let reference_layer = layer.clone();
@@ -101,7 +109,9 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let (num, den) = y
         .iter()
         .zip(&reference.y)
-        .fold((0.0, 0.0), |(n, d), (a, b)| (n + (a - b).powi(2), d + b * b));
+        .fold((0.0, 0.0), |(n, d), (a, b)| {
+            (n + (a - b).powi(2), d + b * b)
+        });
     let rel = (num / den).sqrt();
     let routing = prepared.read_routing()?;
     let ids_ok = routing.topk_ids == reference.routing.topk_ids;

@@ -29,8 +29,9 @@ for line in sys.stdin:
         print(name, m["executable"])
 '  | grep -v -E '^(cli|config|environment) ' \
     | while read -r name exe; do cp "$exe" "device-bin/bin/test-$name"; done
-  cargo build --release --bin moe
+  cargo build --release --bin moe --example cuda_runtime --example wgpu_runtime
   cp target/release/moe device-bin/bin/moe
+  cp target/release/examples/cuda_runtime target/release/examples/wgpu_runtime device-bin/bin/
   strip device-bin/bin/* 2>/dev/null || true
   # Tests read fixtures relative to the crate root, which travels with the working tree.
   tar -C device-bin -czf device-bin/bundle.tgz bin && rm -rf device-bin/bin
@@ -86,6 +87,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>
 step info 30 "$B/moe" info
 step demo-cuda 60 "$B/moe" demo --backend cuda
 step demo-wgpu 60 "$B/moe" demo --backend wgpu
+# Issue 12: a runtime's own stream / device, bf16 activations, 100 device-resident forwards.
+step example-cuda-runtime 60 "$B/cuda_runtime"
+step example-wgpu-runtime 60 "$B/wgpu_runtime"
 # Every test binary: CPU, CUDA and (with NVIDIA's Vulkan driver) wgpu.
 for t in "$B"/test-*; do
   step "$(basename "$t")" 60 "$t" --test-threads=8
@@ -98,6 +102,8 @@ if [ -f bench/peers.py ] && [ -z "${DC_SKIP_PEERS:-}" ]; then
   step compare 30 python3 bench/compare.py "$OUT/ours.jsonl" "$OUT/peers.jsonl"
   cp "$L/compare.log" "$OUT/compare.txt"
 fi
+# Issue 12: the same points with f32 activations (the bench above runs bf16 activations).
+step bench-act-f32-cuda 120 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3 --tokens 1,64,4096 --dtype bf16 --act f32 --iters 10 --warmup 2
 step bench-f32-cuda 90 "$B/moe" bench --backend cuda --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1 --routing both
 step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,32,4096 --dtype f32 --iters 5 --warmup 1 --dense 4096
 # Issue 6 on the GPU: the property suite at a larger size and the 10,000-forward memory test

@@ -202,6 +202,9 @@ pub struct Point {
     /// Most tokens any expert received, and the mean (load balance).
     pub max_load: u32,
     pub mean_load: f64,
+    /// Host time to enqueue one device-resident forward (record + submit on wgpu, launches on
+    /// CUDA; median of 5), `None` on the CPU.
+    pub enqueue: Option<Duration>,
 }
 
 /// Times `iters` forwards of `layer` on `dev` after `warmup` forwards.
@@ -277,7 +280,68 @@ pub fn run_point(
         gemm_weight_bytes: wbytes * mats * h * (used * f + fs),
         max_load: counts.iter().copied().max().unwrap_or(0),
         mean_load: counts.iter().map(|&c| f64::from(c)).sum::<f64>() / counts.len().max(1) as f64,
+        enqueue: enqueue_time(dev, &prepared, tokens, s.hidden)?,
     })
+}
+
+/// Median host time of 5 device-resident forwards' enqueue (the device finishes each before
+/// the next is timed), on buffers of zeros; `None` on the CPU backend.
+fn enqueue_time(
+    dev: &Backend,
+    prepared: &crate::PreparedLayer,
+    tokens: usize,
+    hidden: usize,
+) -> Result<Option<Duration>> {
+    let mut times = Vec::new();
+    match &dev.device {
+        crate::backend::Device::Cpu => return Ok(None),
+        #[cfg(feature = "wgpu")]
+        crate::backend::Device::Wgpu(d) => {
+            let words = crate::wgpu::act::words(tokens * hidden, prepared.act_dtype());
+            let x = d.alloc::<u32>(words, "bench x")?;
+            let y = d.alloc::<u32>(words, "bench y")?;
+            for _ in 0..5 {
+                let start = std::time::Instant::now();
+                let mut enc = d.encoder();
+                prepared.forward_wgpu(&mut enc, (&x.buffer, 0), (&y.buffer, 0), tokens)?;
+                d.queue.submit([enc.finish()]);
+                times.push(start.elapsed());
+                d.submit_and_wait(d.encoder())?;
+            }
+        }
+        #[cfg(feature = "cuda")]
+        crate::backend::Device::Cuda(d) => {
+            let n = tokens * hidden;
+            for _ in 0..5 {
+                times.push(match prepared.act_dtype() {
+                    DType::F32 => cuda_enqueue::<f32>(d, prepared, tokens, n)?,
+                    DType::F16 => cuda_enqueue::<half::f16>(d, prepared, tokens, n)?,
+                    DType::BF16 => cuda_enqueue::<half::bf16>(d, prepared, tokens, n)?,
+                });
+            }
+        }
+    }
+    times.sort();
+    Ok(times.get(times.len() / 2).copied())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_enqueue<T>(
+    d: &crate::cuda::CudaDevice,
+    prepared: &crate::PreparedLayer,
+    tokens: usize,
+    n: usize,
+) -> Result<Duration>
+where
+    T: crate::tensor::Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+{
+    let x = d.alloc::<T>(n)?;
+    let mut y = d.alloc::<T>(n)?;
+    let start = std::time::Instant::now();
+    prepared.forward_cuda(&x.slice(0..n), &mut y.slice_mut(0..n), tokens)?;
+    let t = start.elapsed();
+    d.sync()?;
+    Ok(t)
 }
 
 fn dtype_of(layer: &MoeLayer) -> DType {

@@ -160,7 +160,6 @@ impl PermuteBuffers {
     }
 }
 
-
 /// A layer's weights and config as every backend's upload reads them (borrowed from a
 /// [`MoeLayer`](crate::MoeLayer), which sits above the backends).
 #[derive(Debug, Clone, Copy)]

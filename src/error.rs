@@ -42,6 +42,20 @@ pub enum Error {
     #[error("{context}: unsupported dtype {dtype} (expected F32, F16 or BF16)")]
     Dtype { context: String, dtype: String },
 
+    /// A tensor or buffer is in another dtype than the one it must have (e.g. `x` of a layer
+    /// prepared for bf16 activations given in f32).
+    #[error("{what}: expected {expected}, got {got}")]
+    DtypeMismatch {
+        what: String,
+        expected: crate::tensor::DType,
+        got: crate::tensor::DType,
+    },
+
+    /// A device call failed while the backend was usable: a rejected submission, a failed
+    /// launch, copy or read-back, a driver error mid-forward.
+    #[error("{backend}: {what}")]
+    Device { backend: BackendKind, what: String },
+
     /// The requested backend cannot be used on this machine or is not built yet.
     #[error("backend {backend} is not available: {reason}")]
     BackendUnavailable {

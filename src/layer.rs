@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use std::sync::Mutex;
 
 use crate::backend::{Backend, BackendKind, Device};
-use crate::cpu::device::{CpuResident, CpuStages, CpuWorkspace};
-use crate::device::{self, LayerWeights, Plan};
 use crate::config::LayerConfig;
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
+use crate::cpu::device::{CpuResident, CpuStages, CpuWorkspace};
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::cpu::gate::Routing;
+use crate::device::{self, LayerWeights, Plan};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::limits::{self, Footprint, LayerShape};
@@ -500,15 +500,17 @@ impl MoeLayer {
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
                 let res = crate::cuda::device::CudaResident::upload(d, &w)?;
-                let ws =
-                    crate::cuda::device::CudaWorkspace::alloc(d, &res, max_tokens, act_dtype, true)?;
+                let ws = crate::cuda::device::CudaWorkspace::alloc(
+                    d, &res, max_tokens, act_dtype, true,
+                )?;
                 Inner::Cuda(Box::new((res, ws)))
             }
             #[cfg(feature = "wgpu")]
             Device::Wgpu(d) => {
                 let res = crate::wgpu::device::WgpuResident::upload(d, &w)?;
-                let mut ws =
-                    crate::wgpu::device::WgpuWorkspace::alloc(d, &res, max_tokens, act_dtype, true)?;
+                let mut ws = crate::wgpu::device::WgpuWorkspace::alloc(
+                    d, &res, max_tokens, act_dtype, true,
+                )?;
                 // Record (never submit) the forwards that use the most scratch, so that the
                 // pool holds every buffer a forward of up to max_tokens asks for.
                 let st = crate::wgpu::device::WgpuStages { dev: d };
@@ -681,13 +683,14 @@ impl PreparedLayer {
             }
         };
         if x.dtype() != self.dtype {
-            return Err(Error::Dtype {
-                context: format!(
-                    "x of a layer prepared for {} activations (cast it, or prepare for {})",
+            return Err(Error::DtypeMismatch {
+                what: format!(
+                    "x of a layer prepared for {} activations (cast x, or prepare for {})",
                     self.dtype,
                     x.dtype()
                 ),
-                dtype: x.dtype().to_string(),
+                expected: self.dtype,
+                got: x.dtype(),
             });
         }
         self.check_tokens(t)?;
@@ -892,9 +895,10 @@ impl PreparedLayer {
     #[allow(dead_code)]
     fn check_device_io(&self, dtype: DType, x_len: usize, y_len: usize, t: usize) -> Result<()> {
         if dtype != self.dtype {
-            return Err(Error::Dtype {
-                context: format!("x and y of a layer prepared for {} activations", self.dtype),
-                dtype: dtype.to_string(),
+            return Err(Error::DtypeMismatch {
+                what: format!("x and y of a layer prepared for {} activations", self.dtype),
+                expected: self.dtype,
+                got: dtype,
             });
         }
         self.check_tokens(t)?;
@@ -902,9 +906,7 @@ impl PreparedLayer {
         if x_len < n || y_len < n {
             return Err(Error::shape(
                 Stage::Router,
-                format!(
-                    "x and y must hold T x H = {n} elements; they hold {x_len} and {y_len}"
-                ),
+                format!("x and y must hold T x H = {n} elements; they hold {x_len} and {y_len}"),
             ));
         }
         Ok(())

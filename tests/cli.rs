@@ -2,7 +2,7 @@
 //!
 //! Every bad input to `moe run` must end with exit status 1 and an `error: …` line on stderr
 //! that names what is wrong — never a panic (status 101) and never a silent success. The good
-//! cases check the output file's tensors: `y` F32 [T, H], `topk_ids` I32 [T, k],
+//! cases check the output file's tensors: `y` [T, H] in x's dtype, `topk_ids` I32 [T, k],
 //! `topk_weights` F32 [T, k] and, with capacity, `kept` I32 [T, k].
 //!
 //! Each test builds its files from a seeded synthetic layer in its own folder under the
@@ -1420,5 +1420,73 @@ fn io_error_cause_not_repeated() {
         }
         seen.push_str(line);
         seen.push('\n');
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation dtype (issue 12): x in f16 or bf16 runs the forward in that dtype and writes y in it
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn half_precision_x_gives_y_in_its_dtype_on_cpu_and_wgpu() {
+    use moe_kernels::{LayerConfig, MoeLayer};
+    let backends: Vec<&str> = if moe_kernels::Backend::new(moe_kernels::BackendKind::Wgpu).is_ok() {
+        vec!["cpu", "wgpu"]
+    } else {
+        assert!(std::env::var("CI").is_err(), "CI needs the wgpu backend");
+        println!("[cli act dtype] wgpu skipped: no adapter");
+        vec!["cpu"]
+    };
+    for (dtype, sdtype, bound) in [
+        (DType::BF16, Dtype::BF16, 1e-2),
+        (DType::F16, Dtype::F16, 5e-3),
+    ] {
+        for backend in &backends {
+            let fx = Fixture::new(&format!("act_{dtype}_{backend}"));
+            let t = 37;
+            let x = random_x(t, H, 21).cast(dtype);
+            save(&fx.input, &[("x", OutTensor::Tensor(x.clone()))]).expect("save input");
+            assert_ok(&fx.run_backend(Some(backend), &[]));
+            let out = read_output(&fx.output);
+            assert_eq!(
+                out["y"].dtype, sdtype,
+                "{backend}: y is written in x's dtype"
+            );
+            assert_eq!(out["y"].shape, [t, H]);
+            let y: Vec<f64> = out["y"]
+                .bytes
+                .chunks_exact(2)
+                .map(|c| {
+                    let b = u16::from_le_bytes([c[0], c[1]]);
+                    match dtype {
+                        DType::F16 => f16::from_bits(b).to_f64(),
+                        _ => half::bf16::from_bits(b).to_f64(),
+                    }
+                })
+                .collect();
+            let cfg = LayerConfig::from_file(&fx.config).expect("config");
+            let layer = MoeLayer::load(cfg, &fx.weights).expect("layer");
+            let r = layer.forward_reference(&x).expect("reference");
+            let (num, den) = y.iter().zip(&r.y).fold((0.0, 0.0), |(n, d), (a, b)| {
+                (n + (a - b).powi(2), d + b * b)
+            });
+            let rel = (num / den).sqrt();
+            assert!(rel <= bound, "{backend} {dtype}: rel L2 {rel:e} > {bound}");
+            let ids = out["topk_ids"].i32s();
+            let k = r.routing.slots;
+            for tok in 0..t {
+                let mut a: Vec<i32> = ids[tok * k..(tok + 1) * k].to_vec();
+                let mut b: Vec<i32> = r.routing.topk_ids[tok * k..(tok + 1) * k]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .collect();
+                a.sort_unstable();
+                b.sort_unstable();
+                assert_eq!(a, b, "{backend} {dtype}: token {tok}'s top-k set");
+            }
+            println!(
+                "[cli act dtype] {backend} {dtype}: y {dtype}, rel L2 {rel:.2e}, top-k sets equal"
+            );
+        }
     }
 }

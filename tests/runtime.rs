@@ -146,7 +146,7 @@ fn prepared_layer_refuses_what_it_was_not_prepared_for() {
         // x in another dtype than the prepared activations.
         let x = random_x(3, 37, 1);
         let err = prepared.forward(&x).unwrap_err();
-        assert!(matches!(err, Error::Dtype { .. }), "{kind}: {err}");
+        assert!(matches!(err, Error::DtypeMismatch { .. }), "{kind}: {err}");
         // The layer may be dropped: the prepared layer owns its weights.
         drop(layer);
         let x = random_x(3, 37, 1).cast(DType::BF16);
@@ -209,8 +209,8 @@ mod wgpu_device {
         queue.submit([enc.finish()]);
         staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
         dev.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
-        let out = staging.get_mapped_range(..).expect("range").to_vec();
-        out
+        let view = staging.get_mapped_range(..).expect("range");
+        view.to_vec()
     }
 
     fn bf16_bytes(x: &Tensor) -> Vec<u8> {
@@ -256,7 +256,8 @@ mod wgpu_device {
             }
             let after = prepared.device_allocations().unwrap();
             assert_eq!(
-                after, before,
+                after,
+                before,
                 "{p}: 100 device-resident forwards created {} buffers",
                 after - before
             );
@@ -298,10 +299,22 @@ mod wgpu_device {
         let small = buffer(&device, 16, usage);
         let no_copy = buffer(&device, 8 * 37 * 4, wgpu::BufferUsages::STORAGE);
         for (what, r) in [
-            ("offset", prepared.forward_wgpu(&mut enc, (&ok, 2), (&ok, 0), 1)),
-            ("size", prepared.forward_wgpu(&mut enc, (&small, 0), (&ok, 0), 1)),
-            ("usage", prepared.forward_wgpu(&mut enc, (&ok, 0), (&no_copy, 0), 1)),
-            ("max_tokens", prepared.forward_wgpu(&mut enc, (&ok, 0), (&ok, 0), 9)),
+            (
+                "offset",
+                prepared.forward_wgpu(&mut enc, (&ok, 2), (&ok, 0), 1),
+            ),
+            (
+                "size",
+                prepared.forward_wgpu(&mut enc, (&small, 0), (&ok, 0), 1),
+            ),
+            (
+                "usage",
+                prepared.forward_wgpu(&mut enc, (&ok, 0), (&no_copy, 0), 1),
+            ),
+            (
+                "max_tokens",
+                prepared.forward_wgpu(&mut enc, (&ok, 0), (&ok, 0), 9),
+            ),
         ] {
             let e = r.expect_err(what);
             println!("[runtime wgpu] refused ({what}): {e}");

@@ -125,8 +125,8 @@ enum Command {
 /// machine the layer is switched off (`NODEVICE_SELECT=1`) unless the user set that variable.
 /// Runs first in `main`, before any other thread exists.
 fn quiet_headless_vulkan() {
-    let runtime_dir_ok = std::env::var_os("XDG_RUNTIME_DIR")
-        .is_some_and(|d| std::path::Path::new(&d).is_dir());
+    let runtime_dir_ok =
+        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
     if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
         std::env::set_var("NODEVICE_SELECT", "1");
     }
@@ -497,7 +497,7 @@ fn bench(
             println!("                       our expert GEMM, one {dense}x{dense} expert, 8192 rows: {d:.2} TFLOP/s");
         }
         println!(
-            "{:<14} {:>6} {:>8} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>8} {:>7} {:>7} {:>6}",
+            "{:<14} {:>6} {:>8} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>8} {:>7} {:>7} {:>6} {:>11}",
             "shape",
             "T",
             "routing",
@@ -510,7 +510,8 @@ fn bench(
             "TFLOP/s",
             "%dense",
             "wGB/s",
-            "%copy"
+            "%copy",
+            "enqueue(us)"
         );
     }
     let total = (shapes.len() * tokens.len() * routings.len()) as u64;
@@ -538,27 +539,28 @@ fn bench(
                 let gbs = p.gemm_weight_bytes / g / 1e9;
                 let pct_dense = dense_tflops.map_or(f64::NAN, |d| 100.0 * tflops / d);
                 let pct_copy = 100.0 * gbs / copy_gbs;
+                let enqueue_us = p.enqueue.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
                 let rname = match routing {
                     Routing::Uniform => "uniform",
                     Routing::Skewed => "skewed",
                 };
                 if json {
                     let line = serde_json::json!({
-                        "shape": p.shape, "tokens": t, "dtype": dtype.name(), "backend": dev.kind().name(),
+                        "shape": p.shape, "tokens": t, "dtype": dtype.name(), "act": act.name(), "backend": dev.kind().name(),
                         "routing": rname, "max_load": p.max_load, "mean_load": p.mean_load,
                         "router_us": us(Stage::Router), "gate_us": us(Stage::Gate), "permute_us": us(Stage::Permute),
                         "expert_gemm_us": us(Stage::ExpertGemm), "combine_us": us(Stage::Combine),
                         "layer_us": p.layer.as_secs_f64() * 1e6, "gemm_tflops": tflops, "gemm_weight_gbs": gbs,
                         "copy_gbs": copy_gbs, "dense_tflops": dense_tflops, "pct_copy": pct_copy,
-                        "pct_dense": dense_tflops.map(|_| pct_dense),
+                        "pct_dense": dense_tflops.map(|_| pct_dense), "enqueue_us": p.enqueue.map(|d| d.as_secs_f64() * 1e6),
                     });
                     bar.suspend(|| println!("{line}"));
                 } else {
                     bar.suspend(|| {
                         println!(
-                            "{:<14} {:>6} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>8.2} {:>7.1} {:>7.0} {:>6.1}",
+                            "{:<14} {:>6} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>8.2} {:>7.1} {:>7.0} {:>6.1} {:>11.1}",
                             p.shape, t, rname, us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm),
-                            us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, pct_dense, gbs, pct_copy
+                            us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, pct_dense, gbs, pct_copy, enqueue_us
                         )
                     });
                 }

@@ -108,8 +108,7 @@ impl Stages for CpuStages {
         x: &Tensor,
         _t: usize,
     ) -> Result<()> {
-        let logits =
-            cpu::router::router_logits(x, &res.router_weight, res.router_bias.as_ref())?;
+        let logits = cpu::router::router_logits(x, &res.router_weight, res.router_bias.as_ref())?;
         store(DType::F32, &logits, &mut ws.logits);
         Ok(())
     }
@@ -170,7 +169,13 @@ impl Stages for CpuStages {
         Ok(())
     }
 
-    fn experts(&self, _: &mut (), res: &CpuResident, ws: &mut CpuWorkspace, _t: usize) -> Result<()> {
+    fn experts(
+        &self,
+        _: &mut (),
+        res: &CpuResident,
+        ws: &mut CpuWorkspace,
+        _t: usize,
+    ) -> Result<()> {
         let dtype = ws.dtype;
         let xp: Vec<f64> = ws.perm.x_perm.iter().map(|&v| f64::from(v)).collect();
         let y = cpu::expert_gemm::expert_ffn_stored(
@@ -194,12 +199,9 @@ impl Stages for CpuStages {
     ) -> Result<()> {
         let dtype = ws.dtype;
         if let Some(s) = &res.shared {
-            let y = cpu::expert_gemm::shared_ffn_stored(
-                x,
-                s,
-                config(res).activation,
-                |v| dtype.round(v),
-            )?;
+            let y = cpu::expert_gemm::shared_ffn_stored(x, s, config(res).activation, |v| {
+                dtype.round(v)
+            })?;
             store(dtype, &y, &mut ws.shared_y);
         }
         Ok(())

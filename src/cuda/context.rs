@@ -18,9 +18,20 @@ use crate::stage::Stage;
 
 /// An error from the CUDA backend.
 pub(crate) fn cuda_err(what: impl Into<String>) -> Error {
-    Error::BackendUnavailable {
+    Error::Device {
         backend: BackendKind::Cuda,
-        reason: what.into(),
+        what: what.into(),
+    }
+}
+
+/// A failure while opening a device, as "this backend cannot be used here".
+fn unavailable(e: Error) -> Error {
+    match e {
+        Error::Device { backend, what } => Error::BackendUnavailable {
+            backend,
+            reason: what,
+        },
+        other => other,
     }
 }
 
@@ -103,7 +114,12 @@ impl std::fmt::Debug for CudaDevice {
 
 impl CudaDevice {
     /// Opens device `ordinal`. Checks for the driver library first (cudarc panics without it).
+    /// Every failure is [`Error::BackendUnavailable`].
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::open(ordinal).map_err(unavailable)
+    }
+
+    fn open(ordinal: usize) -> Result<Self> {
         let devices = crate::cuda::probe().map_err(cuda_err)?;
         if ordinal >= devices.len() {
             return Err(cuda_err(format!(
@@ -131,7 +147,7 @@ impl CudaDevice {
     /// tracking is left as the caller set it (it is the caller's context).
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context().clone();
-        let (name, compute_capability) = Self::describe(&ctx)?;
+        let (name, compute_capability) = Self::describe(&ctx).map_err(unavailable)?;
         Ok(CudaDevice {
             ctx,
             stream,

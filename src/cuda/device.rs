@@ -45,7 +45,8 @@ impl CudaResident {
     /// Uploads every weight of `w` (validated already by [`crate::MoeLayer`]).
     pub fn upload(dev: &CudaDevice, w: &LayerWeights<'_>) -> Result<Self> {
         let act = w.config.activation;
-        let f32_buf = |t: Option<&crate::Tensor>| t.map(|b| dev.upload(&b.to_f32_vec())).transpose();
+        let f32_buf =
+            |t: Option<&crate::Tensor>| t.map(|b| dev.upload(&b.to_f32_vec())).transpose();
         Ok(CudaResident {
             config: *w.config,
             dims: w.dims,
@@ -86,9 +87,14 @@ pub struct CudaWorkspace {
     /// `pairs[2T..2T+2] = [0, T]` for every T <= max_tokens: the shared expert's row range,
     /// on the device without an upload per forward.
     pub pairs: CudaSlice<u32>,
+    /// `[0, T]` of this forward, copied device-to-device from `pairs`.
+    pub shared_offsets: CudaSlice<u32>,
     /// `[max_tokens, H]` in `dtype`: where the host-tensor forward reads `y`.
     pub y: CudaSlice<u8>,
     pub events: Option<Vec<CudaEvent>>,
+    /// Whether this forward records the events (the host-tensor forward does; the
+    /// device-resident one enqueues nothing it was not asked for).
+    pub timed: bool,
 }
 
 impl std::fmt::Debug for CudaWorkspace {
@@ -160,14 +166,16 @@ impl CudaWorkspace {
                 .map(|_| dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz)))
                 .transpose()?,
             pairs: dev.upload(&pairs)?,
+            shared_offsets: dev.alloc(2)?,
             y: dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?,
             events,
+            timed: false,
         })
     }
 
     /// The five stage times of the last forward (waits for its last event).
     pub fn stage_times(&self) -> Result<Option<Vec<(Stage, Duration)>>> {
-        let Some(ev) = &self.events else {
+        let (Some(ev), true) = (&self.events, self.timed) else {
             return Ok(None);
         };
         drv(ev[5].synchronize(), "waiting for an event")?;
@@ -203,7 +211,7 @@ impl<'d> Stages for CudaStages<'d> {
     type Out<'a> = ActViewMut<'a>;
 
     fn mark(&self, _: &mut (), ws: &mut CudaWorkspace, i: usize) -> Result<()> {
-        if let Some(ev) = &ws.events {
+        if let (Some(ev), true) = (&ws.events, ws.timed) {
             drv(ev[i].record(&self.dev.stream), "recording an event")?;
         }
         Ok(())
@@ -314,12 +322,16 @@ impl<'d> Stages for CudaStages<'d> {
         let (dt, sz) = (ws.dtype, ws.dtype.size());
         let mut h = view_mut(&mut ws.h, t * s.dims.ffn * sz, dt);
         let mut y = view_mut(out, t * res.dims.hidden * sz, dt);
-        let offsets = ws.pairs.slice(2 * t..2 * t + 2);
-        expert_gemm::launch_offsets(
+        let pair = ws.pairs.slice(2 * t..2 * t + 2);
+        drv(
+            self.dev.stream.memcpy_dtod(&pair, &mut ws.shared_offsets),
+            "copying the shared expert's row range",
+        )?;
+        expert_gemm::launch(
             self.dev,
             x,
             t,
-            &offsets,
+            &ws.shared_offsets,
             s,
             res.config.activation,
             &mut h,
@@ -360,8 +372,8 @@ impl<'d> Stages for CudaStages<'d> {
 /// `ptr` must be a device allocation of the backend's context holding at least
 /// `elems · dtype.size()` bytes, valid and not written by anything else until the stream
 /// has finished the work recorded with the view.
-pub(crate) unsafe fn raw_view<'a>(
-    dev: &'a CudaDevice,
+pub(crate) unsafe fn raw_view(
+    dev: &CudaDevice,
     ptr: sys::CUdeviceptr,
     elems: usize,
     dtype: DType,

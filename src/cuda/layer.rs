@@ -30,10 +30,7 @@ pub(crate) fn forward_host(
     };
     if bytes > 0 {
         let mut dst = ws.x.slice_mut(0..bytes);
-        crate::cuda::context::drv(
-            dev.stream.memcpy_htod(&raw, &mut dst),
-            "uploading x",
-        )?;
+        crate::cuda::context::drv(dev.stream.memcpy_htod(&raw, &mut dst), "uploading x")?;
     }
     // The workspace's own x and y: moved out for the forward, which borrows the rest.
     let xbuf = std::mem::replace(&mut ws.x, dev.alloc(0)?);
@@ -47,6 +44,7 @@ pub(crate) fn forward_host(
             bytes: ybuf.slice_mut(0..bytes),
             dtype,
         };
+        ws.timed = true;
         device::forward(&CudaStages { dev }, &mut (), res, ws, plan, &xv, yv)
     };
     ws.x = xbuf;
@@ -86,5 +84,6 @@ pub(crate) fn forward_device(
     x: &ActView<'_>,
     y: ActViewMut<'_>,
 ) -> Result<()> {
+    ws.timed = false;
     device::forward(&CudaStages { dev }, &mut (), res, ws, plan, x, y)
 }

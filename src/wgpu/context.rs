@@ -46,6 +46,14 @@ impl<T> GpuBuffer<T> {
 
 /// An error from the wgpu backend.
 pub(crate) fn gpu_err(what: impl Into<String>) -> Error {
+    Error::Device {
+        backend: BackendKind::Wgpu,
+        what: what.into(),
+    }
+}
+
+/// Why the wgpu backend cannot be created here.
+fn unavailable(what: impl Into<String>) -> Error {
     Error::BackendUnavailable {
         backend: BackendKind::Wgpu,
         reason: what.into(),
@@ -126,7 +134,7 @@ impl WgpuDevice {
         let adapter = pollster::block_on(::wgpu::util::initialize_adapter_from_env_or_default(
             &instance, None,
         ))
-        .map_err(|e| gpu_err(format!("no wgpu adapter: {e}")))?;
+        .map_err(|e| unavailable(format!("no wgpu adapter: {e}")))?;
         let info = adapter.get_info();
         let required_features = adapter.features() & Self::WANTED;
         let limits = adapter.limits();
@@ -139,13 +147,13 @@ impl WgpuDevice {
                 memory_hints: ::wgpu::MemoryHints::Performance,
                 trace: ::wgpu::Trace::Off,
             }))
-            .map_err(|e| gpu_err(format!("adapter {} refused a device: {e}", info.name)))?;
+            .map_err(|e| unavailable(format!("adapter {} refused a device: {e}", info.name)))?;
         Ok(Self::wrap(device, queue, info))
     }
 
     /// Optional features the crate uses where the device has them: GPU timestamps.
-    const WANTED: ::wgpu::Features = ::wgpu::Features::TIMESTAMP_QUERY
-        .union(::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+    const WANTED: ::wgpu::Features =
+        ::wgpu::Features::TIMESTAMP_QUERY.union(::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
     /// A handle on a device and queue that the caller created (a runtime's own): the crate
     /// records into and submits on them, and uses the device's limits and features as they are.

@@ -87,6 +87,9 @@ pub struct WgpuWorkspace {
     /// `[max_tokens, H]` dense, in `dtype` words: the forward's output.
     pub y: GpuBuffer<u32>,
     pub stamps: Option<Timestamps>,
+    /// Whether this forward writes the timestamps (the host-tensor forward does; the
+    /// device-resident one records nothing it was not asked for).
+    pub timed: bool,
 }
 
 impl WgpuWorkspace {
@@ -123,17 +126,14 @@ impl WgpuWorkspace {
                 .transpose()?,
             shared_offsets: dev.alloc(2, "shared offsets")?,
             y: dev.alloc(act::words(max_tokens.saturating_mul(h), dtype), "y")?,
-            stamps: if timed {
-                Timestamps::new(dev)
-            } else {
-                None
-            },
+            stamps: if timed { Timestamps::new(dev) } else { None },
+            timed: false,
         })
     }
 
     /// Bytes the workspace holds on the device (scratch pool included).
     pub fn bytes(&self) -> u64 {
-        let mut b = [
+        let mut b: u64 = [
             &self.x.buffer,
             &self.logits.buffer,
             &self.gate.topk_ids.buffer,
@@ -151,9 +151,7 @@ impl WgpuWorkspace {
         .iter()
         .map(|b| b.size())
         .sum::<u64>();
-        for o in [&self.shared_y] {
-            b += o.as_ref().map_or(0, |x| x.buffer.size());
-        }
+        b += self.shared_y.as_ref().map_or(0, |x| x.buffer.size());
         b + self.shared_logit.as_ref().map_or(0, |x| x.buffer.size()) + self.scratch.bytes()
     }
 }
@@ -173,7 +171,7 @@ impl Stages for WgpuStages<'_> {
         if i == 0 {
             ws.scratch.begin()?;
         }
-        if let Some(s) = &ws.stamps {
+        if let (Some(s), true) = (&ws.stamps, ws.timed) {
             s.write(enc, i as u32);
             if i == 5 {
                 s.resolve(enc);
@@ -293,9 +291,11 @@ impl Stages for WgpuStages<'_> {
         };
         let h = res.dims.hidden;
         let t32 = crate::wgpu::context::index_u32(Stage::ExpertGemm, "T", t)?;
-        self.dev
-            .queue
-            .write_buffer(&ws.shared_offsets.buffer, 0, bytemuck::cast_slice(&[0u32, t32]));
+        self.dev.queue.write_buffer(
+            &ws.shared_offsets.buffer,
+            0,
+            bytemuck::cast_slice(&[0u32, t32]),
+        );
         expert_gemm::encode(
             self.dev,
             enc,
@@ -369,9 +369,7 @@ pub(crate) fn check_region(
     }
     // A zero-size copy to or from `probe` (a buffer of ours) validates the buffer's device
     // without touching any data or allocating; the command buffer is never submitted.
-    let scope = dev
-        .device
-        .push_error_scope(::wgpu::ErrorFilter::Validation);
+    let scope = dev.device.push_error_scope(::wgpu::ErrorFilter::Validation);
     let mut enc = dev.encoder();
     if usage.contains(::wgpu::BufferUsages::COPY_SRC) {
         enc.copy_buffer_to_buffer(buffer, offset, probe, 0, 0);

@@ -15,7 +15,6 @@ use crate::wgpu::device::{check_region, WgpuResident, WgpuStages, WgpuWorkspace}
 use crate::wgpu::weights::pack_words;
 use crate::wgpu::WgpuDevice;
 
-
 /// One forward of the host tensor `x` (in the workspace's dtype): one submission, then `y`.
 pub(crate) fn forward_host(
     dev: &WgpuDevice,
@@ -32,6 +31,7 @@ pub(crate) fn forward_host(
             .write_buffer(&ws.x.buffer, 0, bytemuck::cast_slice(&words));
     }
     let mut enc = dev.encoder();
+    ws.timed = true;
     device::forward(&WgpuStages { dev }, &mut enc, res, ws, plan, (), ())?;
     dev.submit_and_wait(enc)?;
     let wall = start.elapsed();
@@ -63,6 +63,7 @@ pub(crate) fn unpack(words: &[u32], dtype: DType, n: usize) -> Vec<f32> {
 /// Records one forward of `tokens` tokens into `enc`, reading `x` `[T, H]` from the caller's
 /// `(buffer, byte offset)` and writing `y` `[T, H]` to the caller's, both dense in the
 /// workspace's dtype. Nothing is submitted, allocated or read back.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_device(
     dev: &WgpuDevice,
     res: &WgpuResident,
@@ -81,6 +82,7 @@ pub(crate) fn forward_device(
     if bytes > 0 {
         enc.copy_buffer_to_buffer(x.0, x.1, &ws.x.buffer, 0, bytes);
     }
+    ws.timed = false;
     device::forward(&WgpuStages { dev }, enc, res, ws, plan, (), ())?;
     if bytes > 0 {
         enc.copy_buffer_to_buffer(&ws.y.buffer, 0, y.0, y.1, bytes);

@@ -2,7 +2,7 @@
 //! 2i in the low half), split into row chunks so that no binding exceeds the adapter's storage
 //! binding or buffer size (128 MiB on some adapters). A chunk always starts on a whole word.
 
-use crate::backend::BackendKind;
+use crate::device::BackendKind;
 use crate::error::Error;
 use crate::error::Result;
 use crate::limits::Resource;
