@@ -14,9 +14,9 @@
 
 use std::fmt;
 
-use crate::device::BackendKind;
 use crate::config::LayerConfig;
 use crate::cpu::expert_gemm::ExpertDims;
+use crate::device::BackendKind;
 use crate::error::{Error, Result};
 
 /// Which limit a shape ran into.

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::device::BackendKind;
 use crate::config::LayerConfig;
+use crate::device::BackendKind;
 use crate::error::Result;
 use crate::layer::MoeLayer;
 use crate::limits;
