@@ -99,10 +99,11 @@ impl ActMeta {
     /// needed (a workspace sized for the largest batch).
     pub(crate) fn check(&self, stage: Stage, what: &str, want: DType, elems: usize) -> Result<()> {
         if self.dtype != want {
-            return Err(Error::shape(
-                stage,
-                format!("{what} is {} but this launch needs {want}", self.dtype),
-            ));
+            return Err(Error::DtypeMismatch {
+                what: format!("{stage}: {what}"),
+                expected: want,
+                got: self.dtype,
+            });
         }
         let need = elems
             .checked_mul(want.size())
@@ -168,4 +169,60 @@ pub fn bytes_to_f64(bytes: &[u8], dtype: DType) -> Vec<f64> {
 /// Device address of a typed buffer's first element (for alignment checks).
 pub(crate) fn slice_addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operand_checks_are_typed_errors() {
+        let st = Stage::Combine;
+        let m = ActMeta {
+            dtype: DType::BF16,
+            bytes: 64,
+            addr: 0x1000,
+        };
+        // Larger than needed is fine; exactly needed too.
+        assert!(m.check(st, "y", DType::BF16, 10).is_ok());
+        assert!(m.check(st, "y", DType::BF16, 32).is_ok());
+        assert!(matches!(
+            m.check(st, "y", DType::BF16, 33),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            m.check(st, "y", DType::F16, 1),
+            Err(Error::DtypeMismatch {
+                expected: DType::F16,
+                got: DType::BF16,
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.check(st, "y", DType::BF16, usize::MAX),
+            Err(Error::Shape { .. })
+        ));
+        let odd = ActMeta { addr: 0x1001, ..m };
+        assert!(odd.check(st, "y", DType::BF16, 1).is_err());
+        let two = ActMeta { addr: 0x1002, ..m };
+        assert!(two.check(st, "y", DType::BF16, 1).is_ok());
+        assert!(!two.aligned(16) && m.aligned(16));
+        let f = ActMeta {
+            dtype: DType::F32,
+            addr: 0x1002,
+            ..m
+        };
+        assert!(f.check(st, "y", DType::F32, 1).is_err());
+    }
+
+    #[test]
+    fn bytes_round_trip_every_dtype() {
+        let t = crate::tensor::Tensor::from_f32(vec![4], vec![1.0, -2.5, 0.375, 65504.0]).unwrap();
+        for d in DType::ALL {
+            let c = t.cast(d);
+            let back = bytes_to_f64(&tensor_bytes(&c), d);
+            let want: Vec<f64> = c.to_f32_vec().into_iter().map(f64::from).collect();
+            assert_eq!(back, want, "{d}");
+        }
+    }
 }

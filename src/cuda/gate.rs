@@ -579,3 +579,50 @@ fn finalize(
         "launching gate_finalize",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Capacity, ExpertChoice};
+
+    #[test]
+    fn plans_ask_for_exactly_the_scratch_a_config_uses() {
+        let top2 = RoutingConfig::default();
+        let p = Plan::new(300, 16, &top2).unwrap();
+        assert!(!p.capacity && !p.bpr && !p.expert_choice && !p.global);
+        assert_eq!((p.slots, p.n, p.te, p.per_warp), (2, 600, 4800, 192));
+        let cap = RoutingConfig {
+            capacity: Some(Capacity::Factor(1.25)),
+            priority: Priority::Top1Score,
+            ..top2
+        };
+        let p = Plan::new(300, 16, &cap).unwrap();
+        assert!(p.capacity && p.bpr && !p.expert_choice);
+        assert_eq!((p.nb, p.cells(16).unwrap()), (3, 48));
+        let ec = RoutingConfig {
+            expert_choice: Some(ExpertChoice {
+                capacity_factor: 2.0,
+            }),
+            ..top2
+        };
+        let p = Plan::new(7, 8, &ec).unwrap();
+        // Every token lists all E experts; no capacity passes.
+        assert!(p.expert_choice && !p.capacity && !p.bpr);
+        assert_eq!((p.slots, p.n, p.te), (8, 56, 56));
+        // One warp's buffers past 48 KiB: the global-scratch variant, T x PW bytes.
+        let p = Plan::new(5, 4100, &top2).unwrap();
+        assert!(p.global);
+        assert_eq!(p.select_bytes(5).unwrap(), 5 * 12 * 4100);
+        assert!(!Plan::new(5, 4096, &top2).unwrap().global);
+        assert!(Plan::new(1, 0, &top2).is_err());
+    }
+
+    #[test]
+    fn missing_or_short_scratch_is_a_typed_error() {
+        let mut none: Option<CudaSlice<u32>> = None;
+        assert!(matches!(
+            need(none.as_mut(), "cells", 4),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
