@@ -10,7 +10,6 @@
 //! cannot run here answers [`Error::BackendUnavailable`] naming what is missing. The whole
 //! layer runs through [`MoeLayer::prepare`](crate::MoeLayer::prepare).
 
-
 use crate::config::{Activation, RoutingConfig};
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
@@ -146,9 +145,9 @@ impl Backend {
     #[cfg(feature = "cuda")]
     pub fn from_cuda_stream(stream: std::sync::Arc<cudarc::driver::CudaStream>) -> Result<Self> {
         Ok(Backend {
-            device: Device::Cuda(std::sync::Arc::new(
-                crate::cuda::CudaDevice::from_stream(stream)?,
-            )),
+            device: Device::Cuda(std::sync::Arc::new(crate::cuda::CudaDevice::from_stream(
+                stream,
+            )?)),
             memory_limit: None,
         })
     }

@@ -5,6 +5,7 @@
 pub mod act;
 pub mod combine;
 pub mod context;
+pub mod device;
 pub mod expert_gemm;
 pub mod gate;
 pub mod host;
@@ -81,25 +82,29 @@ pub struct PermuteCuda {
     pub sorted_assignment: CudaSlice<u32>,
     /// `[T·slots]`.
     pub row_of_assignment: CudaSlice<u32>,
-    /// `[T·slots, H]`.
-    pub x_perm: CudaSlice<f32>,
+    /// `[T·slots, H]` elements of `dtype`, as bytes.
+    pub x_perm: CudaSlice<u8>,
+    /// The activation dtype of `x_perm` (and of the `x` it is gathered from).
+    pub dtype: DType,
 }
 
 impl PermuteCuda {
-    /// Device buffers for `tokens × slots` assignments of width `hidden`.
+    /// Device buffers for `tokens × slots` assignments of width `hidden` in `dtype`.
     pub fn alloc(
         dev: &CudaDevice,
         tokens: usize,
         slots: usize,
         experts: usize,
         hidden: usize,
+        dtype: DType,
     ) -> Result<Self> {
         let n = tokens * slots;
         Ok(PermuteCuda {
             expert_offsets: dev.alloc(experts + 1)?,
             sorted_assignment: dev.alloc(n)?,
             row_of_assignment: dev.alloc(n)?,
-            x_perm: dev.alloc(n * hidden)?,
+            x_perm: dev.alloc(n * hidden * dtype.size())?,
+            dtype,
         })
     }
 }
