@@ -19,13 +19,19 @@ use crate::tensor::{DType, Tensor, TensorData};
 /// A model's MoE layer shape.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// Name on the command line and in reports (`mixtral`, `deepseek_v3`, ...).
     pub name: &'static str,
+    /// Routed experts E.
     pub experts: usize,
+    /// Experts per token k.
     pub top_k: usize,
+    /// Model width H.
     pub hidden: usize,
+    /// Routed expert FFN width F.
     pub ffn: usize,
     /// Shared expert width, if any.
     pub shared_ffn: Option<usize>,
+    /// The preset whose config the layer starts from.
     pub preset: Preset,
 }
 
@@ -190,10 +196,16 @@ pub fn layer(s: &Shape, dtype: DType) -> Result<MoeLayer> {
 /// Median stage and layer times of one (shape, T) point.
 #[derive(Debug, Clone)]
 pub struct Point {
+    /// The shape's name.
     pub shape: &'static str,
+    /// Tokens T per forward.
     pub tokens: usize,
+    /// The dtype of the expert weights.
     pub dtype: DType,
+    /// Median time of each stage the backend timed, in stage order (empty when none).
     pub stages: Vec<(Stage, Duration)>,
+    /// Median forward time: the sum of the stage times, or the host wall time when the
+    /// backend timed no stage.
     pub layer: Duration,
     /// FLOPs of the expert FFN (routed + shared), 2 per multiply-add.
     pub gemm_flops: f64,
@@ -201,6 +213,7 @@ pub struct Point {
     pub gemm_weight_bytes: f64,
     /// Most tokens any expert received, and the mean (load balance).
     pub max_load: u32,
+    /// Mean tokens per expert.
     pub mean_load: f64,
     /// Host time to enqueue one device-resident forward (record + submit on wgpu, launches on
     /// CUDA; median of 5), `None` on the CPU.

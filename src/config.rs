@@ -28,7 +28,9 @@ pub enum Scoring {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Groups {
+    /// Number of groups; must divide E.
     pub count: usize,
+    /// Groups that stay eligible, in `1..=count`.
     pub keep: usize,
 }
 
@@ -88,7 +90,10 @@ pub struct ExpertChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClampedSwiglu {
+    /// Slope of the sigmoid, `alpha` in `σ(alpha · g')` (1.702 in GPT-OSS).
     pub alpha: f64,
+    /// Clamp bound, finite and > 0: `g` is clamped above at `limit`, `u` to `±limit` (7.0 in
+    /// GPT-OSS).
     pub limit: f64,
 }
 
@@ -122,13 +127,26 @@ impl Activation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
+    /// Mixtral (HF `MixtralSparseMoeBlock`): softmax, top-2, renormalise, SwiGLU.
     Mixtral,
+    /// Qwen2-MoE (HF `Qwen2MoeSparseMoeBlock`): top-4, `norm_topk_prob = false`; its layers
+    /// have a gated shared expert.
     Qwen2Moe,
+    /// Qwen3-MoE (HF `Qwen3MoeSparseMoeBlock`): top-8, renormalised.
     Qwen3Moe,
+    /// DeepSeek-V3 (HF `DeepseekV3MoE`): sigmoid plus correction bias, 8 groups keep 4, top-8,
+    /// weights × 2.5.
     DeepseekV3,
+    /// GPT-OSS (HF `GptOssMLP`): top-4 on raw logits, softmax over the picks, clamped SwiGLU.
     GptOss,
+    /// Switch Transformers (HF `SwitchTransformersSparseMLP`): top-1, capacity 64
+    /// assignments per expert, ReLU.
     Switch,
+    /// NLLB-MoE (fairseq eval): top-2, capacity `ceil(1.0 · T)`, renormalise after dropping,
+    /// ReLU, routed output × 0.8.
     NllbMoe,
+    /// A GPT-4-style layer: Mixtral's routing and activation (softmax, top-2, renormalise,
+    /// SwiGLU).
     Gpt4,
 }
 
@@ -268,15 +286,21 @@ impl FromStr for Preset {
 pub struct RoutingConfig {
     /// Experts per token (ignored by expert-choice routing, which gives every token E slots).
     pub top_k: usize,
+    /// How logits become scores.
     pub scoring: Scoring,
+    /// Group-limited selection, if any.
     pub groups: Option<Groups>,
+    /// How the weight of each pick is formed.
     pub combine: Combine,
     /// Divide the kept weights of a token by their sum (after capacity).
     pub renormalize: bool,
     /// Multiplies every weight (DeepSeek's routed_scaling_factor).
     pub scale: f64,
+    /// Expert capacity; `None` keeps every assignment.
     pub capacity: Option<Capacity>,
+    /// Which assignments claim capacity first (used only with `capacity`).
     pub priority: Priority,
+    /// Expert-choice routing instead of token choice, when set.
     pub expert_choice: Option<ExpertChoice>,
 }
 
@@ -402,7 +426,9 @@ impl RoutingConfig {
 pub struct LayerConfig {
     /// The preset this config started from, if any.
     pub preset: Option<Preset>,
+    /// Stage 1's routing.
     pub routing: RoutingConfig,
+    /// The expert activation.
     pub activation: Activation,
     /// Multiplies the routed experts' sum (NLLB's 0.8 eval scale); the shared expert is not scaled.
     pub output_scale: f64,

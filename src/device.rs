@@ -1,5 +1,5 @@
 //! What every backend shares, below them all: the backend kinds, the host-side stage buffers,
-//! and the [`Stages`] trait through which the one forward of a layer ([`forward`]) runs on a
+//! and the `Stages` trait through which the one forward of a layer (`forward`) runs on a
 //! CPU, a CUDA stream or a wgpu command encoder. `backend.rs` and `layer.rs` sit above this
 //! module and the backend modules; nothing here imports them.
 
@@ -17,13 +17,16 @@ use crate::tensor::Tensor;
 /// The kinds of backend the crate knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
+    /// The host: each stage's f64 reference, results stored as a GPU stores them.
     Cpu,
+    /// An NVIDIA GPU through the CUDA driver (feature `cuda`).
     Cuda,
+    /// A GPU through wgpu: Vulkan, Metal, DX12 or lavapipe (feature `wgpu`).
     Wgpu,
 }
 
 impl BackendKind {
-    /// Preference order of [`Backend::auto`]: CUDA, then wgpu, then CPU.
+    /// Preference order of [`Backend::auto`](crate::Backend::auto): CUDA, then wgpu, then CPU.
     pub const AUTO_ORDER: [BackendKind; 3] =
         [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
 
@@ -60,9 +63,13 @@ impl FromStr for BackendKind {
 /// Outputs of stage 1 for T tokens with `slots` assignments each, `[T, slots]` token-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GateBuffers {
+    /// Tokens T.
     pub tokens: usize,
+    /// Assignments per token (`top_k`, or E for expert choice).
     pub slots: usize,
+    /// Experts E.
     pub experts: usize,
+    /// Expert of each assignment.
     pub topk_ids: Vec<u32>,
     /// The weight applied to each assignment (0 where dropped).
     pub topk_weights: Vec<f32>,
@@ -100,9 +107,13 @@ impl GateBuffers {
 /// Outputs of stage 2: the permutation and the gathered rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PermuteBuffers {
+    /// Tokens T.
     pub tokens: usize,
+    /// Assignments per token (`top_k`, or E for expert choice).
     pub slots: usize,
+    /// Experts E.
     pub experts: usize,
+    /// Model width H.
     pub hidden: usize,
     /// `[E + 1]`; rows from `expert_offsets[E]` on are dropped assignments.
     pub expert_offsets: Vec<u32>,
@@ -164,7 +175,9 @@ impl PermuteBuffers {
 /// [`MoeLayer`](crate::MoeLayer), which sits above the backends).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerWeights<'a> {
+    /// Routing, activation and output scale.
     pub config: &'a LayerConfig,
+    /// E, H and F of the routed experts.
     pub dims: ExpertDims,
     /// `[E, H]`.
     pub router_weight: &'a Tensor,
@@ -172,6 +185,7 @@ pub struct LayerWeights<'a> {
     pub router_bias: Option<&'a Tensor>,
     /// `[E]`.
     pub correction_bias: Option<&'a Tensor>,
+    /// The routed experts.
     pub experts: &'a ExpertWeights,
     /// The shared expert as one expert.
     pub shared: Option<&'a ExpertWeights>,

@@ -12,7 +12,12 @@ use crate::stage::Stage;
 pub enum Error {
     /// A stage's input or output has the wrong shape, length or value range.
     #[error("{stage}: {what}")]
-    Shape { stage: Stage, what: String },
+    Shape {
+        /// The stage whose operand is wrong.
+        stage: Stage,
+        /// Which operand, and what is wrong with it.
+        what: String,
+    },
 
     /// A command-line value is not one the crate knows (backend or dtype name).
     #[error("usage: {0}")]
@@ -24,42 +29,77 @@ pub enum Error {
 
     /// A JSON config file could not be parsed (malformed JSON, unknown key, wrong type).
     #[error("config {path}: {msg}")]
-    ConfigJson { path: String, msg: String },
+    ConfigJson {
+        /// The config file (or other origin) that failed to parse.
+        path: String,
+        /// The parser's message, naming the key where one is at fault.
+        msg: String,
+    },
 
     /// A layer-weights file is missing a tensor, has an extra one, or has inconsistent shapes.
     #[error("weights {path}: {what}")]
-    Weights { path: String, what: String },
+    Weights {
+        /// The weights file.
+        path: String,
+        /// Which tensor, and what is wrong with it.
+        what: String,
+    },
 
     /// A tensor file (weights, input) is not a readable safetensors file.
     #[error("safetensors {path}: {msg}")]
-    Safetensors { path: String, msg: String },
+    Safetensors {
+        /// The tensor file.
+        path: String,
+        /// The safetensors reader's message.
+        msg: String,
+    },
 
     /// The input tensor file is wrong (missing `x`, wrong rank, wrong width).
     #[error("input {path}: {what}")]
-    Input { path: String, what: String },
+    Input {
+        /// The input file.
+        path: String,
+        /// What is wrong with its `x`.
+        what: String,
+    },
 
     /// A tensor has a dtype this crate does not accept.
     #[error("{context}: unsupported dtype {dtype} (expected F32, F16 or BF16)")]
-    Dtype { context: String, dtype: String },
+    Dtype {
+        /// Which tensor, in which file.
+        context: String,
+        /// The dtype it has, as the file names it.
+        dtype: String,
+    },
 
     /// A tensor or buffer is in another dtype than the one it must have (e.g. `x` of a layer
     /// prepared for bf16 activations given in f32).
     #[error("{what}: expected {expected}, got {got}")]
     DtypeMismatch {
+        /// The tensor or buffer.
         what: String,
+        /// The dtype it must have.
         expected: crate::tensor::DType,
+        /// The dtype it has.
         got: crate::tensor::DType,
     },
 
     /// A device call failed while the backend was usable: a rejected submission, a failed
     /// launch, copy or read-back, a driver error mid-forward.
     #[error("{backend}: {what}")]
-    Device { backend: BackendKind, what: String },
+    Device {
+        /// The backend whose call failed.
+        backend: BackendKind,
+        /// The call, and the driver's or wgpu's message.
+        what: String,
+    },
 
     /// The requested backend cannot be used on this machine or is not built yet.
     #[error("backend {backend} is not available: {reason}")]
     BackendUnavailable {
+        /// The backend asked for.
         backend: BackendKind,
+        /// Why it cannot be used (feature not built, no driver, no adapter, ...).
         reason: String,
     },
 
@@ -71,17 +111,24 @@ pub enum Error {
         quantity(*limit, resource.unit())
     )]
     Limit {
+        /// The backend (or [`BackendKind::Cpu`] for host memory) whose limit is exceeded.
         backend: BackendKind,
+        /// Which limit; its [`Resource::unit`] is the unit of `need` and `limit`.
         resource: Resource,
+        /// The buffer, kernel or allocation that needs it.
         what: String,
+        /// How much the shape needs.
         need: u64,
+        /// How much the device or host offers.
         limit: u64,
     },
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },

@@ -79,7 +79,9 @@ pub fn load_input(path: &Path) -> Result<Tensor> {
 
 /// One output tensor for [`save`].
 pub enum OutTensor {
+    /// An f32 tensor: shape and row-major values.
     F32(Vec<usize>, Vec<f32>),
+    /// An i32 tensor (expert ids, kept flags): shape and row-major values.
     I32(Vec<usize>, Vec<i32>),
     /// A tensor in its own dtype (f32, f16 or bf16).
     Tensor(Tensor),

@@ -50,6 +50,7 @@ pub struct SharedExpert {
 /// A loaded, validated MoE layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeLayer {
+    /// Routing, activation and output scale.
     pub config: LayerConfig,
     /// `[E, H]`.
     pub router_weight: Tensor,
@@ -57,7 +58,9 @@ pub struct MoeLayer {
     pub router_bias: Option<Tensor>,
     /// `[E]`, added to the scores for selection only.
     pub score_correction_bias: Option<Tensor>,
+    /// The routed experts.
     pub experts: ExpertWeights,
+    /// The shared expert, if the layer has one.
     pub shared: Option<SharedExpert>,
     dims: ExpertDims,
 }
@@ -65,7 +68,9 @@ pub struct MoeLayer {
 /// The outputs of a forward pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForwardOutput {
+    /// Tokens T.
     pub tokens: usize,
+    /// Model width H.
     pub hidden: usize,
     /// Assignments per token (`top_k`, or E for expert choice).
     pub slots: usize,
@@ -101,6 +106,7 @@ impl ForwardOutput {
 pub struct ReferenceOutput {
     /// `[T, H]`.
     pub y: Vec<f64>,
+    /// The reference gate's outputs.
     pub routing: Routing,
 }
 

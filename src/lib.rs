@@ -17,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod bench;

@@ -100,7 +100,9 @@ pub fn product(factors: &[usize]) -> u64 {
 /// activation, id and scratch buffer of every backend is f32 or u32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufferNeed {
+    /// The buffer's name in errors.
     pub name: &'static str,
+    /// Length in 4-byte elements.
     pub elements: u64,
     /// One buffer, checked on its own against buffer, binding and index limits.
     pub single: bool,
@@ -126,14 +128,18 @@ impl BufferNeed {
 /// same list on CUDA and wgpu, scratch included at its largest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Footprint {
+    /// Tokens T of the forward.
     pub tokens: usize,
+    /// The buffers, each with its size.
     pub buffers: Vec<BufferNeed>,
 }
 
 /// The parts of a layer a forward's buffers depend on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayerShape {
+    /// E, H and F of the routed experts.
     pub dims: ExpertDims,
+    /// The layer's config (its routing sets the slots per token).
     pub config: LayerConfig,
     /// The shared expert's FFN width, when the layer has one.
     pub shared_ffn: Option<usize>,

@@ -16,11 +16,16 @@ use crate::tensor::{DType, Tensor};
 /// What a synthetic layer holds besides the routed experts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Extras {
+    /// A router bias `router.bias` `[E]`.
     pub router_bias: bool,
+    /// A selection bias `router.score_correction_bias` `[E]` (DeepSeek-V3).
     pub score_correction_bias: bool,
+    /// Biases on the expert projections (`experts.*_proj_bias`).
     pub expert_biases: bool,
     /// Shared expert width Fs, if any.
     pub shared_ffn: Option<usize>,
+    /// A sigmoid gate `shared.gate.weight` `[1, H]` on the shared expert (Qwen2-MoE); ignored
+    /// without `shared_ffn`.
     pub shared_gate: bool,
 }
 
@@ -28,6 +33,7 @@ pub struct Extras {
 pub struct Gen(StdRng);
 
 impl Gen {
+    /// A generator seeded with `seed`: equal seeds give equal values.
     pub fn new(seed: u64) -> Self {
         Gen(StdRng::seed_from_u64(seed))
     }
@@ -75,6 +81,7 @@ pub enum Spread {
 }
 
 impl Spread {
+    /// Every spread.
     pub const ALL: [Spread; 4] = [
         Spread::Random,
         Spread::FirstExpert,

@@ -11,8 +11,11 @@ use crate::error::{Error, Result};
 /// Element type of weights and inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float.
     F32,
+    /// 16-bit IEEE half float.
     F16,
+    /// bfloat16: f32's exponent range with an 8-bit significand.
     BF16,
 }
 
@@ -90,8 +93,11 @@ impl Element for bf16 {
 /// The elements of a [`Tensor`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorData {
+    /// f32 elements.
     F32(Vec<f32>),
+    /// f16 elements.
     F16(Vec<f16>),
+    /// bf16 elements.
     BF16(Vec<bf16>),
 }
 

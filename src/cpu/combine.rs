@@ -21,9 +21,13 @@ pub struct SharedInput<'a> {
 /// The assignments combine reads, `[T, slots]` each.
 #[derive(Debug, Clone, Copy)]
 pub struct Assignments<'a> {
+    /// Assignments per token (`top_k`, or E for expert choice).
     pub slots: usize,
+    /// Weight of each assignment (0 where dropped).
     pub weights: &'a [f64],
+    /// Whether each assignment survived capacity; dropped ones are skipped.
     pub kept: &'a [bool],
+    /// Row of `y_perm` holding each kept assignment's expert output.
     pub row_of_assignment: &'a [u32],
 }
 

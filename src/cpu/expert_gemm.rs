@@ -32,8 +32,11 @@ pub struct ExpertWeights {
 /// E, H and F of a set of expert weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExpertDims {
+    /// Experts E.
     pub experts: usize,
+    /// Model width H (input and output of each expert).
     pub hidden: usize,
+    /// FFN width F (rows of the gate and up projections).
     pub ffn: usize,
 }
 

@@ -20,8 +20,11 @@ use crate::stage::Stage;
 /// expert-choice routing). All per-assignment arrays are `[T, slots]`, token-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
+    /// Tokens T.
     pub tokens: usize,
+    /// Assignments per token (`top_k`, or E for expert choice).
     pub slots: usize,
+    /// Experts E.
     pub experts: usize,
     /// Expert of each assignment, in descending selection value per token.
     pub topk_ids: Vec<u32>,

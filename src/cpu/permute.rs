@@ -15,6 +15,7 @@ use crate::tensor::Tensor;
 /// The permutation of T·slots assignments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Permutation {
+    /// Experts E (key E is the bucket of dropped assignments).
     pub experts: usize,
     /// `[E + 1]`: exclusive prefix sum of kept assignments per expert.
     pub expert_offsets: Vec<u32>,

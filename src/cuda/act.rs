@@ -15,14 +15,18 @@ use crate::tensor::DType;
 /// A read-only activation matrix: `bytes` holds at least `elems · dtype.size()` bytes.
 #[derive(Debug)]
 pub struct ActView<'a> {
+    /// The matrix's elements as device bytes.
     pub bytes: CudaView<'a, u8>,
+    /// The element dtype.
     pub dtype: DType,
 }
 
 /// A writable activation matrix: `bytes` holds at least `elems · dtype.size()` bytes.
 #[derive(Debug)]
 pub struct ActViewMut<'a> {
+    /// The matrix's elements as device bytes.
     pub bytes: CudaViewMut<'a, u8>,
+    /// The element dtype.
     pub dtype: DType,
 }
 

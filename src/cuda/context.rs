@@ -95,9 +95,13 @@ fn alloc_err<T>(
 
 /// One CUDA device with its stream and caches.
 pub struct CudaDevice {
+    /// The driver context of the device.
     pub ctx: Arc<CudaContext>,
+    /// The stream every launch, copy and allocation of this handle is ordered on.
     pub stream: Arc<CudaStream>,
+    /// The device name the driver reports.
     pub name: String,
+    /// Compute capability `(major, minor)`, at least `(8, 0)`.
     pub compute_capability: (i32, i32),
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }

@@ -1,4 +1,4 @@
-//! The CUDA backend's side of the one forward ([`crate::device::forward`]): the layer's
+//! The CUDA backend's side of the one forward (`crate::device::forward`): the layer's
 //! weights resident on the device ([`CudaResident`]), one workspace of every buffer a forward
 //! of up to `max_tokens` tokens needs ([`CudaWorkspace`]), and each stage launched on the
 //! device's stream. A forward allocates nothing, copies nothing between host and device and
@@ -68,15 +68,23 @@ impl CudaResident {
 
 /// Every buffer of a forward of up to `max_tokens` tokens.
 pub struct CudaWorkspace {
+    /// The activation dtype of `x`, `x_perm`, `h`, `y_perm`, `shared_y` and `y`.
     pub dtype: DType,
+    /// Most tokens one forward on this workspace may have.
     pub max_tokens: usize,
     /// `[max_tokens, H]` in `dtype`: where the host-tensor forward uploads `x`.
     pub x: CudaSlice<u8>,
+    /// `[max_tokens, E]` router logits.
     pub logits: CudaSlice<f32>,
+    /// `[max_tokens]` shared-expert gate logits `x·g`, when the shared expert has a gate.
     pub shared_logit: Option<CudaSlice<f32>>,
+    /// Stage 1's outputs.
     pub gate: GateCuda,
+    /// Scratch of the gate's batch-wide passes (what the routing config needs).
     pub gate_scratch: GateScratchCuda,
+    /// Stage 2's outputs, `x_perm` included.
     pub perm: PermuteCuda,
+    /// The permutation's count table.
     pub perm_scratch: PermuteScratchCuda,
     /// `[max_tokens·slots, F]` (and the shared expert's `[max_tokens, Fs]`) in `dtype`.
     pub h: CudaSlice<u8>,
@@ -91,6 +99,7 @@ pub struct CudaWorkspace {
     pub shared_offsets: CudaSlice<u32>,
     /// `[max_tokens, H]` in `dtype`: where the host-tensor forward reads `y`.
     pub y: CudaSlice<u8>,
+    /// Six events around the five stages, when the workspace was allocated `timed`.
     pub events: Option<Vec<CudaEvent>>,
     /// Whether this forward records the events (the host-tensor forward does; the
     /// device-resident one enqueues nothing it was not asked for).

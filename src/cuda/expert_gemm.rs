@@ -14,7 +14,7 @@
 //!   FFMA kernel widens them to f32.
 //!
 //! The template keeps the lines of its `//@begin TAG` sections for the variants that carry the
-//! tag (see [`Variant::tags`]), then fills the `${NAME}` placeholders. Expert offsets stay on
+//! tag (see `Variant::tags`), then fills the `${NAME}` placeholders. Expert offsets stay on
 //! the device: the grid comes from the static bound `floor(rows / 128) + E` row tiles and
 //! surplus blocks exit.
 
@@ -256,6 +256,7 @@ pub fn modules() -> Result<Vec<PtxModule>> {
 /// layer has none, so the kernel always adds one).
 #[derive(Debug)]
 pub struct CudaExperts {
+    /// E, H and F.
     pub dims: ExpertDims,
     /// The dtype of every weight matrix; picks the kernel variant.
     pub dtype: DType,

@@ -1,7 +1,7 @@
 //! The ways a prepared layer runs on CUDA: from host tensors (upload `x` into the workspace,
 //! launch, wait, read back), on the caller's device views (`CudaView` / `CudaViewMut`,
 //! enqueued on the backend's stream, no synchronisation), and on raw device pointers. All
-//! launch the one forward of [`crate::device::forward`].
+//! launch the one forward of `crate::device::forward`.
 
 use std::time::Instant;
 

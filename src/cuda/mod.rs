@@ -25,9 +25,13 @@ use crate::tensor::{DType, Tensor, TensorData};
 /// viewed as `[rows, cols]` with `cols` the last dimension.
 #[derive(Debug)]
 pub struct CudaWeights {
+    /// The dtype of the elements, as stored in the tensor.
     pub dtype: DType,
+    /// Rows: the product of every dimension but the last.
     pub rows: usize,
+    /// Columns: the tensor's last dimension.
     pub cols: usize,
+    /// `rows · cols` elements of `dtype`, row-major, as raw bytes.
     pub bytes: CudaSlice<u8>,
 }
 
@@ -53,11 +57,13 @@ impl CudaWeights {
 /// Stage 1's outputs on the device, `[T, slots]` token-major (counts `[E]`).
 #[derive(Debug)]
 pub struct GateCuda {
+    /// Expert of each assignment.
     pub topk_ids: CudaSlice<u32>,
     /// Weight applied per assignment, 0 where dropped.
     pub topk_weights: CudaSlice<f32>,
     /// 1 where kept.
     pub kept: CudaSlice<u32>,
+    /// Kept assignments per expert, `[E]`.
     pub counts: CudaSlice<u32>,
 }
 
@@ -112,9 +118,13 @@ impl PermuteCuda {
 /// One CUDA device as the driver reports it.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
+    /// The device's index, as `CudaDevice::new` takes it.
     pub ordinal: usize,
+    /// The device name the driver reports.
     pub name: String,
+    /// Compute capability `(major, minor)`; the kernels need 8.0 or newer.
     pub compute_capability: (i32, i32),
+    /// Total device memory in bytes.
     pub total_mem_bytes: usize,
 }
 

@@ -15,9 +15,11 @@ use crate::stage::Stage;
 /// One loadable PTX module: a stage's template with its placeholders filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PtxModule {
+    /// The stage whose template the module comes from.
     pub stage: Stage,
     /// File-name-safe variant name, e.g. `expert_gemm.bf16`; `<variant>.ptx` when dumped.
     pub variant: String,
+    /// The PTX text handed to the driver.
     pub source: String,
 }
 

@@ -49,10 +49,15 @@ pub fn code(dtype: DType) -> f64 {
 /// elements (`cols` for the caller's dense x and y, [`stride`] for internal buffers).
 #[derive(Debug, Clone, Copy)]
 pub struct Act<'a> {
+    /// The matrix's words.
     pub buf: &'a GpuBuffer<u32>,
+    /// The element dtype.
     pub dtype: DType,
+    /// Rows.
     pub rows: usize,
+    /// Columns (elements per row that hold data).
     pub cols: usize,
+    /// Elements from the start of one row to the next (>= `cols`).
     pub stride: usize,
 }
 

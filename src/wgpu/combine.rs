@@ -13,10 +13,12 @@ use crate::wgpu::GateGpu;
 /// Entry points of shaders/combine.wgsl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Entry {
+    /// The weighted un-permute: `y` from `y_perm` and the shared expert's output.
     Combine,
 }
 
 impl Entry {
+    /// The entry point's name in the shader.
     pub fn name(self) -> &'static str {
         match self {
             Entry::Combine => "combine",

@@ -23,7 +23,9 @@ pub const WG: u32 = 64;
 /// zero-sized binding is invalid; `len` is what the data holds).
 #[derive(Debug)]
 pub struct GpuBuffer<T> {
+    /// The wgpu buffer.
     pub buffer: ::wgpu::Buffer,
+    /// Elements of `T` it holds.
     pub len: usize,
     _t: PhantomData<T>,
 }
@@ -103,9 +105,13 @@ type PipelineKey = (Kernel, Vec<(&'static str, u64)>);
 
 /// A wgpu device with its queue, limits and caches.
 pub struct WgpuDevice {
+    /// The logical device.
     pub device: ::wgpu::Device,
+    /// The queue every submission and buffer write goes to.
     pub queue: ::wgpu::Queue,
+    /// The adapter's name, backend, device type and driver.
     pub info: ::wgpu::AdapterInfo,
+    /// The device's limits (buffer and binding sizes, workgroups per dimension).
     pub limits: ::wgpu::Limits,
     /// Whether GPU timestamps are available (TIMESTAMP_QUERY + inside passes).
     pub timestamps: bool,

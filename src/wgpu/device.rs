@@ -1,4 +1,4 @@
-//! The wgpu backend's side of the one forward ([`crate::device::forward`]): the layer's
+//! The wgpu backend's side of the one forward (`crate::device::forward`): the layer's
 //! weights resident on the device ([`WgpuResident`]), one workspace of every buffer a forward
 //! of up to `max_tokens` tokens needs ([`WgpuWorkspace`]), and each stage recorded into a
 //! command encoder that the caller submits. Nothing is allocated, uploaded or read back
@@ -69,14 +69,21 @@ impl WgpuResident {
 /// Every buffer of a forward of up to `max_tokens` tokens.
 #[derive(Debug)]
 pub struct WgpuWorkspace {
+    /// The activation dtype of `x`, `x_perm`, `h`, `y_perm`, `shared_y` and `y`.
     pub dtype: DType,
+    /// Most tokens one forward on this workspace may have.
     pub max_tokens: usize,
+    /// The pool of scratch and uniform buffers the stage encoders draw from.
     pub scratch: Scratch,
     /// `[max_tokens, H]` dense, in `dtype` words: the forward's input.
     pub x: GpuBuffer<u32>,
+    /// `[max_tokens, E]` router logits.
     pub logits: GpuBuffer<f32>,
+    /// `[max_tokens]` shared-expert gate logits `x·g`, when the shared expert has a gate.
     pub shared_logit: Option<GpuBuffer<f32>>,
+    /// Stage 1's outputs.
     pub gate: GateGpu,
+    /// Stage 2's outputs, `x_perm` included.
     pub perm: PermuteGpu,
     /// `[max_tokens·slots, H]` padded rows.
     pub y_perm: GpuBuffer<u32>,
@@ -86,6 +93,8 @@ pub struct WgpuWorkspace {
     pub shared_offsets: GpuBuffer<u32>,
     /// `[max_tokens, H]` dense, in `dtype` words: the forward's output.
     pub y: GpuBuffer<u32>,
+    /// GPU timestamps around the five stages, when the workspace was allocated `timed` and
+    /// the adapter supports them.
     pub stamps: Option<Timestamps>,
     /// Whether this forward writes the timestamps (the host-tensor forward does; the
     /// device-resident one records nothing it was not asked for).

@@ -84,6 +84,7 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The entry point's name in the shader.
     pub fn name(self) -> &'static str {
         match self {
             Entry::Up => "expert_up",
@@ -100,6 +101,7 @@ impl Entry {
 /// chunks, biases as f32.
 #[derive(Debug)]
 pub struct GpuExperts {
+    /// E, H and F.
     pub dims: ExpertDims,
     /// `[E·F, H]`, present iff the activation is gated; chunked exactly like `up`.
     pub gate: Option<GpuWeights>,

@@ -37,6 +37,7 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The entry point's name in the shader.
     pub fn name(self) -> &'static str {
         match self {
             Entry::Select => "gate_select",

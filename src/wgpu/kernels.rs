@@ -10,10 +10,15 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 /// One compute entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
+    /// An entry point of shaders/router.wgsl.
     Router(router::Entry),
+    /// An entry point of shaders/gate.wgsl.
     Gate(gate::Entry),
+    /// An entry point of shaders/permute.wgsl.
     Permute(permute::Entry),
+    /// An entry point of shaders/expert_gemm.wgsl.
     ExpertGemm(expert_gemm::Entry),
+    /// An entry point of shaders/combine.wgsl.
     Combine(combine::Entry),
 }
 

@@ -1,7 +1,7 @@
 //! The two ways a prepared layer runs on wgpu: from host tensors (upload `x`, record, submit,
 //! wait, read back) and device-resident, recorded into the caller's command encoder from the
 //! caller's `x` buffer to its `y` buffer (the caller submits). Both record the one forward of
-//! [`crate::device::forward`].
+//! `crate::device::forward`.
 
 use std::time::Instant;
 

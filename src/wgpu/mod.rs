@@ -27,11 +27,13 @@ use act::Act;
 /// Stage 1's outputs on the device, `[T, slots]` token-major (counts `[E]`).
 #[derive(Debug)]
 pub struct GateGpu {
+    /// Expert of each assignment.
     pub topk_ids: GpuBuffer<u32>,
     /// Weight applied per assignment, 0 where dropped.
     pub topk_weights: GpuBuffer<f32>,
     /// 1 where kept.
     pub kept: GpuBuffer<u32>,
+    /// Kept assignments per expert, `[E]`.
     pub counts: GpuBuffer<u32>,
 }
 
@@ -98,9 +100,13 @@ impl PermuteGpu {
 /// One wgpu adapter.
 #[derive(Debug, Clone)]
 pub struct AdapterSummary {
+    /// The adapter's name.
     pub name: String,
+    /// The graphics API it runs on (`Vulkan`, `Metal`, `Dx12`, ...).
     pub backend: String,
+    /// The device type (`DiscreteGpu`, `IntegratedGpu`, `Cpu` for lavapipe, ...).
     pub device_type: String,
+    /// The driver's name and version information.
     pub driver: String,
 }
 

@@ -48,6 +48,7 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The entry point's name in the shader.
     pub fn name(self) -> &'static str {
         match self {
             Entry::Rank => "permute_rank",

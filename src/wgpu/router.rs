@@ -17,10 +17,12 @@ use crate::wgpu::weights::GpuWeights;
 /// Entry points of shaders/router.wgsl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Entry {
+    /// Router logits `x·Wrᵀ (+ b)`, one workgroup per (token, expert).
     Logits,
 }
 
 impl Entry {
+    /// The entry point's name in the shader.
     pub fn name(self) -> &'static str {
         match self {
             Entry::Logits => "router_logits",

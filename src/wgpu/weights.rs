@@ -14,16 +14,22 @@ use crate::wgpu::context::{GpuBuffer, WgpuDevice};
 pub struct WeightChunk {
     /// First row (of the flattened `[rows, cols]` view) held by this chunk.
     pub first_row: usize,
+    /// Rows held by this chunk.
     pub rows: usize,
+    /// The chunk's elements, packed into u32 words (see the module docs).
     pub words: GpuBuffer<u32>,
 }
 
 /// A `[rows, cols]` weight matrix (any leading dims flattened into rows) on the GPU.
 #[derive(Debug)]
 pub struct GpuWeights {
+    /// The dtype of the elements, as stored in the tensor.
     pub dtype: DType,
+    /// Rows: the product of every dimension but the last.
     pub rows: usize,
+    /// Columns: the tensor's last dimension.
     pub cols: usize,
+    /// Row chunks in order, each within the binding limit.
     pub chunks: Vec<WeightChunk>,
 }
 
