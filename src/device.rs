@@ -194,6 +194,7 @@ pub struct LayerWeights<'a> {
 }
 
 /// `(y [T, H] widened exactly to f32, stage times, wall time)` of a host-tensor forward.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) type HostForward = (
     Vec<f32>,
     Vec<(Stage, std::time::Duration)>,

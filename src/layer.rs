@@ -587,6 +587,7 @@ pub struct PreparedLayer {
     shape: LayerShape,
     hidden: usize,
     slots: usize,
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
     experts: usize,
     plan: Plan,
     max_tokens: usize,
@@ -898,7 +899,7 @@ impl PreparedLayer {
     }
 
     /// Checks a device-resident forward's dtype, token count and buffer sizes.
-    #[allow(dead_code)]
+    #[cfg(feature = "cuda")]
     fn check_device_io(&self, dtype: DType, x_len: usize, y_len: usize, t: usize) -> Result<()> {
         if dtype != self.dtype {
             return Err(Error::DtypeMismatch {
@@ -947,7 +948,10 @@ impl PreparedLayer {
         self.read_routing_locked(&inner, t)
     }
 
+    // The CPU holds exactly the last forward's routing; the GPU workspaces need `t`.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
     fn read_routing_locked(&self, inner: &Inner, t: usize) -> Result<RoutingOutput> {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
         let n = t * self.slots;
         match inner {
             Inner::Cpu(b) => {

@@ -31,7 +31,7 @@ pub mod layer;
 pub mod limits;
 pub mod shape;
 pub mod stage;
-#[cfg(any(test, feature = "cli"))]
+#[cfg(any(test, feature = "synth"))]
 pub mod synth;
 pub mod tensor;
 
