@@ -30,6 +30,13 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         println!("no CUDA driver here: nothing to run (the example needs an NVIDIA GPU)");
         return Ok(true);
     }
+    if !moe_kernels::cuda::act16_enabled() {
+        println!(
+            "bf16 activations on CUDA are opt-in until a GPU run verifies them: run with \
+             MOE_CUDA_ACT16=1"
+        );
+        return Ok(true);
+    }
     // The runtime's own context and stream.
     let ctx = CudaContext::new(0)?;
     let stream = ctx.new_stream()?;

@@ -57,6 +57,8 @@ ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [ -f "$ICD" ] && export VK_DRIVER_FILES="${VK_DRIVER_FILES:-$ICD}" __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 export XDG_RUNTIME_DIR=/tmp/xdg && mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
 export CARGO_MANIFEST_DIR="$PWD"
+# Issue 12: run the (unverified until this run) f16 / bf16 activation kernels on CUDA.
+export MOE_CUDA_ACT16=1
 declare -a TABLE
 row() { TABLE+=("$(printf '%-34s %s' "$1" "$2")"); }
 

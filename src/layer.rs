@@ -505,6 +505,16 @@ impl MoeLayer {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
+                if act_dtype != DType::F32 && !crate::cuda::act16_enabled() {
+                    return Err(Error::BackendUnavailable {
+                        backend: BackendKind::Cuda,
+                        reason: format!(
+                            "{act_dtype} activations on CUDA are assembled and checked but not \
+                             yet verified on a GPU; set MOE_CUDA_ACT16=1 to run them, or \
+                             prepare with f32 activations"
+                        ),
+                    });
+                }
                 let res = crate::cuda::device::CudaResident::upload(d, &w)?;
                 let ws = crate::cuda::device::CudaWorkspace::alloc(
                     d, &res, max_tokens, act_dtype, true,

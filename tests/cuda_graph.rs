@@ -44,6 +44,10 @@ fn device_forward_on_the_callers_stream_is_graph_capturable() {
         (Preset::Qwen2Moe, DType::BF16, DType::BF16),
         (Preset::DeepseekV3, DType::F32, DType::F16),
     ] {
+        if act != DType::F32 && !moe_kernels::cuda::act16_enabled() {
+            println!("[cuda_graph] {preset} {act} skipped: MOE_CUDA_ACT16 is not set");
+            continue;
+        }
         let mut cfg = preset.config();
         let extras = match preset {
             Preset::Qwen2Moe => Extras {

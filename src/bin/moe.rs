@@ -447,6 +447,11 @@ fn bench(
     let act: DType = match act {
         Some(a) => a.parse()?,
         None if dev.kind() == BackendKind::Cpu => DType::F32,
+        // 16-bit activations on CUDA wait for a GPU to verify them (MOE_CUDA_ACT16).
+        #[cfg(feature = "cuda")]
+        None if dev.kind() == BackendKind::Cuda && !moe_kernels::cuda::act16_enabled() => {
+            DType::F32
+        }
         None => DType::BF16,
     };
     let parse_list = |flag: &str, v: &str| -> Result<Vec<String>> {

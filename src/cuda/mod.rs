@@ -115,6 +115,14 @@ impl PermuteCuda {
     }
 }
 
+/// Whether prepared CUDA layers may run 16-bit activations: `MOE_CUDA_ACT16=1`. The f16 / bf16
+/// activation kernels are assembled and their machine code checked (`scripts/sass-check.sh`)
+/// but have not run on a GPU yet, so they are opt-in until a device check verifies them
+/// (`scripts/device-check.sh` sets the variable). f32 activations need nothing.
+pub fn act16_enabled() -> bool {
+    std::env::var("MOE_CUDA_ACT16").is_ok_and(|v| v.trim() == "1")
+}
+
 /// One CUDA device as the driver reports it.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
