@@ -838,6 +838,13 @@ impl PreparedLayer {
         let (Some(xb), Some(yb)) = (xb, yb) else {
             return Err(Error::shape(Stage::Router, "x or y view is too small"));
         };
+        if let Device::Cuda(d) = &self.dev.device {
+            use cudarc::driver::DevicePtr;
+            if n > 0 {
+                d.check_pointer(xb.device_ptr(&d.stream).0, "x")?;
+                d.check_pointer(yb.device_ptr(&d.stream).0, "y")?;
+            }
+        }
         let xv = ActView {
             bytes: xb,
             dtype: T::DTYPE,
@@ -880,6 +887,10 @@ impl PreparedLayer {
         }
         let n = tokens * self.hidden;
         self.check_device_io(self.dtype, n, n, tokens)?;
+        if n > 0 {
+            d.check_pointer(x, "x")?;
+            d.check_pointer(y, "y")?;
+        }
         // SAFETY: forwarded from this function's contract.
         let (xs, xbytes) = unsafe { raw_view(d, x, n, self.dtype)? };
         // SAFETY: as above, for y.

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
     ValidAsZeroBits,
@@ -159,6 +160,39 @@ impl CudaDevice {
             compute_capability,
             modules: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// An error unless `ptr` is device memory of this handle's device (CUDA's unified
+    /// addressing tells which device any allocation lives on, whichever binding made it).
+    /// `what` names the buffer in the message.
+    pub fn check_pointer(&self, ptr: sys::CUdeviceptr, what: &str) -> Result<()> {
+        let mut ordinal: std::ffi::c_int = -1;
+        // SAFETY: cuPointerGetAttribute writes one int for DEVICE_ORDINAL into `ordinal`, which
+        // outlives the call; for a pointer CUDA does not know it returns an error and writes
+        // nothing.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut std::ffi::c_int).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::shape(
+                Stage::Router,
+                format!("{what}: {ptr:#x} is not device memory CUDA knows ({r:?})"),
+            ));
+        }
+        if usize::try_from(ordinal).ok() != Some(self.ctx.ordinal()) {
+            return Err(Error::shape(
+                Stage::Router,
+                format!(
+                    "{what}: memory of CUDA device {ordinal}, but this backend runs on device {}",
+                    self.ctx.ordinal()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Name and compute capability, or an error for a device older than sm_80.
