@@ -745,14 +745,14 @@ impl PreparedLayer {
                 let Device::Cuda(d) = &self.dev.device else {
                     return Err(Error::Usage("prepared layer lost its CUDA device".into()));
                 };
-                crate::cuda::layer::forward_host(d, &b.0, &mut b.1, plan, x)?
+                crate::cuda::device::forward_host(d, &b.0, &mut b.1, plan, x)?
             }
             #[cfg(feature = "wgpu")]
             Inner::Wgpu(b) => {
                 let Device::Wgpu(d) = &self.dev.device else {
                     return Err(Error::Usage("prepared layer lost its wgpu device".into()));
                 };
-                crate::wgpu::layer::forward_host(d, &b.0, &mut b.1, plan, x)?
+                crate::wgpu::device::forward_host(d, &b.0, &mut b.1, plan, x)?
             }
         };
         self.last_tokens
@@ -807,7 +807,7 @@ impl PreparedLayer {
             tokens,
             ..self.plan
         };
-        crate::wgpu::layer::forward_device(d, &b.0, &mut b.1, plan, enc, x, y, self.hidden)?;
+        crate::wgpu::device::forward_device(d, &b.0, &mut b.1, plan, enc, x, y, self.hidden)?;
         self.last_tokens
             .store(tokens, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -955,7 +955,7 @@ impl PreparedLayer {
             tokens,
             ..self.plan
         };
-        crate::cuda::layer::forward_device(d, &b.0, &mut b.1, plan, x, y)?;
+        crate::cuda::device::forward_device(d, &b.0, &mut b.1, plan, x, y)?;
         self.last_tokens
             .store(tokens, std::sync::atomic::Ordering::Relaxed);
         Ok(())

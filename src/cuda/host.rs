@@ -4,7 +4,7 @@
 //! Host data is f32, so activations travel as f32 device buffers viewed as bytes
 //! ([`ActView::of_f32`]); scratch buffers are allocated per call here (the layer forward
 //! allocates them once instead).
-//! A layer forward instead stays on the device: see [`crate::cuda::layer`].
+//! A layer forward instead stays on the device: see `crate::cuda::device`.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 

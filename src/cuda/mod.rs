@@ -9,7 +9,6 @@ pub mod device;
 pub mod expert_gemm;
 pub mod gate;
 pub mod host;
-pub mod layer;
 pub mod permute;
 pub mod ptx;
 pub mod router;

@@ -13,7 +13,6 @@ pub mod expert_gemm;
 pub mod gate;
 pub mod host;
 pub mod kernels;
-pub mod layer;
 pub mod permute;
 pub mod router;
 pub mod scratch;
