@@ -874,7 +874,7 @@ impl PreparedLayer {
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<()> {
         use crate::cuda::act::{ActView, ActViewMut};
-        use crate::cuda::device::{forget_raw, raw_view};
+        use crate::cuda::device::raw_view;
         let Device::Cuda(d) = &self.dev.device else {
             return Err(self.not_cuda());
         };
@@ -885,30 +885,27 @@ impl PreparedLayer {
                     .into(),
             ));
         }
+        // T within max_tokens first: then T x H fits (the workspace holds it).
+        self.check_tokens(tokens)?;
         let n = tokens * self.hidden;
         self.check_device_io(self.dtype, n, n, tokens)?;
         if n > 0 {
             d.check_pointer(x, "x")?;
             d.check_pointer(y, "y")?;
         }
-        // SAFETY: forwarded from this function's contract.
+        // SAFETY: forwarded from this function's contract; the Borrowed guards never free.
         let (xs, xbytes) = unsafe { raw_view(d, x, n, self.dtype)? };
         // SAFETY: as above, for y.
         let (mut ys, ybytes) = unsafe { raw_view(d, y, n, self.dtype)? };
-        let run = {
-            let xv = ActView {
-                bytes: xs.slice(0..xbytes),
-                dtype: self.dtype,
-            };
-            let yv = ActViewMut {
-                bytes: ys.slice_mut(0..ybytes),
-                dtype: self.dtype,
-            };
-            self.run_cuda(tokens, &xv, yv)
+        let xv = ActView {
+            bytes: xs.slice().slice(0..xbytes),
+            dtype: self.dtype,
         };
-        forget_raw(xs);
-        forget_raw(ys);
-        run
+        let yv = ActViewMut {
+            bytes: ys.slice_mut().slice_mut(0..ybytes),
+            dtype: self.dtype,
+        };
+        self.run_cuda(tokens, &xv, yv)
     }
 
     #[cfg(feature = "cuda")]

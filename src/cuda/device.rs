@@ -77,7 +77,7 @@ pub struct CudaWorkspace {
     /// Most tokens one forward on this workspace may have.
     pub max_tokens: usize,
     /// `[max_tokens, H]` in `dtype`: where the host-tensor forward uploads `x`.
-    pub x: CudaSlice<u8>,
+    pub x: Option<CudaSlice<u8>>,
     /// `[max_tokens, E]` router logits.
     pub logits: CudaSlice<f32>,
     /// `[max_tokens]` shared-expert gate logits `x·g`, when the shared expert has a gate.
@@ -102,7 +102,7 @@ pub struct CudaWorkspace {
     /// `[0, T]` of this forward, copied device-to-device from `pairs`.
     pub shared_offsets: CudaSlice<u32>,
     /// `[max_tokens, H]` in `dtype`: where the host-tensor forward reads `y`.
-    pub y: CudaSlice<u8>,
+    pub y: Option<CudaSlice<u8>>,
     /// Six events around the five stages, when the workspace was allocated `timed`.
     pub events: Option<Vec<CudaEvent>>,
     /// Whether this forward records the events (the host-tensor forward does; the
@@ -160,7 +160,7 @@ impl CudaWorkspace {
         Ok(CudaWorkspace {
             dtype,
             max_tokens,
-            x: dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?,
+            x: Some(dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?),
             logits: dev.alloc(max_tokens.saturating_mul(e))?,
             shared_logit: res
                 .shared_gate
@@ -180,7 +180,7 @@ impl CudaWorkspace {
                 .transpose()?,
             pairs: dev.upload(&pairs)?,
             shared_offsets: dev.alloc(2)?,
-            y: dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?,
+            y: Some(dev.alloc(max_tokens.saturating_mul(h).saturating_mul(sz))?),
             events,
             timed: false,
         })
@@ -379,7 +379,35 @@ impl<'d> Stages for CudaStages<'d> {
     }
 }
 
-/// A caller's device region as a read-only activation view of `elems` elements of `dtype`.
+/// A caller's device memory borrowed as a [`CudaSlice`] for the length of one forward: when
+/// it goes out of scope (normally, by an early error or by unwinding) the slice is leaked
+/// back, so the caller's memory is never freed by us.
+pub(crate) struct Borrowed(Option<CudaSlice<u8>>);
+
+impl Borrowed {
+    /// The borrowed bytes.
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        // Always Some until drop.
+        self.0.as_ref().expect("borrowed slice present until drop")
+    }
+
+    /// The borrowed bytes, writable.
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
+        self.0.as_mut().expect("borrowed slice present until drop")
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            // Releases cudarc's bookkeeping (events) without freeing the caller's memory.
+            let _ = s.leak();
+        }
+    }
+}
+
+/// A caller's device region of `elems` elements of `dtype` as a [`Borrowed`] slice, with its
+/// length in bytes.
 ///
 /// # Safety
 /// `ptr` must be a device allocation of the backend's context holding at least
@@ -390,20 +418,15 @@ pub(crate) unsafe fn raw_view(
     ptr: sys::CUdeviceptr,
     elems: usize,
     dtype: DType,
-) -> Result<(CudaSlice<u8>, usize)> {
+) -> Result<(Borrowed, usize)> {
     if ptr == 0 && elems > 0 {
         return Err(cuda_err("null device pointer"));
     }
-    let bytes = elems * dtype.size();
-    // SAFETY: the caller guarantees `ptr` holds `bytes` bytes on this context; the slice is
-    // leaked back by `forget_raw` and never freed by us.
+    let bytes = elems.saturating_mul(dtype.size());
+    // SAFETY: the caller guarantees `ptr` holds `bytes` bytes on this context; `Borrowed`
+    // leaks the slice back on drop, so it is never freed by us.
     let s = unsafe { dev.stream.upgrade_device_ptr::<u8>(ptr, bytes.max(1)) };
-    Ok((s, bytes))
-}
-
-/// Gives a slice made by [`raw_view`] back without freeing the caller's memory.
-pub(crate) fn forget_raw(s: CudaSlice<u8>) {
-    let _ = s.leak();
+    Ok((Borrowed(Some(s)), bytes))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,14 +449,18 @@ pub(crate) fn forward_host(
         TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
         TensorData::BF16(v) => bytemuck::cast_slice(v).to_vec(),
     };
-    if bytes > 0 {
-        let mut dst = ws.x.slice_mut(0..bytes);
-        crate::cuda::context::drv(dev.stream.memcpy_htod(&raw, &mut dst), "uploading x")?;
-    }
-    // The workspace's own x and y: moved out for the forward, which borrows the rest.
-    let xbuf = std::mem::replace(&mut ws.x, dev.alloc(0)?);
-    let mut ybuf = std::mem::replace(&mut ws.y, dev.alloc(0)?);
-    let run = {
+    // The workspace's own x and y: taken out for the forward, which borrows the rest, and put
+    // back after it (a previous forward that failed half-way may have lost them: refused).
+    let (Some(mut xbuf), Some(mut ybuf)) = (ws.x.take(), ws.y.take()) else {
+        return Err(cuda_err(
+            "the workspace lost its x / y buffers in an earlier failure",
+        ));
+    };
+    let mut run = || -> Result<Vec<u8>> {
+        if bytes > 0 {
+            let mut dst = xbuf.slice_mut(0..bytes);
+            drv(dev.stream.memcpy_htod(&raw, &mut dst), "uploading x")?;
+        }
         let xv = ActView {
             bytes: xbuf.slice(0..bytes),
             dtype,
@@ -443,15 +470,16 @@ pub(crate) fn forward_host(
             dtype,
         };
         ws.timed = true;
-        device::forward(&CudaStages { dev }, &mut (), res, ws, plan, &xv, yv)
+        device::forward(&CudaStages { dev }, &mut (), res, ws, plan, &xv, yv)?;
+        dev.sync()?;
+        dev.read(&ybuf, bytes)
     };
-    ws.x = xbuf;
-    ws.y = ybuf;
-    run?;
-    dev.sync()?;
+    let raw = run();
+    ws.x = Some(xbuf);
+    ws.y = Some(ybuf);
+    let raw = raw?;
     let wall = start.elapsed();
     let times = ws.stage_times()?.unwrap_or_default();
-    let raw = dev.read(&ws.y, bytes)?;
     Ok((widen(&raw, dtype), times, wall))
 }
 
@@ -482,6 +510,10 @@ pub(crate) fn forward_device(
     x: &ActView<'_>,
     y: ActViewMut<'_>,
 ) -> Result<()> {
+    // The shared expert reads the caller's x directly: check it before anything is launched.
+    if let (Some(s), true) = (&res.shared, plan.tokens > 0) {
+        expert_gemm::check_input(dev, x, s)?;
+    }
     ws.timed = false;
     device::forward(&CudaStages { dev }, &mut (), res, ws, plan, x, y)
 }

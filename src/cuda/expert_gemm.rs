@@ -441,6 +441,21 @@ fn check_f32_vector_base(v: Variant, what: &str, a: &ActMeta, k: usize) -> Resul
     Ok(())
 }
 
+/// Checks, before anything of a forward is launched, that `a` can be read by these experts'
+/// GEMM: the f32-activation kernels need a 16-byte aligned base when their vector loads apply
+/// (the 16-bit ones fall back on the device). A layer forward calls it for the caller's `x`,
+/// which the shared expert reads directly.
+pub fn check_input(dev: &CudaDevice, a: &ActView<'_>, w: &CudaExperts) -> Result<()> {
+    let v = Variant {
+        w: w.dtype,
+        a: a.dtype,
+    };
+    if w.dims.hidden == 0 {
+        return Ok(());
+    }
+    check_f32_vector_base(v, "x", &a.meta(&dev.stream), w.dims.hidden)
+}
+
 /// Launches `y [rows, H]` = the expert FFN of `a [rows, H]`; rows of expert e are
 /// `offsets[e]..offsets[e+1]` (`offsets` `[E + 1]` on the device, never read by the host).
 /// Rows from `offsets[E]` on are not written. `h` is the caller's scratch for the

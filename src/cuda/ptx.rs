@@ -167,46 +167,6 @@ pub fn dump(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
 mod tests {
     use super::*;
 
-    /// FNV-1a, 64 bits: a fingerprint of a module's bytes (no hashing crate needed).
-    fn fnv1a(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    }
-
-    /// The f32-activation modules as `moe ptx --dump` wrote them before 16-bit activations
-    /// were added (variant, bytes, FNV-1a 64): they must stay byte-identical.
-    const F32_ACTIVATION_MODULES: [(&str, usize, u64); 12] = [
-        ("combine.x1", 9090, 0xc21ab05437433dd2),
-        ("combine.x4", 9153, 0x8132b672d999530f),
-        ("expert_gemm.bf16", 42454, 0xc06c7911445f8c89),
-        ("expert_gemm.f16", 42405, 0x6f5718a4327a7165),
-        ("expert_gemm.f32", 34328, 0xaedb79a156260e1d),
-        ("gate.global", 58200, 0x25c4b60b9adb78ac),
-        ("gate", 58200, 0xb4550f7c4e5581ee),
-        ("permute.x1", 21466, 0xd0b37757b5fa871f),
-        ("permute.x4", 21500, 0x68ec5d1cb7511d36),
-        ("router.bf16", 15772, 0x075b7300b9fd5ee7),
-        ("router.f16", 15622, 0x0704c8cf1a323c4d),
-        ("router.f32", 15494, 0x36f0f52b37027421),
-    ];
-
-    #[test]
-    fn f32_activation_modules_are_unchanged() {
-        let all = all_modules().unwrap();
-        for (variant, len, hash) in F32_ACTIVATION_MODULES {
-            let m = all
-                .iter()
-                .find(|m| m.variant == variant)
-                .unwrap_or_else(|| panic!("module {variant} is no longer dumped"));
-            assert_eq!(
-                (m.source.len(), fnv1a(m.source.as_bytes())),
-                (len, hash),
-                "{variant} changed"
-            );
-        }
-    }
-
     #[test]
     fn every_module_is_ascii_fully_rendered_and_uniquely_named() {
         let all = all_modules().unwrap();
