@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::limits::{self, Footprint, LayerShape, Resource};
 use crate::shape;
 use crate::stage::Stage;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// What a backend computes on. Every stage method matches on this, so a new backend that
 /// forgets a stage does not compile.
@@ -216,7 +216,19 @@ impl Backend {
     /// taken: every buffer within the kernels' index range and the device's buffer and
     /// binding sizes, all of them within the free device (or host) memory and the memory limit.
     pub fn check_forward(&self, layer: &LayerShape, tokens: usize, resident: u64) -> Result<()> {
-        let fp = Footprint::forward(layer, tokens);
+        self.check_forward_in(layer, tokens, DType::F32, resident)
+    }
+
+    /// [`Backend::check_forward`] for activations in `act` (the f16 / bf16 activation buffers
+    /// take half the bytes).
+    pub fn check_forward_in(
+        &self,
+        layer: &LayerShape,
+        tokens: usize,
+        act: DType,
+        resident: u64,
+    ) -> Result<()> {
+        let fp = Footprint::forward_in(layer, tokens, act);
         let kind = self.kind();
         let total = fp.total_bytes();
         let what = || format!("a {tokens}-token forward's buffers");

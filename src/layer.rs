@@ -485,8 +485,12 @@ impl MoeLayer {
 
     /// The layer made ready on `dev` for forwards of up to `max_tokens` tokens with
     /// activations (`x`, `x_perm`, `h`, `y_perm`, `y`) in `act_dtype`: the weights are uploaded
-    /// and one workspace is allocated, once. A forward of any `T <= max_tokens` allocates
-    /// nothing. The prepared layer owns what it needs: `self` may be dropped afterwards.
+    /// and one workspace is allocated, once. A device-resident forward
+    /// ([`PreparedLayer::forward_wgpu`], [`PreparedLayer::forward_cuda`]) of any
+    /// `T <= max_tokens` creates no device buffer (wgpu still creates its bind groups per
+    /// forward); the host-tensor [`PreparedLayer::forward`] adds only its read-back staging.
+    /// Every size and limit is checked here, for `max_tokens`; a forward only checks
+    /// `T <= max_tokens`. The prepared layer owns what it needs: `self` may be dropped.
     pub fn prepare(
         &self,
         dev: &Backend,
@@ -495,7 +499,7 @@ impl MoeLayer {
     ) -> Result<PreparedLayer> {
         let resident = self.weight_bytes();
         dev.check_weights(resident)?;
-        dev.check_forward(&self.shape(), max_tokens, resident)?;
+        dev.check_forward_in(&self.shape(), max_tokens, act_dtype, resident)?;
         let w = self.weights();
         let inner = match &dev.device {
             Device::Cpu => {
@@ -540,7 +544,6 @@ impl MoeLayer {
         };
         Ok(PreparedLayer {
             dev: dev.clone(),
-            shape: self.shape(),
             hidden: self.dims.hidden,
             slots: self.config.routing.slots(self.dims.experts),
             experts: self.dims.experts,
@@ -548,7 +551,7 @@ impl MoeLayer {
             max_tokens,
             dtype: act_dtype,
             resident,
-            last_tokens: std::sync::atomic::AtomicUsize::new(0),
+            last_tokens: std::sync::atomic::AtomicUsize::new(usize::MAX),
             inner: Mutex::new(inner),
         })
     }
@@ -594,7 +597,6 @@ enum Inner {
 /// prepare one per thread or stream for concurrent forwards.
 pub struct PreparedLayer {
     dev: Backend,
-    shape: LayerShape,
     hidden: usize,
     slots: usize,
     #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
@@ -604,7 +606,8 @@ pub struct PreparedLayer {
     dtype: DType,
     /// Bytes of the weights this layer keeps on the backend.
     resident: u64,
-    /// Tokens of the last forward (what the routing read-backs cover).
+    /// Tokens of the last forward (what the routing read-backs cover); `usize::MAX` before
+    /// the first.
     last_tokens: std::sync::atomic::AtomicUsize,
     inner: Mutex<Inner>,
 }
@@ -643,6 +646,11 @@ impl PreparedLayer {
     /// The most tokens one forward may have.
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// Bytes of the layer's weights held on the backend.
+    pub fn weight_bytes(&self) -> u64 {
+        self.resident
     }
 
     /// The backend this layer runs on.
@@ -686,7 +694,9 @@ impl PreparedLayer {
                 ),
             ));
         }
-        self.dev.check_forward(&self.shape, t, self.resident)
+        // Everything else was checked by `prepare` for max_tokens, and every buffer only grows
+        // with T; the workspace is allocated, so free memory is not asked again.
+        Ok(())
     }
 
     fn check_x(&self, x: &Tensor) -> Result<usize> {
@@ -784,9 +794,10 @@ impl PreparedLayer {
     /// spans whole u32 words (`ceil(T·H·size / 4)·4` bytes: with a 16-bit dtype and `T·H` odd,
     /// the last 2 bytes of `y`'s region are written as padding); `x` has `COPY_SRC` and `y`
     /// `COPY_DST` usage. Not checkable, so the caller's part: `enc` comes from the same
-    /// device, and a recorded forward is submitted before the next forward of this prepared
-    /// layer is recorded (the per-forward parameters are written with `Queue::write_buffer`,
-    /// which applies at the next submission).
+    /// device, neither buffer is mapped or destroyed at submission, and a recorded forward
+    /// is submitted before the next forward of this prepared layer is recorded (the
+    /// per-forward parameters are written with `Queue::write_buffer`, which applies at the
+    /// next submission).
     #[cfg(feature = "wgpu")]
     pub fn forward_wgpu(
         &self,
@@ -963,6 +974,11 @@ impl PreparedLayer {
     pub fn read_routing(&self) -> Result<RoutingOutput> {
         let inner = self.lock()?;
         let t = self.last_tokens.load(std::sync::atomic::Ordering::Relaxed);
+        if t == usize::MAX {
+            return Err(Error::Usage(
+                "read_routing: no forward has run on this prepared layer yet".into(),
+            ));
+        }
         self.read_routing_locked(&inner, t)
     }
 

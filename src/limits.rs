@@ -18,6 +18,7 @@ use crate::config::LayerConfig;
 use crate::cpu::expert_gemm::ExpertDims;
 use crate::device::BackendKind;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Which limit a shape ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,17 +103,36 @@ pub fn product(factors: &[usize]) -> u64 {
 pub struct BufferNeed {
     /// The buffer's name in errors.
     pub name: &'static str,
-    /// Length in 4-byte elements.
+    /// Length in elements.
     pub elements: u64,
+    /// Bytes per element: 4, or 2 for activations in f16 / bf16.
+    pub element_bytes: u64,
     /// One buffer, checked on its own against buffer, binding and index limits.
     pub single: bool,
 }
 
-/// One buffer named `name` of `elements` elements.
+/// One buffer named `name` of `elements` 4-byte elements.
 fn one(name: &'static str, elements: u64) -> BufferNeed {
     BufferNeed {
         name,
         elements,
+        element_bytes: 4,
+        single: true,
+    }
+}
+
+/// One activation buffer of `rows` rows of `cols` elements in `act`: 16-bit rows are counted
+/// rounded up to an even length (wgpu pads its internal activation rows so), an upper bound
+/// for every backend.
+fn activation(name: &'static str, rows: u64, cols: usize, act: DType) -> BufferNeed {
+    let (cols, element_bytes) = match act {
+        DType::F32 => (cols, 4),
+        DType::F16 | DType::BF16 => (cols.saturating_add(1) / 2 * 2, 2),
+    };
+    BufferNeed {
+        name,
+        elements: rows.saturating_mul(cols as u64),
+        element_bytes,
         single: true,
     }
 }
@@ -120,7 +140,7 @@ fn one(name: &'static str, elements: u64) -> BufferNeed {
 impl BufferNeed {
     /// Its size in bytes (saturating).
     pub fn bytes(&self) -> u64 {
-        self.elements.saturating_mul(4)
+        self.elements.saturating_mul(self.element_bytes)
     }
 }
 
@@ -148,8 +168,13 @@ pub struct LayerShape {
 }
 
 impl Footprint {
-    /// The buffers of a forward of `tokens` tokens.
+    /// The buffers of a forward of `tokens` tokens with f32 activations.
     pub fn forward(layer: &LayerShape, tokens: usize) -> Footprint {
+        Self::forward_in(layer, tokens, DType::F32)
+    }
+
+    /// The buffers of a forward of `tokens` tokens with activations in `act`.
+    pub fn forward_in(layer: &LayerShape, tokens: usize, act: DType) -> Footprint {
         let ExpertDims {
             experts: e,
             hidden: h,
@@ -163,7 +188,7 @@ impl Footprint {
         let cells = product(&[e.saturating_add(1), n.div_ceil(256).max(1)]);
         let ts = product(&[t, s]);
         let mut b = vec![
-            one("x", product(&[t, h])),
+            activation("x", t as u64, h, act),
             one("logits", product(&[t, e])),
             one("topk_ids", ts),
             one("topk_weights", ts),
@@ -175,19 +200,20 @@ impl Footprint {
             BufferNeed {
                 name: "gate scratch",
                 elements: product(&[t, e, 5]).saturating_add(product(&[t, s.saturating_add(2)])),
+                element_bytes: 4,
                 single: false,
             },
             one("sorted_assignment", ts),
             one("row_of_assignment", ts),
             one("permute scan table", cells),
-            one("x_perm", product(&[t, s, h])),
-            one("expert intermediate h", product(&[t, s, f])),
-            one("y_perm", product(&[t, s, h])),
-            one("y", product(&[t, h])),
+            activation("x_perm", ts, h, act),
+            activation("expert intermediate h", ts, f, act),
+            activation("y_perm", ts, h, act),
+            activation("y", t as u64, h, act),
         ];
         if let Some(fs) = layer.shared_ffn {
-            b.push(one("shared expert h", product(&[t, fs])));
-            b.push(one("shared expert y", product(&[t, h])));
+            b.push(activation("shared expert h", t as u64, fs, act));
+            b.push(activation("shared expert y", t as u64, h, act));
         }
         if layer.shared_gate {
             b.push(one("shared gate logits", t as u64));
