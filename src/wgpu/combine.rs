@@ -125,7 +125,8 @@ pub fn encode(
         }
     };
     let params = scratch.uniform(dev, "combine params", &params)?;
-    let bind = dev.bind(
+    let bind = scratch.bind(
+        dev,
         &pipeline,
         &[
             params.as_entire_binding(),
@@ -137,7 +138,7 @@ pub fn encode(
             sg,
             y.binding(tokens, 1),
         ],
-    );
+    )?;
     dev.dispatch(enc, &pipeline, &bind, dev.grid(y_words, WG)?);
     Ok(())
 }

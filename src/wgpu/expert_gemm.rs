@@ -461,6 +461,7 @@ pub fn encode_path(
                 };
                 bind_at(
                     dev,
+                    scratch,
                     &pipeline,
                     &[
                         (0, params.as_entire_binding()),
@@ -472,9 +473,10 @@ pub fn encode_path(
                         (8, words.binding()),
                         (9, g4.binding()),
                     ],
-                )
+                )?
             } else {
-                dev.bind(
+                scratch.bind(
+                    dev,
                     &pipeline,
                     &[
                         params.as_entire_binding(),
@@ -486,7 +488,7 @@ pub fn encode_path(
                         bias_g.binding(),
                         pass.out.binding(rows, 1),
                     ],
-                )
+                )?
             };
             dev.dispatch(enc, &pipeline, &bind, (groups_x as u32, groups_y as u32, 1));
         }
@@ -497,10 +499,10 @@ pub fn encode_path(
 /// A bind group for group 0 of `pipeline` with each resource at its own binding number.
 fn bind_at(
     dev: &WgpuDevice,
+    scratch: &Scratch,
     pipeline: &::wgpu::ComputePipeline,
     resources: &[(u32, ::wgpu::BindingResource<'_>)],
-) -> ::wgpu::BindGroup {
-    let layout = pipeline.get_bind_group_layout(0);
+) -> Result<::wgpu::BindGroup> {
     let entries: Vec<::wgpu::BindGroupEntry<'_>> = resources
         .iter()
         .map(|(binding, r)| ::wgpu::BindGroupEntry {
@@ -508,11 +510,7 @@ fn bind_at(
             resource: r.clone(),
         })
         .collect();
-    dev.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &layout,
-        entries: &entries,
-    })
+    scratch.bind_entries(dev, pipeline, &entries)
 }
 
 #[cfg(test)]

@@ -367,11 +367,7 @@ fn encode_with(
                     resource: resources[b as usize].clone(),
                 })
                 .collect();
-            let bind = dev.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-                label: Some(entry.name()),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
+            let bind = pool.bind_entries(dev, &pipeline, &entries)?;
             dev.dispatch(enc, &pipeline, &bind, groups);
             Ok(())
         };

@@ -196,7 +196,8 @@ pub fn encode(
     enc.clear_buffer(&cell_buf.buffer, 0, None);
 
     let pipe = dev.pipeline(Kernel::Permute(Entry::Rank), &[])?;
-    let bind = dev.bind(
+    let bind = scratch.bind(
+        dev,
         &pipe,
         &[
             p.clone(),
@@ -205,19 +206,24 @@ pub fn encode(
             cell_buf.binding(),
             rank_buf.binding(),
         ],
-    );
+    )?;
     dev.dispatch(enc, &pipe, &bind, dev.grid(blocks * CHUNK, CHUNK as u32)?);
 
     let pipe = dev.pipeline(Kernel::Permute(Entry::ScanReduce), &[])?;
-    let bind = dev.bind(&pipe, &[p.clone(), cell_buf.binding(), tile_buf.binding()]);
+    let bind = scratch.bind(
+        dev,
+        &pipe,
+        &[p.clone(), cell_buf.binding(), tile_buf.binding()],
+    )?;
     dev.dispatch(enc, &pipe, &bind, dev.grid(cells, TILE as u32)?);
 
     let pipe = dev.pipeline(Kernel::Permute(Entry::ScanTiles), &[])?;
-    let bind = dev.bind(&pipe, &[p.clone(), tile_buf.binding()]);
+    let bind = scratch.bind(dev, &pipe, &[p.clone(), tile_buf.binding()])?;
     dev.dispatch(enc, &pipe, &bind, (1, 1, 1));
 
     let pipe = dev.pipeline(Kernel::Permute(Entry::ScanDown), &[])?;
-    let bind = dev.bind(
+    let bind = scratch.bind(
+        dev,
         &pipe,
         &[
             p.clone(),
@@ -225,14 +231,15 @@ pub fn encode(
             tile_buf.binding(),
             out.expert_offsets.binding(),
         ],
-    );
+    )?;
     dev.dispatch(enc, &pipe, &bind, dev.grid(cells, TILE as u32)?);
 
     if n == 0 {
         return Ok(());
     }
     let pipe = dev.pipeline(Kernel::Permute(Entry::Place), &[])?;
-    let bind = dev.bind(
+    let bind = scratch.bind(
+        dev,
         &pipe,
         &[
             p.clone(),
@@ -243,7 +250,7 @@ pub fn encode(
             out.sorted_assignment.binding(),
             out.row_of_assignment.binding(),
         ],
-    );
+    )?;
     dev.dispatch(enc, &pipe, &bind, dev.grid(n, WG)?);
 
     if hidden == 0 {
@@ -263,7 +270,8 @@ pub fn encode(
         ),
     };
     let pipe = dev.pipeline(Kernel::Permute(entry), &constants)?;
-    let bind = dev.bind(
+    let bind = scratch.bind(
+        dev,
         &pipe,
         &[
             p,
@@ -271,7 +279,7 @@ pub fn encode(
             out.sorted_assignment.binding(),
             x_perm.binding(n, 4),
         ],
-    );
+    )?;
     dev.dispatch(enc, &pipe, &bind, dev.grid(n * per_row, WG)?);
     Ok(())
 }

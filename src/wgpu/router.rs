@@ -103,7 +103,8 @@ pub fn encode(
             continue;
         }
         let params = scratch.uniform(dev, "router params", &params(c.first_row, c.rows)?)?;
-        let bind = dev.bind(
+        let bind = scratch.bind(
+            dev,
             &pipeline,
             &[
                 params.as_entire_binding(),
@@ -112,7 +113,7 @@ pub fn encode(
                 bias_buf.binding(),
                 act::range_binding(logits, te),
             ],
-        );
+        )?;
         dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, 1)?);
     }
     Ok(())

@@ -32,6 +32,21 @@ struct Pool {
     storage: HashMap<Key, ::wgpu::Buffer>,
     uniforms: HashMap<Key, ::wgpu::Buffer>,
     seen: HashMap<(&'static str, bool), usize>,
+    /// The n-th bind group of the last forwards: reused when the n-th bind of this forward
+    /// has the same pipeline and the same buffer ranges (a decode loop at one T reuses all).
+    binds: Vec<CachedBind>,
+    /// Binds made since [`Scratch::begin`].
+    bind_cursor: usize,
+}
+
+/// One buffer binding: binding number, buffer, offset, size.
+type BindKey = (u32, ::wgpu::Buffer, u64, Option<std::num::NonZeroU64>);
+
+#[derive(Debug)]
+struct CachedBind {
+    pipeline: ::wgpu::ComputePipeline,
+    key: Vec<BindKey>,
+    group: ::wgpu::BindGroup,
 }
 
 impl Pool {
@@ -50,8 +65,74 @@ impl Scratch {
 
     /// Starts a new forward: occurrence counters restart, buffers stay.
     pub fn begin(&self) -> Result<()> {
-        self.lock()?.seen.clear();
+        let mut pool = self.lock()?;
+        pool.seen.clear();
+        pool.bind_cursor = 0;
         Ok(())
+    }
+
+    /// A bind group for group 0 of `pipeline` with `resources` at bindings 0, 1, 2, … (as
+    /// [`WgpuDevice::bind`]), reused from an earlier forward when it is the same.
+    pub fn bind(
+        &self,
+        dev: &WgpuDevice,
+        pipeline: &::wgpu::ComputePipeline,
+        resources: &[::wgpu::BindingResource<'_>],
+    ) -> Result<::wgpu::BindGroup> {
+        let entries: Vec<::wgpu::BindGroupEntry<'_>> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ::wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        self.bind_entries(dev, pipeline, &entries)
+    }
+
+    /// A bind group for group 0 of `pipeline` with `entries` (buffer bindings only). The n-th
+    /// call since [`Scratch::begin`] reuses the n-th group of the previous forwards when the
+    /// pipeline and every buffer range are the same, else creates it (bind groups are not
+    /// buffers: [`WgpuDevice::allocations`] does not count them).
+    pub fn bind_entries(
+        &self,
+        dev: &WgpuDevice,
+        pipeline: &::wgpu::ComputePipeline,
+        entries: &[::wgpu::BindGroupEntry<'_>],
+    ) -> Result<::wgpu::BindGroup> {
+        let key = entries
+            .iter()
+            .map(|e| match &e.resource {
+                ::wgpu::BindingResource::Buffer(b) => {
+                    Ok((e.binding, b.buffer.clone(), b.offset, b.size))
+                }
+                _ => Err(gpu_err("the scratch pool binds buffers only")),
+            })
+            .collect::<Result<Vec<BindKey>>>()?;
+        let mut pool = self.lock()?;
+        let i = pool.bind_cursor;
+        pool.bind_cursor += 1;
+        if let Some(c) = pool.binds.get(i) {
+            if &c.pipeline == pipeline && c.key == key {
+                return Ok(c.group.clone());
+            }
+        }
+        let group = dev.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries,
+        });
+        let cached = CachedBind {
+            pipeline: pipeline.clone(),
+            key,
+            group: group.clone(),
+        };
+        if i < pool.binds.len() {
+            pool.binds[i] = cached;
+        } else {
+            pool.binds.push(cached);
+        }
+        Ok(group)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Pool>> {
