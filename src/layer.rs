@@ -487,9 +487,9 @@ impl MoeLayer {
     /// activations (`x`, `x_perm`, `h`, `y_perm`, `y`) in `act_dtype`: the weights are uploaded
     /// and one workspace is allocated, once. A device-resident forward
     /// ([`PreparedLayer::forward_wgpu`], [`PreparedLayer::forward_cuda`]) of any
-    /// `T <= max_tokens` creates no device buffer (wgpu still creates its bind groups per
-    /// forward); the host-tensor [`PreparedLayer::forward`] adds only its read-back staging.
-    /// Every size and limit is checked here, for `max_tokens`; a forward only checks
+    /// `T <= max_tokens` creates no device buffer (wgpu reuses its bind groups between
+    /// forwards of the same T and recreates those whose buffer ranges changed); the
+    /// host-tensor [`PreparedLayer::forward`] adds only its read-back staging. Every size and limit is checked here, for `max_tokens`; a forward only checks
     /// `T <= max_tokens`. The prepared layer owns what it needs: `self` may be dropped.
     pub fn prepare(
         &self,
