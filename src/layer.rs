@@ -489,8 +489,9 @@ impl MoeLayer {
     /// ([`PreparedLayer::forward_wgpu`], [`PreparedLayer::forward_cuda`]) of any
     /// `T <= max_tokens` creates no device buffer (wgpu reuses its bind groups between
     /// forwards of the same T and recreates those whose buffer ranges changed); the
-    /// host-tensor [`PreparedLayer::forward`] adds only its read-back staging. Every size and limit is checked here, for `max_tokens`; a forward only checks
-    /// `T <= max_tokens`. The prepared layer owns what it needs: `self` may be dropped.
+    /// host-tensor [`PreparedLayer::forward`] adds only its read-back staging. Every size and
+    /// limit is checked here, for `max_tokens`; a forward only checks `T <= max_tokens`. The
+    /// prepared layer owns what it needs: `self` may be dropped.
     pub fn prepare(
         &self,
         dev: &Backend,
