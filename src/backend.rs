@@ -12,7 +12,6 @@
 
 use crate::config::{Activation, RoutingConfig};
 use crate::cpu;
-use crate::cpu::combine::{Assignments, SharedInput};
 use crate::cpu::expert_gemm::ExpertWeights;
 pub use crate::device::{BackendKind, GateBuffers, PermuteBuffers};
 use crate::error::{Error, Result};
@@ -332,17 +331,7 @@ impl Backend {
             shape::expect_shape(st, "score_correction_bias", b, &[out.experts])?;
         }
         match self.device {
-            Device::Cpu => {
-                let l: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
-                let bias = correction_bias.map(Tensor::to_f64_vec);
-                let r = cpu::gate::gate(&l, out.tokens, out.experts, bias.as_deref(), cfg)?;
-                out.topk_ids.copy_from_slice(&r.topk_ids);
-                narrow(&r.topk_weights, &mut out.topk_weights);
-                for (k, &b) in out.kept.iter_mut().zip(&r.kept) {
-                    *k = u32::from(b);
-                }
-                out.counts.copy_from_slice(&r.counts);
-            }
+            Device::Cpu => cpu::device::gate_into(logits, correction_bias, cfg, out)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(ref d) => crate::cuda::host::gate(d, logits, correction_bias, cfg, out)?,
             #[cfg(feature = "wgpu")]
@@ -364,15 +353,8 @@ impl Backend {
         gate.check_sizes()?;
         cpu::gate::check_ids(&gate.topk_ids, gate.experts)?;
         match self.device {
-            Device::Cpu => {
-                let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
-                let p = cpu::permute::permute(&gate.topk_ids, &kept, gate.experts)?;
-                let xp = cpu::permute::gather(x, gate.slots, &p)?;
-                out.expert_offsets.copy_from_slice(&p.expert_offsets);
-                out.sorted_assignment.copy_from_slice(&p.sorted_assignment);
-                out.row_of_assignment.copy_from_slice(&p.row_of_assignment);
-                narrow(&xp, &mut out.x_perm);
-            }
+            // The f32 stage API: x's values are exact in f32 whatever its dtype.
+            Device::Cpu => cpu::device::permute_into(gate, x, DType::F32, out)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(ref d) => crate::cuda::host::permute(d, gate, x, out)?,
             #[cfg(feature = "wgpu")]
@@ -481,34 +463,17 @@ impl Backend {
             shape::mul(st, "T x H", gate.tokens, perm.hidden)?,
         )?;
         match self.device {
-            Device::Cpu => {
-                let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-                let yp = wide(y_perm);
-                let w = wide(&gate.topk_weights);
-                let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
-                let sy = shared.map(|(s, _)| wide(s));
-                let sg = shared.and_then(|(_, g)| g.map(wide));
-                let shared_in = sy.as_deref().map(|y| SharedInput {
-                    y,
-                    gate_logits: sg.as_deref(),
-                });
-                let a = Assignments {
-                    slots: gate.slots,
-                    weights: &w,
-                    kept: &kept,
-                    row_of_assignment: &perm.row_of_assignment,
-                };
-                narrow(
-                    &cpu::combine::combine(
-                        &yp,
-                        perm.hidden,
-                        a,
-                        shared_in,
-                        f64::from(output_scale),
-                    )?,
-                    y,
-                );
-            }
+            Device::Cpu => narrow(
+                &cpu::device::combine_f64(
+                    y_perm,
+                    gate,
+                    &perm.row_of_assignment,
+                    perm.hidden,
+                    shared,
+                    f64::from(output_scale),
+                )?,
+                y,
+            ),
             #[cfg(feature = "cuda")]
             Device::Cuda(ref d) => {
                 crate::cuda::host::combine(d, y_perm, gate, perm, shared, output_scale, y)?

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::config::LayerConfig;
+use crate::config::{LayerConfig, RoutingConfig};
 use crate::cpu;
 use crate::cpu::combine::{Assignments, SharedInput};
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
@@ -84,6 +84,77 @@ fn store(dtype: DType, src: &[f64], dst: &mut Vec<f32>) {
     dst.extend(src.iter().map(|&v| dtype.round(v) as f32));
 }
 
+/// Stage 1 on the CPU: the routing of `logits` `[T, E]` written into `out` (sized for it),
+/// weights stored in f32. Shared by [`CpuStages`] and `Backend::gate`.
+pub(crate) fn gate_into(
+    logits: &[f32],
+    correction_bias: Option<&Tensor>,
+    cfg: &RoutingConfig,
+    out: &mut GateBuffers,
+) -> Result<()> {
+    let l: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
+    let bias = correction_bias.map(Tensor::to_f64_vec);
+    let r = cpu::gate::gate(&l, out.tokens, out.experts, bias.as_deref(), cfg)?;
+    out.topk_ids.copy_from_slice(&r.topk_ids);
+    for (d, &w) in out.topk_weights.iter_mut().zip(&r.topk_weights) {
+        *d = w as f32;
+    }
+    for (k, &b) in out.kept.iter_mut().zip(&r.kept) {
+        *k = u32::from(b);
+    }
+    out.counts.copy_from_slice(&r.counts);
+    Ok(())
+}
+
+/// Stage 2 on the CPU: the permutation of `gate`'s assignments and the gathered rows of `x`
+/// (values of `dtype` already, so the gather copies them exactly), written into `out`.
+/// Shared by [`CpuStages`] and `Backend::permute`.
+pub(crate) fn permute_into(
+    gate: &GateBuffers,
+    x: &Tensor,
+    dtype: DType,
+    out: &mut PermuteBuffers,
+) -> Result<()> {
+    let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
+    let p = cpu::permute::permute(&gate.topk_ids, &kept, gate.experts)?;
+    let xp = cpu::permute::gather(x, gate.slots, &p)?;
+    out.expert_offsets = p.expert_offsets;
+    out.sorted_assignment = p.sorted_assignment;
+    out.row_of_assignment = p.row_of_assignment;
+    store(dtype, &xp, &mut out.x_perm);
+    Ok(())
+}
+
+/// Stage 4 on the CPU in f64: `y` `[T, H]` from `y_perm`, `gate`'s weights and kept flags, the
+/// rows of each assignment and the shared expert `(output [T, H], gate logits [T])`. Shared by
+/// [`CpuStages`] and `Backend::combine`.
+pub(crate) fn combine_f64(
+    y_perm: &[f32],
+    gate: &GateBuffers,
+    row_of_assignment: &[u32],
+    hidden: usize,
+    shared: Option<(&[f32], Option<&[f32]>)>,
+    output_scale: f64,
+) -> Result<Vec<f64>> {
+    let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let yp = wide(y_perm);
+    let w = wide(&gate.topk_weights);
+    let kept: Vec<bool> = gate.kept.iter().map(|&k| k != 0).collect();
+    let sy = shared.map(|(s, _)| wide(s));
+    let sg = shared.and_then(|(_, g)| g.map(wide));
+    let shared_in = sy.as_deref().map(|y| SharedInput {
+        y,
+        gate_logits: sg.as_deref(),
+    });
+    let a = Assignments {
+        slots: gate.slots,
+        weights: &w,
+        kept: &kept,
+        row_of_assignment,
+    };
+    cpu::combine::combine(&yp, hidden, a, shared_in, output_scale)
+}
+
 fn config(res: &CpuResident) -> &LayerConfig {
     &res.config
 }
@@ -130,20 +201,9 @@ impl Stages for CpuStages {
 
     fn gate(&self, _: &mut (), res: &CpuResident, ws: &mut CpuWorkspace, t: usize) -> Result<()> {
         let e = res.dims.experts;
-        let l: Vec<f64> = ws.logits.iter().map(|&v| f64::from(v)).collect();
-        let bias = res.correction_bias.as_ref().map(Tensor::to_f64_vec);
-        let r = cpu::gate::gate(&l, t, e, bias.as_deref(), &config(res).routing)?;
-        let g = &mut ws.gate;
-        *g = GateBuffers::poisoned(t, r.slots, e);
-        g.topk_ids.copy_from_slice(&r.topk_ids);
-        for (d, &s) in g.topk_weights.iter_mut().zip(&r.topk_weights) {
-            *d = s as f32;
-        }
-        for (k, &b) in g.kept.iter_mut().zip(&r.kept) {
-            *k = u32::from(b);
-        }
-        g.counts.copy_from_slice(&r.counts);
-        Ok(())
+        let cfg = &config(res).routing;
+        ws.gate = GateBuffers::poisoned(t, cfg.slots(e), e);
+        gate_into(&ws.logits, res.correction_bias.as_ref(), cfg, &mut ws.gate)
     }
 
     fn permute(
@@ -155,16 +215,8 @@ impl Stages for CpuStages {
         t: usize,
     ) -> Result<()> {
         let d = res.dims;
-        let g = &ws.gate;
-        let kept: Vec<bool> = g.kept.iter().map(|&k| k != 0).collect();
-        let p = cpu::permute::permute(&g.topk_ids, &kept, d.experts)?;
-        let xp = cpu::permute::gather(x, g.slots, &p)?;
-        let mut out = PermuteBuffers::poisoned(t, g.slots, d.experts, d.hidden);
-        out.expert_offsets = p.expert_offsets;
-        out.sorted_assignment = p.sorted_assignment;
-        out.row_of_assignment = p.row_of_assignment;
-        // x holds values of the activation dtype already: the gather copies them exactly.
-        store(ws.dtype, &xp, &mut out.x_perm);
+        let mut out = PermuteBuffers::poisoned(t, ws.gate.slots, d.experts, d.hidden);
+        permute_into(&ws.gate, x, ws.dtype, &mut out)?;
         ws.perm = out;
         Ok(())
     }
@@ -215,29 +267,19 @@ impl Stages for CpuStages {
         _t: usize,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-        let has_shared = res.shared.is_some();
-        let has_gate = res.shared_gate.is_some();
-        let yp = wide(&ws.y_perm);
-        let w = wide(&ws.gate.topk_weights);
-        let kept: Vec<bool> = ws.gate.kept.iter().map(|&k| k != 0).collect();
-        let sy = has_shared.then(|| wide(&ws.shared_y));
-        let sg = has_gate.then(|| wide(&ws.shared_logit));
-        let shared_in = sy.as_deref().map(|y| SharedInput {
-            y,
-            gate_logits: sg.as_deref(),
+        let shared = res.shared.is_some().then(|| {
+            let gate = res
+                .shared_gate
+                .is_some()
+                .then_some(ws.shared_logit.as_slice());
+            (ws.shared_y.as_slice(), gate)
         });
-        let a = Assignments {
-            slots: ws.gate.slots,
-            weights: &w,
-            kept: &kept,
-            row_of_assignment: &ws.perm.row_of_assignment,
-        };
-        let out = cpu::combine::combine(
-            &yp,
+        let out = combine_f64(
+            &ws.y_perm,
+            &ws.gate,
+            &ws.perm.row_of_assignment,
             res.dims.hidden,
-            a,
-            shared_in,
+            shared,
             f64::from(config(res).output_scale as f32),
         )?;
         store(ws.dtype, &out, y);
