@@ -14,13 +14,8 @@ use moe_kernels::{Backend, DType, Preset, Tensor};
 
 fn main() -> ExitCode {
     // Mesa's Vulkan device-select layer prints "XDG_RUNTIME_DIR is invalid" on a headless
-    // machine when an instance is created; a runtime without a session can switch it off
-    // before it creates its instance (README, "Embedding in a runtime").
-    let runtime_dir_ok =
-        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
-    if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
-        std::env::set_var("NODEVICE_SELECT", "1");
-    }
+    // machine when an instance is created; switch it off before creating ours.
+    moe_kernels::wgpu::quiet_headless_vulkan();
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

@@ -404,16 +404,7 @@ impl MoeLayer {
     }
 
     fn check_x(&self, x: &Tensor) -> Result<usize> {
-        match x.shape() {
-            [t, h] if *h == self.dims.hidden => Ok(*t),
-            s => Err(Error::shape(
-                Stage::Router,
-                format!(
-                    "x must be [T, H] with H = {}, got shape {s:?}",
-                    self.dims.hidden
-                ),
-            )),
-        }
+        x_tokens(x, self.dims.hidden)
     }
 
     /// An [`Error::Limit`] unless the host can hold the f64 reference forward of `tokens`
@@ -701,15 +692,7 @@ impl PreparedLayer {
     }
 
     fn check_x(&self, x: &Tensor) -> Result<usize> {
-        let t = match x.shape() {
-            [t, h] if *h == self.hidden => *t,
-            s => {
-                return Err(Error::shape(
-                    Stage::Router,
-                    format!("x must be [T, H] with H = {}, got shape {s:?}", self.hidden),
-                ))
-            }
-        };
+        let t = x_tokens(x, self.hidden)?;
         if x.dtype() != self.dtype {
             return Err(Error::DtypeMismatch {
                 what: format!(
@@ -1025,6 +1008,17 @@ impl PreparedLayer {
                 })
             }
         }
+    }
+}
+
+/// T of an input `x` that must be `[T, hidden]`.
+fn x_tokens(x: &Tensor, hidden: usize) -> Result<usize> {
+    match x.shape() {
+        [t, h] if *h == hidden => Ok(*t),
+        s => Err(Error::shape(
+            Stage::Router,
+            format!("x must be [T, H] with H = {hidden}, got shape {s:?}"),
+        )),
     }
 }
 

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext, CudaStream};
+use moe_kernels::cuda::act::tensor_bytes;
 use moe_kernels::synth::{random_layer, random_x, Extras};
 use moe_kernels::{Backend, DType, Preset, Tensor, TensorData};
 
@@ -21,15 +22,6 @@ fn runtime_stream() -> Option<Arc<CudaStream>> {
     // SAFETY: every use of this context in the test is on the one stream below.
     unsafe { ctx.disable_event_tracking() };
     ctx.new_stream().ok()
-}
-
-/// The host tensor's elements as raw little-endian bytes.
-fn raw(x: &Tensor) -> Vec<u8> {
-    match x.data() {
-        TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
-        TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
-        TensorData::BF16(v) => bytemuck::cast_slice(v).to_vec(),
-    }
 }
 
 #[test]
@@ -72,7 +64,7 @@ fn device_forward_on_the_callers_stream_is_graph_capturable() {
         let direct = prepared.forward(&x).unwrap();
 
         let n = t * h * act.size();
-        let x_dev = stream.clone_htod(&raw(&x)).unwrap();
+        let x_dev = stream.clone_htod(&tensor_bytes(&x)).unwrap();
         let mut y_dev = stream.alloc_zeros::<u8>(n).unwrap();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)

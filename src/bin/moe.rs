@@ -119,21 +119,10 @@ enum Command {
     },
 }
 
-/// Mesa's Vulkan device-select layer (an implicit layer the loader puts into every Vulkan
-/// instance) probes for a Wayland display and prints "error: XDG_RUNTIME_DIR is invalid or not
-/// set in the environment." on a headless machine. wgpu picks its adapter itself, so on such a
-/// machine the layer is switched off (`NODEVICE_SELECT=1`) unless the user set that variable.
-/// Runs first in `main`, before any other thread exists.
-fn quiet_headless_vulkan() {
-    let runtime_dir_ok =
-        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
-    if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
-        std::env::set_var("NODEVICE_SELECT", "1");
-    }
-}
-
 fn main() -> ExitCode {
-    quiet_headless_vulkan();
+    // Before any thread exists: no "XDG_RUNTIME_DIR is invalid" line on a headless machine.
+    #[cfg(feature = "wgpu")]
+    moe_kernels::wgpu::quiet_headless_vulkan();
     // Usage errors exit 1 like every other error; --help and --version exit 0.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -133,26 +133,23 @@ impl CudaDevice {
             )));
         }
         let ctx = drv(CudaContext::new(ordinal), "creating the CUDA context")?;
-        let (name, compute_capability) = Self::describe(&ctx)?;
         // SAFETY: every launch, copy and allocation of this crate goes through the one stream
         // below, so stream order already sequences every buffer's uses; cudarc's per-buffer
         // events would only add work (and event records inside CUDA-graph captures).
         unsafe { ctx.disable_event_tracking() };
-        let stream = drv(ctx.new_stream(), "creating a stream")?;
-        Ok(CudaDevice {
-            ctx,
-            stream,
-            name,
-            compute_capability,
-            modules: Mutex::new(HashMap::new()),
-        })
+        Self::on(drv(ctx.new_stream(), "creating a stream")?)
     }
 
     /// A handle that launches on the caller's `stream`, in its context. cudarc's event
     /// tracking is left as the caller set it (it is the caller's context).
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        Self::on(stream).map_err(unavailable)
+    }
+
+    /// The handle of `stream` in its context (sm_80 or newer).
+    fn on(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context().clone();
-        let (name, compute_capability) = Self::describe(&ctx).map_err(unavailable)?;
+        let (name, compute_capability) = Self::describe(&ctx)?;
         Ok(CudaDevice {
             ctx,
             stream,

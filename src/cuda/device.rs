@@ -14,7 +14,7 @@ use cudarc::driver::{sys, CudaEvent, CudaSlice};
 
 use crate::config::LayerConfig;
 use crate::cpu::expert_gemm::ExpertDims;
-use crate::cuda::act::{ActView, ActViewMut};
+use crate::cuda::act::{bytes_to_f64, tensor_bytes, ActView, ActViewMut};
 use crate::cuda::context::{cuda_err, drv};
 use crate::cuda::expert_gemm::CudaExperts;
 use crate::cuda::gate::GateScratchCuda;
@@ -24,7 +24,7 @@ use crate::cuda::{CudaDevice, CudaWeights, GateCuda, PermuteCuda};
 use crate::device::{self, HostForward, LayerWeights, Plan, Stages};
 use crate::error::Result;
 use crate::stage::Stage;
-use crate::tensor::{DType, Tensor, TensorData};
+use crate::tensor::{DType, Tensor};
 
 /// Launches the stages on one CUDA device's stream.
 #[derive(Debug, Clone, Copy)]
@@ -444,11 +444,7 @@ pub(crate) fn forward_host(
     let start = Instant::now();
     let dtype = ws.dtype;
     let bytes = x.len() * dtype.size();
-    let raw: Vec<u8> = match x.data() {
-        TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
-        TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
-        TensorData::BF16(v) => bytemuck::cast_slice(v).to_vec(),
-    };
+    let raw = tensor_bytes(x);
     // The workspace's own x and y: taken out for the forward, which borrows the rest, and put
     // back after it (a previous forward that failed half-way may have lost them: refused).
     let (Some(mut xbuf), Some(mut ybuf)) = (ws.x.take(), ws.y.take()) else {
@@ -480,25 +476,12 @@ pub(crate) fn forward_host(
     let raw = raw?;
     let wall = start.elapsed();
     let times = ws.stage_times()?.unwrap_or_default();
-    Ok((widen(&raw, dtype), times, wall))
-}
-
-/// Little-endian elements of `dtype` widened exactly to f32.
-fn widen(raw: &[u8], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => raw
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => raw
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
+    // Widening f16 / bf16 / f32 to f64 and back to f32 is exact.
+    let y = bytes_to_f64(&raw, dtype)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    Ok((y, times, wall))
 }
 
 /// One forward on the caller's activation views, enqueued on the backend's stream.

@@ -18,7 +18,7 @@ use cudarc::driver::{sys, CudaContext, CudaSlice};
 pub use context::CudaDevice;
 
 use crate::error::Result;
-use crate::tensor::{DType, Tensor, TensorData};
+use crate::tensor::{DType, Tensor};
 
 /// A weight matrix on the device: the tensor's raw little-endian elements (f32, f16 or bf16),
 /// viewed as `[rows, cols]` with `cols` the last dimension.
@@ -39,11 +39,7 @@ impl CudaWeights {
     pub fn upload(dev: &CudaDevice, t: &Tensor) -> Result<Self> {
         let cols = *t.shape().last().unwrap_or(&1);
         let rows = t.len().checked_div(cols).unwrap_or(0);
-        let raw: Vec<u8> = match t.data() {
-            TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
-            TensorData::F16(v) => bytemuck::cast_slice(v).to_vec(),
-            TensorData::BF16(v) => bytemuck::cast_slice(v).to_vec(),
-        };
+        let raw = act::tensor_bytes(t);
         Ok(CudaWeights {
             dtype: t.dtype(),
             rows,

@@ -378,28 +378,6 @@ impl WgpuDevice {
             })
     }
 
-    /// A bind group for group 0 of `pipeline` with `resources` at bindings 0, 1, 2, …
-    pub fn bind(
-        &self,
-        pipeline: &::wgpu::ComputePipeline,
-        resources: &[::wgpu::BindingResource<'_>],
-    ) -> ::wgpu::BindGroup {
-        let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<::wgpu::BindGroupEntry<'_>> = resources
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ::wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: r.clone(),
-            })
-            .collect();
-        self.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &layout,
-            entries: &entries,
-        })
-    }
-
     /// Records one dispatch of `groups` workgroups in its own compute pass.
     pub fn dispatch(
         &self,

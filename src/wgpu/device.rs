@@ -11,8 +11,6 @@
 
 use std::time::{Duration, Instant};
 
-use half::{bf16, f16};
-
 use crate::config::LayerConfig;
 use crate::cpu::expert_gemm::ExpertDims;
 use crate::device::{self, HostForward, LayerWeights, Plan, Stages};
@@ -487,24 +485,8 @@ pub(crate) fn forward_host(
         None => Vec::new(),
     };
     let y = dev.read_prefix(&ws.y, act::words(elems, ws.dtype))?;
-    Ok((unpack(&y, ws.dtype, elems), times, wall))
-}
-
-/// The first `n` elements of `dtype` in `words`, widened exactly to f32.
-pub(crate) fn unpack(words: &[u32], dtype: DType, n: usize) -> Vec<f32> {
-    let half = |i: usize| {
-        let w = words[i / 2];
-        if i % 2 == 0 {
-            (w & 0xffff) as u16
-        } else {
-            (w >> 16) as u16
-        }
-    };
-    match dtype {
-        DType::F32 => words[..n].iter().map(|&w| f32::from_bits(w)).collect(),
-        DType::F16 => (0..n).map(|i| f16::from_bits(half(i)).to_f32()).collect(),
-        DType::BF16 => (0..n).map(|i| bf16::from_bits(half(i)).to_f32()).collect(),
-    }
+    // y is dense: one row of T·H elements.
+    Ok((act::unpack(&y, 1, elems, elems, ws.dtype), times, wall))
 }
 
 /// Records one forward of `tokens` tokens into `enc`, reading `x` `[T, H]` from the caller's

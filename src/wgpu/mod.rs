@@ -109,6 +109,21 @@ pub struct AdapterSummary {
     pub driver: String,
 }
 
+/// Switches off Mesa's Vulkan device-select layer on a headless machine. That implicit layer
+/// (loaded into every Vulkan instance) probes for a Wayland display and prints "error:
+/// XDG_RUNTIME_DIR is invalid or not set in the environment." when there is no session; wgpu
+/// picks its adapter itself, so without a usable `XDG_RUNTIME_DIR` this sets
+/// `NODEVICE_SELECT=1`, unless the variable is already set. It changes the process
+/// environment: call it first in `main`, before any other thread exists and before a wgpu
+/// instance is created.
+pub fn quiet_headless_vulkan() {
+    let runtime_dir_ok =
+        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+    if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 /// The instance settings: `WGPU_*` variables are honoured; without `WGPU_BACKEND`, only the
 /// primary backends (Vulkan, Metal, DX12) are tried, since wgpu would otherwise fall back to
 /// OpenGL silently.

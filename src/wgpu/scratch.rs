@@ -71,8 +71,8 @@ impl Scratch {
         Ok(())
     }
 
-    /// A bind group for group 0 of `pipeline` with `resources` at bindings 0, 1, 2, … (as
-    /// [`WgpuDevice::bind`]), reused from an earlier forward when it is the same.
+    /// A bind group for group 0 of `pipeline` with `resources` at bindings 0, 1, 2, …, reused
+    /// from an earlier forward when it is the same (see [`Scratch::bind_entries`]).
     pub fn bind(
         &self,
         dev: &WgpuDevice,
