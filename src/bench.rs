@@ -358,7 +358,7 @@ where
 }
 
 fn dtype_of(layer: &MoeLayer) -> DType {
-    layer.experts.up.dtype()
+    layer.experts.up.dense().map_or(DType::F32, Tensor::dtype)
 }
 
 /// Device-to-device copy bandwidth of `dev` in GB/s, counting bytes read plus bytes written

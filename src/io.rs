@@ -18,14 +18,78 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     })
 }
 
+/// A tensor of a weights file: floating point, or the raw bytes of a quantized format's
+/// codes and scales (DESIGN.md section 4).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileTensor {
+    /// An F32, F16 or BF16 tensor.
+    Float(Tensor),
+    /// A U8 tensor (MXFP4 / INT4 codes, e8m0 scales, INT4 zero points): shape and bytes.
+    U8(Vec<usize>, Vec<u8>),
+    /// An F8_E4M3 tensor (FP8 codes): shape and bytes.
+    F8E4M3(Vec<usize>, Vec<u8>),
+}
+
+impl FileTensor {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            FileTensor::Float(t) => t.shape(),
+            FileTensor::U8(s, _) | FileTensor::F8E4M3(s, _) => s,
+        }
+    }
+
+    /// The dtype as a safetensors header names it.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            FileTensor::Float(t) => match t.dtype() {
+                crate::tensor::DType::F32 => "F32",
+                crate::tensor::DType::F16 => "F16",
+                crate::tensor::DType::BF16 => "BF16",
+            },
+            FileTensor::U8(..) => "U8",
+            FileTensor::F8E4M3(..) => "F8_E4M3",
+        }
+    }
+
+    /// Bytes as stored.
+    pub fn byte_len(&self) -> u64 {
+        match self {
+            FileTensor::Float(t) => crate::limits::product(&[t.len(), t.dtype().size()]),
+            FileTensor::U8(_, b) | FileTensor::F8E4M3(_, b) => b.len() as u64,
+        }
+    }
+}
+
 /// Every tensor of a safetensors file, by name. Accepts F32, F16 and BF16 only.
 pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = read(path)?;
     parse_tensors(&bytes, &path.display().to_string())
 }
 
-/// Parses safetensors bytes; `origin` names the source in errors.
+/// Parses safetensors bytes; `origin` names the source in errors. Accepts F32, F16 and BF16.
 pub fn parse_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String, Tensor>> {
+    parse_file_tensors(bytes, origin)?
+        .into_iter()
+        .map(|(name, t)| match t {
+            FileTensor::Float(t) => Ok((name, t)),
+            other => Err(Error::Dtype {
+                context: format!("{origin}: tensor {name:?}"),
+                dtype: other.dtype_name().to_string(),
+            }),
+        })
+        .collect()
+}
+
+/// Every tensor of a weights file, by name: F32, F16, BF16, and the U8 / F8_E4M3 tensors of
+/// quantized weights.
+pub fn load_file_tensors(path: &Path) -> Result<BTreeMap<String, FileTensor>> {
+    let bytes = read(path)?;
+    parse_file_tensors(&bytes, &path.display().to_string())
+}
+
+/// Parses safetensors bytes into [`FileTensor`]s; `origin` names the source in errors.
+pub fn parse_file_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String, FileTensor>> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
         path: origin.to_string(),
         msg: format!("{e}"),
@@ -34,10 +98,26 @@ pub fn parse_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String, Tens
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let raw = view.data();
-        let data = match view.dtype() {
-            StDtype::F32 => TensorData::F32(bytemuck::pod_collect_to_vec::<u8, f32>(raw)),
-            StDtype::F16 => TensorData::F16(bytemuck::pod_collect_to_vec::<u8, f16>(raw)),
-            StDtype::BF16 => TensorData::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(raw)),
+        let float = |data| {
+            Tensor::new(shape.clone(), data)
+                .map(FileTensor::Float)
+                .map_err(|e| Error::Safetensors {
+                    path: origin.to_string(),
+                    msg: format!("tensor {name:?}: {e}"),
+                })
+        };
+        let t = match view.dtype() {
+            StDtype::F32 => float(TensorData::F32(bytemuck::pod_collect_to_vec::<u8, f32>(
+                raw,
+            )))?,
+            StDtype::F16 => float(TensorData::F16(bytemuck::pod_collect_to_vec::<u8, f16>(
+                raw,
+            )))?,
+            StDtype::BF16 => float(TensorData::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(
+                raw,
+            )))?,
+            StDtype::U8 => FileTensor::U8(shape, raw.to_vec()),
+            StDtype::F8_E4M3 => FileTensor::F8E4M3(shape, raw.to_vec()),
             other => {
                 return Err(Error::Dtype {
                     context: format!("{origin}: tensor {name:?}"),
@@ -45,10 +125,6 @@ pub fn parse_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String, Tens
                 })
             }
         };
-        let t = Tensor::new(shape, data).map_err(|e| Error::Safetensors {
-            path: origin.to_string(),
-            msg: format!("tensor {name:?}: {e}"),
-        })?;
         out.insert(name, t);
     }
     Ok(out)
@@ -85,6 +161,8 @@ pub enum OutTensor {
     I32(Vec<usize>, Vec<i32>),
     /// A tensor in its own dtype (f32, f16 or bf16).
     Tensor(Tensor),
+    /// A weights-file tensor of any dtype (quantized codes and scales included).
+    File(FileTensor),
 }
 
 /// Writes named tensors to a safetensors file.
@@ -104,13 +182,19 @@ pub fn save(path: &Path, tensors: &[(&str, OutTensor)]) -> Result<()> {
                 s.clone(),
                 bytemuck::cast_slice(v).to_vec(),
             ),
-            OutTensor::Tensor(t) => {
+            OutTensor::Tensor(t) | OutTensor::File(FileTensor::Float(t)) => {
                 let (d, b): (StDtype, Vec<u8>) = match t.data() {
                     TensorData::F32(v) => (StDtype::F32, bytemuck::cast_slice(v).to_vec()),
                     TensorData::F16(v) => (StDtype::F16, bytemuck::cast_slice(v).to_vec()),
                     TensorData::BF16(v) => (StDtype::BF16, bytemuck::cast_slice(v).to_vec()),
                 };
                 (name.to_string(), d, t.shape().to_vec(), b)
+            }
+            OutTensor::File(FileTensor::U8(s, b)) => {
+                (name.to_string(), StDtype::U8, s.clone(), b.clone())
+            }
+            OutTensor::File(FileTensor::F8E4M3(s, b)) => {
+                (name.to_string(), StDtype::F8_E4M3, s.clone(), b.clone())
             }
         })
         .collect();

@@ -16,8 +16,9 @@ use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::cpu::gate::Routing;
 use crate::device::{self, LayerWeights, Plan};
 use crate::error::{Error, Result};
-use crate::io;
+use crate::io::{self, FileTensor};
 use crate::limits::{self, Footprint, LayerShape};
+use crate::quant::{self, parts, QuantSpec, Weight};
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
 
@@ -117,45 +118,153 @@ fn weights_err(origin: &str, what: impl Into<String>) -> Error {
     }
 }
 
-/// A `[d0, d1]` tensor viewed as `[1, d0, d1]`.
-fn as_one_expert(t: Tensor) -> Result<Tensor> {
-    let mut shape = vec![1];
-    shape.extend_from_slice(t.shape());
-    Tensor::new(shape, t.data().clone())
+/// True for a canonical tensor name, or a quantized matrix's part.
+fn known_name(name: &str) -> bool {
+    TENSOR_NAMES.contains(&name)
+        || MATRIX_NAMES.iter().any(|m| {
+            name.strip_prefix(m)
+                .is_some_and(|rest| parts::SUFFIXES.contains(&rest))
+        })
 }
 
-impl MoeLayer {
-    /// Loads a layer from a safetensors file with the canonical names.
-    pub fn load(config: LayerConfig, path: &Path) -> Result<Self> {
-        let tensors = io::load_tensors(path)?;
-        Self::from_tensors(config, tensors, &path.display().to_string())
-    }
+/// The names of the six expert matrices that may be quantized.
+pub const MATRIX_NAMES: [&str; 6] = [
+    "experts.gate_proj",
+    "experts.up_proj",
+    "experts.down_proj",
+    "shared.gate_proj",
+    "shared.up_proj",
+    "shared.down_proj",
+];
 
-    /// Builds a layer from named tensors; E, H, F and the optional parts are read off them.
-    /// `origin` names the source in errors.
-    pub fn from_tensors(
-        config: LayerConfig,
-        mut t: BTreeMap<String, Tensor>,
-        origin: &str,
-    ) -> Result<Self> {
-        if let Some(extra) = t.keys().find(|k| !TENSOR_NAMES.contains(&k.as_str())) {
+/// Takes the float tensor `name`, if present; an error naming it when it is U8 / F8.
+fn float(t: &mut BTreeMap<String, FileTensor>, name: &str, origin: &str) -> Result<Option<Tensor>> {
+    match t.remove(name) {
+        None => Ok(None),
+        Some(FileTensor::Float(x)) => Ok(Some(x)),
+        Some(other) => Err(weights_err(
+            origin,
+            format!(
+                "{name:?} is {}: it must be F32, F16 or BF16",
+                other.dtype_name()
+            ),
+        )),
+    }
+}
+
+/// One file, one format: the routed experts' matrices are all dense or all in one quantized
+/// format, and a shared expert is dense or in that same format.
+fn check_formats(
+    experts: &ExpertWeights,
+    shared: Option<&SharedExpert>,
+    origin: &str,
+) -> Result<()> {
+    let mut seen: Vec<(String, &'static str, bool)> = Vec::new();
+    let mut add = |prefix: &str, w: &ExpertWeights| {
+        for (name, m) in [
+            ("gate_proj", w.gate.as_ref()),
+            ("up_proj", Some(&w.up)),
+            ("down_proj", Some(&w.down)),
+        ] {
+            if let Some(m) = m {
+                seen.push((
+                    format!("{prefix}.{name}"),
+                    m.format_name(),
+                    m.quant().is_some(),
+                ));
+            }
+        }
+    };
+    add("experts", experts);
+    if let Some(s) = shared {
+        add("shared", &s.weights);
+    }
+    let quant: Vec<&(String, &str, bool)> = seen.iter().filter(|s| s.2).collect();
+    if let Some(a) = quant.first() {
+        if let Some(b) = quant.iter().find(|b| b.1 != a.1) {
             return Err(weights_err(
                 origin,
                 format!(
-                    "unexpected tensor {extra:?} (known: {})",
-                    TENSOR_NAMES.join(", ")
+                    "two formats in one file: {} is {}, {} is {}",
+                    a.0, a.1, b.0, b.1
                 ),
             ));
         }
-        let mut need = |name: &str| {
-            t.remove(name)
-                .ok_or_else(|| weights_err(origin, format!("missing tensor {name:?}")))
+    }
+    for prefix in ["experts.", "shared."] {
+        let group: Vec<_> = seen.iter().filter(|s| s.0.starts_with(prefix)).collect();
+        if let (Some(q), Some(d)) = (group.iter().find(|s| s.2), group.iter().find(|s| !s.2)) {
+            return Err(weights_err(
+                origin,
+                format!(
+                    "{} is {} but {} is dense {}: one expert's matrices share one format",
+                    q.0, q.1, d.0, d.1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl MoeLayer {
+    /// Loads a layer from a safetensors file with the canonical names (dense or quantized
+    /// expert weights; the format is read off the file).
+    pub fn load(config: LayerConfig, path: &Path) -> Result<Self> {
+        let tensors = io::load_file_tensors(path)?;
+        Self::from_file_tensors(config, tensors, &path.display().to_string())
+    }
+
+    /// Builds a layer from named dense tensors; E, H, F and the optional parts are read off
+    /// them. `origin` names the source in errors.
+    pub fn from_tensors(
+        config: LayerConfig,
+        t: BTreeMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<Self> {
+        let t = t
+            .into_iter()
+            .map(|(k, v)| (k, FileTensor::Float(v)))
+            .collect();
+        Self::from_file_tensors(config, t, origin)
+    }
+
+    /// Builds a layer from the tensors of a weights file, dense or quantized (DESIGN.md
+    /// section 4); E, H, F, the optional parts and the weight format are read off them.
+    /// `origin` names the source in errors.
+    pub fn from_file_tensors(
+        config: LayerConfig,
+        mut t: BTreeMap<String, FileTensor>,
+        origin: &str,
+    ) -> Result<Self> {
+        if let Some(extra) = t.keys().find(|k| !known_name(k)) {
+            return Err(weights_err(
+                origin,
+                format!(
+                    "unexpected tensor {extra:?} (known: {}; quantized matrices add the \
+                     suffixes {})",
+                    TENSOR_NAMES.join(", "),
+                    parts::SUFFIXES.join(", ")
+                ),
+            ));
+        }
+        let router_weight = float(&mut t, "router.weight", origin)?
+            .ok_or_else(|| weights_err(origin, "missing tensor \"router.weight\""))?;
+        let hidden = match router_weight.shape() {
+            [_, h] => *h,
+            s => {
+                return Err(weights_err(
+                    origin,
+                    format!("router.weight must be [E, H], got shape {s:?}"),
+                ))
+            }
         };
-        let router_weight = need("router.weight")?;
-        let up = need("experts.up_proj")?;
-        let down = need("experts.down_proj")?;
+        let up = parts::take_matrix(&mut t, "experts.up_proj", hidden, true, origin)?
+            .ok_or_else(|| weights_err(origin, "missing tensor \"experts.up_proj\""))?;
+        let ffn = up.shape().get(1).copied().unwrap_or(0);
+        let down = parts::take_matrix(&mut t, "experts.down_proj", ffn, true, origin)?
+            .ok_or_else(|| weights_err(origin, "missing tensor \"experts.down_proj\""))?;
+        let gate = parts::take_matrix(&mut t, "experts.gate_proj", hidden, true, origin)?;
         let gated = config.activation.is_gated();
-        let gate = t.remove("experts.gate_proj");
         if gated && gate.is_none() {
             return Err(weights_err(
                 origin,
@@ -178,9 +287,9 @@ impl MoeLayer {
             gate,
             up,
             down,
-            gate_bias: t.remove("experts.gate_proj_bias"),
-            up_bias: t.remove("experts.up_proj_bias"),
-            down_bias: t.remove("experts.down_proj_bias"),
+            gate_bias: float(&mut t, "experts.gate_proj_bias", origin)?,
+            up_bias: float(&mut t, "experts.up_proj_bias", origin)?,
+            down_bias: float(&mut t, "experts.down_proj_bias", origin)?,
         };
         let dims = experts
             .dims(config.activation)
@@ -194,12 +303,13 @@ impl MoeLayer {
                 ),
             ));
         }
-        let shared = Self::take_shared(&mut t, &config, origin)?;
+        let shared = Self::take_shared(&mut t, &config, hidden, origin)?;
+        check_formats(&experts, shared.as_ref(), origin)?;
         let layer = MoeLayer {
             config,
             router_weight,
-            router_bias: t.remove("router.bias"),
-            score_correction_bias: t.remove("router.score_correction_bias"),
+            router_bias: float(&mut t, "router.bias", origin)?,
+            score_correction_bias: float(&mut t, "router.score_correction_bias", origin)?,
             experts,
             shared,
             dims,
@@ -209,43 +319,25 @@ impl MoeLayer {
     }
 
     fn take_shared(
-        t: &mut BTreeMap<String, Tensor>,
+        t: &mut BTreeMap<String, FileTensor>,
         config: &LayerConfig,
+        hidden: usize,
         origin: &str,
     ) -> Result<Option<SharedExpert>> {
-        let any = [
-            "shared.gate_proj",
-            "shared.up_proj",
-            "shared.down_proj",
-            "shared.gate.weight",
-        ]
-        .iter()
-        .any(|n| t.contains_key(*n));
+        let any = t.keys().any(|n| n.starts_with("shared."));
         if !any {
             return Ok(None);
         }
-        let mut need = |name: &str| {
-            t.remove(name).ok_or_else(|| {
-                weights_err(
-                    origin,
-                    format!("missing tensor {name:?} (other shared.* tensors are present)"),
-                )
-            })
-        };
-        let up = need("shared.up_proj")?;
-        let down = need("shared.down_proj")?;
-        let gate = t.remove("shared.gate_proj");
-        if config.activation.is_gated() != gate.is_some() {
-            return Err(weights_err(
+        let missing = |name: &str| {
+            weights_err(
                 origin,
-                format!(
-                    "shared.gate_proj must be present iff the activation is gated ({:?})",
-                    config.activation
-                ),
-            ));
-        }
-        let rank2 = |name: &str, x: &Tensor| -> Result<()> {
-            if x.shape().len() == 2 {
+                format!("missing tensor {name:?} (other shared.* tensors are present)"),
+            )
+        };
+        let up = parts::take_matrix(t, "shared.up_proj", hidden, false, origin)?
+            .ok_or_else(|| missing("shared.up_proj"))?;
+        let rank2 = |name: &str, x: &Weight| -> Result<()> {
+            if x.quant().is_some() || x.shape().len() == 2 {
                 Ok(())
             } else {
                 Err(weights_err(
@@ -255,14 +347,27 @@ impl MoeLayer {
             }
         };
         rank2("shared.up_proj", &up)?;
+        let shared_ffn = up.shape().iter().rev().nth(1).copied().unwrap_or(0);
+        let down = parts::take_matrix(t, "shared.down_proj", shared_ffn, false, origin)?
+            .ok_or_else(|| missing("shared.down_proj"))?;
+        let gate = parts::take_matrix(t, "shared.gate_proj", hidden, false, origin)?;
+        if config.activation.is_gated() != gate.is_some() {
+            return Err(weights_err(
+                origin,
+                format!(
+                    "shared.gate_proj must be present iff the activation is gated ({:?})",
+                    config.activation
+                ),
+            ));
+        }
         rank2("shared.down_proj", &down)?;
         if let Some(g) = &gate {
             rank2("shared.gate_proj", g)?;
         }
         let weights = ExpertWeights {
-            gate: gate.map(as_one_expert).transpose()?,
-            up: as_one_expert(up)?,
-            down: as_one_expert(down)?,
+            gate: gate.map(Weight::as_one_expert).transpose()?,
+            up: up.as_one_expert()?,
+            down: down.as_one_expert()?,
             gate_bias: None,
             up_bias: None,
             down_bias: None,
@@ -272,7 +377,7 @@ impl MoeLayer {
             .map_err(|e| weights_err(origin, format!("shared expert: {}", strip_stage(&e))))?;
         Ok(Some(SharedExpert {
             weights,
-            gate: t.remove("shared.gate.weight"),
+            gate: float(t, "shared.gate.weight", origin)?,
         }))
     }
 
@@ -356,9 +461,6 @@ impl MoeLayer {
         let bytes = |t: &Tensor| limits::product(&[t.len(), t.dtype().size()]);
         let ew = |w: &ExpertWeights| {
             [
-                w.gate.as_ref(),
-                Some(&w.up),
-                Some(&w.down),
                 w.gate_bias.as_ref(),
                 w.up_bias.as_ref(),
                 w.down_bias.as_ref(),
@@ -366,6 +468,12 @@ impl MoeLayer {
             .into_iter()
             .flatten()
             .map(bytes)
+            .chain(
+                [w.gate.as_ref(), Some(&w.up), Some(&w.down)]
+                    .into_iter()
+                    .flatten()
+                    .map(Weight::bytes),
+            )
             .fold(0u64, u64::saturating_add)
         };
         [
@@ -382,8 +490,86 @@ impl MoeLayer {
         .saturating_add(self.shared.as_ref().map_or(0, |s| ew(&s.weights)))
     }
 
-    /// The same layer with expert and shared-expert weights rounded to `dtype`. Router
-    /// weights and biases stay as stored, since routing decisions are made on them.
+    /// The same layer with its routed and shared expert matrices quantized by `spec`
+    /// (biases, router and shared gate stay as stored). An error when a dimension does not
+    /// fit the format (MXFP4 needs H and F to be multiples of 32; an INT4 group must divide
+    /// them).
+    pub fn quantized(&self, spec: &QuantSpec) -> Result<MoeLayer> {
+        let q = |w: &Weight| -> Result<Weight> {
+            let t = match w {
+                Weight::Dense(t) => t,
+                Weight::Quant(_) => return Err(Error::config("the layer is already quantized")),
+            };
+            Ok(Weight::Quant(quant::encode::quantize(t, spec)?))
+        };
+        let all = |w: &ExpertWeights| -> Result<ExpertWeights> {
+            Ok(ExpertWeights {
+                gate: w.gate.as_ref().map(q).transpose()?,
+                up: q(&w.up)?,
+                down: q(&w.down)?,
+                ..w.clone()
+            })
+        };
+        Ok(MoeLayer {
+            experts: all(&self.experts)?,
+            shared: self
+                .shared
+                .as_ref()
+                .map(|s| -> Result<SharedExpert> {
+                    Ok(SharedExpert {
+                        weights: all(&s.weights)?,
+                        gate: s.gate.clone(),
+                    })
+                })
+                .transpose()?,
+            ..self.clone()
+        })
+    }
+
+    /// Every tensor of this layer under the canonical names of DESIGN.md section 4, as
+    /// [`MoeLayer::load`] reads them (quantized matrices as their packed parts).
+    pub fn file_tensors(&self) -> Result<Vec<(String, FileTensor)>> {
+        let mut out: Vec<(String, FileTensor)> = Vec::new();
+        let mut float = |name: &str, t: Option<&Tensor>| {
+            if let Some(t) = t {
+                out.push((name.to_string(), FileTensor::Float(t.clone())));
+            }
+        };
+        float("router.weight", Some(&self.router_weight));
+        float("router.bias", self.router_bias.as_ref());
+        float(
+            "router.score_correction_bias",
+            self.score_correction_bias.as_ref(),
+        );
+        let w = &self.experts;
+        float("experts.gate_proj_bias", w.gate_bias.as_ref());
+        float("experts.up_proj_bias", w.up_bias.as_ref());
+        float("experts.down_proj_bias", w.down_bias.as_ref());
+        float(
+            "shared.gate.weight",
+            self.shared.as_ref().and_then(|s| s.gate.as_ref()),
+        );
+        let mut mats = vec![
+            ("experts.gate_proj", w.gate.as_ref(), true),
+            ("experts.up_proj", Some(&w.up), true),
+            ("experts.down_proj", Some(&w.down), true),
+        ];
+        if let Some(s) = &self.shared {
+            mats.push(("shared.gate_proj", s.weights.gate.as_ref(), false));
+            mats.push(("shared.up_proj", Some(&s.weights.up), false));
+            mats.push(("shared.down_proj", Some(&s.weights.down), false));
+        }
+        for (name, m, axis) in mats {
+            if let Some(m) = m {
+                out.extend(parts::file_tensors(name, m, axis)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The same layer with expert and shared-expert weights rounded to `dtype` (quantized
+    /// matrices stay as they are). Router weights and biases stay as stored, since routing
+    /// decisions are made on them.
     pub fn with_expert_dtype(&self, dtype: DType) -> MoeLayer {
         let cast = |w: &ExpertWeights| ExpertWeights {
             gate: w.gate.as_ref().map(|t| t.cast(dtype)),

@@ -29,6 +29,7 @@ pub mod error;
 pub mod io;
 pub mod layer;
 pub mod limits;
+pub mod quant;
 pub mod shape;
 pub mod stage;
 #[cfg(any(test, feature = "synth"))]

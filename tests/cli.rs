@@ -161,10 +161,16 @@ fn layer_tensors(activation: Activation) -> Vec<Raw> {
         random_layer(config, E, H, F, Extras::default(), DType::F32, 11).expect("synthetic layer");
     let mut out = vec![Raw::from_tensor("router.weight", &layer.router_weight)];
     if let Some(g) = &layer.experts.gate {
-        out.push(Raw::from_tensor("experts.gate_proj", g));
+        out.push(Raw::from_tensor("experts.gate_proj", g.dense().unwrap()));
     }
-    out.push(Raw::from_tensor("experts.up_proj", &layer.experts.up));
-    out.push(Raw::from_tensor("experts.down_proj", &layer.experts.down));
+    out.push(Raw::from_tensor(
+        "experts.up_proj",
+        layer.experts.up.dense().unwrap(),
+    ));
+    out.push(Raw::from_tensor(
+        "experts.down_proj",
+        layer.experts.down.dense().unwrap(),
+    ));
     for r in &out {
         assert!(TENSOR_NAMES.contains(&r.name.as_str()), "{}", r.name);
     }
@@ -673,8 +679,8 @@ fn run_past_the_limits_fails_cleanly() {
         .expect("synthetic layer");
     fx.set_weights(&[
         Raw::from_tensor("router.weight", &layer.router_weight),
-        Raw::from_tensor("experts.up_proj", &layer.experts.up),
-        Raw::from_tensor("experts.down_proj", &layer.experts.down),
+        Raw::from_tensor("experts.up_proj", layer.experts.up.dense().unwrap()),
+        Raw::from_tensor("experts.down_proj", layer.experts.down.dense().unwrap()),
     ]);
     fx.set_input(&[x_raw(131_072, 64)]);
     assert_fails(

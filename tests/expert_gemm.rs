@@ -77,9 +77,9 @@ fn weights(
 ) -> ExpertWeights {
     let mut t = |shape: &[usize], s: f32| g.tensor(shape, s).cast(dtype);
     ExpertWeights {
-        gate: act.is_gated().then(|| t(&[e, f, h], 0.4)),
-        up: t(&[e, f, h], 0.4),
-        down: t(&[e, h, f], 0.3),
+        gate: act.is_gated().then(|| t(&[e, f, h], 0.4).into()),
+        up: t(&[e, f, h], 0.4).into(),
+        down: t(&[e, h, f], 0.3).into(),
         gate_bias: (biases && act.is_gated()).then(|| t(&[e, f], 0.1)),
         up_bias: biases.then(|| t(&[e, f], 0.1)),
         down_bias: biases.then(|| t(&[e, h], 0.1)),
@@ -100,8 +100,8 @@ fn naive_row(
     for (fi, hv) in hid.iter_mut().enumerate() {
         let (mut gs, mut us) = (get(&w.gate_bias, e * f + fi), get(&w.up_bias, e * f + fi));
         for (hi, xv) in x.iter().enumerate() {
-            gs += get(&w.gate, (e * f + fi) * h + hi) * xv;
-            us += w.up.get((e * f + fi) * h + hi) * xv;
+            gs += w.gate.as_ref().map_or(0.0, |g| g.get(e, fi, hi)) * xv;
+            us += w.up.get(e, fi, hi) * xv;
         }
         let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
         let gelu = |v: f64| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()));
@@ -119,9 +119,7 @@ fn naive_row(
     (0..h)
         .map(|o| {
             get(&w.down_bias, e * h + o)
-                + (0..f)
-                    .map(|fi| hid[fi] * w.down.get((e * h + o) * f + fi))
-                    .sum::<f64>()
+                + (0..f).map(|fi| hid[fi] * w.down.get(e, o, fi)).sum::<f64>()
         })
         .collect()
 }
@@ -243,9 +241,9 @@ fn low_precision_weights_stay_within_design_bounds_of_f32() {
     for dtype in [DType::F16, DType::BF16] {
         let cast = |t: &Tensor| t.cast(dtype);
         let w = ExpertWeights {
-            gate: w32.gate.as_ref().map(cast),
-            up: cast(&w32.up),
-            down: cast(&w32.down),
+            gate: w32.gate.as_ref().map(|m| m.cast(dtype)),
+            up: w32.up.cast(dtype),
+            down: w32.down.cast(dtype),
             gate_bias: w32.gate_bias.as_ref().map(cast),
             up_bias: w32.up_bias.as_ref().map(cast),
             down_bias: w32.down_bias.as_ref().map(cast),

@@ -346,8 +346,13 @@ pub fn expert_gemm_bytes(layer: &MoeLayer, p: &PermuteBuffers) -> u64 {
     let d = layer.dims();
     let (e, h) = (d.experts as u64, d.hidden as u64);
     let per_expert = |t: &Tensor| t.len() as u64 / e * elem_bytes(t);
-    let mut weights = per_expert(&w.up) + per_expert(&w.down);
-    for t in [&w.gate, &w.gate_bias, &w.up_bias, &w.down_bias]
+    // Quantized matrices count their packed bytes: what the decode must stream.
+    let mut weights = [Some(&w.up), Some(&w.down), w.gate.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|m| m.bytes() / e)
+        .sum::<u64>();
+    for t in [&w.gate_bias, &w.up_bias, &w.down_bias]
         .into_iter()
         .flatten()
     {

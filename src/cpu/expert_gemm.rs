@@ -6,21 +6,23 @@
 use rayon::prelude::*;
 
 use crate::config::Activation;
-use crate::cpu::{dot, gelu, sigmoid};
+use crate::cpu::{gelu, sigmoid};
 use crate::error::{Error, Result};
+use crate::quant::Weight;
 use crate::shape;
 use crate::stage::Stage;
 use crate::tensor::Tensor;
 
 /// Weights of E experts (or of one shared expert viewed as E = 1), PyTorch Linear layout.
+/// The three matrices are dense or quantized ([`Weight`]); biases are dense.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertWeights {
     /// `[E, F, H]`, present iff the activation is gated.
-    pub gate: Option<Tensor>,
+    pub gate: Option<Weight>,
     /// `[E, F, H]`.
-    pub up: Tensor,
+    pub up: Weight,
     /// `[E, H, F]`.
-    pub down: Tensor,
+    pub down: Weight,
     /// `[E, F]`.
     pub gate_bias: Option<Tensor>,
     /// `[E, F]`.
@@ -44,10 +46,32 @@ impl ExpertWeights {
     /// Checks that every tensor agrees on E, H and F and matches the activation; returns them.
     pub fn dims(&self, activation: Activation) -> Result<ExpertDims> {
         let st = Stage::ExpertGemm;
-        let (e, f, h) = shape::rank3(st, "up_proj", &self.up)?;
-        shape::expect_shape(st, "down_proj", &self.down, &[e, h, f])?;
+        let (e, f, h) = match self.up.shape()[..] {
+            [e, f, h] => (e, f, h),
+            ref s => {
+                return Err(Error::shape(
+                    st,
+                    format!("up_proj must be rank 3, got shape {s:?}"),
+                ))
+            }
+        };
+        expect_weight(st, "down_proj", &self.down, &[e, h, f])?;
         match (&self.gate, activation.is_gated()) {
-            (Some(g), true) => shape::expect_shape(st, "gate_proj", g, &[e, f, h])?,
+            (Some(g), true) => {
+                expect_weight(st, "gate_proj", g, &[e, f, h])?;
+                let layout = |w: &Weight| w.quant().map(|q| q.layout());
+                if layout(g) != layout(&self.up) {
+                    return Err(Error::shape(
+                        st,
+                        format!(
+                            "gate_proj ({}) and up_proj ({}) must share one format, scale dtype, \
+                             group and zero-point layout: the gated GEMM decodes both alike",
+                            describe(g),
+                            describe(&self.up)
+                        ),
+                    ));
+                }
+            }
             (None, false) => {}
             (None, true) => {
                 return Err(Error::shape(
@@ -79,6 +103,35 @@ impl ExpertWeights {
             hidden: h,
             ffn: f,
         })
+    }
+}
+
+/// An error unless weight `name` has logical shape `want`.
+fn expect_weight(st: Stage, name: &str, w: &Weight, want: &[usize]) -> Result<()> {
+    if w.shape() == want {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            st,
+            format!("{name}: expected shape {want:?}, got {:?}", w.shape()),
+        ))
+    }
+}
+
+/// A weight's format for messages: `bf16`, or `int4 (BF16 scales, group 128, zeros)`.
+fn describe(w: &Weight) -> String {
+    match w.quant() {
+        None => w.format_name().to_string(),
+        Some(q) => {
+            let l = q.layout();
+            format!(
+                "{} ({} scales, group {}{})",
+                l.format,
+                l.scale_dtype,
+                l.group,
+                if l.zeros { ", zeros" } else { "" }
+            )
+        }
     }
 }
 
@@ -116,11 +169,10 @@ pub fn ffn_row_stored(
     let (h, f) = (d.hidden, d.ffn);
     let hidden: Vec<f64> = (0..f)
         .map(|fi| {
-            let row = (e * f + fi) * h;
-            let u = dot(&w.up, row, x) + w.up_bias.as_ref().map_or(0.0, |b| b.get(e * f + fi));
+            let u = w.up.dot_row(e, fi, x) + w.up_bias.as_ref().map_or(0.0, |b| b.get(e * f + fi));
             let g = match &w.gate {
                 Some(gw) => {
-                    dot(gw, row, x) + w.gate_bias.as_ref().map_or(0.0, |b| b.get(e * f + fi))
+                    gw.dot_row(e, fi, x) + w.gate_bias.as_ref().map_or(0.0, |b| b.get(e * f + fi))
                 }
                 None => 0.0,
             };
@@ -129,8 +181,7 @@ pub fn ffn_row_stored(
         .collect();
     (0..h)
         .map(|o| {
-            dot(&w.down, (e * h + o) * f, &hidden)
-                + w.down_bias.as_ref().map_or(0.0, |b| b.get(e * h + o))
+            w.down.dot_row(e, o, &hidden) + w.down_bias.as_ref().map_or(0.0, |b| b.get(e * h + o))
         })
         .collect()
 }

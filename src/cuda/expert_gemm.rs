@@ -282,8 +282,17 @@ impl CudaExperts {
     pub fn upload(dev: &CudaDevice, w: &ExpertWeights, act: Activation) -> Result<Self> {
         let st = Stage::ExpertGemm;
         let dims = w.dims(act)?;
-        let dtype = w.up.dtype();
-        for (name, t) in [("gate_proj", w.gate.as_ref()), ("down_proj", Some(&w.down))] {
+        let (up_t, down_t) = (
+            w.up.require_dense(BackendKind::Cuda, "up_proj")?,
+            w.down.require_dense(BackendKind::Cuda, "down_proj")?,
+        );
+        let gate_t = w
+            .gate
+            .as_ref()
+            .map(|g| g.require_dense(BackendKind::Cuda, "gate_proj"))
+            .transpose()?;
+        let dtype = up_t.dtype();
+        for (name, t) in [("gate_proj", gate_t), ("down_proj", Some(down_t))] {
             if let Some(t) = t {
                 if t.dtype() != dtype {
                     return Err(Error::shape(
@@ -308,13 +317,9 @@ impl CudaExperts {
             dims,
             dtype,
             gated: act.is_gated(),
-            gate: w
-                .gate
-                .as_ref()
-                .map(|g| CudaWeights::upload(dev, g))
-                .transpose()?,
-            up: CudaWeights::upload(dev, &w.up)?,
-            down: CudaWeights::upload(dev, &w.down)?,
+            gate: gate_t.map(|g| CudaWeights::upload(dev, g)).transpose()?,
+            up: CudaWeights::upload(dev, up_t)?,
+            down: CudaWeights::upload(dev, down_t)?,
             gate_bias: upload_bias(dev, w.gate_bias.as_ref(), e * f)?,
             up_bias: upload_bias(dev, w.up_bias.as_ref(), e * f)?,
             down_bias: upload_bias(dev, w.down_bias.as_ref(), e * h)?,
@@ -737,9 +742,9 @@ mod tests {
                 for v in VARIANTS {
                     let mut t = |shape: &[usize], sc: f32| g.tensor(shape, sc).cast(v.w);
                     let w = ExpertWeights {
-                        gate: act.is_gated().then(|| t(&[e, f, h], 0.4)),
-                        up: t(&[e, f, h], 0.4),
-                        down: t(&[e, h, f], 0.3),
+                        gate: act.is_gated().then(|| t(&[e, f, h], 0.4).into()),
+                        up: t(&[e, f, h], 0.4).into(),
+                        down: t(&[e, h, f], 0.3).into(),
                         gate_bias: act.is_gated().then(|| t(&[e, f], 0.1)),
                         up_bias: Some(t(&[e, f], 0.1)),
                         down_bias: Some(t(&[e, h], 0.1)),

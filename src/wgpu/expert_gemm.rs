@@ -30,10 +30,12 @@
 //! half (shaders/expert_gemm.wgsl). With f32 the results are bitwise those of the f32-only
 //! kernels.
 
+use crate::backend::BackendKind;
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
+use crate::quant::Weight;
 use crate::shape;
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
@@ -138,20 +140,23 @@ impl GpuExperts {
     ) -> Result<Self> {
         let dims = w.dims(act)?;
         let st = Stage::ExpertGemm;
-        if let Some(g) = &w.gate {
-            if g.dtype() != w.up.dtype() {
+        let dense = |m: &'_ Weight, name: &str| m.require_dense(BackendKind::Wgpu, name).cloned();
+        let (up_t, down_t) = (dense(&w.up, "up_proj")?, dense(&w.down, "down_proj")?);
+        let gate_t = w.gate.as_ref().map(|g| dense(g, "gate_proj")).transpose()?;
+        if let Some(g) = &gate_t {
+            if g.dtype() != up_t.dtype() {
                 return Err(Error::shape(
                     st,
                     format!(
                         "gate_proj is {} but up_proj is {}: the gated GEMM reads both with one dtype",
                         g.dtype(),
-                        w.up.dtype()
+                        up_t.dtype()
                     ),
                 ));
             }
         }
-        let up = GpuWeights::upload(dev, &w.up, max_bytes, "experts.up_proj")?;
-        let gate = match &w.gate {
+        let up = GpuWeights::upload(dev, &up_t, max_bytes, "experts.up_proj")?;
+        let gate = match &gate_t {
             Some(g) => {
                 let gw = GpuWeights::upload(dev, g, max_bytes, "experts.gate_proj")?;
                 let same = gw.chunks.len() == up.chunks.len()
@@ -167,7 +172,7 @@ impl GpuExperts {
             }
             None => None,
         };
-        let down = GpuWeights::upload(dev, &w.down, max_bytes, "experts.down_proj")?;
+        let down = GpuWeights::upload(dev, &down_t, max_bytes, "experts.down_proj")?;
         let bias = |b: &Option<Tensor>, label: &str| {
             b.as_ref()
                 .map(|t| dev.upload(&t.to_f32_vec(), label))
@@ -547,9 +552,9 @@ mod tests {
     ) -> ExpertWeights {
         let mut t = |shape: &[usize], s: f32| g.tensor(shape, s).cast(dtype);
         ExpertWeights {
-            gate: act.is_gated().then(|| t(&[e, f, h], 0.3)),
-            up: t(&[e, f, h], 0.3),
-            down: t(&[e, h, f], 0.2),
+            gate: act.is_gated().then(|| t(&[e, f, h], 0.3).into()),
+            up: t(&[e, f, h], 0.3).into(),
+            down: t(&[e, h, f], 0.2).into(),
             gate_bias: act.is_gated().then(|| t(&[e, f], 0.1)),
             up_bias: Some(t(&[e, f], 0.1)),
             down_bias: Some(t(&[e, h], 0.1)),
