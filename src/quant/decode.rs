@@ -53,8 +53,9 @@ pub fn e8m0(code: u8) -> f32 {
 }
 
 /// An MXFP4 weight: the e2m1 nibble times its block's e8m0 scale, computed in f32 as the
-/// kernels do (exact for every code pair but scale 255, whose result is ±inf or NaN in f32
-/// too).
+/// kernels and transformers do. Exact wherever the product is within f32's range; beyond it
+/// (|W| ≥ 2^128: scale 254 with |e2m1| ≥ 2, 253 with ≥ 4, and 255) it is ±inf, and NaN for
+/// ±0 at scale 255 — what transformers' f32 / bf16 dequantization gives too.
 pub fn mxfp4(nibble: u8, scale: u8) -> f32 {
     e2m1(nibble) * e8m0(scale)
 }

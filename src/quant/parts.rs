@@ -51,6 +51,16 @@ impl Ctx<'_> {
         })
     }
 
+    /// `t` with the E axis (of 1) added for a shared expert, as the matrix holds its scales.
+    fn with_axis(&self, t: Tensor) -> Result<Tensor> {
+        if self.expert_axis {
+            return Ok(t);
+        }
+        let mut shape = vec![1];
+        shape.extend_from_slice(t.shape());
+        Tensor::new(shape, t.data().clone())
+    }
+
     /// An error unless `tensor`'s shape is `want` (without the E axis for a shared expert).
     fn expect(&self, tensor: &str, have: &[usize], e: usize, want: &[usize]) -> Result<()> {
         let mut full = if self.expert_axis { vec![e] } else { vec![] };
@@ -184,7 +194,7 @@ fn fp8_matrix(
         rows,
         cols,
         codes,
-        scales: Scales::Float(st),
+        scales: Scales::Float(cx.with_axis(st)?),
         zeros: None,
     }))
 }
@@ -280,7 +290,7 @@ fn int4_matrix(
         rows,
         cols: k,
         codes,
-        scales: Scales::Float(st),
+        scales: Scales::Float(cx.with_axis(st)?),
         zeros,
     }))
 }
