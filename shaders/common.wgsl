@@ -30,6 +30,51 @@ fn w_decode(word: u32, i: u32) -> f32 {
     return bitcast<f32>(half << 16u);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized weight codes (src/quant/decode.rs, bit for bit): each decodes to the f32 value the
+// CPU reference widens to f64, built from its bits (never with exp2, whose accuracy WGSL leaves
+// open).
+
+// float8_e4m3fn byte `q`: sign bit 7, exponent bits 6..3 (bias 7), mantissa bits 2..0;
+// exponent 0 is subnormal (m · 2^-9, exact in f32); 0x7f / 0xff are NaN; no infinities.
+fn e4m3_to_f32(q: u32) -> f32 {
+    let s = (q & 0x80u) << 24u;
+    let e = (q >> 3u) & 0xfu;
+    let m = q & 7u;
+    if (e == 0xfu && m == 7u) {
+        return bitcast<f32>(s | 0x7fc00000u);
+    }
+    if (e == 0u) {
+        return bitcast<f32>(s | bitcast<u32>(f32(m) * 0.001953125));
+    }
+    return bitcast<f32>(s | ((e + 120u) << 23u) | (m << 20u));
+}
+
+// e2m1 nibble `q` (OCP MX FP4): bit 3 the sign, magnitudes [0, .5, 1, 1.5, 2, 3, 4, 6]:
+// exponent bits 2..1 (bias 1), mantissa bit 0; exponent 0 is subnormal (m · 0.5).
+fn e2m1_to_f32(q: u32) -> f32 {
+    let s = (q & 8u) << 28u;
+    let e = (q >> 1u) & 3u;
+    let m = q & 1u;
+    if (e == 0u) {
+        return bitcast<f32>(s | bitcast<u32>(f32(m) * 0.5));
+    }
+    return bitcast<f32>(s | ((e + 126u) << 23u) | (m << 22u));
+}
+
+// The f32 bits of the e8m0 scale 2^(code − 127): code 0 is the subnormal 2^-127 (which WGSL
+// implementations may flush to 0), code 255 is +inf (transformers' 2.0 ** 128, see
+// src/quant/decode.rs `e8m0_bits`).
+fn e8m0_bits(code: u32) -> u32 {
+    if (code == 0u) {
+        return 0x00400000u;
+    }
+    if (code == 255u) {
+        return 0x7f800000u;
+    }
+    return code << 23u;
+}
+
 // NaN test on the bits: compilers may assume `x != x` is false.
 fn is_nan(x: f32) -> bool {
     let b = bitcast<u32>(x);

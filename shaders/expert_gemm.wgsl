@@ -14,7 +14,8 @@
 // RB_M = 32 rows in all (decode and small batches; chosen on the host), expert_up_rows /
 // expert_down_rows (scalar weight words) and expert_up_rows_x4 / expert_down_rows_x4 (128-bit
 // weight words; only when a weight row is a multiple of 4 words: K % 4 = 0 for f32, K % 8 = 0
-// for f16 / bf16). All six compute every output with the same arithmetic (see Determinism).
+// for f16 / bf16; dense weights only, the host never picks them for quantized ones). All six
+// compute every output with the same arithmetic (see Determinism).
 //
 // Every entry point runs the same GEMM `out[r, n] = epilogue(Σ_k a[r, k] · W[row(e, n), k])`
 // with the weight rows of expert e at e·N .. e·N + N of the flattened [E·N, K] weight view:
@@ -38,17 +39,39 @@
 // chunk covers every (expert, column) pair whose weight row lies in that chunk, indexing the
 // chunk with chunk-relative rows (e·N + n − chunk_first).
 //
+// Quantized weights (W_QUANT ≠ 0; DESIGN.md section 4, src/quant/): the chunk's words hold the
+// file's bytes in three sections, each starting on a 16-byte boundary (src/wgpu/weights.rs),
+// byte i of the buffer being bits 8·(i % 4) .. 8·(i % 4) + 7 of word i / 4:
+//   codes  from word 0: chunk-relative row r at byte r·row_bytes. FP8 (W_QUANT 1): one e4m3
+//          byte per k (row_bytes = K; odd K: rows start mid-word, so codes are read by byte
+//          index). MXFP4 (2) / INT4 (3): byte k / 2 of the row, the low nibble for even k
+//          (row_bytes = ⌈K/2⌉).
+//   scales from word s_off, s_cols per scale row, in S_DTYPE: f32 one per word; f16 / bf16
+//          two per word (the even scale low); e8m0 one byte each. The scale of (row r of
+//          expert e at expert-local column n, k) is scale row srow, column k / W_GROUP:
+//          FP8: srow = e·s_rows_e + n / 128 − s_row0 (the chunk holds the whole matrix's scale
+//          rows s_row0 ..); MXFP4 / INT4: srow = r (one scale row per weight row).
+//   zeros  from word z_off (INT4 with W_ZEROS = 1): one byte per scale, same index; else 8.
+// Decode (src/quant/mod.rs `QuantMatrix::get`, in f32): FP8 e4m3(q) · s; MXFP4
+// e2m1(q) · 2^(s − 127) (the e8m0 scale built from its bits: code 0 is the subnormal 2^-127,
+// which WGSL implementations may flush to 0, so such blocks may decode to 0 here; 255 is
+// +inf); INT4 (f32(q) − f32(z)) · s. Each product is the exact value rounded once to f32
+// (MXFP4's is exact but for subnormal results); the decoded weight is one f32 that enters
+// the same fma chain as a dense weight (see Determinism). No dequantized copy exists.
+//
 // Parameters (bindings of group 0; expert_up / expert_down and the *_rows entry points use
-// 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9):
+// 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9; at most 8 storage buffers per
+// entry point, WebGPU's default limit, so quantized sections share the weight binding):
 //   0 p        uniform             GemmParams (below)
 //   1 offsets  storage read        u32 [E + 1]  expert_offsets (on the device, never read by the host)
 //   2 a        storage read        u32 words of a [rows, K] in A_DTYPE, row stride a_stride
 //                                  (x_perm or x for expert_up, h for expert_down)
 //   3 w_b      storage read        u32 words of the weight rows chunk_first .. chunk_first +
 //                                  chunk_rows of Wu (expert_up) or Wd (expert_down), [chunk_rows, K]
-//                                  in W_DTYPE (common.wgsl)
-//   4 w_g      storage read        u32 words of the same rows of Wg, in W_DTYPE (gated expert_up
-//                                  only; a 1-word dummy otherwise)
+//                                  in W_DTYPE (common.wgsl), or quantized: codes, scales, zeros
+//                                  (above)
+//   4 w_g      storage read        u32 words of the same rows of Wg, same layout and offsets
+//                                  (gated expert_up only; a 1-word dummy otherwise)
 //   5 bias_b   storage read        f32 [E·N]  bu or bd (a 1-element dummy when has_bias bit 0 is 0)
 //   6 bias_g   storage read        f32 [E·F]  bg (a 1-element dummy when has_bias bit 1 is 0)
 //   7 out      storage read_write  u32 words of out [rows, N] in A_DTYPE, row stride out_stride
@@ -57,7 +80,10 @@
 //   9 w4_g     storage read        vec4<u32> view of the words of binding 4 (*_rows_x4 only;
 //                                  a 4-word dummy when not gated)
 // Overrides: W_DTYPE and A_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu,
-//   2 geglu, 3 relu, 4 gelu, 5 clamped_swiglu (alpha and limit in p).
+//   2 geglu, 3 relu, 4 gelu, 5 clamped_swiglu (alpha and limit in p); W_QUANT: 0 dense
+//   (W_DTYPE), 1 fp8 block, 2 mxfp4, 3 int4; S_DTYPE (scales): 0 f32, 1 f16, 2 bf16, 3 e8m0;
+//   W_ZEROS: 1 when an INT4 zeros section is present; W_GROUP: the k extent of one scale
+//   (128 fp8, 32 mxfp4, G int4).
 //
 // Launch of expert_up / expert_down (one dispatch per weight chunk holding ≥ 1 row):
 //   workgroup_size 256 = 16 × 16 invocations (tx = lid % 16, ty = lid / 16), each computing a
@@ -87,7 +113,8 @@
 //   *_rows: three tiles of 32 rows × (64 + 4) f32 = 3 × 8704 B = 26 112 B, plus 16 B of job
 //   info: 26 128 B. Both ≤ 32 KiB.
 // Determinism: every output is one f32 accumulator summed over k = 0, 1, …, K − 1 in order with
-//   fma (no split-K; then k = K .. ceil(K / 16)·16 − 1 with a = w = 0, as the last k tile of
+//   fma of a[r, k] and the weight decoded to f32 by w_elem, the same function on every path
+//   (no split-K; then k = K .. ceil(K / 16)·16 − 1 with a = w = 0, as the last k tile of
 //   expert_up / expert_down is zero-padded), then + bias, then the activation: the result of a
 //   row does not depend on the other rows, the tile it lands in, the chunking of the weights,
 //   the batch size or which of the entry points computed it. The epilogue's multiply-adds are
@@ -108,10 +135,20 @@ struct GemmParams {
     limit: f32,         // clamped_swiglu
     a_stride: u32,      // elements between rows of a
     out_stride: u32,    // elements between rows of out (even for 16-bit A_DTYPE)
+    // Quantized weights only (W_QUANT ≠ 0; 0 when dense):
+    s_off: u32,         // word of the chunk where the scales section starts
+    z_off: u32,         // word of the chunk where the zeros section starts (W_ZEROS = 1)
+    s_row0: u32,        // FP8: the matrix's scale row the chunk's scales start with
+    s_cols: u32,        // scales per scale row: ⌈K/128⌉ (fp8), K / 32 (mxfp4), K / G (int4)
+    s_rows_e: u32,      // FP8: scale rows per expert, ⌈N/128⌉
+    row_bytes: u32,     // code bytes per weight row: K (fp8), ⌈K/2⌉ (mxfp4, int4)
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
+
+override W_QUANT: u32 = 0u;
+override S_DTYPE: u32 = 0u;
+override W_ZEROS: u32 = 0u;
+override W_GROUP: u32 = 128u;
 
 override ACT: u32 = 0u;
 
@@ -224,6 +261,66 @@ fn activate(act: u32, g: f32, u: f32) -> f32 {
     }
 }
 
+// Word i of the gate weight words (w_g) when `gate`, else of w_b (a storage pointer cannot be
+// a function parameter in core WGSL).
+fn w_at(gate: bool, i: u32) -> u32 {
+    if (gate) {
+        return w_g[i];
+    }
+    return w_b[i];
+}
+
+// Byte i of the weight words.
+fn w_byte(gate: bool, i: u32) -> u32 {
+    return (w_at(gate, i >> 2u) >> ((i & 3u) * 8u)) & 0xffu;
+}
+
+// Scale i of the chunk's scales section, widened to f32 (exact).
+fn w_scale(gate: bool, i: u32) -> f32 {
+    if (S_DTYPE == 0u) {
+        return bitcast<f32>(w_at(gate, p.s_off + i));
+    }
+    if (S_DTYPE == 3u) {
+        return bitcast<f32>(e8m0_bits(w_byte(gate, p.s_off * 4u + i)));
+    }
+    let word = w_at(gate, p.s_off + (i >> 1u));
+    let h = select(word & 0xffffu, word >> 16u, (i & 1u) == 1u);
+    if (S_DTYPE == 1u) {
+        return f16_bits_to_f32(h);
+    }
+    return bitcast<f32>(h << 16u);
+}
+
+// The chunk-relative scale row base of expert e: FP8 scale row of (e, n) is this + n / 128
+// (u32 arithmetic wraps; the sum does not). Unused for the other formats.
+fn w_sbase(e: u32) -> u32 {
+    return e * p.s_rows_e - p.s_row0;
+}
+
+// Weight element k of chunk-relative row `row` (expert-local column n, `sbase` = w_sbase(e))
+// of w_g (`gate`) or w_b, decoded to one f32: the value every path feeds to its fma chain.
+fn w_elem(gate: bool, row: u32, sbase: u32, n: u32, k: u32) -> f32 {
+    if (W_QUANT == 0u) {
+        let i = row * p.k_dim + k;
+        return w_decode(w_at(gate, w_word(i)), i);
+    }
+    let srow = select(row, sbase + n / 128u, W_QUANT == 1u);
+    let si = srow * p.s_cols + k / W_GROUP;
+    let s = w_scale(gate, si);
+    if (W_QUANT == 1u) {
+        return e4m3_to_f32(w_byte(gate, row * p.row_bytes + k)) * s;
+    }
+    let q = (w_byte(gate, row * p.row_bytes + (k >> 1u)) >> ((k & 1u) * 4u)) & 0xfu;
+    if (W_QUANT == 2u) {
+        return e2m1_to_f32(q) * s;
+    }
+    var z = 8u;
+    if (W_ZEROS != 0u) {
+        z = w_byte(gate, p.z_off * 4u + si);
+    }
+    return (f32(q) - f32(z)) * s;
+}
+
 // Element k of row `row` of a, widened to f32.
 fn a_elem(row: u32, k: u32) -> f32 {
     let i = row * p.a_stride + k;
@@ -320,16 +417,17 @@ fn store_row(act: u32, r: u32, tx: u32, m0: u32, mcount: u32, n0: u32, clo: u32,
 }
 
 // The elements of k tile `kt` this invocation loads: element q is row (lid >> 4) + 16·q of the
-// tile at k = kt·BK + (lid & 15), of a (rows m0 ..), of w_b and of w_g (columns n0 ..,
-// chunk-relative weight rows w_row0 .., tile columns clo .. ncount); zero outside the
-// matrices. (w_row0 wraps below 0 when clo = 1; w_row0 + r does not, u32 arithmetic wraps.)
+// tile at k = kt·BK + (lid & 15), of a (rows m0 ..), of w_b and of w_g (expert-local columns
+// n0 .., chunk-relative weight rows w_row0 .., tile columns clo .. ncount; sbase = w_sbase(e));
+// zero outside the matrices. (w_row0 wraps below 0 when clo = 1; w_row0 + r does not, u32
+// arithmetic wraps.)
 struct TileRegs {
     a: vec4<f32>,
     b: vec4<f32>,
     g: vec4<f32>,
 }
 
-fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, clo: u32, ncount: u32, w_row0: u32, lid: u32, gated: bool) -> TileRegs {
+fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, clo: u32, ncount: u32, w_row0: u32, sbase: u32, n0: u32, lid: u32, gated: bool) -> TileRegs {
     var t = TileRegs(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     let k = kt * BK + (lid & 15u);
     if (k >= kd) {
@@ -341,10 +439,9 @@ fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, clo: u32, ncount: u32, w_ro
             t.a[q] = a_elem(m0 + r, k);
         }
         if (r >= clo && r < ncount) {
-            let wi = (w_row0 + r) * kd + k;
-            t.b[q] = w_decode(w_b[w_word(wi)], wi);
+            t.b[q] = w_elem(false, w_row0 + r, sbase, n0 + r, k);
             if (gated) {
-                t.g[q] = w_decode(w_g[w_word(wi)], wi);
+                t.g[q] = w_elem(true, w_row0 + r, sbase, n0 + r, k);
             }
         }
     }
@@ -397,6 +494,7 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
     let ncount = min(BN, n_hi - n0);
     let clo = select(0u, early, wid.y == 0u);
     let w_row0 = e_row + n0 - p.chunk_first; // chunk-relative weight row of column n0
+    let sbase = w_sbase(e);
 
     let tx = lid & 15u;
     let ty = lid >> 4u;
@@ -413,7 +511,7 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
     // Double buffering through registers: tile kt + 1 is loaded from memory while tile kt is
     // multiplied out of workgroup memory.
     let k_tiles = (kd + BK - 1u) / BK;
-    var next = load_tile(0u, kd, m0, mcount, clo, ncount, w_row0, lid, gated);
+    var next = load_tile(0u, kd, m0, mcount, clo, ncount, w_row0, sbase, n0, lid, gated);
     for (var kt = 0u; kt < k_tiles; kt++) {
         workgroupBarrier(); // every invocation is done with the previous tile
         for (var q = 0u; q < 4u; q++) {
@@ -427,7 +525,7 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
         }
         workgroupBarrier();
         if (kt + 1u < k_tiles) {
-            next = load_tile(kt + 1u, kd, m0, mcount, clo, ncount, w_row0, lid, gated);
+            next = load_tile(kt + 1u, kd, m0, mcount, clo, ncount, w_row0, sbase, n0, lid, gated);
         }
         if (computes) {
             for (var kv = 0u; kv < 4u; kv++) {
@@ -624,21 +722,21 @@ fn rows_wk(mode: u32, l: u32, i: u32) -> u32 {
     return l + 8u * i;
 }
 
-// Weight elements of block kt through the scalar words w_b / w_g (mode 2), zero past K and
-// past the columns of the job.
+// Weight elements of block kt through the scalar words w_b / w_g (mode 2; dense or
+// quantized, decoded by w_elem), zero past K and past the columns of the job.
 fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
                      V8(vec4<f32>(0.0), vec4<f32>(0.0)));
     let kd = p.k_dim;
     let c = lid >> 3u;
     if (c >= j.clo && c < j.ncount) {
+        let sbase = w_sbase(j.e);
         for (var i = 0u; i < 8u; i++) {
             let k = kt * RB_K + rows_wk(2u, lid & 7u, i);
             if (k < kd) {
-                let wi = (j.w_row0 + c) * kd + k;
-                t.b = v8_set(t.b, i, w_decode(w_b[w_word(wi)], wi));
+                t.b = v8_set(t.b, i, w_elem(false, j.w_row0 + c, sbase, j.n0 + c, k));
                 if (gated) {
-                    t.g = v8_set(t.g, i, w_decode(w_g[w_word(wi)], wi));
+                    t.g = v8_set(t.g, i, w_elem(true, j.w_row0 + c, sbase, j.n0 + c, k));
                 }
             }
         }

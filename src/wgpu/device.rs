@@ -68,6 +68,18 @@ impl WgpuResident {
                 .transpose()?,
         })
     }
+
+    /// Bytes of device memory the weights hold, as allocated: quantized expert matrices as
+    /// their packed bytes (with section alignment), biases as f32, dense matrices as words.
+    pub fn bytes(&self) -> u64 {
+        let f32s = |b: &Option<GpuBuffer<f32>>| b.as_ref().map_or(0, |b| b.buffer.size());
+        self.router_w.bytes()
+            + f32s(&self.router_bias)
+            + f32s(&self.correction_bias)
+            + self.experts.bytes()
+            + self.shared.as_ref().map_or(0, GpuExperts::bytes)
+            + self.shared_gate.as_ref().map_or(0, GpuWeights::bytes)
+    }
 }
 
 /// Every buffer of a forward of up to `max_tokens` tokens.

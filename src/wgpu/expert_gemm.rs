@@ -14,6 +14,13 @@
 //! (same shape, dtype and limit). Chunking never changes a result: every output is one f32
 //! accumulator summed in k order.
 //!
+//! Quantized weights (FP8 block, MXFP4, INT4; DESIGN.md section 4) are uploaded as their
+//! packed bytes, each chunk one buffer of codes, scales and zero points (src/wgpu/weights.rs),
+//! and decoded in the kernels' weight loads (the `W_QUANT`, `S_DTYPE`, `W_ZEROS` and `W_GROUP`
+//! overrides, the section offsets in the uniform): one decoded f32 per weight element enters
+//! the same fma chain as a dense weight, so every path and chunking gives the same bits. The
+//! tiled and scalar small-batch entry points decode; the vec4 small-batch ones are dense-only.
+//!
 //! Small batches (decode): with at most [`SMALL_ROWS`] = 32 rows in all (`T · k` routed rows,
 //! known on the host), the 64-row tiles would be almost empty and the grid too small to keep
 //! the memory busy, so the `*_rows` entry points run instead: one workgroup per (expert,
@@ -30,12 +37,11 @@
 //! half (shaders/expert_gemm.wgsl). With f32 the results are bitwise those of the f32-only
 //! kernels.
 
-use crate::backend::BackendKind;
 use crate::config::Activation;
 use crate::cpu::expert_gemm::{ExpertDims, ExpertWeights};
 use crate::error::{Error, Result};
 use crate::limits::{self, Resource};
-use crate::quant::Weight;
+use crate::quant::QuantFormat;
 use crate::shape;
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor};
@@ -43,7 +49,7 @@ use crate::wgpu::act::{self, Act};
 use crate::wgpu::context::{gpu_err, index_u32, within, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::scratch::Scratch;
-use crate::wgpu::weights::GpuWeights;
+use crate::wgpu::weights::{GpuWeights, WeightChunk, WeightFormat};
 
 /// Rows of a workgroup's output tile (BM in the shader).
 const TILE_ROWS: usize = 64;
@@ -100,7 +106,7 @@ impl Entry {
 }
 
 /// Expert weights on the device: `[E·F, H]` gate / up and `[E·H, F]` down matrices in row
-/// chunks, biases as f32.
+/// chunks (dense words or quantized bytes), biases as f32.
 #[derive(Debug)]
 pub struct GpuExperts {
     /// E, H and F.
@@ -138,41 +144,47 @@ impl GpuExperts {
         act: Activation,
         max_bytes: Option<u64>,
     ) -> Result<Self> {
+        // Gate and up share one format and layout (dims checks the quantized ones): one
+        // pipeline decodes both, and they chunk identically.
         let dims = w.dims(act)?;
         let st = Stage::ExpertGemm;
-        let dense = |m: &'_ Weight, name: &str| m.require_dense(BackendKind::Wgpu, name).cloned();
-        let (up_t, down_t) = (dense(&w.up, "up_proj")?, dense(&w.down, "down_proj")?);
-        let gate_t = w.gate.as_ref().map(|g| dense(g, "gate_proj")).transpose()?;
-        if let Some(g) = &gate_t {
-            if g.dtype() != up_t.dtype() {
+        if let (Some(g), Some(u)) = (w.gate.as_ref().and_then(|g| g.dense()), w.up.dense()) {
+            if g.dtype() != u.dtype() {
                 return Err(Error::shape(
                     st,
                     format!(
                         "gate_proj is {} but up_proj is {}: the gated GEMM reads both with one dtype",
                         g.dtype(),
-                        up_t.dtype()
+                        u.dtype()
                     ),
                 ));
             }
         }
-        let up = GpuWeights::upload(dev, &up_t, max_bytes, "experts.up_proj")?;
-        let gate = match &gate_t {
+        let up = GpuWeights::upload_weight(dev, &w.up, max_bytes, "experts.up_proj")?;
+        let gate = match &w.gate {
             Some(g) => {
-                let gw = GpuWeights::upload(dev, g, max_bytes, "experts.gate_proj")?;
-                let same = gw.chunks.len() == up.chunks.len()
+                let gw = GpuWeights::upload_weight(dev, g, max_bytes, "experts.gate_proj")?;
+                let same_chunk = |a: &WeightChunk, b: &WeightChunk| {
+                    (a.first_row, a.rows, a.scale_word, a.zero_word, a.scale_row0)
+                        == (b.first_row, b.rows, b.scale_word, b.zero_word, b.scale_row0)
+                };
+                let same = gw.format == up.format
+                    && gw.chunks.len() == up.chunks.len()
                     && gw
                         .chunks
                         .iter()
                         .zip(&up.chunks)
-                        .all(|(a, b)| a.first_row == b.first_row && a.rows == b.rows);
+                        .all(|(a, b)| same_chunk(a, b));
                 if !same {
-                    return Err(gpu_err("gate_proj and up_proj were chunked differently"));
+                    return Err(gpu_err(
+                        "gate_proj and up_proj were laid out differently on the device",
+                    ));
                 }
                 Some(gw)
             }
             None => None,
         };
-        let down = GpuWeights::upload(dev, &down_t, max_bytes, "experts.down_proj")?;
+        let down = GpuWeights::upload_weight(dev, &w.down, max_bytes, "experts.down_proj")?;
         let bias = |b: &Option<Tensor>, label: &str| {
             b.as_ref()
                 .map(|t| dev.upload(&t.to_f32_vec(), label))
@@ -191,9 +203,75 @@ impl GpuExperts {
             dummy_f32: dev.upload(&[0f32], "no bias")?,
         })
     }
+
+    /// Bytes of device memory these weights hold: the matrices as allocated (dense words, or
+    /// quantized sections with their alignment), the f32 biases and the small placeholder
+    /// buffers bound where a matrix or bias is absent.
+    pub fn bytes(&self) -> u64 {
+        let bias = |b: &Option<GpuBuffer<f32>>| b.as_ref().map_or(0, |b| b.buffer.size());
+        self.gate.as_ref().map_or(0, GpuWeights::bytes)
+            + self.up.bytes()
+            + self.down.bytes()
+            + bias(&self.gate_bias)
+            + bias(&self.up_bias)
+            + bias(&self.down_bias)
+            + self.dummy_words.buffer.size()
+            + self.dummy_words4.buffer.size()
+            + self.dummy_f32.buffer.size()
+    }
 }
 
-/// The shader's `GemmParams`.
+/// The weight-decoding overrides of a matrix: `W_DTYPE` (common.wgsl), `W_QUANT`, `S_DTYPE`,
+/// `W_ZEROS` and `W_GROUP` (shaders/expert_gemm.wgsl).
+fn weight_constants(w: &GpuWeights) -> Vec<(&'static str, f64)> {
+    let mut c = vec![("W_DTYPE", w.dtype_code())];
+    if let WeightFormat::Quant(q) = &w.format {
+        let code = match q.format {
+            QuantFormat::Fp8Block => 1.0,
+            QuantFormat::Mxfp4 => 2.0,
+            QuantFormat::Int4 => 3.0,
+        };
+        c.extend([
+            ("W_QUANT", code),
+            ("S_DTYPE", f64::from(q.scale_code)),
+            ("W_ZEROS", f64::from(u8::from(q.zeros))),
+            ("W_GROUP", q.group as f64),
+        ]);
+    }
+    c
+}
+
+/// One weight chunk of a pass as the shader sees it.
+#[derive(Clone, Copy)]
+struct ChunkRef<'a> {
+    /// First row of the flattened `[E·N, K]` view.
+    first: usize,
+    rows: usize,
+    /// The weight words (gate words in `gate`, a dummy when not gated).
+    words: &'a GpuBuffer<u32>,
+    gate: &'a GpuBuffer<u32>,
+    /// Quantized section offsets (words) and first scale row (0 when dense).
+    scale_word: usize,
+    zero_word: usize,
+    scale_row0: usize,
+}
+
+impl<'a> ChunkRef<'a> {
+    /// `c` with the gate words `gate` (a dummy when not gated).
+    fn new(c: &'a WeightChunk, gate: &'a GpuBuffer<u32>) -> Self {
+        ChunkRef {
+            first: c.first_row,
+            rows: c.rows,
+            words: &c.words,
+            gate,
+            scale_word: c.scale_word,
+            zero_word: c.zero_word,
+            scale_row0: c.scale_row0,
+        }
+    }
+}
+
+/// The shader's `GemmParams` (the quantized fields are 0 for dense weights).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -210,8 +288,17 @@ struct Params {
     limit: f32,
     a_stride: u32,
     out_stride: u32,
-    _pad: [u32; 3],
+    s_off: u32,
+    z_off: u32,
+    s_row0: u32,
+    s_cols: u32,
+    s_rows_e: u32,
+    row_bytes: u32,
+    _pad: u32,
 }
+
+// A uniform's size is a multiple of 16 bytes.
+const _: () = assert!(std::mem::size_of::<Params>() % 16 == 0);
 
 /// The `ACT` override of the shader.
 fn act_code(act: Activation) -> f64 {
@@ -225,15 +312,15 @@ fn act_code(act: Activation) -> f64 {
 }
 
 /// One GEMM pass: `out [rows, N] = epilogue(a [rows, K] · W[e]ᵀ)` for the weight row chunks
-/// `chunks` (`(first_row, rows, words, gate words)` of the flattened `[E·N, K]` view).
+/// `chunks` of the flattened `[E·N, K]` view of `weights`.
 struct Pass<'a> {
     /// Tiled, small-batch scalar and small-batch vec4 entry points.
     entries: [Entry; 3],
-    dtype: DType,
+    weights: &'a GpuWeights,
     constants: Vec<(&'static str, f64)>,
     k: usize,
     n: usize,
-    chunks: Vec<(usize, usize, &'a GpuBuffer<u32>, &'a GpuBuffer<u32>)>,
+    chunks: Vec<ChunkRef<'a>>,
     bias_b: Option<&'a GpuBuffer<f32>>,
     bias_g: Option<&'a GpuBuffer<f32>>,
     a: Act<'a>,
@@ -341,16 +428,15 @@ pub fn encode_path(
     let gate_words = |i: usize| {
         w.gate
             .as_ref()
-            .map_or(&w.dummy_words, |g| &g.chunks[i].words)
+            .and_then(|g| g.chunks.get(i))
+            .map_or(&w.dummy_words, |c| &c.words)
     };
+    let mut up_constants = weight_constants(&w.up);
+    up_constants.extend([("A_DTYPE", act::code(dtype)), ("ACT", act_code(act))]);
     let up = Pass {
         entries: [Entry::Up, Entry::UpRows, Entry::UpRowsX4],
-        dtype: w.up.dtype,
-        constants: vec![
-            ("W_DTYPE", w.up.dtype_code()),
-            ("A_DTYPE", act::code(dtype)),
-            ("ACT", act_code(act)),
-        ],
+        weights: &w.up,
+        constants: up_constants,
         k: h,
         n: f,
         chunks: w
@@ -358,7 +444,7 @@ pub fn encode_path(
             .chunks
             .iter()
             .enumerate()
-            .map(|(i, c)| (c.first_row, c.rows, &c.words, gate_words(i)))
+            .map(|(i, c)| ChunkRef::new(c, gate_words(i)))
             .collect(),
         bias_b: w.up_bias.as_ref(),
         bias_g: w.gate_bias.as_ref(),
@@ -368,22 +454,28 @@ pub fn encode_path(
     // With F = 0 the down matrix has no rows to chunk, yet y = bd (or 0): one chunk covering
     // every output column with K = 0 (no weight is read).
     let down_chunks = if f == 0 {
-        vec![(0, e * h, &w.dummy_words, &w.dummy_words)]
+        vec![ChunkRef {
+            first: 0,
+            rows: e * h,
+            words: &w.dummy_words,
+            gate: &w.dummy_words,
+            scale_word: 0,
+            zero_word: 0,
+            scale_row0: 0,
+        }]
     } else {
         w.down
             .chunks
             .iter()
-            .map(|c| (c.first_row, c.rows, &c.words, &w.dummy_words))
+            .map(|c| ChunkRef::new(c, &w.dummy_words))
             .collect()
     };
+    let mut down_constants = weight_constants(&w.down);
+    down_constants.extend([("A_DTYPE", act::code(dtype)), ("ACT", 0.0)]);
     let down = Pass {
         entries: [Entry::Down, Entry::DownRows, Entry::DownRowsX4],
-        dtype: w.down.dtype,
-        constants: vec![
-            ("W_DTYPE", w.down.dtype_code()),
-            ("A_DTYPE", act::code(dtype)),
-            ("ACT", 0.0),
-        ],
+        weights: &w.down,
+        constants: down_constants,
         k: f,
         n: h,
         chunks: down_chunks,
@@ -397,11 +489,13 @@ pub fn encode_path(
             continue;
         }
         // Words per weight row; the vec4 form needs whole vec4 words per row (every row then
-        // starts on one, and so does every chunk, which starts on a row).
-        let row_words = match pass.dtype {
-            DType::F32 => Some(pass.k),
-            _ => (pass.k % 2 == 0).then_some(pass.k / 2),
+        // starts on one, and so does every chunk, which starts on a row), and dense weights.
+        let row_words = match pass.weights.format {
+            WeightFormat::Dense(DType::F32) => Some(pass.k),
+            WeightFormat::Dense(_) => (pass.k % 2 == 0).then_some(pass.k / 2),
+            WeightFormat::Quant(_) => None,
         };
+        let q = pass.weights.quant();
         let x4 = small && pass.k > 0 && row_words.is_some_and(|rw| rw % 4 == 0);
         let entry = match (small, x4) {
             (false, _) => pass.entries[0],
@@ -409,7 +503,8 @@ pub fn encode_path(
             (true, true) => pass.entries[2],
         };
         let pipeline = dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?;
-        for &(first, n_rows, words, gwords) in &pass.chunks {
+        for c in &pass.chunks {
+            let (first, n_rows, words, gwords) = (c.first, c.rows, c.words, c.gate);
             if n_rows == 0 {
                 continue;
             }
@@ -452,7 +547,13 @@ pub fn encode_path(
                     limit,
                     a_stride: pass.a.stride as u32,
                     out_stride: pass.out.stride as u32,
-                    _pad: [0; 3],
+                    s_off: c.scale_word as u32,
+                    z_off: c.zero_word as u32,
+                    s_row0: c.scale_row0 as u32,
+                    s_cols: q.map_or(0, |q| q.scale_cols as u32),
+                    s_rows_e: q.map_or(0, |q| q.scale_rows as u32),
+                    row_bytes: q.map_or(0, |q| q.row_bytes as u32),
+                    _pad: 0,
                 },
             )?;
             let bias_b = pass.bias_b.unwrap_or(&w.dummy_f32);
@@ -521,11 +622,14 @@ fn bind_at(
 #[cfg(test)]
 mod tests {
     //! The chunked path (chunks starting mid-expert), multi-tile shapes, bitwise invariance of a
-    //! row's result to chunking and to the rest of its batch, and F = 0.
+    //! row's result to chunking and to the rest of its batch, F = 0, and quantized weights
+    //! (every format against the reference, their device bytes, malformed ones refused).
 
     use super::*;
     use crate::config::ClampedSwiglu;
     use crate::cpu::expert_gemm::{expert_ffn, expert_ffn_stored};
+    use crate::quant::encode::quantize;
+    use crate::quant::{QuantSpec, Weight};
     use crate::synth::Gen;
     use crate::wgpu::act::test_util::{self, rel_l2};
 
@@ -864,6 +968,289 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `w` with every expert matrix quantized under `spec` (biases stay dense).
+    fn quantized(w: &ExpertWeights, spec: &QuantSpec) -> ExpertWeights {
+        let q = |m: &Weight| {
+            let t = m.dense().expect("dense test weights");
+            Weight::Quant(quantize(t, spec).unwrap())
+        };
+        ExpertWeights {
+            gate: w.gate.as_ref().map(q),
+            up: q(&w.up),
+            down: q(&w.down),
+            gate_bias: w.gate_bias.clone(),
+            up_bias: w.up_bias.clone(),
+            down_bias: w.down_bias.clone(),
+        }
+    }
+
+    /// A chunk limit of about 11 rows of the widest quantized matrix of `w` (codes, scales
+    /// and zeros, plus the sections' alignment and FP8's scale rows at chunk boundaries).
+    fn eleven_rows(w: &ExpertWeights) -> u64 {
+        let per_row = |m: &Weight| {
+            let q = m.quant().expect("quantized");
+            q.packed_bytes() / (q.experts * q.rows) as u64
+        };
+        11 * per_row(&w.up).max(per_row(&w.down)) + 64
+    }
+
+    fn spec(
+        format: QuantFormat,
+        scale_dtype: DType,
+        group: Option<usize>,
+        zeros: bool,
+    ) -> QuantSpec {
+        QuantSpec {
+            format,
+            scale_dtype,
+            group,
+            zeros,
+        }
+    }
+
+    /// Every format on f32 activations against the reference on the same quantized weights
+    /// (which it dequantizes exactly), gated and not: FP8 with f32 and bf16 scales, N and K not
+    /// multiples of 128 (one and two blocks) and odd K (rows starting mid-word); MXFP4; INT4
+    /// with f16 / bf16 / f32 scales, with and without zero points, odd K with G = 25 and the
+    /// default groups. Small chunks (≈ 11 rows: chunks start mid-expert and mid-FP8-block)
+    /// give the same bits as one chunk, and the small-batch path the tiled path's bits.
+    #[test]
+    fn quantized_weights_match_the_reference() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(21);
+        let (fp8, mx, int4) = (QuantFormat::Fp8Block, QuantFormat::Mxfp4, QuantFormat::Int4);
+        // (spec, (E, F, H)); H and F are K of the up and down GEMMs.
+        let cases = [
+            (spec(fp8, DType::F32, None, false), (3, 136, 200)),
+            (spec(fp8, DType::BF16, None, false), (3, 136, 200)),
+            (spec(fp8, DType::F32, None, false), (2, 45, 75)),
+            (spec(mx, DType::F32, None, false), (3, 96, 160)),
+            (spec(int4, DType::F16, Some(25), true), (3, 125, 75)),
+            (spec(int4, DType::BF16, Some(25), false), (3, 125, 75)),
+            (spec(int4, DType::F32, Some(25), true), (2, 25, 75)),
+            (spec(int4, DType::BF16, None, true), (2, 96, 160)),
+            (spec(int4, DType::F16, None, false), (2, 96, 160)),
+        ];
+        for (sp, (e, f, h)) in cases {
+            // 30 rows (the small path) and 150 (several row tiles); 2 rows dropped each.
+            for rows in [30usize, 150] {
+                let kept = rows - 2;
+                let cut = (kept / 2) as u32;
+                let mut offsets = vec![0u32; e + 1];
+                offsets[1] = cut;
+                offsets[e] = kept as u32;
+                for o in offsets.iter_mut().take(e).skip(2) {
+                    *o = cut; // experts 1 .. E − 2 get no rows
+                }
+                let x = g.uniform(rows * h, 1.0);
+                let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+                for act in [Activation::Swiglu, Activation::Gelu] {
+                    let ctx = format!(
+                        "{} {} scales, group {:?}, zeros {}, E {e} F {f} H {h}, {rows} rows, \
+                         {act:?}",
+                        sp.format, sp.scale_dtype, sp.group, sp.zeros
+                    );
+                    let w = quantized(&weights(&mut g, (e, f, h), act, DType::F32), &sp);
+                    let reference = expert_ffn(&xd, &offsets, &w, act).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    assert_eq!(whole.up.chunks.len(), 1, "{ctx}");
+                    let chunked =
+                        GpuExperts::upload_with_limit(&dev, &w, act, Some(eleven_rows(&w)))
+                            .unwrap();
+                    assert!(
+                        chunked.up.chunks.len() > e && chunked.down.chunks.len() > e,
+                        "{ctx}: {} / {} chunks",
+                        chunked.up.chunks.len(),
+                        chunked.down.chunks.len()
+                    );
+                    let tiled = run_path(&dev, &whole, &x, &offsets, act, GemmPath::Tiled);
+                    let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
+                    assert!(err <= 2e-5, "{ctx}: rel L2 {err:e}");
+                    let tc = run_path(&dev, &chunked, &x, &offsets, act, GemmPath::Tiled);
+                    assert_eq!(
+                        bits(&tiled[..kept * h]),
+                        bits(&tc[..kept * h]),
+                        "{ctx}: chunked"
+                    );
+                    if rows <= SMALL_ROWS {
+                        for (label, gw) in [("whole", &whole), ("chunked", &chunked)] {
+                            let small = run_path(&dev, gw, &x, &offsets, act, GemmPath::Rows);
+                            assert_eq!(
+                                bits(&tiled[..kept * h]),
+                                bits(&small[..kept * h]),
+                                "{ctx} {label}: small path differs"
+                            );
+                        }
+                    }
+                    println!("{ctx}: rel L2 {err:.2e}, paths and chunkings bitwise equal");
+                }
+            }
+        }
+    }
+
+    /// f16 and bf16 activations with quantized weights (FP8 with bf16 scales, INT4 with f16
+    /// scales and zeros, MXFP4), against the reference with x and h rounded to the dtype; the
+    /// small path, the tiled path and small chunks give the same words.
+    #[test]
+    fn quantized_weights_with_half_activations() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(22);
+        let cases = [
+            (
+                DType::F16,
+                spec(QuantFormat::Fp8Block, DType::BF16, None, false),
+                (3, 45, 75),
+            ),
+            (
+                DType::BF16,
+                spec(QuantFormat::Int4, DType::F16, Some(25), true),
+                (3, 25, 75),
+            ),
+            (
+                DType::F16,
+                spec(QuantFormat::Mxfp4, DType::F32, None, false),
+                (2, 32, 96),
+            ),
+        ];
+        for (dtype, sp, (e, f, h)) in cases {
+            for rows in [7usize, 74] {
+                let kept = rows - 1;
+                let cut = (kept / 3) as u32;
+                let mut offsets = vec![cut; e + 1];
+                offsets[0] = 0;
+                offsets[e] = kept as u32;
+                let st = act::stride(h, dtype);
+                let xr = test_util::round(&g.uniform(rows * h, 1.0), dtype);
+                let xd: Vec<f64> = xr.iter().map(|&v| f64::from(v)).collect();
+                for act in [Activation::Geglu, Activation::Relu] {
+                    let ctx = format!(
+                        "{dtype} activations, {} weights, {rows} rows, {act:?}",
+                        sp.format
+                    );
+                    let w = quantized(&weights(&mut g, (e, f, h), act, DType::F32), &sp);
+                    let reference =
+                        expert_ffn_stored(&xd, &offsets, &w, act, |v| dtype.round(v)).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    let chunked =
+                        GpuExperts::upload_with_limit(&dev, &w, act, Some(eleven_rows(&w)))
+                            .unwrap();
+                    assert!(chunked.up.chunks.len() > e, "{ctx}");
+                    let run = |gw: &GpuExperts, path: GemmPath| {
+                        let words = run_words(&dev, gw, &xr, &offsets, act, path, (dtype, false));
+                        words[..kept * st / 2].to_vec()
+                    };
+                    let auto = run(&whole, GemmPath::Auto);
+                    let y = act::unpack(&auto, kept, h, st, dtype);
+                    let err = rel_l2(&y, &reference[..kept * h]);
+                    assert!(err <= test_util::tolerance(dtype), "{ctx}: rel L2 {err:e}");
+                    assert_eq!(auto, run(&whole, GemmPath::Tiled), "{ctx}: tiled");
+                    assert_eq!(auto, run(&chunked, GemmPath::Tiled), "{ctx}: chunked");
+                    if rows <= SMALL_ROWS {
+                        assert_eq!(auto, run(&whole, GemmPath::Rows), "{ctx}: small");
+                        assert_eq!(auto, run(&chunked, GemmPath::Rows), "{ctx}: small chunked");
+                    }
+                    println!("{ctx}: rel L2 {err:.2e}, paths bitwise equal");
+                }
+            }
+        }
+    }
+
+    /// Device memory of a quantized matrix is its packed bytes: with one chunk, exactly each
+    /// section (codes, scales, zeros) rounded up to 16 bytes; chunked, at most 3 × 15 bytes of
+    /// alignment per chunk more, plus FP8's scale rows shared by two chunks.
+    #[test]
+    fn quantized_weight_bytes_are_the_packed_bytes() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(23);
+        let r16 = |b: usize| b.next_multiple_of(16) as u64;
+        for (sp, (e, f, h)) in [
+            (
+                spec(QuantFormat::Fp8Block, DType::BF16, None, false),
+                (2, 136, 200),
+            ),
+            (
+                spec(QuantFormat::Mxfp4, DType::F32, None, false),
+                (2, 96, 160),
+            ),
+            (
+                spec(QuantFormat::Int4, DType::F16, Some(8), true),
+                (2, 136, 200),
+            ),
+            (
+                spec(QuantFormat::Int4, DType::F32, None, false),
+                (2, 136, 200),
+            ),
+        ] {
+            let act = Activation::Swiglu;
+            let w = quantized(&weights(&mut g, (e, f, h), act, DType::F32), &sp);
+            let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+            let chunked =
+                GpuExperts::upload_with_limit(&dev, &w, act, Some(eleven_rows(&w))).unwrap();
+            for (name, m) in [
+                ("gate", w.gate.as_ref()),
+                ("up", Some(&w.up)),
+                ("down", Some(&w.down)),
+            ] {
+                let q = m.and_then(Weight::quant).unwrap();
+                let pick = |x: &GpuExperts| match name {
+                    "gate" => x.gate.as_ref().unwrap().bytes(),
+                    "up" => x.up.bytes(),
+                    _ => x.down.bytes(),
+                };
+                let sections = r16(q.codes.len())
+                    + r16(q.scales.len() * q.scales.elem_bytes())
+                    + r16(q.zeros.as_ref().map_or(0, Vec::len));
+                assert_eq!(pick(&whole), sections, "{} {name}: one chunk", sp.format);
+                assert!(sections - q.packed_bytes() < 48);
+                let chunks = match name {
+                    "down" => chunked.down.chunks.len(),
+                    _ => chunked.up.chunks.len(),
+                } as u64;
+                // FP8: each chunk boundary may repeat one scale row (⌈K/128⌉ scales).
+                let dup = match sp.format {
+                    QuantFormat::Fp8Block => (chunks - 1) * (q.cols.div_ceil(128) * 2) as u64,
+                    _ => 0,
+                };
+                let got = pick(&chunked);
+                assert!(
+                    got >= q.packed_bytes() && got <= q.packed_bytes() + 45 * chunks + dup,
+                    "{} {name}: {got} bytes in {chunks} chunks for {} packed",
+                    sp.format,
+                    q.packed_bytes()
+                );
+            }
+            let bias = (2 * e * f + e * h) as u64 * 4;
+            let dummies = 4 + 16 + 4;
+            let mats = whole.gate.as_ref().unwrap().bytes() + whole.up.bytes() + whole.down.bytes();
+            assert_eq!(whole.bytes(), mats + bias + dummies);
+        }
+    }
+
+    /// Malformed quantized matrices are refused at upload with a typed error.
+    #[test]
+    fn malformed_quantized_weights_are_refused() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(24);
+        let act = Activation::Relu;
+        let sp = spec(QuantFormat::Int4, DType::BF16, None, true);
+        let w = quantized(&weights(&mut g, (2, 32, 64), act, DType::F32), &sp);
+        let mut short = w.clone();
+        if let Weight::Quant(q) = &mut short.down {
+            q.codes.pop();
+        }
+        let mut zeros = w.clone();
+        if let Weight::Quant(q) = &mut zeros.up {
+            q.zeros.as_mut().unwrap().pop();
+        }
+        for bad in [short, zeros] {
+            let err = GpuExperts::upload(&dev, &bad, act).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{err:?}");
+        }
+        // A chunk limit below one row with its scales.
+        let err = GpuExperts::upload_with_limit(&dev, &w, act, Some(16)).unwrap_err();
+        assert!(matches!(err, Error::Limit { .. }), "{err:?}");
     }
 
     #[test]

@@ -1,13 +1,40 @@
-//! Weight matrices on the GPU: packed u32 words (one f32, or two f16 / bf16 per word, element
-//! 2i in the low half), split into row chunks so that no binding exceeds the adapter's storage
-//! binding or buffer size (128 MiB on some adapters). A chunk always starts on a whole word.
+//! Weight matrices on the GPU, split into row chunks so that no binding exceeds the adapter's
+//! storage binding or buffer size (128 MiB on some adapters).
+//!
+//! Dense weights: packed u32 words (one f32, or two f16 / bf16 per word, element 2i of the
+//! chunk in the low half). A chunk always starts on a whole word.
+//!
+//! Quantized weights ([`QuantMatrix`]) keep the file's bytes: the kernel decodes them in its
+//! weight load (shaders/expert_gemm.wgsl), no dequantized copy exists on the device. Each
+//! chunk is one u32 buffer of three sections, each starting on a 16-byte boundary and padded
+//! to one, bytes little-endian in their words (byte i of a section is bits 8·(i % 4) of word
+//! i / 4):
+//!
+//! - codes: the chunk's rows, `row_bytes` each: FP8 one e4m3 byte per element (K bytes),
+//!   MXFP4 / INT4 two nibbles per byte, the low nibble the even k (⌈K/2⌉ bytes);
+//! - scales, in the file's dtype (f32; f16 / bf16 two per word, the even scale low; e8m0
+//!   bytes): FP8 the scale rows `srow(first) ..= srow(last)` of the chunk's first and last
+//!   rows, `srow(r) = (r / N)·⌈N/128⌉ + (r % N) / 128` (monotonic in r, so contiguous; a scale
+//!   row on a chunk boundary is held by both chunks), ⌈K/128⌉ scales each; MXFP4 / INT4 the
+//!   chunk's rows, `K / group` scales each;
+//! - zeros (INT4 with zero points only): one byte per scale of the scales section.
+//!
+//! The section offsets (in words) and the first scale row go to the shader's `GemmParams`, so a
+//! chunk needs one binding, as a dense one does. Device memory is the packed bytes
+//! ([`QuantMatrix::packed_bytes`]) plus at most 15 bytes of alignment per section and chunk,
+//! plus the FP8 scale rows repeated at chunk boundaries ([`GpuWeights::bytes`] reports it).
 
 use crate::device::BackendKind;
 use crate::error::Error;
 use crate::error::Result;
 use crate::limits::Resource;
+use crate::quant::{QuantFormat, QuantMatrix, Scales, Weight, FP8_BLOCK, MX_BLOCK};
+use crate::stage::Stage;
 use crate::tensor::{DType, Tensor, TensorData};
 use crate::wgpu::context::{GpuBuffer, WgpuDevice};
+
+/// Section alignment of a quantized chunk, in bytes.
+pub const SECTION_ALIGN: usize = 16;
 
 /// A contiguous range of rows of a weight matrix.
 #[derive(Debug)]
@@ -16,15 +43,91 @@ pub struct WeightChunk {
     pub first_row: usize,
     /// Rows held by this chunk.
     pub rows: usize,
-    /// The chunk's elements, packed into u32 words (see the module docs).
+    /// The chunk's words: dense elements (see the module docs), or the sections of a
+    /// quantized chunk.
     pub words: GpuBuffer<u32>,
+    /// Quantized: the word where the scales section starts (0 when dense).
+    pub scale_word: usize,
+    /// Quantized INT4 with zero points: the word where the zeros section starts (0 otherwise).
+    pub zero_word: usize,
+    /// Quantized: the scale row (of the whole matrix's scales) the scales section starts with.
+    pub scale_row0: usize,
+}
+
+/// How a quantized matrix's bytes decode: what the shader's overrides and `GemmParams` need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantDesc {
+    /// The format.
+    pub format: QuantFormat,
+    /// The scales' element type as the shader's `S_DTYPE`: 0 f32, 1 f16, 2 bf16, 3 e8m0.
+    pub scale_code: u32,
+    /// Bytes per scale.
+    pub scale_bytes: usize,
+    /// INT4 zero points present.
+    pub zeros: bool,
+    /// The k extent of one scale (128, 32 or G).
+    pub group: usize,
+    /// Scales per scale row.
+    pub scale_cols: usize,
+    /// Scale rows per expert: ⌈N/128⌉ for FP8, N otherwise.
+    pub scale_rows: usize,
+    /// Rows N per expert.
+    pub expert_rows: usize,
+    /// Code bytes per row.
+    pub row_bytes: usize,
+}
+
+impl QuantDesc {
+    /// The scale row of flattened weight row `r`.
+    fn scale_row(&self, r: usize) -> usize {
+        match self.format {
+            QuantFormat::Fp8Block => {
+                let n = self.expert_rows.max(1);
+                (r / n) * self.scale_rows + (r % n) / FP8_BLOCK
+            }
+            _ => r,
+        }
+    }
+
+    /// The scale rows `lo..hi` that rows `first .. first + n` (n ≥ 1) use.
+    fn scale_span(&self, first: usize, n: usize) -> (usize, usize) {
+        (self.scale_row(first), self.scale_row(first + n - 1) + 1)
+    }
+
+    /// `(codes, scales, zeros)` bytes of rows `first .. first + n` (n ≥ 1), unpadded.
+    fn section_bytes(&self, first: usize, n: usize) -> [usize; 3] {
+        let (lo, hi) = self.scale_span(first, n);
+        let scales = (hi - lo) * self.scale_cols;
+        [
+            n * self.row_bytes,
+            scales * self.scale_bytes,
+            if self.zeros { scales } else { 0 },
+        ]
+    }
+
+    /// Bytes of the chunk of rows `first .. first + n` (n ≥ 1), every section padded.
+    fn chunk_bytes(&self, first: usize, n: usize) -> u64 {
+        self.section_bytes(first, n)
+            .iter()
+            .map(|&b| b.next_multiple_of(SECTION_ALIGN) as u64)
+            .sum()
+    }
+}
+
+/// The element encoding of a [`GpuWeights`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Dense elements in this dtype.
+    Dense(DType),
+    /// Quantized bytes.
+    Quant(QuantDesc),
 }
 
 /// A `[rows, cols]` weight matrix (any leading dims flattened into rows) on the GPU.
 #[derive(Debug)]
 pub struct GpuWeights {
-    /// The dtype of the elements, as stored in the tensor.
-    pub dtype: DType,
+    /// How the elements are stored.
+    pub format: WeightFormat,
     /// Rows: the product of every dimension but the last.
     pub rows: usize,
     /// Columns: the tensor's last dimension.
@@ -34,9 +137,39 @@ pub struct GpuWeights {
 }
 
 impl GpuWeights {
-    /// The `W_DTYPE` override value of common.wgsl for this dtype.
+    /// The `W_DTYPE` override value of common.wgsl (0 for quantized weights, which ignore it).
     pub fn dtype_code(&self) -> f64 {
-        dtype_code(self.dtype)
+        match self.format {
+            WeightFormat::Dense(d) => dtype_code(d),
+            WeightFormat::Quant(_) => 0.0,
+        }
+    }
+
+    /// The quantized layout, or `None` when dense.
+    pub fn quant(&self) -> Option<&QuantDesc> {
+        match &self.format {
+            WeightFormat::Dense(_) => None,
+            WeightFormat::Quant(q) => Some(q),
+        }
+    }
+
+    /// Bytes of device memory the chunks hold (what was allocated, padding included).
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.words.buffer.size()).sum()
+    }
+
+    /// Uploads `w` (dense or quantized; see [`GpuWeights::upload`] and
+    /// [`GpuWeights::upload_quant`]).
+    pub fn upload_weight(
+        dev: &WgpuDevice,
+        w: &Weight,
+        max_bytes: Option<u64>,
+        label: &str,
+    ) -> Result<Self> {
+        match w {
+            Weight::Dense(t) => Self::upload(dev, t, max_bytes, label),
+            Weight::Quant(q) => Self::upload_quant(dev, q, max_bytes, label),
+        }
     }
 
     /// Uploads `t` viewed as `[rows, cols]` with `cols` its last dimension, chunked so that
@@ -76,6 +209,9 @@ impl GpuWeights {
                 first_row: first,
                 rows: n,
                 words: dev.upload(&words, label)?,
+                scale_word: 0,
+                zero_word: 0,
+                scale_row0: 0,
             });
             first += n;
             if rows == 0 {
@@ -83,12 +219,199 @@ impl GpuWeights {
             }
         }
         Ok(GpuWeights {
-            dtype: t.dtype(),
+            format: WeightFormat::Dense(t.dtype()),
             rows,
             cols,
             chunks,
         })
     }
+
+    /// Uploads the packed bytes of `q` viewed as `[E·N, K]`, in row chunks of at most
+    /// `max_bytes` each (the device's binding limit when `None`, never above it), each chunk
+    /// one buffer of codes, scales and zeros (see the module docs).
+    pub fn upload_quant(
+        dev: &WgpuDevice,
+        q: &QuantMatrix,
+        max_bytes: Option<u64>,
+        label: &str,
+    ) -> Result<Self> {
+        let d = describe(q, label)?;
+        let rows = q.experts * q.rows;
+        let limit = chunk_limit(dev, max_bytes);
+        let scale_bytes = q.scales.bytes();
+        let zeros: &[u8] = q.zeros.as_deref().unwrap_or(&[]);
+        let mut chunks = Vec::new();
+        let mut first = 0;
+        while first < rows || (rows == 0 && chunks.is_empty()) {
+            let n = if rows == 0 {
+                0
+            } else {
+                rows_that_fit(&d, first, rows - first, limit, label)?
+            };
+            let (buf, scale_word, zero_word, scale_row0) = if n == 0 {
+                (Vec::new(), 0, 0, 0)
+            } else {
+                let (s_lo, s_hi) = d.scale_span(first, n);
+                let (c_lo, c_hi) = (first * d.row_bytes, (first + n) * d.row_bytes);
+                let (z_lo, z_hi) = (s_lo * d.scale_cols, s_hi * d.scale_cols);
+                let sb = d.scale_bytes;
+                let mut buf = Vec::with_capacity(d.chunk_bytes(first, n) as usize);
+                push_section(&mut buf, &q.codes[c_lo..c_hi]);
+                let scale_word = buf.len() / 4;
+                push_section(&mut buf, &scale_bytes[z_lo * sb..z_hi * sb]);
+                let zero_word = buf.len() / 4;
+                if d.zeros {
+                    push_section(&mut buf, &zeros[z_lo..z_hi]);
+                }
+                (buf, scale_word, if d.zeros { zero_word } else { 0 }, s_lo)
+            };
+            let words: Vec<u32> = buf
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            chunks.push(WeightChunk {
+                first_row: first,
+                rows: n,
+                words: dev.upload(&words, label)?,
+                scale_word,
+                zero_word,
+                scale_row0,
+            });
+            first += n;
+            if rows == 0 {
+                break;
+            }
+        }
+        Ok(GpuWeights {
+            format: WeightFormat::Quant(d),
+            rows,
+            cols: q.cols,
+            chunks,
+        })
+    }
+}
+
+/// The largest quantized chunk: `max_bytes`, never above the device's binding limit nor the
+/// shaders' 32-bit byte addressing.
+fn chunk_limit(dev: &WgpuDevice, max_bytes: Option<u64>) -> u64 {
+    let dev_max = dev.max_binding_bytes().min(u64::from(u32::MAX));
+    max_bytes.unwrap_or(dev_max).min(dev_max)
+}
+
+/// `bytes` appended to `buf`, then zeros up to the next section boundary.
+fn push_section(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(bytes);
+    buf.resize(buf.len().next_multiple_of(SECTION_ALIGN), 0);
+}
+
+/// The most rows from `first` (at most `left`, at least 1) whose chunk fits `limit` bytes.
+fn rows_that_fit(
+    d: &QuantDesc,
+    first: usize,
+    left: usize,
+    limit: u64,
+    label: &str,
+) -> Result<usize> {
+    let one = d.chunk_bytes(first, 1);
+    if one > limit {
+        return Err(Error::Limit {
+            backend: BackendKind::Wgpu,
+            resource: Resource::BindingSize,
+            what: format!(
+                "{label}: one {} row of {} bytes with its scales",
+                d.format, d.row_bytes
+            ),
+            need: one,
+            limit,
+        });
+    }
+    // The chunk's size grows with its row count: the largest count that fits, by bisection.
+    let (mut lo, mut hi) = (1, left);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if d.chunk_bytes(first, mid) <= limit {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(lo)
+}
+
+/// The layout of `q`, after checking that its byte counts match its shape (a malformed matrix
+/// is an error here, not an out-of-bounds read in a shader).
+fn describe(q: &QuantMatrix, label: &str) -> Result<QuantDesc> {
+    let bad = |what: String| Error::shape(Stage::ExpertGemm, format!("{label}: {what}"));
+    let rows = q.experts * q.rows;
+    let (scale_code, scale_bytes) = match (&q.scales, q.format) {
+        (Scales::E8m0(_), QuantFormat::Mxfp4) => (3, 1),
+        (Scales::Float(t), QuantFormat::Fp8Block | QuantFormat::Int4) => (
+            match t.dtype() {
+                DType::F32 => 0,
+                DType::F16 => 1,
+                DType::BF16 => 2,
+            },
+            t.dtype().size(),
+        ),
+        (s, f) => {
+            return Err(bad(format!("{f} with {} scales", s.dtype_name())));
+        }
+    };
+    let scale_cols = q.scale_cols();
+    let scale_rows = q.scale_rows();
+    let group = q.group();
+    match q.format {
+        QuantFormat::Mxfp4 if q.cols % MX_BLOCK != 0 => {
+            return Err(bad(format!(
+                "mxfp4 needs K a multiple of {MX_BLOCK}, got {}",
+                q.cols
+            )));
+        }
+        QuantFormat::Int4 if q.cols > 0 && (scale_cols == 0 || q.cols % scale_cols != 0) => {
+            return Err(bad(format!(
+                "int4: {} scales per row do not divide K = {}",
+                scale_cols, q.cols
+            )));
+        }
+        _ => {}
+    }
+    let want_codes = rows * q.row_bytes();
+    let want_scales = q.experts * scale_rows * scale_cols;
+    if q.codes.len() != want_codes {
+        return Err(bad(format!(
+            "{} code bytes, expected {want_codes}",
+            q.codes.len()
+        )));
+    }
+    if q.scales.len() != want_scales {
+        return Err(bad(format!(
+            "{} scales, expected {want_scales}",
+            q.scales.len()
+        )));
+    }
+    match &q.zeros {
+        Some(_) if q.format != QuantFormat::Int4 => {
+            return Err(bad(format!("{} has no zero points", q.format)));
+        }
+        Some(z) if z.len() != want_scales => {
+            return Err(bad(format!(
+                "{} zero points, expected {want_scales}",
+                z.len()
+            )));
+        }
+        _ => {}
+    }
+    Ok(QuantDesc {
+        format: q.format,
+        scale_code,
+        scale_bytes,
+        zeros: q.zeros.is_some(),
+        group: group.max(1),
+        scale_cols,
+        scale_rows,
+        expert_rows: q.rows,
+        row_bytes: q.row_bytes(),
+    })
 }
 
 /// The `W_DTYPE` override value of common.wgsl.
