@@ -675,7 +675,8 @@ impl MoeLayer {
         max_tokens: usize,
         act_dtype: DType,
     ) -> Result<PreparedLayer> {
-        let resident = self.weight_bytes();
+        #[allow(unused_mut)]
+        let mut resident = self.weight_bytes();
         dev.check_weights(resident)?;
         dev.check_forward_in(&self.shape(), max_tokens, act_dtype, resident)?;
         let w = self.weights();
@@ -706,6 +707,8 @@ impl MoeLayer {
             #[cfg(feature = "wgpu")]
             Device::Wgpu(d) => {
                 let res = crate::wgpu::device::WgpuResident::upload(d, &w)?;
+                // What wgpu really holds: packed sections with their alignment, f32 biases.
+                resident = res.bytes();
                 let mut ws = crate::wgpu::device::WgpuWorkspace::alloc(
                     d, &res, max_tokens, act_dtype, true,
                 )?;
@@ -782,7 +785,8 @@ pub struct PreparedLayer {
     plan: Plan,
     max_tokens: usize,
     dtype: DType,
-    /// Bytes of the weights this layer keeps on the backend.
+    /// Bytes of the weights this layer keeps on the backend (as allocated on wgpu; as stored
+    /// elsewhere).
     resident: u64,
     /// Tokens of the last forward (what the routing read-backs cover); `usize::MAX` before
     /// the first.
