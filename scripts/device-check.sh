@@ -59,6 +59,9 @@ export XDG_RUNTIME_DIR=/tmp/xdg && mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
 export CARGO_MANIFEST_DIR="$PWD"
 # Issue 12: run the (unverified until this run) f16 / bf16 activation kernels on CUDA.
 export MOE_CUDA_ACT16=1
+# Quantized expert weights (FP8 block, MXFP4, INT4) on CUDA: unverified until this run, refused
+# without the variable (cuda::quant_enabled).
+export MOE_CUDA_QUANT=1
 declare -a TABLE
 row() { TABLE+=("$(printf '%-34s %s' "$1" "$2")"); }
 
@@ -92,8 +95,18 @@ step demo-wgpu 60 "$B/moe" demo --backend wgpu
 # Issue 12: a runtime's own stream / device, bf16 activations, 100 device-resident forwards.
 step example-cuda-runtime 60 "$B/cuda_runtime"
 step example-wgpu-runtime 60 "$B/wgpu_runtime"
+# Quantized weights, ahead of the other test binaries (MOE_CUDA_QUANT=1 above): tests/quant.rs
+# runs every backend through `Backend`; then the library's device test of every quantized
+# kernel variant (cuda::expert_gemm::tests::quantized_*).
+if [ -x "$B/test-quant" ]; then
+  step test-quant 90 "$B/test-quant" --test-threads=8 --nocapture
+else
+  row test-quant "missing (no tests/quant.rs in this build)"
+fi
+step lib-quant-cuda 90 "$B/test-lib" cuda::expert_gemm::tests::quantized --test-threads=1 --nocapture
 # Every test binary: CPU, CUDA and (with NVIDIA's Vulkan driver) wgpu.
 for t in "$B"/test-*; do
+  [ "$(basename "$t")" = test-quant ] && continue
   step "$(basename "$t")" 60 "$t" --test-threads=8
 done
 # Ours and the PyTorch peers on the same card, then one comparison table.

@@ -11,6 +11,16 @@
 #      activations);
 #   3. where the activation dtype equals the weight dtype (expert_gemm_f32,
 #      expert_gemm_bf16_abf16, expert_gemm_f16_af16), convert nothing: no F2F / F2FP.
+# The QUANTIZED kernels (expert_gemm_<fmt>_s<scale>[_a<A>], fmt fp8 | mxfp4 | int4; FFMA main
+# loop, weights decoded on their way to shared memory) must, in their main loop,
+#   4. have no LDL / STL;
+#   5. read the packed weights with 16-byte loads: LDG.E.128 at least A + 1 times, where A is
+#      the number of 16-byte activation loads per thread and k tile (QH activations of
+#      A_SIZE bytes: fp8 QH = 16, 4-bit QH = 32, so A = QH A_SIZE / 16 = 4 | 2 | 8 | 4) and
+#      the one more is the tile's 16 packed bytes (SASS cannot tell which LDG is which, so the
+#      count must exceed the activations' alone);
+#   6. decode there: FMUL by 2^120 (fp8, >= 16: one per e4m3 code), FMUL by 2^126 (mxfp4,
+#      >= 32 per e2m1 nibble) or I2F(P).F32.S32 (int4, >= 32: q - z to f32).
 # It also fails on LDL / STL anywhere in any kernel of any module.
 #
 # MAIN-LOOP HEURISTIC. SASS has no loop markers, but every loop closes with a backward branch:
@@ -159,8 +169,24 @@ def main_loop(insns, labels, math):
     return best[1], best[2]
 
 
+QUANT = re.compile(r"expert_gemm_(fp8|mxfp4|int4)_s(f32|f16|bf16|e8m0)(?:_a(f16|bf16))?")
+LDG128 = r"\bLDG\.E\.128\b"
+DECODE = {
+    "fp8": (r"\bFMUL\b.*\b1\.32922799578491587290e\+36\b", 16),  # x 2^120
+    "mxfp4": (r"\bFMUL\b.*\b8\.50705917302346158658e\+37\b", 32),  # x 2^126
+    "int4": (r"\bI2FP?\.F32\.S32\b", 32),
+}
+
+
 def expectations(kernel):
     """(math opcode, {pattern: minimum count} in the main loop, conversions forbidden)."""
+    q = QUANT.fullmatch(kernel)
+    if q:
+        fmt, a = q.group(1), q.group(3) or "f32"
+        qh = 16 if fmt == "fp8" else 32
+        a_loads = qh * (4 if a == "f32" else 2) // 16
+        pattern, n = DECODE[fmt]
+        return "FFMA", {LDG128: a_loads + 1, pattern: n}, False
     m = re.fullmatch(r"expert_gemm_(f32|f16|bf16)(?:_a(f16|bf16))?", kernel)
     if not m:
         return None
@@ -178,12 +204,16 @@ def expectations(kernel):
 NAMES = {
     r"\bLDG\.E\.128\b": "LDG.E.128",
     r"\bLDGSTS\.E\.BYPASS\.128\b": "LDGSTS.128",
+    DECODE["fp8"][0]: "FMUL 2^120",
+    DECODE["mxfp4"][0]: "FMUL 2^126",
+    DECODE["int4"][0]: "I2F.F32.S32",
 }
 CONVERT = r"\bF2FP?\b"
 LOCAL = r"\b(LDL|STL)\b"
 
 failures, checked = [], 0
 control_seen = False
+quant_checked = set()
 for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
     module = os.path.basename(sass)[: -len(".sass")]
     funcs, labels = functions(sass)
@@ -215,6 +245,9 @@ for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
                 bad.append(f"{found[p]} {NAMES[p]} (needs >= {minimum})")
         if no_convert and n_conv:
             bad.append(f"{n_conv} F2F/F2FP (activation dtype == weight dtype: no conversion)")
+        q = QUANT.fullmatch(kernel)
+        if q:
+            quant_checked.add(q.group(1))
         if kernel == "expert_gemm_bf16":
             control_seen = True
             if n_conv == 0:
@@ -222,12 +255,14 @@ for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
                            "in the main loop, so the heuristic found the wrong loop")
         loads = ", ".join(f"{NAMES[p]} {found[p]}" for p in need)
         status = "FAIL: " + "; ".join(bad) if bad else "ok"
-        print(f"  {module:26} {kernel:24} main loop {lo:#06x}..{hi:#06x}: "
+        print(f"  {module:30} {kernel:30} main loop {lo:#06x}..{hi:#06x}: "
               f"{op} {n_math}, {loads}, F2F/F2FP {n_conv}, "
               f"LDL/STL {n_local}: {status}")
         checked += 1
         if bad:
             failures.append(f"{module} {kernel}: " + "; ".join(bad))
+for fmt in sorted(set(DECODE) - quant_checked):
+    failures.append(f"no quantized {fmt} kernel was dumped")
 if not control_seen:
     failures.append("expert_gemm_bf16 (the negative control) was not dumped")
 if checked == 0:

@@ -11,6 +11,7 @@ pub mod gate;
 pub mod host;
 pub mod permute;
 pub mod ptx;
+pub mod quant;
 pub mod router;
 
 use cudarc::driver::{sys, CudaContext, CudaSlice};
@@ -116,6 +117,16 @@ impl PermuteCuda {
 /// (`scripts/device-check.sh` sets the variable). f32 activations need nothing.
 pub fn act16_enabled() -> bool {
     std::env::var("MOE_CUDA_ACT16").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Whether CUDA may run quantized expert weights (FP8 block, MXFP4, INT4): `MOE_CUDA_QUANT=1`.
+/// Their kernels (the quantized variants of kernels/expert_gemm.ptx) are assembled and their
+/// machine code checked (`scripts/sass-check.sh`) but have not run on a GPU yet, so uploading
+/// a quantized layer to CUDA is a typed [`crate::Error::BackendUnavailable`] naming the
+/// variable until a device check verifies them (`scripts/device-check.sh` sets it). Never a
+/// silent fallback to another path.
+pub fn quant_enabled() -> bool {
+    std::env::var("MOE_CUDA_QUANT").is_ok_and(|v| v.trim() == "1")
 }
 
 /// One CUDA device as the driver reports it.
