@@ -4,7 +4,9 @@
     python3 fuzz/gen_corpus.py      # rewrites fuzz/corpus/*/seed-*
 
 safetensors_layer: tiny synthetic layers (f32 / f16 / bf16, gated and not, biases, shared
-experts, an input `x`) plus a few malformed files; config_json: the test fixtures' configs and
+experts, an input `x`) plus a few malformed files; quantized layers (FP8 block with F32 / BF16
+scale_inv, MXFP4, INT4 with and without zero points, odd K, quantized shared experts) and
+malformed quantized files (missing, misshapen or mistyped parts, two formats in one file); config_json: the test fixtures' configs and
 edge cases; routing: byte strings in the header + value encoding of fuzz_targets/routing.rs.
 """
 
@@ -37,6 +39,8 @@ def encode(vals, dtype):
         return b"".join(bf16_bits(v) for v in vals)
     if dtype == "I32":
         return b"".join(struct.pack("<i", int(v)) for v in vals)
+    if dtype in ("U8", "F8_E4M3"):
+        return bytes(int(v) & 0xFF for v in vals)
     raise ValueError(dtype)
 
 
@@ -124,6 +128,145 @@ def safetensors_seeds():
     special[0] = ("router.weight", "F32", [4, 2],
                   [float("nan"), 1.0, float("inf"), -1.0, float("-inf"), 0.0, 3e38, 1e-45])
     write("safetensors_layer", "special_values", safetensors(special))
+
+
+def prod(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def quant_matrix(rng, name, fmt, e, n, k, scale_dtype="F32", zeros=True, group=None):
+    """The file tensors of matrix `name` [e, n, k] in `fmt` (e None: a shared expert's [n, k]).
+
+    fp8: F8_E4M3 codes + scale_inv per 128 x 128 block; mxfp4: U8 blocks [.., k/32, 16] + e8m0
+    scales [.., k/32]; int4: U8 packed [.., ceil(k/2)] + scales [.., k/g] (+ U8 zeros)."""
+    lead = [] if e is None else [e]
+    if fmt == "fp8":
+        # Every e4m3 code but the NaNs (0x7F, 0xFF).
+        codes = [c if c & 0x7F != 0x7F else c ^ 1 for c in rng.choices(range(256), k=prod(lead + [n, k]))]
+        sshape = lead + [-(-n // 128), -(-k // 128)]
+        return [(name, "F8_E4M3", lead + [n, k], codes),
+                (name + "_scale_inv", scale_dtype, sshape,
+                 [rng.uniform(0.001, 0.01) for _ in range(prod(sshape))])]
+    if fmt == "mxfp4":
+        bshape = lead + [n, k // 32, 16]
+        sshape = lead + [n, k // 32]
+        return [(name + "_blocks", "U8", bshape, rng.choices(range(256), k=prod(bshape))),
+                (name + "_scales", "U8", sshape, rng.choices(range(118, 128), k=prod(sshape)))]
+    if fmt == "int4":
+        g = group or k
+        pshape = lead + [n, -(-k // 2)]
+        sshape = lead + [n, k // g]
+        t = [(name + "_packed", "U8", pshape, rng.choices(range(256), k=prod(pshape))),
+             (name + "_scales", scale_dtype, sshape,
+              [rng.uniform(0.01, 0.1) for _ in range(prod(sshape))])]
+        if zeros:
+            t.append((name + "_zeros", "U8", sshape, rng.choices(range(16), k=prod(sshape))))
+        return t
+    raise ValueError(fmt)
+
+
+def quant_layer(rng, fmt, e, h, f, gated=True, shared=None, router_bias=False,
+                expert_bias=False, x=None, **kw):
+    """A layer whose expert (and shared expert) matrices are all in `fmt`."""
+    t = [("router.weight", "F32", [e, h], [rng.uniform(-2, 2) for _ in range(e * h)])]
+    if router_bias:
+        t.append(("router.bias", "F32", [e], [rng.uniform(-0.5, 0.5) for _ in range(e)]))
+    if gated:
+        t += quant_matrix(rng, "experts.gate_proj", fmt, e, f, h, **kw)
+    t += quant_matrix(rng, "experts.up_proj", fmt, e, f, h, **kw)
+    t += quant_matrix(rng, "experts.down_proj", fmt, e, h, f, **kw)
+    if expert_bias:
+        t.append(("experts.up_proj_bias", "F32", [e, f], [0.01] * (e * f)))
+        t.append(("experts.down_proj_bias", "F32", [e, h], [-0.01] * (e * h)))
+        if gated:
+            t.append(("experts.gate_proj_bias", "F32", [e, f], [0.02] * (e * f)))
+    if shared:
+        if gated:
+            t += quant_matrix(rng, "shared.gate_proj", fmt, None, shared, h, **kw)
+        t += quant_matrix(rng, "shared.up_proj", fmt, None, shared, h, **kw)
+        t += quant_matrix(rng, "shared.down_proj", fmt, None, h, shared, **kw)
+    if x is not None:
+        t.append(("x", "F32", [x, h], [rng.uniform(-1, 1) for _ in range(x * h)]))
+    return t
+
+
+def replace(tensors, name, new):
+    """`tensors` with `name` replaced by `new` (a tensor tuple), or removed when None."""
+    out = [t for t in tensors if t[0] != name]
+    assert len(out) + 1 == len(tensors), name
+    return out + ([new] if new else [])
+
+
+def quant_seeds():
+    rng = random.Random(3)
+    good = {
+        "q_fp8_e4_h4_f3": quant_layer(rng, "fp8", 4, 4, 3, router_bias=True),
+        "q_fp8_bf16_e8_h4_f2_shared": quant_layer(rng, "fp8", 8, 4, 2, shared=2,
+                                                  scale_dtype="BF16"),
+        "q_fp8_e2_h130_f3_x": quant_layer(rng, "fp8", 2, 130, 3, x=1),
+        "q_mxfp4_e2_h32_f32_x": quant_layer(rng, "mxfp4", 2, 32, 32, router_bias=True, x=2),
+        "q_mxfp4_relu_e3_h64_f32": quant_layer(rng, "mxfp4", 3, 64, 32, gated=False),
+        "q_int4_zeros_e4_h8_f4": quant_layer(rng, "int4", 4, 8, 4, scale_dtype="BF16",
+                                             group=4),
+        "q_int4_f16_odd_k_e3_h5_f3_shared": quant_layer(rng, "int4", 3, 5, 3, shared=2,
+                                                        scale_dtype="F16", zeros=False),
+        "q_int4_f32_biases_x": quant_layer(rng, "int4", 2, 4, 2, expert_bias=True, x=3,
+                                           group=2),
+    }
+    for name, t in good.items():
+        write("safetensors_layer", name, safetensors(t))
+    # A dense routed layer with an int4 shared expert (one quantized format: valid).
+    dense = layer(rng, 4, 4, 2, shared=None)
+    shared = [t for t in quant_layer(rng, "int4", 4, 4, 2, shared=2, group=2)
+              if t[0].startswith("shared.")]
+    write("safetensors_layer", "q_dense_experts_int4_shared", safetensors(dense + shared))
+
+    fp8 = good["q_fp8_e4_h4_f3"]
+    mx = good["q_mxfp4_relu_e3_h64_f32"]
+    i4 = good["q_int4_zeros_e4_h8_f4"]
+    bad = {
+        "qbad_fp8_no_scale_inv": replace(fp8, "experts.up_proj_scale_inv", None),
+        "qbad_fp8_scale_shape": replace(fp8, "experts.up_proj_scale_inv",
+                                        ("experts.up_proj_scale_inv", "F32", [4, 2, 1], [0.1] * 8)),
+        "qbad_fp8_scale_f16": replace(fp8, "experts.down_proj_scale_inv",
+                                      ("experts.down_proj_scale_inv", "F16", [4, 1, 1], [0.1] * 4)),
+        "qbad_fp8_scale_u8": replace(fp8, "experts.gate_proj_scale_inv",
+                                     ("experts.gate_proj_scale_inv", "U8", [4, 1, 1], [1] * 4)),
+        "qbad_mxfp4_k_not_32": replace(mx, "router.weight",
+                                       ("router.weight", "F32", [3, 48], [0.5] * 144)),
+        "qbad_mxfp4_no_scales": replace(mx, "experts.down_proj_scales", None),
+        "qbad_mxfp4_blocks_shape": replace(mx, "experts.up_proj_blocks",
+                                           ("experts.up_proj_blocks", "U8", [3, 32, 2, 8], [7] * 1536)),
+        "qbad_int4_group_not_dividing": replace(
+            replace(i4, "experts.up_proj_scales",
+                    ("experts.up_proj_scales", "BF16", [4, 4, 3], [0.1] * 48)),
+            "experts.up_proj_zeros", ("experts.up_proj_zeros", "U8", [4, 4, 3], [8] * 48)),
+        "qbad_int4_zeros_shape": replace(i4, "experts.down_proj_zeros",
+                                         ("experts.down_proj_zeros", "U8", [4, 8, 5], [8] * 160)),
+        "qbad_int4_zeros_f32": replace(i4, "experts.down_proj_zeros",
+                                       ("experts.down_proj_zeros", "F32", [4, 8, 1], [8.0] * 32)),
+        "qbad_int4_packed_shape": replace(i4, "experts.gate_proj_packed",
+                                          ("experts.gate_proj_packed", "U8", [4, 4, 3], [0x88] * 48)),
+        "qbad_zeros_without_packed": layer(rng, 4, 4, 2)
+        + [("experts.up_proj_zeros", "U8", [4, 2, 1], [8] * 8)],
+        "qbad_scale_inv_without_matrix": layer(rng, 4, 4, 2)
+        + [("experts.down_proj_scale_inv", "F32", [4, 1, 1], [0.1] * 4)],
+        "qbad_two_formats": [t for t in fp8 if not t[0].startswith("experts.down_proj")]
+        + quant_matrix(rng, "experts.down_proj", "int4", 4, 4, 3),
+        "qbad_two_formats_one_matrix": fp8 + [("experts.up_proj_packed", "U8", [4, 3, 2], [0] * 24)],
+        "qbad_u8_dense_matrix": replace(layer(rng, 4, 4, 2), "experts.up_proj",
+                                        ("experts.up_proj", "U8", [4, 2, 4], [1] * 32)),
+        "qbad_shared_mixed": dense + [t for t in shared if not t[0].startswith("shared.down_proj")]
+        + [("shared.down_proj", "F32", [4, 2], [0.1] * 8)],
+        "qbad_gate_up_layouts_differ": [t for t in i4 if not t[0].startswith("experts.gate_proj")]
+        + quant_matrix(rng, "experts.gate_proj", "int4", 4, 4, 8, scale_dtype="F16", zeros=False),
+        "qbad_unknown_suffix": fp8 + [("experts.up_proj_qweight", "U8", [4, 3, 2], [0] * 24)],
+    }
+    for name, t in bad.items():
+        write("safetensors_layer", name, safetensors(t))
 
 
 CONFIG_EDGE = {
@@ -225,6 +368,7 @@ def main():
         for p in glob.glob(os.path.join(d, "seed-*")):
             os.remove(p)
     safetensors_seeds()
+    quant_seeds()
     config_seeds()
     routing_seeds()
 

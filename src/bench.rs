@@ -1,7 +1,9 @@
 //! `moe bench`: layer shapes of real models, timed per stage on a backend (CUDA events, wgpu
 //! timestamps, host wall time on the CPU), median over repeated forwards after warm-up, with
 //! the FLOPs and minimum bytes of each stage so achieved rates can be compared with a device's
-//! measured ceilings. Weights are seeded pseudo-random (never zeros), generated in parallel.
+//! measured ceilings. Weights are seeded pseudo-random (never zeros), generated in parallel:
+//! dense in f32 / f16 / bf16 ([`layer`]), or quantized FP8 / MXFP4 / INT4 codes and scales
+//! ([`quantized_layer`]), whose weight bytes are the packed bytes the decode streams.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,7 +14,9 @@ use rayon::prelude::*;
 use crate::backend::Backend;
 use crate::config::{Groups, LayerConfig, Preset, Scoring};
 use crate::error::{Error, Result};
+use crate::io::FileTensor;
 use crate::layer::MoeLayer;
+use crate::quant::{self, QuantFormat, QuantLayout, QuantMatrix, QuantSpec, Scales, Weight};
 use crate::stage::Stage;
 use crate::tensor::{DType, Tensor, TensorData};
 
@@ -36,7 +40,7 @@ pub struct Shape {
 }
 
 /// The shapes `moe bench --preset` knows.
-pub const SHAPES: [Shape; 5] = [
+pub const SHAPES: [Shape; 6] = [
     Shape {
         name: "mixtral",
         experts: 8,
@@ -83,6 +87,17 @@ pub const SHAPES: [Shape; 5] = [
         shared_ffn: None,
         preset: Preset::Gpt4,
     },
+    // The stage benches' GPT-4-style layer (benches/common): small enough for a quick run on
+    // the CPU backend.
+    Shape {
+        name: "gpt4_small",
+        experts: 16,
+        top_k: 2,
+        hidden: 512,
+        ffn: 1024,
+        shared_ffn: None,
+        preset: Preset::Gpt4,
+    },
 ];
 
 /// The shape named `name`.
@@ -100,16 +115,23 @@ pub fn shape(name: &str) -> Result<Shape> {
         })
 }
 
+/// Splitmix64 of index `i` under `seed`: the one source of every bench weight.
+fn mix(i: usize, seed: u64) -> u64 {
+    let mut z = (i as u64).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Value `i` uniform in [-scale, scale].
+fn val(i: usize, seed: u64, scale: f32) -> f32 {
+    ((mix(i, seed) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+}
+
 /// Deterministic pseudo-random values in [-scale, scale] (splitmix64 of the index), in
 /// parallel: a Mixtral layer has 1.4 G weights.
 fn fill(n: usize, seed: u64, scale: f32, dtype: DType, shape: Vec<usize>) -> Result<Tensor> {
-    let val = move |i: usize| {
-        let mut z = (i as u64).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    };
+    let val = move |i: usize| val(i, seed, scale);
     let data = match dtype {
         DType::F32 => TensorData::F32((0..n).into_par_iter().map(val).collect()),
         DType::F16 => TensorData::F16(
@@ -128,8 +150,155 @@ fn fill(n: usize, seed: u64, scale: f32, dtype: DType, shape: Vec<usize>) -> Res
     Tensor::new(shape, data)
 }
 
+/// `n` pseudo-random bytes, each mapped by `f`, in parallel.
+fn bytes(n: usize, seed: u64, f: impl Fn(u8) -> u8 + Sync + Send) -> Vec<u8> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| f((mix(i, seed) >> 56) as u8))
+        .collect()
+}
+
+/// The INT4 group for `k` columns: `spec.group`, else the largest of 128, 64, 32 dividing
+/// `k`, else `k` (as [`quant::encode::quantize`] picks it).
+fn int4_group(spec: &QuantSpec, k: usize) -> Result<usize> {
+    let g = spec.group.unwrap_or_else(|| {
+        [128, 64, 32]
+            .into_iter()
+            .find(|g| k % g == 0)
+            .unwrap_or(k.max(1))
+    });
+    if g == 0 || k % g != 0 {
+        return Err(Error::config(format!(
+            "int4 group {g} does not divide K = {k}"
+        )));
+    }
+    Ok(g)
+}
+
+/// Seeded codes and scales of an `[e, n, k]` matrix in `spec`'s layout, its values within
+/// about `[-scale, scale]` like a dense bench matrix: FP8 codes from every finite e4m3 value
+/// with `scale_inv = scale / 448`; MXFP4 nibbles with the power-of-two scale putting 6 at
+/// `scale`; INT4 nibbles with scales of `scale / 8` and zero points 4..=11 (or 8). The decode
+/// costs the same for any codes; generating them directly (instead of quantizing dense
+/// weights) keeps a real model's layer to seconds.
+fn quant_matrix(
+    spec: &QuantSpec,
+    [e, n, k]: [usize; 3],
+    seed: u64,
+    scale: f32,
+) -> Result<QuantMatrix> {
+    let float_scales = |shape: Vec<usize>, v: f32| -> Result<Scales> {
+        let len = shape.iter().product::<usize>();
+        // Within a factor of two of `v`, so blocks differ.
+        let vals: Vec<f32> = (0..len)
+            .into_par_iter()
+            .map(|i| v * (0.75 + 0.25 * val(i, seed ^ 0x5ca1e, 1.0)))
+            .collect();
+        Ok(Scales::Float(
+            Tensor::from_f32(shape, vals)?.cast(spec.scale_dtype),
+        ))
+    };
+    let (codes, scales, zeros) = match spec.format {
+        QuantFormat::Fp8Block => {
+            // 0x7F and 0xFF are NaN: the neighbouring ±448 instead.
+            let codes = bytes(
+                e * n * k,
+                seed,
+                |b| if b & 0x7F == 0x7F { b ^ 1 } else { b },
+            );
+            let sr = n.div_ceil(quant::FP8_BLOCK);
+            let sc = k.div_ceil(quant::FP8_BLOCK);
+            (codes, float_scales(vec![e, sr, sc], scale / 448.0)?, None)
+        }
+        QuantFormat::Mxfp4 => {
+            if k % quant::MX_BLOCK != 0 {
+                return Err(Error::config(format!(
+                    "mxfp4 needs K to be a multiple of {}, got K = {k}",
+                    quant::MX_BLOCK
+                )));
+            }
+            let codes = bytes(e * n * k / 2, seed, |b| b);
+            // 2^(code - 127) · 6 <= scale.
+            let base = 127 + (scale / 6.0).log2().floor() as i32;
+            let blocks = e * n * (k / quant::MX_BLOCK);
+            let sv = bytes(blocks, seed ^ 0xe8, |b| {
+                (base - i32::from(b % 3)).clamp(1, 254) as u8
+            });
+            (codes, Scales::E8m0(sv), None)
+        }
+        QuantFormat::Int4 => {
+            let g = int4_group(spec, k)?;
+            let codes = bytes(e * n * k.div_ceil(2), seed, |b| b);
+            let shape = vec![e, n, k / g];
+            let zeros = spec
+                .zeros
+                .then(|| bytes(e * n * (k / g), seed ^ 0x2e, |b| 4 + b % 8));
+            (codes, float_scales(shape, scale / 8.0)?, zeros)
+        }
+    };
+    Ok(QuantMatrix {
+        format: spec.format,
+        experts: e,
+        rows: n,
+        cols: k,
+        codes,
+        scales,
+        zeros,
+    })
+}
+
 /// A random layer of `s` with expert weights in `dtype`.
 pub fn layer(s: &Shape, dtype: DType) -> Result<MoeLayer> {
+    build(
+        s,
+        &format!("{dtype}"),
+        dtype.size() as f64,
+        false,
+        &|name, [e, n, k], seed, a, axis| {
+            let shape = if axis { vec![e, n, k] } else { vec![n, k] };
+            Ok(vec![(
+                name.to_string(),
+                FileTensor::Float(fill(e * n * k, seed, a, dtype, shape)?),
+            )])
+        },
+    )
+}
+
+/// A random layer of `s` with expert (and shared expert) matrices quantized as `spec` says:
+/// format, scale dtype, INT4 group and zero points; router and biases in f32. Seeded codes and
+/// scales, see [`QuantMatrix`]: the same layout a quantizer writes, made in seconds for a real
+/// model's layer.
+pub fn quantized_layer(s: &Shape, spec: &QuantSpec) -> Result<MoeLayer> {
+    let per_elem = match spec.format {
+        QuantFormat::Fp8Block => 1.0,
+        QuantFormat::Mxfp4 | QuantFormat::Int4 => 0.5,
+    };
+    build(
+        s,
+        spec.format.name(),
+        per_elem,
+        true,
+        &|name, [e, n, k], seed, a, axis| {
+            let q = quant_matrix(spec, [e, n, k], seed, a)?;
+            quant::parts::file_tensors(name, &Weight::Quant(q), axis)
+        },
+    )
+}
+
+/// One expert matrix's file tensors: `(name, [E, N, K], seed, value scale, expert axis)`.
+type MatrixFn<'a> =
+    dyn Fn(&str, [usize; 3], u64, f32, bool) -> Result<Vec<(String, FileTensor)>> + 'a;
+
+/// The layer of `s` with each expert matrix from `matrix`, checked against the host first:
+/// `bytes_per_weight` of every expert weight, plus one matrix more when `copy` (a quantized
+/// matrix is copied into its file tensors).
+fn build(
+    s: &Shape,
+    what: &str,
+    bytes_per_weight: f64,
+    copy: bool,
+    matrix: &MatrixFn<'_>,
+) -> Result<MoeLayer> {
     let (e, h, f) = (s.experts, s.hidden, s.ffn);
     let mut cfg: LayerConfig = s.preset.config();
     cfg.routing.top_k = s.top_k;
@@ -138,59 +307,49 @@ pub fn layer(s: &Shape, dtype: DType) -> Result<MoeLayer> {
         cfg.routing.groups = Some(Groups { count: 8, keep: 4 });
     }
     // Generated in place: checked against the host before any of it is allocated.
-    let mats = if cfg.activation.is_gated() { 3 } else { 2 };
+    let n_mats = if cfg.activation.is_gated() { 3 } else { 2 };
     let fs = s.shared_ffn.unwrap_or(0);
+    let weights = crate::limits::product(&[n_mats + usize::from(copy), e, f, h])
+        .saturating_add(crate::limits::product(&[3, fs, h]));
     crate::limits::check_host(
         crate::BackendKind::Cpu,
-        || format!("the {} layer's weights in {dtype}", s.name),
-        crate::limits::product(&[mats, e, f, h, dtype.size()])
-            .saturating_add(crate::limits::product(&[3, fs, h, dtype.size()]))
+        || format!("the {} layer's weights in {what}", s.name),
+        ((weights as f64 * bytes_per_weight) as u64)
             .saturating_add(crate::limits::product(&[e, h, 4])),
     )?;
     let a = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    let mut t = BTreeMap::new();
-    t.insert(
-        "router.weight".to_string(),
+    let mut t: BTreeMap<String, FileTensor> = BTreeMap::new();
+    let mut float = |name: &str, tensor: Tensor| {
+        t.insert(name.to_string(), FileTensor::Float(tensor));
+    };
+    float(
+        "router.weight",
         fill(e * h, 1, 4.0 * a(h), DType::F32, vec![e, h])?,
     );
     if s.preset == Preset::DeepseekV3 {
-        t.insert(
-            "router.score_correction_bias".into(),
+        float(
+            "router.score_correction_bias",
             fill(e, 2, 0.01, DType::F32, vec![e])?,
         );
     }
     if s.preset == Preset::GptOss {
-        t.insert("router.bias".into(), fill(e, 3, 0.1, DType::F32, vec![e])?);
+        float("router.bias", fill(e, 3, 0.1, DType::F32, vec![e])?);
     }
+    let mut mats: Vec<(&str, [usize; 3], u64, f32, bool)> = Vec::new();
     if cfg.activation.is_gated() {
-        t.insert(
-            "experts.gate_proj".into(),
-            fill(e * f * h, 4, a(h), dtype, vec![e, f, h])?,
-        );
+        mats.push(("experts.gate_proj", [e, f, h], 4, a(h), true));
     }
-    t.insert(
-        "experts.up_proj".into(),
-        fill(e * f * h, 5, a(h), dtype, vec![e, f, h])?,
-    );
-    t.insert(
-        "experts.down_proj".into(),
-        fill(e * h * f, 6, a(f), dtype, vec![e, h, f])?,
-    );
+    mats.push(("experts.up_proj", [e, f, h], 5, a(h), true));
+    mats.push(("experts.down_proj", [e, h, f], 6, a(f), true));
     if let Some(fs) = s.shared_ffn {
-        t.insert(
-            "shared.gate_proj".into(),
-            fill(fs * h, 7, a(h), dtype, vec![fs, h])?,
-        );
-        t.insert(
-            "shared.up_proj".into(),
-            fill(fs * h, 8, a(h), dtype, vec![fs, h])?,
-        );
-        t.insert(
-            "shared.down_proj".into(),
-            fill(h * fs, 9, a(fs), dtype, vec![h, fs])?,
-        );
+        mats.push(("shared.gate_proj", [1, fs, h], 7, a(h), false));
+        mats.push(("shared.up_proj", [1, fs, h], 8, a(h), false));
+        mats.push(("shared.down_proj", [1, h, fs], 9, a(fs), false));
     }
-    MoeLayer::from_tensors(cfg, t, s.name)
+    for (name, dims, seed, scale, axis) in mats {
+        t.extend(matrix(name, dims, seed, scale, axis)?);
+    }
+    MoeLayer::from_file_tensors(cfg, t, s.name)
 }
 
 /// Median stage and layer times of one (shape, T) point.
@@ -200,8 +359,10 @@ pub struct Point {
     pub shape: &'static str,
     /// Tokens T per forward.
     pub tokens: usize,
-    /// The dtype of the expert weights.
+    /// The dtype of the expert weights (f32 when they are quantized: see `quant`).
     pub dtype: DType,
+    /// The layout of quantized expert weights, `None` when dense.
+    pub quant: Option<QuantLayout>,
     /// Median time of each stage the backend timed, in stage order (empty when none).
     pub stages: Vec<(Stage, Duration)>,
     /// Median forward time: the sum of the stage times, or the host wall time when the
@@ -209,7 +370,8 @@ pub struct Point {
     pub layer: Duration,
     /// FLOPs of the expert FFN (routed + shared), 2 per multiply-add.
     pub gemm_flops: f64,
-    /// Expert weight bytes the FFN must read at least once (experts that got tokens).
+    /// Expert weight bytes the FFN must read at least once (experts that got tokens, and the
+    /// shared expert), as stored: the packed codes, scales and zero points when quantized.
     pub gemm_weight_bytes: f64,
     /// Most tokens any expert received, and the mean (load balance).
     pub max_load: u32,
@@ -279,18 +441,28 @@ pub fn run_point(
     let fs = s.shared_ffn.unwrap_or(0) as f64;
     let (h, f) = (s.hidden as f64, s.ffn as f64);
     let used = counts.iter().filter(|&&c| c > 0).count() as f64;
-    let wbytes = match dtype_of(layer) {
-        DType::F32 => 4.0,
-        _ => 2.0,
+    // As stored: Weight::bytes counts a quantized matrix's packed bytes.
+    let matrix_bytes = |w: &crate::cpu::expert_gemm::ExpertWeights| {
+        [w.gate.as_ref(), Some(&w.up), Some(&w.down)]
+            .into_iter()
+            .flatten()
+            .map(|m| m.bytes() as f64)
+            .sum::<f64>()
     };
+    let per_expert = matrix_bytes(&layer.experts) / layer.dims().experts.max(1) as f64;
+    let shared_bytes = layer
+        .shared
+        .as_ref()
+        .map_or(0.0, |sh| matrix_bytes(&sh.weights));
     Ok(Point {
         shape: s.name,
         tokens,
         dtype: dtype_of(layer),
+        quant: layer.experts.up.quant().map(QuantMatrix::layout),
         stages,
         layer: median(&mut totals),
         gemm_flops: 2.0 * mats * h * (rows * f + shared_rows * fs),
-        gemm_weight_bytes: wbytes * mats * h * (used * f + fs),
+        gemm_weight_bytes: used * per_expert + shared_bytes,
         max_load: counts.iter().copied().max().unwrap_or(0),
         mean_load: counts.iter().map(|&c| f64::from(c)).sum::<f64>() / counts.len().max(1) as f64,
         enqueue: enqueue_time(dev, &prepared, tokens, s.hidden)?,

@@ -1496,3 +1496,718 @@ fn half_precision_x_gives_y_in_its_dtype_on_cpu_and_wgpu() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Quantized expert weights (DESIGN.md section 4): `moe run`, `moe info --weights`,
+// `moe demo --quant`, `moe bench --quant`
+// ---------------------------------------------------------------------------------------------
+
+mod quantized {
+    use super::*;
+    use moe_kernels::io::FileTensor;
+    use moe_kernels::quant::{QuantFormat, QuantSpec};
+    use moe_kernels::{LayerConfig, MoeLayer, TensorData};
+
+    /// Sizes of the quantized layers: H and F multiples of 32 (MXFP4), F not a multiple of
+    /// 128 (a partial FP8 block), an INT4 group of 32 along F and 64 along H.
+    pub(super) const QE: usize = 4;
+    pub(super) const QH: usize = 64;
+    pub(super) const QF: usize = 96;
+    pub(super) const QFS: usize = 32;
+
+    /// A seeded Mixtral-routed layer with router bias, expert biases and a shared expert, its
+    /// expert matrices quantized to `format` (or dense f32 for `None`).
+    pub(super) fn layer(format: Option<QuantFormat>) -> MoeLayer {
+        let extras = Extras {
+            router_bias: true,
+            expert_biases: true,
+            shared_ffn: Some(QFS),
+            shared_gate: true,
+            ..Extras::default()
+        };
+        let dense = random_layer(Preset::Mixtral.config(), QE, QH, QF, extras, DType::F32, 29)
+            .expect("synthetic layer");
+        match format {
+            Some(f) => dense.quantized(&QuantSpec::new(f)).expect("quantize"),
+            None => dense,
+        }
+    }
+
+    /// The layer's tensors as raw tensors (to mutate them).
+    pub(super) fn raws(layer: &MoeLayer) -> Vec<Raw> {
+        layer
+            .file_tensors()
+            .expect("file tensors")
+            .into_iter()
+            .map(|(name, t)| {
+                let (dtype, bytes) = match &t {
+                    FileTensor::Float(x) => match x.data() {
+                        TensorData::F32(v) => (Dtype::F32, f32_le_bytes(v)),
+                        TensorData::F16(v) => {
+                            (Dtype::F16, v.iter().flat_map(|a| a.to_le_bytes()).collect())
+                        }
+                        TensorData::BF16(v) => (
+                            Dtype::BF16,
+                            v.iter().flat_map(|a| a.to_le_bytes()).collect(),
+                        ),
+                    },
+                    FileTensor::U8(_, b) => (Dtype::U8, b.clone()),
+                    FileTensor::F8E4M3(_, b) => (Dtype::F8_E4M3, b.clone()),
+                };
+                Raw {
+                    name,
+                    dtype,
+                    shape: t.shape().to_vec(),
+                    bytes,
+                }
+            })
+            .collect()
+    }
+
+    fn f32_le_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|a| a.to_le_bytes()).collect()
+    }
+
+    /// Writes `layer` through the library's own writer (`OutTensor::File`).
+    pub(super) fn save_layer(path: &Path, layer: &MoeLayer) {
+        let t = layer.file_tensors().expect("file tensors");
+        let named: Vec<(&str, OutTensor)> = t
+            .iter()
+            .map(|(n, f)| (n.as_str(), OutTensor::File(f.clone())))
+            .collect();
+        save(path, &named).expect("save quantized layer");
+    }
+
+    /// A raw tensor of `dtype` and `shape` filled with seeded bytes (valid for U8 / F8; for
+    /// floats, small positive values).
+    pub(super) fn raw_of(name: &str, dtype: Dtype, shape: &[usize]) -> Raw {
+        let n: usize = shape.iter().product();
+        let bytes = match dtype {
+            Dtype::F32 => f32_le_bytes(&vec![0.01f32; n]),
+            Dtype::F16 => (0..n)
+                .flat_map(|_| f16::from_f32(0.01).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => (0..n)
+                .flat_map(|_| half::bf16::from_f32(0.01).to_le_bytes())
+                .collect(),
+            _ => lcg_bytes(n, 17).into_iter().map(|b| b & 0x77).collect(),
+        };
+        Raw {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
+        }
+    }
+
+    /// Relative L2 of `y` (from the output file, f32) against the reference.
+    pub(super) fn rel_l2(y: &[f32], r: &[f64]) -> f64 {
+        let (num, den) = y.iter().zip(r).fold((0.0, 0.0), |(n, d), (&a, &b)| {
+            (n + (f64::from(a) - b).powi(2), d + b * b)
+        });
+        (num / den).sqrt()
+    }
+
+    /// `moe run` of the fixture's quantized file on `backend`: `Ok` when y matches the f64
+    /// reference of the layer as loaded within 1e-5 and every token's top-k set is equal.
+    pub(super) fn run_matches_reference(
+        fx: &Fixture,
+        layer_file: &MoeLayer,
+        backend: &str,
+    ) -> std::result::Result<String, String> {
+        let out = fx.run_backend(Some(backend), &[]);
+        if out.status.code() != Some(0) {
+            return Err(format!("moe run failed\n{}", describe(&out)));
+        }
+        let cfg = LayerConfig::from_file(&fx.config).expect("config");
+        let layer = MoeLayer::load(cfg, &fx.weights).expect("load the written file");
+        if &layer != layer_file {
+            return Err("the file does not load back as the layer written".into());
+        }
+        let x = moe_kernels::io::load_input(&fx.input).expect("input");
+        let r = layer.forward_reference(&x).expect("reference");
+        let o = read_output(&fx.output);
+        let rel = rel_l2(&o["y"].f32s(), &r.y);
+        let ids = o["topk_ids"].i32s();
+        let k = r.routing.slots;
+        for tok in 0..x.shape()[0] {
+            let mut a: Vec<i32> = ids[tok * k..(tok + 1) * k].to_vec();
+            let mut b: Vec<i32> = r.routing.topk_ids[tok * k..(tok + 1) * k]
+                .iter()
+                .map(|&v| v as i32)
+                .collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            if a != b {
+                return Err(format!("token {tok}: top-k {a:?}, reference {b:?}"));
+            }
+        }
+        if rel.is_nan() || rel > 1e-5 {
+            return Err(format!("rel L2 {rel:e} > 1e-5"));
+        }
+        Ok(format!("rel L2 {rel:.2e}"))
+    }
+
+    /// A fixture whose weights are `layer` (written by the library) and whose input is
+    /// x [t, layer's H].
+    pub(super) fn fixture(name: &str, layer: &MoeLayer, t: usize) -> Fixture {
+        let fx = Fixture::new(name);
+        save_layer(&fx.weights, layer);
+        let x = random_x(t, layer.dims().hidden, 23);
+        save(&fx.input, &[("x", OutTensor::Tensor(x))]).expect("save input");
+        fx
+    }
+
+    pub(super) fn info_weights(fx: &Fixture, with_config: bool) -> Output {
+        let mut args = vec![
+            "info".to_string(),
+            "--weights".to_string(),
+            fx.weights.display().to_string(),
+        ];
+        if with_config {
+            args.push("--config".into());
+            args.push(fx.config.display().to_string());
+        }
+        moe(&args)
+    }
+}
+
+#[test]
+fn run_quantized_files_on_cpu_match_the_reference() {
+    use moe_kernels::quant::QuantFormat;
+    let mut results = Vec::new();
+    for format in QuantFormat::ALL {
+        let layer = quantized::layer(Some(format));
+        let fx = quantized::fixture(&format!("quant_run_cpu_{format}"), &layer, 13);
+        let r = quantized::run_matches_reference(&fx, &layer, "cpu");
+        if let Ok(msg) = &r {
+            println!("[cli quant] cpu {format}: {msg}");
+        }
+        results.push((format!("cpu {format}"), r.map(|_| ())));
+    }
+    run_table(results);
+}
+
+/// The wgpu backend on quantized files: the same check as on the CPU.
+#[test]
+fn run_quantized_files_on_wgpu_match_the_reference() {
+    use moe_kernels::quant::QuantFormat;
+    if moe_kernels::Backend::new(moe_kernels::BackendKind::Wgpu).is_err() {
+        assert!(std::env::var("CI").is_err(), "CI needs the wgpu backend");
+        println!("[cli quant] wgpu skipped: no adapter");
+        return;
+    }
+    let mut results = Vec::new();
+    for format in QuantFormat::ALL {
+        let layer = quantized::layer(Some(format));
+        let fx = quantized::fixture(&format!("quant_run_wgpu_{format}"), &layer, 13);
+        let r = quantized::run_matches_reference(&fx, &layer, "wgpu");
+        if let Ok(msg) = &r {
+            println!("[cli quant] wgpu {format}: {msg}");
+        }
+        results.push((format!("wgpu {format}"), r.map(|_| ())));
+    }
+    run_table(results);
+}
+
+#[test]
+fn info_weights_names_each_matrix_format_and_bytes() {
+    use moe_kernels::quant::QuantFormat;
+    let mut results = Vec::new();
+    for format in [None]
+        .into_iter()
+        .chain(QuantFormat::ALL.into_iter().map(Some))
+    {
+        let layer = quantized::layer(format);
+        let name = format.map_or("dense".to_string(), |f| f.to_string());
+        let fx = quantized::fixture(&format!("quant_info_{name}"), &layer, 1);
+        let file_bytes: u64 = layer
+            .file_tensors()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.byte_len())
+            .sum();
+        for with_config in [false, true] {
+            let out = quantized::info_weights(&fx, with_config);
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            println!("{stdout}");
+            let mut problems = Vec::new();
+            if out.status.code() != Some(0) {
+                problems.push("exit status".to_string());
+            }
+            let mats = [
+                ("experts.gate_proj", layer.experts.gate.as_ref()),
+                ("experts.up_proj", Some(&layer.experts.up)),
+                ("experts.down_proj", Some(&layer.experts.down)),
+                (
+                    "shared.gate_proj",
+                    layer.shared.as_ref().and_then(|s| s.weights.gate.as_ref()),
+                ),
+                (
+                    "shared.up_proj",
+                    layer.shared.as_ref().map(|s| &s.weights.up),
+                ),
+                (
+                    "shared.down_proj",
+                    layer.shared.as_ref().map(|s| &s.weights.down),
+                ),
+            ];
+            for (m, w) in mats {
+                let w = w.expect("the layer has every matrix");
+                let fmt = w.format_name();
+                let bytes = w.bytes().to_string();
+                let line = stdout.lines().find(|l| {
+                    let mut words = l.split_whitespace();
+                    words.next() == Some(m)
+                });
+                match line {
+                    Some(l) if l.split_whitespace().nth(1) == Some(fmt) && l.ends_with(&bytes) => {}
+                    other => problems.push(format!(
+                        "{m}: want a line `{m} {fmt} … {bytes}`, got {other:?}"
+                    )),
+                }
+            }
+            if let Some(f) = format {
+                // Every part is listed under its matrix, with its dtype.
+                for (n, t) in layer.file_tensors().unwrap() {
+                    if n.ends_with("_scales") || n.ends_with("_scale_inv") || n.ends_with("_zeros")
+                    {
+                        let ok = stdout.lines().any(|l| {
+                            let w: Vec<&str> = l.split_whitespace().collect();
+                            w.first() == Some(&n.as_str()) && w.get(1) == Some(&t.dtype_name())
+                        });
+                        if !ok {
+                            problems.push(format!("{f}: part {n} ({}) not listed", t.dtype_name()));
+                        }
+                    }
+                }
+            }
+            let total = stdout.lines().find(|l| l.trim_start().starts_with("total"));
+            if !total.is_some_and(|l| l.contains(&file_bytes.to_string())) {
+                problems.push(format!("total line {total:?} lacks {file_bytes}"));
+            }
+            let case = format!("{name}, config {with_config}");
+            results.push((
+                case,
+                if problems.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{}\n{}", problems.join("\n"), describe(&out)))
+                },
+            ));
+        }
+    }
+    run_table(results);
+}
+
+#[test]
+fn info_without_weights_still_lists_devices() {
+    let out = moe(&["info"]);
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("backends"), "{}", describe(&out));
+    // --config alone is a usage error.
+    assert_fails(&moe(&["info", "--config", "c.json"]), &["--weights"]);
+}
+
+/// Malformed quantized files: `moe run` and `moe info --weights` exit 1 naming the tensor.
+#[test]
+fn bad_quantized_weights() {
+    use moe_kernels::quant::QuantFormat::{Fp8Block, Int4, Mxfp4};
+    use quantized::{raw_of, raws, QE, QF, QFS, QH};
+    let fp8 = raws(&quantized::layer(Some(Fp8Block)));
+    let mx = raws(&quantized::layer(Some(Mxfp4)));
+    let int4 = raws(&quantized::layer(Some(Int4)));
+    let dense = raws(&quantized::layer(None));
+    let part = |t: &[Raw], name: &str| -> Raw {
+        t.iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("test bug: no {name}"))
+            .clone()
+    };
+    // (case, weights, needles)
+    let cases: Vec<(&str, Vec<Raw>, Vec<&str>)> = vec![
+        (
+            "fp8 scale_inv shape mismatch",
+            replaced(
+                fp8.clone(),
+                "experts.up_proj_scale_inv",
+                raw_of("", Dtype::F32, &[QE, 1, 2]),
+            ),
+            vec!["experts.up_proj_scale_inv", "shape"],
+        ),
+        (
+            "int4 scales shape mismatch (rows)",
+            replaced(
+                int4.clone(),
+                "experts.down_proj_scales",
+                raw_of("", Dtype::BF16, &[QE, QH + 1, 3]),
+            ),
+            vec!["experts.down_proj_scales"],
+        ),
+        (
+            "mxfp4 scales shape mismatch",
+            replaced(
+                mx.clone(),
+                "experts.gate_proj_scales",
+                raw_of("", Dtype::U8, &[QE, QF, 1]),
+            ),
+            vec!["experts.gate_proj_scales", "shape"],
+        ),
+        (
+            "mxfp4 K not a multiple of 32",
+            // H = 48: router [E, 48], up/gate blocks hold 48 / 32 rounded down.
+            replaced(
+                mx.clone(),
+                "router.weight",
+                raw_of("", Dtype::F32, &[QE, 48]),
+            ),
+            vec!["experts.up_proj_blocks", "multiple of 32", "48"],
+        ),
+        (
+            "int4 group does not divide K",
+            replaced(
+                replaced(
+                    int4.clone(),
+                    "experts.up_proj_scales",
+                    raw_of("", Dtype::BF16, &[QE, QF, 3]),
+                ),
+                "experts.up_proj_zeros",
+                raw_of("", Dtype::U8, &[QE, QF, 3]),
+            ),
+            vec!["experts.up_proj_scales", "divide", "64"],
+        ),
+        (
+            "int4 zeros wrong shape",
+            replaced(
+                int4.clone(),
+                "experts.down_proj_zeros",
+                raw_of("", Dtype::U8, &[QE, QH, 7]),
+            ),
+            vec!["experts.down_proj_zeros", "shape"],
+        ),
+        (
+            "int4 zeros not U8",
+            mapped(int4.clone(), "experts.up_proj_zeros", |r| {
+                raw_of("", Dtype::F16, &r.shape)
+            }),
+            vec!["experts.up_proj_zeros", "U8"],
+        ),
+        (
+            "int4 zeros without packed codes",
+            with(
+                dense.clone(),
+                raw_of("experts.up_proj_zeros", Dtype::U8, &[QE, QF, 2]),
+            ),
+            vec!["experts.up_proj_zeros", "no matrix"],
+        ),
+        (
+            "F8 matrix without scale_inv",
+            without(fp8.clone(), "experts.gate_proj_scale_inv"),
+            vec!["experts.gate_proj", "scale_inv"],
+        ),
+        (
+            "fp8 scale_inv in F16",
+            mapped(fp8.clone(), "experts.down_proj_scale_inv", |r| {
+                raw_of("", Dtype::F16, &r.shape)
+            }),
+            vec!["experts.down_proj_scale_inv", "F16"],
+        ),
+        (
+            "scale_inv without a matrix (dense file)",
+            with(
+                dense.clone(),
+                raw_of("experts.down_proj_scale_inv", Dtype::F32, &[QE, 1, 1]),
+            ),
+            vec!["experts.down_proj_scale_inv", "no matrix"],
+        ),
+        (
+            "scales without blocks or packed codes",
+            with(
+                dense.clone(),
+                raw_of("shared.up_proj_scales", Dtype::U8, &[QFS, 2]),
+            ),
+            vec!["shared.up_proj_scales", "no matrix"],
+        ),
+        (
+            "two formats in one file (fp8 and int4 experts)",
+            {
+                let mut t = fp8.clone();
+                t.retain(|r| !r.name.starts_with("experts.down_proj"));
+                for p in ["_packed", "_scales", "_zeros"] {
+                    t.push(part(&int4, &format!("experts.down_proj{p}")));
+                }
+                t
+            },
+            vec!["two formats", "experts.down_proj", "int4", "fp8"],
+        ),
+        (
+            "two formats for one matrix (F8 and packed)",
+            with(fp8.clone(), part(&int4, "experts.up_proj_packed")),
+            vec!["experts.up_proj", "experts.up_proj_packed"],
+        ),
+        (
+            "U8 dense matrix",
+            mapped(dense.clone(), "experts.up_proj", |r| {
+                raw_of("", Dtype::U8, &r.shape)
+            }),
+            vec!["experts.up_proj", "U8"],
+        ),
+        (
+            "mxfp4 blocks wrong shape",
+            mapped(mx.clone(), "experts.down_proj_blocks", |r| {
+                raw_of("", Dtype::U8, &[r.shape[0], r.shape[1], r.shape[2], 8])
+            }),
+            vec!["experts.down_proj_blocks", "shape"],
+        ),
+        (
+            "mxfp4 scales not U8",
+            mapped(mx.clone(), "experts.up_proj_scales", |r| {
+                raw_of("", Dtype::F32, &r.shape)
+            }),
+            vec!["experts.up_proj_scales", "U8"],
+        ),
+        (
+            "shared expert scales wrong shape",
+            mapped(int4.clone(), "shared.down_proj_scales", |r| {
+                raw_of("", Dtype::BF16, &[r.shape[0] + 1, r.shape[1]])
+            }),
+            vec!["shared.down_proj_scales"],
+        ),
+        (
+            "unknown quantized suffix",
+            with(
+                int4.clone(),
+                raw_of("experts.up_proj_qweight", Dtype::U8, &[QE, QF, 8]),
+            ),
+            vec!["experts.up_proj_qweight", "unexpected"],
+        ),
+        (
+            "packed codes of an F8 dtype",
+            mapped(int4.clone(), "experts.gate_proj_packed", |r| Raw {
+                dtype: Dtype::F8_E4M3,
+                ..r.clone()
+            }),
+            vec!["experts.gate_proj_packed", "F8_E4M3"],
+        ),
+    ];
+    let mut results = Vec::new();
+    for (i, (case, weights, needles)) in cases.into_iter().enumerate() {
+        let fx = Fixture::new(&format!("bad_quant_{i}"));
+        fx.set_weights(&weights);
+        let x = random_x(T, QH, 3);
+        save(&fx.input, &[("x", OutTensor::Tensor(x))]).expect("save input");
+        let mut r = check_fails(&fx.run(&[]), &needles);
+        if r.is_ok() && fx.output.exists() {
+            r = Err("output written on failure".into());
+        }
+        results.push((format!("run: {case}"), r));
+        results.push((
+            format!("info --weights: {case}"),
+            check_fails(&quantized::info_weights(&fx, false), &needles),
+        ));
+        results.push((
+            format!("info --weights --config: {case}"),
+            check_fails(&quantized::info_weights(&fx, true), &needles),
+        ));
+    }
+    run_table(results);
+}
+
+#[test]
+fn demo_quant_on_cpu_passes() {
+    let mut results = Vec::new();
+    for q in ["int4", "fp8", "mxfp4"] {
+        let out = moe(&[
+            "demo",
+            "--quant",
+            q,
+            "--backend",
+            "cpu",
+            "--tokens",
+            "5",
+            "--hidden",
+            "64",
+            "--ffn",
+            "96",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let ok = out.status.code() == Some(0)
+            && stdout.contains("PASS")
+            && stdout.contains(&format!("expert weights {q}"))
+            && stdout.contains(&format!("reference of the {q} layer"));
+        results.push((
+            format!("demo --quant {q}"),
+            if ok { Ok(()) } else { Err(describe(&out)) },
+        ));
+    }
+    run_table(results);
+}
+
+#[test]
+fn demo_quant_bad_flags() {
+    run_table(vec![
+        (
+            "mxfp4 with H not a multiple of 32".into(),
+            check_fails(
+                &moe(&[
+                    "demo",
+                    "--quant",
+                    "mxfp4",
+                    "--backend",
+                    "cpu",
+                    "--hidden",
+                    "48",
+                ]),
+                &["mxfp4", "multiples of 32", "--hidden 48"],
+            ),
+        ),
+        (
+            "mxfp4 with F not a multiple of 32".into(),
+            check_fails(
+                &moe(&[
+                    "demo",
+                    "--quant",
+                    "mxfp4",
+                    "--backend",
+                    "cpu",
+                    "--ffn",
+                    "100",
+                ]),
+                &["mxfp4", "multiples of 32", "--ffn 100"],
+            ),
+        ),
+        (
+            "unknown format".into(),
+            check_fails(
+                &moe(&["demo", "--quant", "q8", "--backend", "cpu"]),
+                &["q8", "fp8, mxfp4 or int4"],
+            ),
+        ),
+    ]);
+}
+
+/// On a GPU backend, a quantized demo passes or fails naming the format and the backend: it
+/// never falls back to another backend.
+#[test]
+fn demo_quant_on_a_gpu_backend_passes_or_refuses_clearly() {
+    let mut results = Vec::new();
+    for b in ["wgpu", "cuda"] {
+        let out = moe(&[
+            "demo",
+            "--quant",
+            "int4",
+            "--backend",
+            b,
+            "--tokens",
+            "5",
+            "--hidden",
+            "64",
+            "--ffn",
+            "96",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let r = if out.status.code() == Some(0) {
+            if stdout.contains(&format!("backend: {b}")) && stdout.contains("PASS") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "succeeded without running on {b}\n{}",
+                    describe(&out)
+                ))
+            }
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+            if stderr.contains("not available") {
+                check_fails(&out, &[b])
+            } else {
+                check_fails(&out, &[b, "int4"])
+            }
+        };
+        results.push((format!("demo --quant int4 --backend {b}"), r));
+    }
+    run_table(results);
+}
+
+#[test]
+fn bench_quant_json_counts_packed_bytes() {
+    let run = |quant: Option<&str>| {
+        let mut args = vec![
+            "bench",
+            "--preset",
+            "gpt4_small",
+            "--tokens",
+            "1,3",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--backend",
+            "cpu",
+            "--json",
+        ];
+        if let Some(q) = quant {
+            args.extend(["--quant", q]);
+        }
+        moe(&args)
+    };
+    let lines = |out: &Output| -> Vec<serde_json::Value> {
+        assert_ok(out);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    // The fields `moe bench --json` had before quantized weights: all still there.
+    let fields = [
+        "shape",
+        "tokens",
+        "dtype",
+        "act",
+        "backend",
+        "routing",
+        "max_load",
+        "mean_load",
+        "router_us",
+        "gate_us",
+        "permute_us",
+        "expert_gemm_us",
+        "combine_us",
+        "layer_us",
+        "gemm_tflops",
+        "gemm_weight_gbs",
+        "copy_gbs",
+        "dense_tflops",
+        "pct_copy",
+        "pct_dense",
+        "enqueue_us",
+        "quant",
+    ];
+    let dense = lines(&run(None));
+    let int4 = lines(&run(Some("int4")));
+    assert_eq!(dense.len(), 2, "one line per point");
+    assert_eq!(int4.len(), 2, "one line per point");
+    for (d, q) in dense.iter().zip(&int4) {
+        for f in fields {
+            assert!(d.get(f).is_some(), "dense line lacks {f}: {d}");
+            assert!(q.get(f).is_some(), "int4 line lacks {f}: {q}");
+        }
+        assert!(d["quant"].is_null(), "{d}");
+        assert_eq!(d["dtype"], "bf16", "{d}");
+        assert_eq!(q["quant"], "int4", "{q}");
+        assert_eq!(q["dtype"], "int4", "the expert weights' format: {q}");
+        // Same routing (same router weights and x): the same experts are read, so the weight
+        // bytes differ by the packing alone. bf16 dense = 2 bytes per weight; int4 = 0.5 plus
+        // a bf16 scale and a u8 zero point per group.
+        let (db, qb) = (
+            d["gemm_weight_bytes"].as_f64().unwrap(),
+            q["gemm_weight_bytes"].as_f64().unwrap(),
+        );
+        let ratio = qb / db;
+        assert!(
+            (0.25..0.3).contains(&ratio),
+            "int4 / bf16 weight bytes {qb} / {db} = {ratio}"
+        );
+        assert!(q["gemm_weight_gbs"].as_f64().unwrap() > 0.0, "{q}");
+    }
+}

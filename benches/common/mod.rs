@@ -21,6 +21,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use moe_kernels::quant::{QuantFormat, QuantSpec};
 use moe_kernels::synth::{self, Extras, Gen};
 use moe_kernels::{
     Backend, BackendKind, DType, GateBuffers, MoeLayer, PermuteBuffers, Preset, Result,
@@ -137,6 +138,14 @@ pub fn gpt4_layer() -> MoeLayer {
         SEED,
     )
     .unwrap_or_else(|e| panic!("synthetic GPT-4-style layer: {e}"))
+}
+
+/// The seeded GPT-4-style layer with its expert matrices quantized to `format` (the
+/// quantizer's defaults: f32 FP8 block scales; bf16 INT4 scales, group 128, zero points).
+pub fn gpt4_layer_quant(format: QuantFormat) -> MoeLayer {
+    gpt4_layer()
+        .quantized(&QuantSpec::new(format))
+        .unwrap_or_else(|e| panic!("quantizing the GPT-4-style layer to {format}: {e}"))
 }
 
 /// The seeded input `x` `[T, H]` for `t` tokens.

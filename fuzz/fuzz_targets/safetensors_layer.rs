@@ -1,7 +1,14 @@
-//! Safetensors bytes -> `io::parse_tensors` -> `MoeLayer::from_tensors` under several configs
-//! -> the f64 reference forward and the CPU backend's staged forward on a tiny input. Every
-//! step must return a value or an error, never panic. A tensor named `x` is taken out and used
-//! as the input (and the bytes go through `io::load_input`, which reads a file).
+//! Safetensors bytes -> `io::parse_file_tensors` (F32 / F16 / BF16 and the U8 / F8_E4M3 parts
+//! of quantized matrices) -> `MoeLayer::from_file_tensors` under several configs -> the f64
+//! reference forward and the CPU backend's staged forward on a tiny input. Every step must
+//! return a value or an error, never panic. A tensor named `x` is taken out and used as the
+//! input (and the bytes go through `io::load_input`, which reads a file). `io::parse_tensors`
+//! must agree with `parse_file_tensors` (it accepts exactly the all-float files).
+//!
+//! An accepted quantized layer must hold consistent parts (codes, scales and zero points of
+//! the sizes its format implies) and write itself back (`file_tensors`) as a file that loads
+//! as the same layer; a small accepted dense layer is quantized (`MoeLayer::quantized`, one
+//! format per input) and goes through the same checks and forwards.
 
 #![no_main]
 
@@ -12,6 +19,9 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use moe_kernels::config::{ClampedSwiglu, ExpertChoice, Groups};
+use moe_kernels::cpu::expert_gemm::ExpertWeights;
+use moe_kernels::io::FileTensor;
+use moe_kernels::quant::{QuantFormat, QuantSpec, Weight};
 use moe_kernels::tensor::TensorData;
 use moe_kernels::{
     io, Activation, Backend, BackendKind, Capacity, DType, LayerConfig, MoeLayer, Preset, Priority,
@@ -20,8 +30,13 @@ use moe_kernels::{
 
 /// Tensors cloned into each config's layer: keep the per-input cost bounded.
 const MAX_ELEMENTS: usize = 1_000_000;
-/// Multiply-adds one forward may cost (T · slots · F · H and friends).
+/// Multiply-adds one forward may cost (T · slots · F · H and friends); a quantized weight's
+/// decode counts as [`QUANT_WORK`] multiply-adds.
 const MAX_FORWARD_WORK: usize = 4_000_000;
+const QUANT_WORK: usize = 4;
+/// Expert weights of a dense layer still quantized to every format (the FP8 encoder searches
+/// the code table per element).
+const MAX_QUANTIZE: usize = 4096;
 
 fn configs(e: usize) -> Vec<LayerConfig> {
     let mut v = vec![
@@ -99,22 +114,122 @@ fn same_bits(a: &Tensor, b: &Tensor) -> bool {
     a.shape() == b.shape() && a.dtype() == b.dtype() && bits(a) == bits(b)
 }
 
+/// Same dtype, shape and bits (`==` says NaN != NaN).
+fn same_file_tensor(a: &FileTensor, b: &FileTensor) -> bool {
+    match (a, b) {
+        (FileTensor::Float(x), FileTensor::Float(y)) => same_bits(x, y),
+        _ => a == b,
+    }
+}
+
+/// `io::parse_tensors` accepts exactly the files whose tensors are all F32 / F16 / BF16, and
+/// gives the same tensors.
+fn check_parse_tensors(bytes: &[u8], file: &BTreeMap<String, FileTensor>) {
+    let all_float = file.values().all(|t| matches!(t, FileTensor::Float(_)));
+    match io::parse_tensors(bytes, "fuzz") {
+        Ok(t) => {
+            assert!(all_float, "parse_tensors accepted a U8 / F8_E4M3 tensor");
+            assert_eq!(t.len(), file.len(), "parse_tensors: tensor count");
+            for (name, x) in &t {
+                let same = matches!(file.get(name), Some(FileTensor::Float(y)) if same_bits(x, y));
+                assert!(
+                    same,
+                    "parse_tensors and parse_file_tensors disagree on {name:?}"
+                );
+            }
+        }
+        Err(e) => assert!(!all_float, "parse_tensors rejected an all-float file: {e}"),
+    }
+}
+
 /// Runs `bytes` through `io::load_input` via a per-process temporary file.
-fn check_load_input(bytes: &[u8], tensors: &BTreeMap<String, Tensor>) {
+fn check_load_input(bytes: &[u8], tensors: &BTreeMap<String, FileTensor>) {
     let path = std::env::temp_dir().join(format!("moe-fuzz-x-{}.safetensors", std::process::id()));
     if std::fs::write(&path, bytes).is_err() {
         return;
     }
     let r = io::load_input(&path);
     let _ = std::fs::remove_file(&path);
-    let want_ok = tensors.len() == 1 && tensors.get("x").is_some_and(|x| x.shape().len() == 2);
+    let x = match tensors.get("x") {
+        Some(FileTensor::Float(x)) => Some(x),
+        _ => None,
+    };
+    let all_float = tensors.values().all(|t| matches!(t, FileTensor::Float(_)));
+    let want_ok = all_float && tensors.len() == 1 && x.is_some_and(|x| x.shape().len() == 2);
     match r {
-        Ok(x) => {
+        Ok(got) => {
             assert!(want_ok, "load_input accepted a file it should reject");
-            let same = tensors.get("x").is_some_and(|y| same_bits(&x, y));
-            assert!(same, "load_input and parse_tensors disagree: {x:?}");
+            let same = x.is_some_and(|y| same_bits(&got, y));
+            assert!(same, "load_input and parse_file_tensors disagree: {got:?}");
         }
         Err(e) => assert!(!want_ok, "load_input rejected a valid input file: {e}"),
+    }
+}
+
+/// The matrices of one expert set: gate (when gated), up, down.
+fn expert_matrices(w: &ExpertWeights) -> impl Iterator<Item = &Weight> {
+    w.gate.iter().chain([&w.up, &w.down])
+}
+
+/// Every matrix of the layer (routed, then shared).
+fn matrices(layer: &MoeLayer) -> Vec<&Weight> {
+    expert_matrices(&layer.experts)
+        .chain(
+            layer
+                .shared
+                .iter()
+                .flat_map(|s| expert_matrices(&s.weights)),
+        )
+        .collect()
+}
+
+/// An accepted quantized matrix holds exactly the bytes its format and shape imply.
+fn check_quant_parts(layer: &MoeLayer) {
+    for w in matrices(layer) {
+        let Some(q) = w.quant() else { continue };
+        let rows = q.experts * q.rows;
+        assert!(q.experts >= 1 && q.rows >= 1 && q.cols >= 1, "empty {q:?}");
+        assert_eq!(q.codes.len(), rows * q.row_bytes(), "{} codes", q.format);
+        assert_eq!(
+            q.scales.len(),
+            q.experts * q.scale_rows() * q.scale_cols(),
+            "{} scales",
+            q.format
+        );
+        if q.format != QuantFormat::Fp8Block {
+            assert_eq!(q.group() * q.scale_cols(), q.cols, "{} group", q.format);
+        }
+        if let Some(z) = &q.zeros {
+            assert_eq!(q.format, QuantFormat::Int4, "zero points outside int4");
+            assert_eq!(z.len(), q.scales.len(), "zero points");
+        }
+        let parts = q.codes.len()
+            + q.scales.len() * q.scales.elem_bytes()
+            + q.zeros.as_ref().map_or(0, Vec::len);
+        assert_eq!(w.bytes(), parts as u64, "Weight::bytes of {}", q.format);
+    }
+}
+
+/// The layer written back through `file_tensors` loads as the same layer (bit for bit).
+fn check_round_trip(layer: &MoeLayer, what: &str) {
+    let file = layer
+        .file_tensors()
+        .unwrap_or_else(|e| panic!("{what}: file_tensors of an accepted layer failed: {e}"));
+    let back = MoeLayer::from_file_tensors(layer.config, file.iter().cloned().collect(), what)
+        .unwrap_or_else(|e| panic!("{what}: the layer's own file tensors do not load: {e}"));
+    let again = back
+        .file_tensors()
+        .expect("file_tensors of the loaded layer");
+    assert_eq!(
+        file.len(),
+        again.len(),
+        "{what}: tensor count after a round trip"
+    );
+    for ((n, a), (m, b)) in file.iter().zip(&again) {
+        assert!(
+            n == m && same_file_tensor(a, b),
+            "{what}: {n:?} changed in a round trip"
+        );
     }
 }
 
@@ -122,35 +237,92 @@ fn forward_work(layer: &MoeLayer, t: usize) -> usize {
     let d = layer.dims();
     let slots = layer.config.routing.slots(d.experts);
     let shared = layer.shared.as_ref().map_or(0, |s| s.weights.up.len() * 3);
+    let decode = if layer.experts.up.quant().is_some() {
+        QUANT_WORK
+    } else {
+        1
+    };
     t.saturating_mul(slots)
         .saturating_mul(d.ffn.saturating_mul(d.hidden).saturating_mul(3))
-        .saturating_add(t.saturating_mul(d.experts.saturating_mul(d.hidden)))
         .saturating_add(t.saturating_mul(shared))
+        .saturating_mul(decode)
+        .saturating_add(t.saturating_mul(d.experts.saturating_mul(d.hidden)))
+}
+
+/// The reference and the CPU backend's staged forward of an accepted layer on `x` succeed
+/// with outputs of the right sizes and valid routing; so does the reference of its weights
+/// rounded to half precision (quantized matrices stay as they are).
+fn check_forward(layer: &MoeLayer, x: &Tensor, dev: &Backend, seed: u64, what: &str) {
+    let d = layer.dims();
+    let t = x.shape()[0];
+    let out = layer.forward_reference(x).unwrap_or_else(|err| {
+        panic!("{what}: forward_reference failed on an accepted layer: {err}")
+    });
+    assert_eq!(out.y.len(), t * d.hidden, "y length");
+    common::check_routing(&out.routing, &layer.config.routing, t, d.experts);
+
+    let staged = layer.forward(dev, x).unwrap_or_else(|err| {
+        panic!("{what}: CPU backend forward failed on an accepted layer: {err}")
+    });
+    assert_eq!(staged.y.len(), t * d.hidden, "staged y length");
+    assert!(
+        staged.topk_ids.iter().all(|&id| (id as usize) < d.experts),
+        "staged ids"
+    );
+
+    // Weights rounded to half precision go through the same paths.
+    let half = layer.with_expert_dtype(if seed & 1 == 0 {
+        DType::F16
+    } else {
+        DType::BF16
+    });
+    half.forward_reference(x)
+        .unwrap_or_else(|err| panic!("{what}: forward_reference failed on the half layer: {err}"));
+}
+
+/// True when a dense expert weight is ±inf. The MXFP4 encoder's scale exponent overflows on
+/// an infinite block maximum (an i32 overflow in `quant::encode::quantize`, a panic in a
+/// build with overflow checks): such layers are not quantized until the encoder handles it.
+fn has_inf(layer: &MoeLayer) -> bool {
+    matrices(layer)
+        .iter()
+        .filter_map(|w| w.dense())
+        .any(|t| t.to_f32_vec().iter().any(|v| v.is_infinite()))
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut tensors) = io::parse_tensors(data, "fuzz") else {
+    let Ok(mut tensors) = io::parse_file_tensors(data, "fuzz") else {
+        assert!(
+            io::parse_tensors(data, "fuzz").is_err(),
+            "parse_tensors accepted what parse_file_tensors rejects"
+        );
         return;
     };
+    check_parse_tensors(data, &tensors);
     if tensors.contains_key("x") {
         check_load_input(data, &tensors);
     }
+    // Elements, or bytes for U8 / F8_E4M3 tensors.
     let total: usize = tensors
         .values()
-        .map(Tensor::len)
+        .map(|t| t.shape().iter().fold(1usize, |a, &b| a.saturating_mul(b)))
         .fold(0, usize::saturating_add);
     if total > MAX_ELEMENTS {
         return;
     }
     let seed = common::hash(data);
-    let file_x = tensors.remove("x");
+    let file_x = match tensors.remove("x") {
+        Some(FileTensor::Float(x)) => Some(x),
+        _ => None,
+    };
     let e_guess = tensors
         .get("router.weight")
         .and_then(|w| w.shape().first().copied())
         .unwrap_or(8);
     let dev = Backend::new(BackendKind::Cpu).expect("cpu backend");
+    let (mut checked_parts, mut quantized) = (false, false);
     for cfg in configs(e_guess) {
-        let Ok(layer) = MoeLayer::from_tensors(cfg, tensors.clone(), "fuzz") else {
+        let Ok(layer) = MoeLayer::from_file_tensors(cfg, tensors.clone(), "fuzz") else {
             continue;
         };
         let d = layer.dims();
@@ -158,6 +330,12 @@ fuzz_target!(|data: &[u8]| {
             d.experts >= 1 && d.hidden >= 1 && d.ffn >= 1,
             "accepted dims {d:?}"
         );
+        if !checked_parts {
+            // The tensors are the same under every config: once per input.
+            checked_parts = true;
+            check_quant_parts(&layer);
+            check_round_trip(&layer, "loaded layer");
+        }
         let x = match &file_x {
             Some(x) if x.shape().len() == 2 && x.shape()[1] == d.hidden && x.shape()[0] <= 8 => {
                 x.clone()
@@ -168,31 +346,37 @@ fuzz_target!(|data: &[u8]| {
             },
         };
         let t = x.shape()[0];
-        if forward_work(&layer, t) > MAX_FORWARD_WORK {
+        if forward_work(&layer, t) <= MAX_FORWARD_WORK {
+            check_forward(&layer, &x, &dev, seed, "loaded layer");
+        }
+
+        // Once per input: a small dense layer quantized (an error when a dimension does not
+        // fit the format, never a panic), then the same checks.
+        let weights: usize = matrices(&layer).iter().map(|w| w.len()).sum();
+        if quantized || layer.experts.up.quant().is_some() || weights > MAX_QUANTIZE {
             continue;
         }
-        let out = layer
-            .forward_reference(&x)
-            .unwrap_or_else(|err| panic!("forward_reference failed on an accepted layer: {err}"));
-        assert_eq!(out.y.len(), t * d.hidden, "y length");
-        common::check_routing(&out.routing, &layer.config.routing, t, d.experts);
-
-        let staged = layer
-            .forward(&dev, &x)
-            .unwrap_or_else(|err| panic!("CPU backend forward failed on an accepted layer: {err}"));
-        assert_eq!(staged.y.len(), t * d.hidden, "staged y length");
-        assert!(
-            staged.topk_ids.iter().all(|&id| (id as usize) < d.experts),
-            "staged ids"
-        );
-
-        // Weights rounded to half precision go through the same paths.
-        let half = layer.with_expert_dtype(if seed & 1 == 0 {
-            DType::F16
-        } else {
-            DType::BF16
-        });
-        half.forward_reference(&x)
-            .unwrap_or_else(|err| panic!("forward_reference failed on the half layer: {err}"));
+        quantized = true;
+        if has_inf(&layer) {
+            continue;
+        }
+        // One format per input (the FP8 encoder is the slow part), picked by its hash.
+        let format = QuantFormat::ALL[((seed >> 8) % 3) as usize];
+        let mut spec = QuantSpec::new(format);
+        spec.zeros = seed & 2 == 0;
+        // FP8 block scales are F32 or BF16 in a file; INT4 scales any of the three.
+        spec.scale_dtype = match (format, seed % 3) {
+            (_, 0) => DType::F32,
+            (QuantFormat::Fp8Block, _) | (_, 1) => DType::BF16,
+            _ => DType::F16,
+        };
+        let Ok(q) = layer.quantized(&spec) else {
+            continue;
+        };
+        check_quant_parts(&q);
+        check_round_trip(&q, format.name());
+        if forward_work(&q, t) <= MAX_FORWARD_WORK {
+            check_forward(&q, &x, &dev, seed, format.name());
+        }
     }
 });

@@ -2,8 +2,10 @@
 //!
 //! - `moe demo` — a GPT-4-style layer (16 experts, top-2) on the best backend, checked
 //!   against the f64 CPU reference, with routing load and per-stage times.
-//! - `moe run` — one layer forward from files.
-//! - `moe info` — the backends and devices found.
+//! - `moe run` — one layer forward from files (dense or quantized expert weights).
+//! - `moe bench` — stage timings of real model shapes, dense or quantized.
+//! - `moe info` — the backends and devices found; `moe info --weights W` describes a weights
+//!   file (every tensor and quantized matrix with its format, logical shape and bytes).
 //!
 //! Every error prints `error: …` and exits with status 1; nothing panics on bad input.
 
@@ -13,10 +15,12 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use moe_kernels::backend::unavailable_reason;
-use moe_kernels::io::{self, OutTensor};
+use moe_kernels::io::{self, FileTensor, OutTensor};
+use moe_kernels::layer::{MATRIX_NAMES, TENSOR_NAMES};
+use moe_kernels::quant::{self, QuantFormat, QuantSpec, Weight};
 use moe_kernels::synth::{self, Extras};
 use moe_kernels::{
-    Backend, BackendKind, DType, Error, LayerConfig, MoeLayer, Preset, Result, Stage,
+    Activation, Backend, BackendKind, DType, Error, LayerConfig, MoeLayer, Preset, Result, Stage,
 };
 
 #[derive(Parser)]
@@ -52,13 +56,19 @@ enum Command {
         /// Seed of the random weights and input.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Quantize the expert weights first: fp8, mxfp4 or int4 (weight-only; the check then
+        /// compares with the reference of the quantized layer). mxfp4 needs --hidden and
+        /// --ffn to be multiples of 32.
+        #[arg(long)]
+        quant: Option<String>,
     },
     /// Run one layer forward: config + weights + input -> output file.
     Run {
         /// Layer config JSON (DESIGN.md section 4).
         #[arg(long)]
         config: PathBuf,
-        /// Layer weights, safetensors with the canonical names.
+        /// Layer weights, safetensors with the canonical names (dense f32 / f16 / bf16, or
+        /// quantized fp8 / mxfp4 / int4 expert matrices).
         #[arg(long)]
         weights: PathBuf,
         /// Input safetensors holding `x` [T, H].
@@ -70,13 +80,15 @@ enum Command {
         /// auto, cpu, cuda or wgpu.
         #[arg(long, default_value = "auto")]
         backend: String,
-        /// Round expert weights to f32, f16 or bf16 first (default: as stored).
+        /// Round dense expert weights to f32, f16 or bf16 first (default: as stored;
+        /// quantized matrices stay as stored).
         #[arg(long)]
         dtype: Option<String>,
     },
     /// Time each stage of real model shapes on a backend (median after warm-up).
     Bench {
-        /// Shapes: mixtral, deepseek_v3, qwen3_30b_a3b, gpt_oss_120b, gpt4 (comma-separated).
+        /// Shapes: mixtral, deepseek_v3, qwen3_30b_a3b, gpt_oss_120b, gpt4, gpt4_small
+        /// (comma-separated).
         #[arg(long, default_value = "mixtral")]
         preset: String,
         /// Token counts, comma-separated.
@@ -85,9 +97,13 @@ enum Command {
         /// auto, cpu, cuda or wgpu.
         #[arg(long, default_value = "auto")]
         backend: String,
-        /// Expert weight dtype: f32, f16 or bf16.
+        /// Expert weight dtype: f32, f16 or bf16 (dense weights, and the --dense ceiling).
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// Quantized expert weights instead: fp8, mxfp4 or int4 (weight GB/s counts the
+        /// packed bytes: codes, scales and zero points).
+        #[arg(long)]
+        quant: Option<String>,
         /// Activation dtype (x, intermediates, y): f32, f16 or bf16; default bf16 on a GPU (as
         /// runtimes run), f32 on the CPU.
         #[arg(long)]
@@ -108,8 +124,18 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         dense: usize,
     },
-    /// List the backends and devices found.
-    Info,
+    /// List the backends and devices found; with --weights, describe a weights file instead.
+    Info {
+        /// A weights file to describe: every tensor and matrix with its format (f32, f16,
+        /// bf16, fp8, mxfp4, int4; scale dtype, group, zero points), logical shape and bytes
+        /// as stored, and the total. A malformed file is an error naming the tensor.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// The layer config, to validate the file exactly as `moe run` does (without it the
+        /// gating is read off the file).
+        #[arg(long, requires = "weights")]
+        config: Option<PathBuf>,
+    },
     /// Write every PTX module exactly as it is handed to the driver (one file per variant).
     #[cfg(feature = "cuda")]
     Ptx {
@@ -143,7 +169,14 @@ fn main() -> ExitCode {
             hidden,
             ffn,
             seed,
-        } => demo(&backend, &dtype, tokens, hidden, ffn, seed),
+            quant,
+        } => demo(
+            &backend,
+            &dtype,
+            quant.as_deref(),
+            (tokens, hidden, ffn),
+            seed,
+        ),
         Command::Run {
             config,
             weights,
@@ -164,6 +197,7 @@ fn main() -> ExitCode {
             tokens,
             backend,
             dtype,
+            quant,
             act,
             iters,
             warmup,
@@ -174,14 +208,18 @@ fn main() -> ExitCode {
             &preset,
             &tokens,
             &backend,
-            (&dtype, act.as_deref()),
+            (&dtype, quant.as_deref(), act.as_deref()),
             iters,
             warmup,
             json,
             &routing,
             dense,
         ),
-        Command::Info => info(),
+        Command::Info { weights: None, .. } => info(),
+        Command::Info {
+            weights: Some(w),
+            config,
+        } => info_weights(&w, config.as_deref()),
         #[cfg(feature = "cuda")]
         Command::Ptx { dump } => moe_kernels::cuda::ptx::dump(&dump).map(|files| {
             for f in &files {
@@ -232,36 +270,103 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// The quantized format named by `--quant`, if any.
+fn parse_quant(quant: Option<&str>) -> Result<Option<QuantFormat>> {
+    quant.map(str::parse).transpose()
+}
+
+/// How a quantized matrix is laid out, for messages: `BF16 scales, group 128, U8 zero points`.
+fn describe_layout(q: &quant::QuantMatrix) -> String {
+    let l = q.layout();
+    match l.format {
+        QuantFormat::Fp8Block => format!("{} scale_inv, 128x128 blocks", l.scale_dtype),
+        QuantFormat::Mxfp4 => format!("e8m0 ({}) scales, group {}", l.scale_dtype, l.group),
+        QuantFormat::Int4 => format!(
+            "{} scales, group {}, {}",
+            l.scale_dtype,
+            l.group,
+            if l.zeros {
+                "U8 zero points"
+            } else {
+                "zero point 8"
+            }
+        ),
+    }
+}
+
+/// `bytes` with a binary unit: `1.5 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
 fn demo(
     backend: &str,
     dtype: &str,
-    tokens: usize,
-    hidden: usize,
-    ffn: usize,
+    quant: Option<&str>,
+    (tokens, hidden, ffn): (usize, usize, usize),
     seed: u64,
 ) -> Result<ExitCode> {
     let dev = Backend::from_name(backend)?;
     let dtype: DType = dtype.parse()?;
+    let quant = parse_quant(quant)?;
     if hidden == 0 || ffn == 0 {
         return Err(Error::Config(
             "--hidden and --ffn must be at least 1".into(),
         ));
     }
+    if quant == Some(QuantFormat::Mxfp4)
+        && (hidden % quant::MX_BLOCK != 0 || ffn % quant::MX_BLOCK != 0)
+    {
+        return Err(Error::Usage(format!(
+            "--quant mxfp4 needs --hidden and --ffn to be multiples of {} (one e8m0 scale per \
+             {} values along K), got --hidden {hidden} --ffn {ffn}",
+            quant::MX_BLOCK,
+            quant::MX_BLOCK
+        )));
+    }
     let experts = 16;
     let config = Preset::Gpt4.config();
-    let layer = synth::random_layer(config, experts, hidden, ffn, Extras::default(), dtype, seed)?;
+    let mut layer =
+        synth::random_layer(config, experts, hidden, ffn, Extras::default(), dtype, seed)?;
+    if let Some(format) = quant {
+        layer = layer.quantized(&QuantSpec::new(format))?;
+    }
     // Both forwards' limits before x is built, so a huge --tokens fails here with the numbers.
     dev.check_forward(&layer.shape(), tokens, layer.weight_bytes())?;
     layer.check_reference(tokens)?;
+    // Before anything is printed: a backend that cannot take these weights (a GPU backend
+    // without the quantized decode) fails here with its own message; no fallback.
+    let prepared = layer.prepare(&dev, tokens, DType::F32)?;
     let x = synth::random_x(tokens, hidden, seed);
     println!(
         "moe demo: GPT-4-style MoE layer, {experts} experts, top-{}, SwiGLU",
         config.routing.top_k
     );
-    println!("  T = {tokens} tokens, H = {hidden}, F = {ffn}, expert weights {dtype}, seed {seed}");
+    let weights = match layer.experts.up.quant() {
+        Some(q) => format!(
+            "{} ({}; quantized from {dtype})",
+            q.format,
+            describe_layout(q)
+        ),
+        None => dtype.to_string(),
+    };
+    println!(
+        "  T = {tokens} tokens, H = {hidden}, F = {ffn}, expert weights {weights}, seed {seed}"
+    );
+    println!("  weights as stored: {}", human_bytes(layer.weight_bytes()));
     println!("  backend: {}", dev.kind());
 
-    let prepared = layer.prepare(&dev, tokens, DType::F32)?;
     // One warm-up forward (pipeline creation, first-touch allocations), then the timed one.
     prepared.forward(&x)?;
     let out = prepared.forward(&x)?;
@@ -311,11 +416,19 @@ fn demo(
         .filter(|(a, b)| a == b)
         .count();
     let n_ids = reference.routing.topk_ids.len();
-    let tol = tolerance(dtype);
+    // Quantized values are exact in f32 (the reference dequantizes them exactly), so a
+    // quantized layer is held to the f32 bound against the reference of the quantized layer.
+    let (tol, bound_for) = match quant {
+        Some(q) => (tolerance(DType::F32), format!("{q} weights, f32 compute")),
+        None => (tolerance(dtype), dtype.to_string()),
+    };
     let pass = err <= tol && ids_equal == n_ids && out.y.iter().all(|v| v.is_finite());
-    println!("\ncheck against the f64 CPU reference:");
+    match quant {
+        Some(q) => println!("\ncheck against the f64 CPU reference of the {q} layer:"),
+        None => println!("\ncheck against the f64 CPU reference:"),
+    }
     println!("  expert ids equal: {ids_equal}/{n_ids}");
-    println!("  relative L2 of y: {err:.3e} (bound {tol:.0e} for {dtype})");
+    println!("  relative L2 of y: {err:.3e} (bound {tol:.0e} for {bound_for})");
     println!("  {}", if pass { "PASS" } else { "FAIL" });
     Ok(if pass {
         ExitCode::SUCCESS
@@ -418,12 +531,139 @@ fn info() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The base matrix a tensor belongs to (`experts.up_proj` for `experts.up_proj_scales`), or
+/// `None` for a tensor that is not part of a quantized matrix.
+fn matrix_of(name: &str) -> Option<&'static str> {
+    MATRIX_NAMES.iter().copied().find(|m| {
+        name == *m
+            || name
+                .strip_prefix(m)
+                .is_some_and(|rest| quant::parts::SUFFIXES.contains(&rest))
+    })
+}
+
+/// The config `moe info --weights` validates a file under when none is given: gated iff the
+/// file has `experts.gate_proj`, top-1 softmax routing (valid for every E).
+fn config_off_file(tensors: &std::collections::BTreeMap<String, FileTensor>) -> LayerConfig {
+    let gated = tensors
+        .keys()
+        .any(|n| matrix_of(n) == Some("experts.gate_proj"));
+    let mut cfg = LayerConfig {
+        activation: if gated {
+            Activation::Swiglu
+        } else {
+            Activation::Relu
+        },
+        ..LayerConfig::default()
+    };
+    cfg.routing.top_k = 1;
+    cfg
+}
+
+/// The layer's matrix `name` (routed `experts.*` or shared `shared.*`).
+fn layer_matrix<'a>(layer: &'a MoeLayer, name: &str) -> Option<&'a Weight> {
+    let (w, proj) = match name.split_once('.') {
+        Some(("experts", p)) => (&layer.experts, p),
+        Some(("shared", p)) => (&layer.shared.as_ref()?.weights, p),
+        _ => return None,
+    };
+    match proj {
+        "gate_proj" => w.gate.as_ref(),
+        "up_proj" => Some(&w.up),
+        "down_proj" => Some(&w.down),
+        _ => None,
+    }
+}
+
+/// `moe info --weights W [--config C]`: every tensor of a weights file, each quantized matrix
+/// with its parts, after the validation `moe run` does (with C, or a config read off the
+/// file: gating from the presence of `experts.gate_proj`).
+fn info_weights(path: &std::path::Path, config: Option<&std::path::Path>) -> Result<ExitCode> {
+    let origin = path.display().to_string();
+    let tensors = io::load_file_tensors(path)?;
+    // What the file stores, before validation takes the tensors apart.
+    let stored: Vec<(String, &'static str, Vec<usize>, u64)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dtype_name(), t.shape().to_vec(), t.byte_len()))
+        .collect();
+    let cfg = match config {
+        Some(c) => LayerConfig::from_file(c)?,
+        None => config_off_file(&tensors),
+    };
+    let layer = MoeLayer::from_file_tensors(cfg, tensors, &origin)?;
+    let d = layer.dims();
+    let format = layer.experts.up.format_name();
+    println!("{origin}: {} tensors", stored.len());
+    println!(
+        "  E = {}, H = {}, F = {}{}, expert weights {format}, {}",
+        d.experts,
+        d.hidden,
+        d.ffn,
+        layer.shared.as_ref().map_or(String::new(), |s| format!(
+            ", shared expert Fs = {}",
+            s.weights.up.shape().get(1).copied().unwrap_or(0)
+        )),
+        match config {
+            Some(c) => format!("valid for {}", c.display()),
+            None => "valid (no --config: gating read off the file)".into(),
+        }
+    );
+    // One row: indent, name, format, layout, shape, bytes.
+    let row = |indent: usize, name: &str, format: &str, layout: &str, shape: &str, bytes: &str| {
+        println!(
+            "{:indent$}{name:<w$} {format:<8} {layout:<38} {shape:<20} {bytes:>12}",
+            "",
+            w = 32 - indent
+        );
+    };
+    row(2, "tensor / matrix", "format", "layout", "shape", "bytes");
+    let mut total = 0u64;
+    // Canonical order: validation has checked that every tensor is one of these or a part of
+    // a quantized matrix.
+    for name in TENSOR_NAMES {
+        let parts: Vec<&(String, &str, Vec<usize>, u64)> = stored
+            .iter()
+            .filter(|(n, ..)| n == name || matrix_of(n) == Some(name))
+            .collect();
+        total += parts.iter().map(|p| p.3).sum::<u64>();
+        match (layer_matrix(&layer, name), parts.first()) {
+            (_, None) => {}
+            (Some(Weight::Quant(q)), _) => {
+                let mut shape = vec![q.experts, q.rows, q.cols];
+                if name.starts_with("shared.") {
+                    shape.remove(0);
+                }
+                let layout = describe_layout(q);
+                let bytes = q.packed_bytes().to_string();
+                row(
+                    2,
+                    name,
+                    q.format.name(),
+                    &layout,
+                    &format!("{shape:?}"),
+                    &bytes,
+                );
+                for (n, dt, sh, b) in parts {
+                    row(4, n, dt, "", &format!("{sh:?}"), &b.to_string());
+                }
+            }
+            (_, Some((_, dt, sh, b))) => {
+                let dense = dt.to_lowercase();
+                row(2, name, &dense, "", &format!("{sh:?}"), &b.to_string());
+            }
+        }
+    }
+    row(2, "total", "", "", "", &total.to_string());
+    println!("  ({} as stored)", human_bytes(total));
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench(
     presets: &str,
     tokens: &str,
     backend: &str,
-    (dtype, act): (&str, Option<&str>),
+    (dtype, quant, act): (&str, Option<&str>, Option<&str>),
     iters: usize,
     warmup: usize,
     json: bool,
@@ -433,6 +673,7 @@ fn bench(
     use moe_kernels::bench::{self, Routing};
     let dev = Backend::from_name(backend)?;
     let dtype: DType = dtype.parse()?;
+    let quant = parse_quant(quant)?.map(QuantSpec::new);
     let act: DType = match act {
         Some(a) => a.parse()?,
         None if dev.kind() == BackendKind::Cpu => DType::F32,
@@ -482,8 +723,12 @@ fn bench(
         None
     };
     if !json {
+        let weights = match &quant {
+            Some(q) => format!("{} expert weights, packed bytes counted", q.format),
+            None => format!("{dtype} expert weights"),
+        };
         println!(
-            "moe bench on {} ({dtype} expert weights; median of {iters} after {warmup} warm-up)",
+            "moe bench on {} ({weights}; median of {iters} after {warmup} warm-up)",
             dev.kind()
         );
         println!("ceilings measured now: copy {copy_gbs:.0} GB/s (read + write)");
@@ -514,9 +759,14 @@ fn bench(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // The expert weights' format: the dtype, or the quantized format (`dtype` in --json).
+    let weight_format = quant.map_or(dtype.name(), |q| q.format.name());
     for shape in &shapes {
         bar.set_message(format!("{}: generating weights", shape.name));
-        let layer = bench::layer(shape, dtype)?;
+        let layer = match &quant {
+            Some(spec) => bench::quantized_layer(shape, spec)?,
+            None => bench::layer(shape, dtype)?,
+        };
         for &t in &tokens {
             for &routing in &routings {
                 bar.set_message(format!("{} T={t}", shape.name));
@@ -540,13 +790,16 @@ fn bench(
                 };
                 if json {
                     let line = serde_json::json!({
-                        "shape": p.shape, "tokens": t, "dtype": dtype.name(), "act": act.name(), "backend": dev.kind().name(),
+                        "shape": p.shape, "tokens": t, "dtype": weight_format, "act": act.name(), "backend": dev.kind().name(),
                         "routing": rname, "max_load": p.max_load, "mean_load": p.mean_load,
                         "router_us": us(Stage::Router), "gate_us": us(Stage::Gate), "permute_us": us(Stage::Permute),
                         "expert_gemm_us": us(Stage::ExpertGemm), "combine_us": us(Stage::Combine),
                         "layer_us": p.layer.as_secs_f64() * 1e6, "gemm_tflops": tflops, "gemm_weight_gbs": gbs,
                         "copy_gbs": copy_gbs, "dense_tflops": dense_tflops, "pct_copy": pct_copy,
                         "pct_dense": dense_tflops.map(|_| pct_dense), "enqueue_us": p.enqueue.map(|d| d.as_secs_f64() * 1e6),
+                        "quant": p.quant.map(|q| q.format.name()), "scale_dtype": p.quant.map(|q| q.scale_dtype),
+                        "group": p.quant.map(|q| q.group), "zeros": p.quant.map(|q| q.zeros),
+                        "gemm_weight_bytes": p.gemm_weight_bytes,
                     });
                     bar.suspend(|| println!("{line}"));
                 } else {
