@@ -110,6 +110,11 @@ pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QuantMatrix> {
         )));
     };
     let (e, n, k) = (*e, *n, *k);
+    if spec.format == QuantFormat::Fp8Block && spec.scale_dtype == DType::F16 {
+        return Err(Error::config(
+            "fp8 block scales are f32 or bf16 (DESIGN.md section 4), not f16",
+        ));
+    }
     let w = t.to_f32_vec();
     let at = |ei: usize, ni: usize, ki: usize| w[(ei * n + ni) * k + ki];
     match spec.format {
@@ -161,10 +166,11 @@ pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QuantMatrix> {
                     let vals = &w[r * k + b * MX_BLOCK..r * k + (b + 1) * MX_BLOCK];
                     let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
                     // The smallest power of two putting amax within e2m1's ±6.
+                    // Exponents clamped to e8m0's finite range (an inf or NaN block saturates).
                     let mut s: i32 = 0;
                     if amax > 0.0 {
-                        s = (amax / 6.0).log2().ceil() as i32;
-                        while amax / 2f32.powi(s) > 6.0 {
+                        s = ((amax / 6.0).log2().ceil()).clamp(-127.0, 127.0) as i32;
+                        while s < 127 && amax / 2f32.powi(s) > 6.0 {
                             s += 1;
                         }
                     }
@@ -241,4 +247,26 @@ pub fn dequantize(q: &QuantMatrix) -> Result<Tensor> {
         .map(|x| x as f32)
         .collect();
     Tensor::new(vec![q.experts, q.rows, q.cols], TensorData::F32(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Non-finite weights saturate instead of overflowing the exponent arithmetic.
+    #[test]
+    fn infinite_weights_saturate() {
+        let mut v = vec![0.5f32; 64];
+        v[3] = f32::INFINITY;
+        v[40] = f32::NAN;
+        let t = Tensor::from_f32(vec![1, 1, 64], v).unwrap();
+        for f in QuantFormat::ALL {
+            quantize(&t, &QuantSpec::new(f)).unwrap();
+        }
+        let f16_fp8 = QuantSpec {
+            scale_dtype: DType::F16,
+            ..QuantSpec::new(QuantFormat::Fp8Block)
+        };
+        assert!(quantize(&t, &f16_fp8).is_err());
+    }
 }

@@ -122,7 +122,7 @@ pub fn take_matrix(
     ] {
         if let (Some((n, _)), false) = (tensor, owner) {
             let what = match n.rsplit('_').next() {
-                Some("inv") => format!("an F8_E4M3 {name:?}"),
+                Some("inv") => format!("F8_E4M3 {name:?}"),
                 Some("zeros") => format!("{name}_packed"),
                 _ => format!("{name}_blocks or {name}_packed"),
             };
