@@ -158,23 +158,6 @@ fn bytes(n: usize, seed: u64, f: impl Fn(u8) -> u8 + Sync + Send) -> Vec<u8> {
         .collect()
 }
 
-/// The INT4 group for `k` columns: `spec.group`, else the largest of 128, 64, 32 dividing
-/// `k`, else `k` (as [`quant::encode::quantize`] picks it).
-fn int4_group(spec: &QuantSpec, k: usize) -> Result<usize> {
-    let g = spec.group.unwrap_or_else(|| {
-        [128, 64, 32]
-            .into_iter()
-            .find(|g| k % g == 0)
-            .unwrap_or(k.max(1))
-    });
-    if g == 0 || k % g != 0 {
-        return Err(Error::config(format!(
-            "int4 group {g} does not divide K = {k}"
-        )));
-    }
-    Ok(g)
-}
-
 /// Seeded codes and scales of an `[e, n, k]` matrix in `spec`'s layout, its values within
 /// about `[-scale, scale]` like a dense bench matrix: FP8 codes from every finite e4m3 value
 /// with `scale_inv = scale / 448`; MXFP4 nibbles with the power-of-two scale putting 6 at
@@ -227,7 +210,7 @@ fn quant_matrix(
             (codes, Scales::E8m0(sv), None)
         }
         QuantFormat::Int4 => {
-            let g = int4_group(spec, k)?;
+            let g = quant::encode::int4_group(spec, k)?;
             let codes = bytes(e * n * k.div_ceil(2), seed, |b| b);
             let shape = vec![e, n, k / g];
             let zeros = spec

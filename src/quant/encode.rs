@@ -37,8 +37,9 @@ impl QuantSpec {
     }
 }
 
-/// The INT4 group for `k` columns under `spec`.
-fn int4_group(spec: &QuantSpec, k: usize) -> Result<usize> {
+/// The INT4 group for `k` columns under `spec`: `spec.group`, else the largest of 128, 64,
+/// 32 dividing `k`, else `k`; an error when it does not divide `k`.
+pub fn int4_group(spec: &QuantSpec, k: usize) -> Result<usize> {
     let g = spec.group.unwrap_or_else(|| {
         [128, 64, 32]
             .into_iter()
