@@ -1672,42 +1672,36 @@ mod quantized {
     }
 }
 
-#[test]
-fn run_quantized_files_on_cpu_match_the_reference() {
+/// `moe run` on a quantized file of each format on `backend` against the f64 reference.
+fn run_quantized_files_on(backend: &str) {
     use moe_kernels::quant::QuantFormat;
     let mut results = Vec::new();
     for format in QuantFormat::ALL {
         let layer = quantized::layer(Some(format));
-        let fx = quantized::fixture(&format!("quant_run_cpu_{format}"), &layer, 13);
-        let r = quantized::run_matches_reference(&fx, &layer, "cpu");
+        let fx = quantized::fixture(&format!("quant_run_{backend}_{format}"), &layer, 13);
+        let r = quantized::run_matches_reference(&fx, &layer, backend);
         if let Ok(msg) = &r {
-            println!("[cli quant] cpu {format}: {msg}");
+            println!("[cli quant] {backend} {format}: {msg}");
         }
-        results.push((format!("cpu {format}"), r.map(|_| ())));
+        results.push((format!("{backend} {format}"), r.map(|_| ())));
     }
     run_table(results);
+}
+
+#[test]
+fn run_quantized_files_on_cpu_match_the_reference() {
+    run_quantized_files_on("cpu");
 }
 
 /// The wgpu backend on quantized files: the same check as on the CPU.
 #[test]
 fn run_quantized_files_on_wgpu_match_the_reference() {
-    use moe_kernels::quant::QuantFormat;
     if moe_kernels::Backend::new(moe_kernels::BackendKind::Wgpu).is_err() {
         assert!(std::env::var("CI").is_err(), "CI needs the wgpu backend");
         println!("[cli quant] wgpu skipped: no adapter");
         return;
     }
-    let mut results = Vec::new();
-    for format in QuantFormat::ALL {
-        let layer = quantized::layer(Some(format));
-        let fx = quantized::fixture(&format!("quant_run_wgpu_{format}"), &layer, 13);
-        let r = quantized::run_matches_reference(&fx, &layer, "wgpu");
-        if let Ok(msg) = &r {
-            println!("[cli quant] wgpu {format}: {msg}");
-        }
-        results.push((format!("wgpu {format}"), r.map(|_| ())));
-    }
-    run_table(results);
+    run_quantized_files_on("wgpu");
 }
 
 #[test]

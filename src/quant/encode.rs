@@ -118,7 +118,7 @@ pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QuantMatrix> {
     }
     let w = t.to_f32_vec();
     let at = |ei: usize, ni: usize, ki: usize| w[(ei * n + ni) * k + ki];
-    match spec.format {
+    let (codes, scales, zeros) = match spec.format {
         QuantFormat::Fp8Block => {
             let (sr, sc) = (n.div_ceil(FP8_BLOCK), k.div_ceil(FP8_BLOCK));
             let mut scales = vec![0f32; e * sr * sc];
@@ -143,15 +143,11 @@ pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QuantMatrix> {
                     }
                 }
             }
-            Ok(QuantMatrix {
-                format: spec.format,
-                experts: e,
-                rows: n,
-                cols: k,
+            (
                 codes,
-                scales: scale_tensor(spec.scale_dtype, vec![e, sr, sc], scales)?,
-                zeros: None,
-            })
+                scale_tensor(spec.scale_dtype, vec![e, sr, sc], scales)?,
+                None,
+            )
         }
         QuantFormat::Mxfp4 => {
             if k % MX_BLOCK != 0 {
@@ -185,15 +181,7 @@ pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QuantMatrix> {
                     }
                 }
             }
-            Ok(QuantMatrix {
-                format: spec.format,
-                experts: e,
-                rows: n,
-                cols: k,
-                codes,
-                scales: Scales::E8m0(scales),
-                zeros: None,
-            })
+            (codes, Scales::E8m0(scales), None)
         }
         QuantFormat::Int4 => {
             let g = int4_group(spec, k)?;
@@ -227,17 +215,22 @@ pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QuantMatrix> {
                     }
                 }
             }
-            Ok(QuantMatrix {
-                format: spec.format,
-                experts: e,
-                rows: n,
-                cols: k,
+            (
                 codes,
-                scales: scale_tensor(spec.scale_dtype, vec![e, n, groups], scales)?,
-                zeros: spec.zeros.then_some(zeros),
-            })
+                scale_tensor(spec.scale_dtype, vec![e, n, groups], scales)?,
+                spec.zeros.then_some(zeros),
+            )
         }
-    }
+    };
+    Ok(QuantMatrix {
+        format: spec.format,
+        experts: e,
+        rows: n,
+        cols: k,
+        codes,
+        scales,
+        zeros,
+    })
 }
 
 /// The dense f32 tensor of a quantized matrix's dequantized values (for tests and `moe
