@@ -203,6 +203,19 @@ fn check_formats(
             ));
         }
     }
+    // The shared expert may be dense with quantized experts, not quantized with dense ones.
+    let routed_dense = seen.iter().find(|s| s.0.starts_with("experts.") && !s.2);
+    let shared_quant = seen.iter().find(|s| s.0.starts_with("shared.") && s.2);
+    if let (Some(d), Some(q)) = (routed_dense, shared_quant) {
+        return Err(weights_err(
+            origin,
+            format!(
+                "two formats in one file: {} is {} but the routed {} is dense {} (a quantized \
+                 shared expert needs routed experts in its format)",
+                q.0, q.1, d.0, d.1
+            ),
+        ));
+    }
     Ok(())
 }
 

@@ -29,6 +29,87 @@ fn skip_cuda(dev: &Backend, layer: &MoeLayer) -> bool {
     true
 }
 
+/// float8_e4m3fn by its definition: (-1)^s · 2^(e-7) · (1 + m/8), 2^-6 · m/8 at e = 0, NaN at
+/// S.1111.111.
+fn def_e4m3(c: u8) -> f64 {
+    let (s, e, m) = (c >> 7, i32::from((c >> 3) & 15), f64::from(c & 7));
+    if e == 15 && m == 7.0 {
+        return f64::NAN;
+    }
+    let mag = if e == 0 {
+        m / 8.0 * 2f64.powi(-6)
+    } else {
+        (1.0 + m / 8.0) * 2f64.powi(e - 7)
+    };
+    if s == 1 {
+        -mag
+    } else {
+        mag
+    }
+}
+
+/// e2m1 by its table, sign bit 3.
+fn def_e2m1(nib: u8) -> f64 {
+    let mag = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0][usize::from(nib & 7)];
+    if nib & 8 != 0 {
+        -mag
+    } else {
+        mag
+    }
+}
+
+/// An MXFP4 weight as transformers computes it (`lut · 2.0 ** (s - 127)` in f32): exact
+/// where it fits f32, ±inf beyond, and lut · inf at s = 255.
+fn def_mxfp4(nib: u8, s: u8) -> f64 {
+    let mag = def_e2m1(nib);
+    if s == 255 {
+        return mag * f64::INFINITY;
+    }
+    let exact = mag * 2f64.powi(i32::from(s) - 127);
+    if exact.abs() > f64::from(f32::MAX) {
+        exact.signum() * f64::INFINITY
+    } else {
+        exact
+    }
+}
+
+/// Element (e, n, k) of a quantized matrix from its raw bytes by DESIGN.md section 4, written
+/// out here independently of the crate's decoder.
+fn def_weight(q: &QuantMatrix, e: usize, n: usize, k: usize) -> f64 {
+    let (rows, cols) = (q.rows, q.cols);
+    let scale = |i: usize| match &q.scales {
+        Scales::Float(t) => t.get(i),
+        Scales::E8m0(v) => f64::from(v[i]),
+    };
+    let nibble = |row_bytes: usize| {
+        let b = q.codes[(e * rows + n) * row_bytes + k / 2];
+        if k % 2 == 0 {
+            b & 15
+        } else {
+            b >> 4
+        }
+    };
+    match q.format {
+        QuantFormat::Fp8Block => {
+            let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));
+            let s = scale((e * sr + n / 128) * sc + k / 128);
+            def_e4m3(q.codes[(e * rows + n) * cols + k]) * s
+        }
+        QuantFormat::Mxfp4 => {
+            let Scales::E8m0(v) = &q.scales else {
+                panic!("mxfp4 with float scales")
+            };
+            def_mxfp4(nibble(cols / 2), v[(e * rows + n) * (cols / 32) + k / 32])
+        }
+        QuantFormat::Int4 => {
+            let groups = q.scales.len() / (q.experts * rows);
+            let i = (e * rows + n) * groups + k / (cols / groups);
+            let z = q.zeros.as_ref().map_or(8.0, |z| f64::from(z[i]));
+            (f64::from(nibble(cols.div_ceil(2))) - z) * scale(i)
+        }
+    }
+}
+
 /// Every quantization this suite runs: each format with each allowed scale dtype, INT4 with
 /// and without zero points.
 fn specs() -> Vec<QuantSpec> {
@@ -232,18 +313,20 @@ fn every_format_is_deterministic_and_batch_invariant() {
 }
 
 /// The reference of a quantized layer is float64 of its dequantized layer: the same forward
-/// with every matrix replaced by its decoded values (dense f32 here: every decoded FP8 / INT4
-/// weight with bf16 / f16 scales and every MXFP4 weight is exact in f32).
+/// with every matrix replaced by its values decoded by this file's definitions (dense f32
+/// here: every decoded FP8 / INT4 weight with bf16 / f16 scales and every MXFP4 weight is
+/// exact in f32).
 #[test]
 fn reference_is_the_dequantized_layer() {
     let (_, dense) = layers().swap_remove(1);
     for spec in specs() {
         let q = dense.quantized(&spec).unwrap();
+        // Decoded by this file's own definitions, not the crate's decoder.
         let deq = |w: &Weight| -> Weight {
             let m = w.quant().expect("quantized");
             let v: Vec<f32> = (0..m.experts)
-                .flat_map(|e| m.dequantize_expert(e))
-                .map(|x| x as f32)
+                .flat_map(|e| (0..m.rows).map(move |n| (e, n)))
+                .flat_map(|(e, n)| (0..m.cols).map(move |k| def_weight(m, e, n, k) as f32))
                 .collect();
             Weight::Dense(Tensor::from_f32(w.shape(), v).unwrap())
         };
@@ -281,22 +364,7 @@ fn reference_is_the_dequantized_layer() {
 #[test]
 fn decode_tables_bit_by_bit() {
     // FP8: all 256 codes in one row, scale_inv 1 (bf16) — then scale 2^-3 on a second block.
-    let e4m3 = |c: u8| -> f64 {
-        let (s, e, m) = (c >> 7, i32::from((c >> 3) & 15), f64::from(c & 7));
-        if e == 15 && m == 7.0 {
-            return f64::NAN;
-        }
-        let mag = if e == 0 {
-            m / 8.0 * 2f64.powi(-6)
-        } else {
-            (1.0 + m / 8.0) * 2f64.powi(e - 7)
-        };
-        if s == 1 {
-            -mag
-        } else {
-            mag
-        }
-    };
+    let e4m3 = def_e4m3;
     let codes: Vec<u8> = (0..=255u8).collect();
     let fp8 = QuantMatrix {
         format: QuantFormat::Fp8Block,
@@ -320,7 +388,6 @@ fn decode_tables_bit_by_bit() {
         );
     }
     // MXFP4: every nibble under every e8m0 scale 0..=254 (255: transformers' inf, see below).
-    let e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
     let scales: Vec<u8> = (0..=255u8).collect();
     let mut codes = Vec::new();
     for _ in 0..256 {
@@ -341,26 +408,12 @@ fn decode_tables_bit_by_bit() {
     };
     for s in 0..256usize {
         for k in 0..32 {
-            let nib = k % 16;
-            let mag = e2m1[nib & 7] * if nib >= 8 { -1.0 } else { 1.0 };
-            let got = mx.get(0, s, k);
-            if s == 255 {
-                // transformers: lut · 2.0**128 in f32 = lut · inf.
-                let want = mag * f64::INFINITY;
-                assert!(
-                    got == want || (got.is_nan() && want.is_nan()),
-                    "e8m0 255 nibble {nib}: {got}"
-                );
-            } else {
-                // Exact where it fits f32; ±inf beyond f32's range, as transformers computes it.
-                let exact = mag * 2f64.powi(s as i32 - 127);
-                let want = if exact.abs() > f64::from(f32::MAX) {
-                    exact.signum() * f64::INFINITY
-                } else {
-                    exact
-                };
-                assert_eq!(got, want, "scale {s} nibble {nib}");
-            }
+            let nib = (k % 16) as u8;
+            let (got, want) = (mx.get(0, s, k), def_mxfp4(nib, s as u8));
+            assert!(
+                got == want || (got.is_nan() && want.is_nan()),
+                "scale {s} nibble {nib}: {got} vs {want}"
+            );
         }
     }
     // INT4: every code against zero points 0, 8 and 15, scale 0.5 (f16).
@@ -563,6 +616,35 @@ fn malformed_quantized_files_are_refused_naming_the_tensor() {
     );
     expect_weights_err(t, "experts.down_proj", "dense + fp8");
 
+    // A quantized shared expert with dense routed experts.
+    let mut sdense = random_layer(
+        Preset::Mixtral.config(),
+        4,
+        64,
+        32,
+        Extras {
+            shared_ffn: Some(32),
+            ..Extras::default()
+        },
+        DType::F32,
+        3,
+    )
+    .unwrap();
+    sdense.shared = sdense
+        .quantized(&QuantSpec::new(QuantFormat::Int4))
+        .unwrap()
+        .shared;
+    let t: BTreeMap<String, FileTensor> = sdense.file_tensors().unwrap().into_iter().collect();
+    expect_weights_err(t, "two formats", "quantized shared, dense routed");
+
+    // Code bytes that do not match their shape (a caller building tensors by hand).
+    let mut t = mx.clone();
+    if let Some(FileTensor::U8(s, mut b)) = t.remove("experts.up_proj_blocks") {
+        b.pop();
+        t.insert("experts.up_proj_blocks".into(), FileTensor::U8(s, b));
+    }
+    expect_weights_err(t, "experts.up_proj_blocks", "truncated codes");
+
     // FP8 codes stored as U8, and F16 block scales.
     let mut t = fp8.clone();
     if let Some(FileTensor::F8E4M3(s, b)) = t.remove("experts.up_proj") {
@@ -578,4 +660,107 @@ fn malformed_quantized_files_are_refused_naming_the_tensor() {
     }
     expect_weights_err(t, "experts.up_proj_scale_inv", "fp8 f16 scales");
     println!("[quant_malformed] every malformed file refused with the tensor named");
+}
+
+/// A one-expert ReLU layer whose `down_proj` holds every code of `format` (with every e8m0
+/// scale for MXFP4, zero points up to 255 for INT4), so each backend decodes each code in the
+/// GEMM: row o of y must be what the reference gives, NaN where it is NaN, ±inf where it is.
+/// Rows whose reference magnitude is below 2^-100 only need to be that small (a driver may
+/// flush subnormals; DESIGN.md allows it for WGSL); rows above 2^120 may be inf (an f32
+/// partial sum overflowing).
+fn special_codes_layer(format: QuantFormat) -> MoeLayer {
+    let mut cfg = Preset::Switch.config();
+    cfg.routing.capacity = None;
+    let (h, f) = (256usize, 32usize);
+    let dense = random_layer(cfg, 1, h, f, Extras::default(), DType::F32, 4).unwrap();
+    let mut q = dense
+        .quantized(&QuantSpec {
+            group: Some(16),
+            ..QuantSpec::new(format)
+        })
+        .unwrap();
+    let Some(Weight::Quant(down)) = Some(q.experts.down.clone()) else {
+        unreachable!()
+    };
+    let mut down = down;
+    match format {
+        // Row o: the codes o, o + 1, … (mod 256), so each code lands in 32 rows.
+        QuantFormat::Fp8Block => {
+            for o in 0..h {
+                for k in 0..f {
+                    down.codes[o * f + k] = ((o + k * 8) % 256) as u8;
+                }
+            }
+        }
+        // Row o: scale code o, nibbles 0..15 twice.
+        QuantFormat::Mxfp4 => {
+            for (i, b) in down.codes.iter_mut().enumerate() {
+                let p = (i % 8) as u8 * 2;
+                *b = p | ((p + 1) << 4);
+            }
+            down.scales = Scales::E8m0((0..=255u8).collect());
+        }
+        // Every code, zero points spread over 0..=255.
+        QuantFormat::Int4 => {
+            for (i, b) in down.codes.iter_mut().enumerate() {
+                *b = (i % 256) as u8;
+            }
+            let n = down.scales.len();
+            down.zeros = Some((0..n).map(|i| (i * 37 % 256) as u8).collect());
+        }
+    }
+    q.experts.down = Weight::Quant(down);
+    q
+}
+
+#[test]
+fn every_code_decodes_alike_on_every_backend() {
+    for dev in common::backends("quant_special_codes") {
+        let kind = dev.kind();
+        for format in QuantFormat::ALL {
+            let layer = special_codes_layer(format);
+            if skip_cuda(&dev, &layer) {
+                break;
+            }
+            let x = random_x(3, 256, 12);
+            let out = layer
+                .forward(&dev, &x)
+                .unwrap_or_else(|e| panic!("{kind} {format}: {e}"));
+            let r = layer.forward_reference(&x).unwrap();
+            let (mut num, mut den, mut special) = (0.0f64, 0.0f64, 0);
+            for (i, (&g, &w)) in out.y.iter().zip(&r.y).enumerate() {
+                let g = f64::from(g);
+                if w.is_nan() || w.is_infinite() || w.abs() > f64::from(f32::MAX) {
+                    let want = if w.is_nan() {
+                        f64::NAN
+                    } else {
+                        w.signum() * f64::INFINITY
+                    };
+                    assert!(
+                        (g.is_nan() && want.is_nan()) || g == want,
+                        "{kind} {format} y[{i}]: {g} vs reference {w}"
+                    );
+                    special += 1;
+                } else if w.abs() > 2f64.powi(120) && g.is_infinite() {
+                    // Near f32's range an f32 partial sum may overflow where the f64 sum does
+                    // not: a range artifact, not a decode error (smaller scales check those).
+                    special += 1;
+                } else if w.abs() < 2f64.powi(-100) {
+                    assert!(
+                        g.abs() < 2f64.powi(-99),
+                        "{kind} {format} y[{i}]: {g} vs {w}"
+                    );
+                } else {
+                    num += (g - w).powi(2);
+                    den += w * w;
+                }
+            }
+            let rel = (num / den).sqrt();
+            assert!(rel <= 2e-5, "{kind} {format}: finite rows rel L2 {rel:e}");
+            if format != QuantFormat::Int4 {
+                assert!(special > 0, "{kind} {format}: no NaN / inf row reached");
+            }
+        }
+        println!("[quant_special_codes] {kind}: every code, NaN and inf rows alike");
+    }
 }

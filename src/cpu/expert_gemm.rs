@@ -56,6 +56,16 @@ impl ExpertWeights {
             }
         };
         expect_weight(st, "down_proj", &self.down, &[e, h, f])?;
+        for (name, w) in [
+            ("gate_proj", self.gate.as_ref()),
+            ("up_proj", Some(&self.up)),
+            ("down_proj", Some(&self.down)),
+        ] {
+            if let Some(q) = w.and_then(Weight::quant) {
+                q.validate()
+                    .map_err(|m| Error::shape(st, format!("{name}: {m}")))?;
+            }
+        }
         match (&self.gate, activation.is_gated()) {
             (Some(g), true) => {
                 expect_weight(st, "gate_proj", g, &[e, f, h])?;

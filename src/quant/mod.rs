@@ -163,6 +163,72 @@ pub struct QuantMatrix {
 }
 
 impl QuantMatrix {
+    /// Checks that the bytes agree with the format and the logical shape: code, scale and
+    /// zero-point counts, the scales' kind, MXFP4's K a multiple of 32, an INT4 group that
+    /// divides K. Every path that builds a matrix runs it (the file loader, the quantizers,
+    /// [`ExpertWeights::dims`](crate::cpu::expert_gemm::ExpertWeights::dims)), so the
+    /// decoders never index out of range. The message names no tensor: callers add it.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let (e, n, k) = (self.experts, self.rows, self.cols);
+        let er = e
+            .checked_mul(n)
+            .ok_or_else(|| format!("E x N = {e} x {n} overflows"))?;
+        let codes = er
+            .checked_mul(self.row_bytes())
+            .ok_or_else(|| format!("[{e}, {n}, {k}] overflows"))?;
+        if self.codes.len() != codes {
+            return Err(format!(
+                "{} codes of [{e}, {n}, {k}] take {codes} bytes, got {}",
+                self.format,
+                self.codes.len()
+            ));
+        }
+        match (self.format, &self.scales) {
+            (QuantFormat::Mxfp4, Scales::E8m0(_)) => {}
+            (QuantFormat::Mxfp4, s) => {
+                return Err(format!("mxfp4 scales are e8m0 (U8), got {}", s.dtype_name()))
+            }
+            (f, Scales::E8m0(_)) => return Err(format!("{f} scales are floats, got e8m0 (U8)")),
+            (QuantFormat::Fp8Block, Scales::Float(t)) if t.dtype() == DType::F16 => {
+                return Err("fp8 block scales are F32 or BF16, got F16".into())
+            }
+            _ => {}
+        }
+        if self.format == QuantFormat::Mxfp4 && k % MX_BLOCK != 0 {
+            return Err(format!("mxfp4 needs K to be a multiple of {MX_BLOCK}, got K = {k}"));
+        }
+        if self.format == QuantFormat::Int4 {
+            let sc = self.scales.len().checked_div(er).unwrap_or(0);
+            if er > 0 && (self.scales.len() % er != 0 || sc == 0 || k % sc != 0) {
+                return Err(format!(
+                    "int4 scales: {} for {er} rows of K = {k}: need K / G per row, G dividing K",
+                    self.scales.len()
+                ));
+            }
+        }
+        let want = e
+            .checked_mul(self.scale_rows())
+            .and_then(|v| v.checked_mul(self.scale_cols()))
+            .unwrap_or(usize::MAX);
+        if self.format != QuantFormat::Int4 && self.scales.len() != want {
+            return Err(format!(
+                "{} scales of [{e}, {n}, {k}]: expected {want}, got {}",
+                self.format,
+                self.scales.len()
+            ));
+        }
+        match (&self.zeros, self.format) {
+            (None, _) => Ok(()),
+            (Some(_), f) if f != QuantFormat::Int4 => Err(format!("{f} has no zero points")),
+            (Some(z), _) if z.len() != self.scales.len() => Err(format!(
+                "int4 zero points: one per scale ({}), got {}",
+                self.scales.len(),
+                z.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Bytes of one row's codes.
     pub fn row_bytes(&self) -> usize {
         match self.format {

@@ -61,6 +61,13 @@ impl Ctx<'_> {
         Tensor::new(shape, t.data().clone())
     }
 
+    /// `q` as a weight once [`QuantMatrix::validate`] accepts it; an error naming `tensor`.
+    fn checked(&self, tensor: &str, q: QuantMatrix) -> Result<Weight> {
+        q.validate()
+            .map_err(|m| self.err(format!("{tensor:?}: {m}")))?;
+        Ok(Weight::Quant(q))
+    }
+
     /// An error unless `tensor`'s shape is `want` (without the E axis for a shared expert).
     fn expect(&self, tensor: &str, have: &[usize], e: usize, want: &[usize]) -> Result<()> {
         let mut full = if self.expert_axis { vec![e] } else { vec![] };
@@ -188,7 +195,7 @@ fn fp8_matrix(
         e,
         &[rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)],
     )?;
-    Ok(Weight::Quant(QuantMatrix {
+    cx.checked(n, QuantMatrix {
         format: QuantFormat::Fp8Block,
         experts: e,
         rows,
@@ -196,7 +203,7 @@ fn fp8_matrix(
         codes,
         scales: Scales::Float(cx.with_axis(st)?),
         zeros: None,
-    }))
+    })
 }
 
 fn mxfp4_matrix(
@@ -228,7 +235,7 @@ fn mxfp4_matrix(
         )));
     };
     cx.expect(sn, &ss, e, &[rows, k / MX_BLOCK])?;
-    Ok(Weight::Quant(QuantMatrix {
+    cx.checked(n, QuantMatrix {
         format: QuantFormat::Mxfp4,
         experts: e,
         rows,
@@ -236,7 +243,7 @@ fn mxfp4_matrix(
         codes,
         scales: Scales::E8m0(sv),
         zeros: None,
-    }))
+    })
 }
 
 fn int4_matrix(
@@ -284,7 +291,7 @@ fn int4_matrix(
             )))
         }
     };
-    Ok(Weight::Quant(QuantMatrix {
+    cx.checked(n, QuantMatrix {
         format: QuantFormat::Int4,
         experts: e,
         rows,
@@ -292,7 +299,7 @@ fn int4_matrix(
         codes,
         scales: Scales::Float(cx.with_axis(st)?),
         zeros,
-    }))
+    })
 }
 
 /// The file tensors of matrix `name` (`expert_axis` false for a shared expert's `[N, K]`).
