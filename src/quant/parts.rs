@@ -131,6 +131,10 @@ pub fn take_matrix(
             let what = match n.rsplit('_').next() {
                 Some("inv") => format!("F8_E4M3 {name:?}"),
                 Some("zeros") => format!("{name}_packed"),
+                _ if fp8 => format!(
+                    "{name}_blocks or {name}_packed (an F8_E4M3 matrix's scales are \
+                     {name}_scale_inv)"
+                ),
                 _ => format!("{name}_blocks or {name}_packed"),
             };
             return Err(cx.err(format!("{n:?} has no matrix: the file has no {what}")));
