@@ -12,10 +12,16 @@
 //
 // Entry points: expert_up / expert_down (the tiled GEMM below, any row count) and, for at most
 // RB_M = 32 rows in all (decode and small batches; chosen on the host), expert_up_rows /
-// expert_down_rows (scalar weight words) and expert_up_rows_x4 / expert_down_rows_x4 (128-bit
-// weight words; only when a weight row is a multiple of 4 words: K % 4 = 0 for f32, K % 8 = 0
-// for f16 / bf16; dense weights only, the host never picks them for quantized ones). All six
-// compute every output with the same arithmetic (see Determinism).
+// expert_down_rows (scalar weight words: one u32 word, and for quantized weights one scale,
+// fetched per element) and expert_up_rows_x4 / expert_down_rows_x4 (128-bit weight words).
+// The host (src/wgpu/expert_gemm.rs `pass_entry`, src/wgpu/weights.rs `vec4_rows`) picks the
+// _x4 form for a pass exactly when every weight row is a whole number of 16-byte words of whole
+// elements: dense K % 4 = 0 (f32) or K % 8 = 0 (f16 / bf16), each word 4 or 8 elements;
+// FP8 K % 16 = 0 (16 e4m3 codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word), the
+// codes decoded with one scale (and zero point) fetch per group in the word (rows_q_*
+// below). Any other K (odd K included) takes the scalar *_rows form; each pass (up, down) is
+// chosen on its own K. All six compute every output with the same arithmetic (see
+// Determinism).
 //
 // Every entry point runs the same GEMM `out[r, n] = epilogue(Σ_k a[r, k] · W[row(e, n), k])`
 // with the weight rows of expert e at e·N .. e·N + N of the flattened [E·N, K] weight view:
@@ -52,16 +58,21 @@
 //          FP8: srow = e·s_rows_e + n / 128 − s_row0 (the chunk holds the whole matrix's scale
 //          rows s_row0 ..); MXFP4 / INT4: srow = r (one scale row per weight row).
 //   zeros  from word z_off (INT4 with W_ZEROS = 1): one byte per scale, same index; else 8.
-// Decode (src/quant/mod.rs `QuantMatrix::get`, in f32): FP8 e4m3(q) · s; MXFP4
+// Decode (src/quant/mod.rs `QuantMatrix::get`, in f32; `q_value` below, the one definition
+// every entry point uses): FP8 e4m3(q) · s; MXFP4
 // e2m1(q) · 2^(s − 127) (the e8m0 scale built from its bits: code 0 is the subnormal 2^-127,
 // which WGSL implementations may flush to 0, so such blocks may decode to 0 here; 255 is
 // +inf); INT4 (f32(q) − f32(z)) · s. Each product is the exact value rounded once to f32
 // (MXFP4's is exact but for subnormal results); the decoded weight is one f32 that enters
 // the same fma chain as a dense weight (see Determinism). No dequantized copy exists.
+// The tiled and scalar *_rows entry points decode element by element through w_b / w_g
+// (w_elem: a code byte and a scale per element); the *_rows_x4 ones read the same words
+// through w4_b / w4_g: the codes as 16-byte words, the scales and zeros as words of them.
 //
 // Parameters (bindings of group 0; expert_up / expert_down and the *_rows entry points use
-// 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9; at most 8 storage buffers per
-// entry point, WebGPU's default limit, so quantized sections share the weight binding):
+// 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9 (never 3 or 4, also for
+// quantized weights); at most 8 storage buffers per entry point, WebGPU's default limit, so
+// quantized sections share the weight binding):
 //   0 p        uniform             GemmParams (below)
 //   1 offsets  storage read        u32 [E + 1]  expert_offsets (on the device, never read by the host)
 //   2 a        storage read        u32 words of a [rows, K] in A_DTYPE, row stride a_stride
@@ -76,7 +87,8 @@
 //   6 bias_g   storage read        f32 [E·F]  bg (a 1-element dummy when has_bias bit 1 is 0)
 //   7 out      storage read_write  u32 words of out [rows, N] in A_DTYPE, row stride out_stride
 //                                  (h for expert_up, y for expert_down)
-//   8 w4_b     storage read        vec4<u32> view of the words of binding 3 (*_rows_x4 only)
+//   8 w4_b     storage read        vec4<u32> view of the words of binding 3 (*_rows_x4 only;
+//                                  quantized: codes, scales and zeros, all through this view)
 //   9 w4_g     storage read        vec4<u32> view of the words of binding 4 (*_rows_x4 only;
 //                                  a 4-word dummy when not gated)
 // Overrides: W_DTYPE and A_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu,
@@ -103,17 +115,23 @@
 // Launch of the *_rows and *_rows_x4 entry points (rows ≤ 32; one dispatch per weight chunk
 //   holding ≥ 1 row):
 //   workgroup_size 256; a workgroup computes all (≤ 32) rows of one expert for RB_N = 32
-//   columns, k in blocks of RB_K = 64 (details above the small-path code).
+//   columns, k in blocks of RB_K = 64 (details above the small-path code). Weight loads per
+//   block: *_rows 8 elements per invocation (scalar words); *_rows_x4 dense one (16-bit) or
+//   two (f32) vec4 per invocation; *_rows_x4 quantized one vec4 of codes per loader
+//   invocation, 32 · RB_K / q_epv() loaders per matrix (FP8 128, MXFP4 / INT4 64; the gate's
+//   loaders follow the up matrix's: FP8 gated uses all 256).
 //   grid.x = e_count                        (expert e_first + x; experts without rows exit)
 //   grid.y = ceil((min(N, chunk_rows) + s) / 32), s as above (column blocks of one expert
 //                                            inside the chunk; blocks past its part exit)
 //   grid.z = 1
 // Workgroup memory: expert_up / expert_down: three tiles of 64 rows × (16 + 4) f32 (padded
 //   against bank conflicts) = 3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B.
-//   *_rows: three tiles of 32 rows × (64 + 4) f32 = 3 × 8704 B = 26 112 B, plus 16 B of job
-//   info: 26 128 B. Both ≤ 32 KiB.
+//   *_rows and *_rows_x4 (dense and quantized alike): three tiles of 32 rows × (64 + 4) f32 =
+//   3 × 8704 B = 26 112 B, plus 16 B of job info: 26 128 B. Both ≤ 32 KiB.
 // Determinism: every output is one f32 accumulator summed over k = 0, 1, …, K − 1 in order with
-//   fma of a[r, k] and the weight decoded to f32 by w_elem, the same function on every path
+//   fma of a[r, k] and the weight decoded to f32 (w_decode for dense words, q_value of the
+//   same code, scale and zero point for quantized ones, whether read by w_elem or a 128-bit
+//   word at a time by rows_q_stage), the same function on every path
 //   (no split-K; then k = K .. ceil(K / 16)·16 − 1 with a = w = 0, as the last k tile of
 //   expert_up / expert_down is zero-padded), then + bias, then the activation: the result of a
 //   row does not depend on the other rows, the tile it lands in, the chunking of the weights,
@@ -262,7 +280,8 @@ fn activate(act: u32, g: f32, u: f32) -> f32 {
 }
 
 // Word i of the gate weight words (w_g) when `gate`, else of w_b (a storage pointer cannot be
-// a function parameter in core WGSL).
+// a function parameter in core WGSL). The *_rows_x4 entry points read the same words through
+// w4_at (their bindings are w4_b / w4_g).
 fn w_at(gate: bool, i: u32) -> u32 {
     if (gate) {
         return w_g[i];
@@ -275,15 +294,25 @@ fn w_byte(gate: bool, i: u32) -> u32 {
     return (w_at(gate, i >> 2u) >> ((i & 3u) * 8u)) & 0xffu;
 }
 
-// Scale i of the chunk's scales section, widened to f32 (exact).
-fn w_scale(gate: bool, i: u32) -> f32 {
+// The word of the chunk holding scale i of the scales section.
+fn s_word(i: u32) -> u32 {
     if (S_DTYPE == 0u) {
-        return bitcast<f32>(w_at(gate, p.s_off + i));
+        return p.s_off + i;
     }
     if (S_DTYPE == 3u) {
-        return bitcast<f32>(e8m0_bits(w_byte(gate, p.s_off * 4u + i)));
+        return p.s_off + (i >> 2u);
     }
-    let word = w_at(gate, p.s_off + (i >> 1u));
+    return p.s_off + (i >> 1u);
+}
+
+// Scale i from the word holding it (s_word(i)), widened to f32 (exact).
+fn s_decode(word: u32, i: u32) -> f32 {
+    if (S_DTYPE == 0u) {
+        return bitcast<f32>(word);
+    }
+    if (S_DTYPE == 3u) {
+        return bitcast<f32>(e8m0_bits((word >> ((i & 3u) * 8u)) & 0xffu));
+    }
     let h = select(word & 0xffffu, word >> 16u, (i & 1u) == 1u);
     if (S_DTYPE == 1u) {
         return f16_bits_to_f32(h);
@@ -291,10 +320,39 @@ fn w_scale(gate: bool, i: u32) -> f32 {
     return bitcast<f32>(h << 16u);
 }
 
+// The word of the chunk holding zero point i (INT4 with W_ZEROS = 1), and the zero point
+// from that word.
+fn z_word(i: u32) -> u32 {
+    return p.z_off + (i >> 2u);
+}
+
+fn z_decode(word: u32, i: u32) -> u32 {
+    return (word >> ((i & 3u) * 8u)) & 0xffu;
+}
+
 // The chunk-relative scale row base of expert e: FP8 scale row of (e, n) is this + n / 128
 // (u32 arithmetic wraps; the sum does not). Unused for the other formats.
 fn w_sbase(e: u32) -> u32 {
     return e * p.s_rows_e - p.s_row0;
+}
+
+// Index in the scales section of the scale of element k of chunk-relative row `row`
+// (expert-local column n, `sbase` = w_sbase(e)); also the index of its zero point.
+fn w_scale_index(row: u32, sbase: u32, n: u32, k: u32) -> u32 {
+    let srow = select(row, sbase + n / 128u, W_QUANT == 1u);
+    return srow * p.s_cols + k / W_GROUP;
+}
+
+// The weight of code `q` (an e4m3 byte, or a nibble) with scale `s` and zero point `z` (INT4;
+// ignored otherwise), one f32: the decode every path uses (w_elem, rows_q_stage).
+fn q_value(q: u32, s: f32, z: u32) -> f32 {
+    if (W_QUANT == 1u) {
+        return e4m3_to_f32(q) * s;
+    }
+    if (W_QUANT == 2u) {
+        return e2m1_to_f32(q) * s;
+    }
+    return (f32(q) - f32(z)) * s;
 }
 
 // Weight element k of chunk-relative row `row` (expert-local column n, `sbase` = w_sbase(e))
@@ -304,21 +362,19 @@ fn w_elem(gate: bool, row: u32, sbase: u32, n: u32, k: u32) -> f32 {
         let i = row * p.k_dim + k;
         return w_decode(w_at(gate, w_word(i)), i);
     }
-    let srow = select(row, sbase + n / 128u, W_QUANT == 1u);
-    let si = srow * p.s_cols + k / W_GROUP;
-    let s = w_scale(gate, si);
+    let si = w_scale_index(row, sbase, n, k);
+    let s = s_decode(w_at(gate, s_word(si)), si);
+    var q = 0u;
     if (W_QUANT == 1u) {
-        return e4m3_to_f32(w_byte(gate, row * p.row_bytes + k)) * s;
-    }
-    let q = (w_byte(gate, row * p.row_bytes + (k >> 1u)) >> ((k & 1u) * 4u)) & 0xfu;
-    if (W_QUANT == 2u) {
-        return e2m1_to_f32(q) * s;
+        q = w_byte(gate, row * p.row_bytes + k);
+    } else {
+        q = (w_byte(gate, row * p.row_bytes + (k >> 1u)) >> ((k & 1u) * 4u)) & 0xfu;
     }
     var z = 8u;
-    if (W_ZEROS != 0u) {
-        z = w_byte(gate, p.z_off * 4u + si);
+    if (W_QUANT == 3u && W_ZEROS != 0u) {
+        z = z_decode(w_at(gate, z_word(si)), si);
     }
-    return (f32(q) - f32(z)) * s;
+    return q_value(q, s, z);
 }
 
 // Element k of row `row` of a, widened to f32.
@@ -577,12 +633,13 @@ fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 // all, so every expert has ≤ 32 rows. A workgroup owns one expert and RB_N = 32 weight rows
 // (output columns) and walks k in blocks of RB_K = 64: the 256 invocations load the
 // [32 × 64] weight block (and the gate block) with coalesced reads — 8 elements each, in _x4
-// as 128-bit vec4<u32> words — and the [rows × 64] block of `a`, two blocks ahead in
-// registers; they stage them in workgroup memory; then invocation (c = lid % 32, s = lid / 32)
-// adds the block into the outputs (rows s, s + 8, s + 16, s + 24; column c), k in order; for
-// f16 / bf16 invocation (cp = lid % 16, s = lid / 16) takes columns 2·cp and 2·cp + 1 (one
-// output word) of rows s and s + 16 instead. Every weight element is read from memory once for
-// all rows of its expert.
+// as 128-bit vec4<u32> words; quantized _x4: one 128-bit word of 16 or 32 codes per loader
+// invocation, decoded at staging (rows_q_* below) — and the [rows × 64] block of `a`, two
+// blocks ahead in registers; they stage them in workgroup memory; then invocation
+// (c = lid % 32, s = lid / 32) adds the block into the outputs (rows s, s + 8, s + 16,
+// s + 24; column c), k in order; for f16 / bf16 invocation (cp = lid % 16, s = lid / 16)
+// takes columns 2·cp and 2·cp + 1 (one output word) of rows s and s + 16 instead. Every
+// weight element is read from memory once for all rows of its expert.
 // The arithmetic of an output is that of gemm_tile, bit for bit: acc = 0; acc = fma(a[k], w[k],
 // acc) for k = 0 .. ceil(K / 16)·16 − 1 in order (a and w zero past K, as in gemm_tile's last
 // tile), then + bias, then `activate`. So a row gives the same bits on either path.
@@ -941,6 +998,167 @@ fn is_gated(act: u32) -> bool {
     return act == ACT_SWIGLU || act == ACT_GEGLU || act == ACT_CLAMPED_SWIGLU;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized weights through 128-bit words (the *_rows_x4 entry points with W_QUANT ≠ 0): a
+// block row of RB_K = 64 codes is q_vpr() 16-byte words of q_epv() codes each (FP8: 4 words
+// of 16 e4m3 bytes; MXFP4 / INT4: 2 words of 32 nibbles). The host picks this path only when
+// K is a multiple of q_epv() (so row_bytes is a multiple of 16, and the codes section starts
+// the chunk's buffer: every row and every word of codes starts on a vec4 and lies wholly
+// before K or wholly past it). Loaders: invocation t < 32·q_vpr() loads word t % q_vpr() of
+// block row (column) t / q_vpr() of w4_b; with a gate, invocations 32·q_vpr() ..
+// 64·q_vpr() − 1 do the same for w4_g (FP8 gated: all 256; warp-uniform split). A loader
+// fetches its codes word, the word holding the scale of its first code and (INT4 with zeros)
+// the word holding its zero point, two blocks ahead, raw; at staging it decodes the q_epv()
+// codes with q_value, fetching another scale (and zero point) only where a group boundary
+// falls inside the word (INT4 with W_GROUP not a multiple of 32; never for FP8, whose groups
+// of 128 and words of 16 codes are aligned, nor MXFP4, group = word), and stores them as
+// q_epv() / 4 vec4<f32>. Every decoded weight is the value w_elem gives (same code, scale and
+// zero point, same q_value), so the staged block is bitwise the one rows_load_w1 stages.
+
+// Codes per 16-byte word and words per block row.
+fn q_epv() -> u32 {
+    return select(32u, 16u, W_QUANT == 1u);
+}
+
+fn q_vpr() -> u32 {
+    return RB_K / q_epv();
+}
+
+// Word i of the weight words of the gate (w4_g) when `gate`, else of w4_b, and the 128-bit
+// word i / 4 holding it.
+fn w4_at(gate: bool, i: u32) -> u32 {
+    if (gate) {
+        return w4_g[i >> 2u][i & 3u];
+    }
+    return w4_b[i >> 2u][i & 3u];
+}
+
+fn w4_vec(gate: bool, v: u32) -> vec4<u32> {
+    if (gate) {
+        return w4_g[v];
+    }
+    return w4_b[v];
+}
+
+// What loader invocation `lid` loads: block column c, its word v of the block row, of w4_g
+// when gate; valid = false for the other invocations.
+struct QLoader {
+    valid: bool,
+    gate: bool,
+    c: u32,
+    v: u32,
+}
+
+fn rows_q_loader(lid: u32, gated: bool) -> QLoader {
+    let nl = RB_N * q_vpr();
+    let gate = lid >= nl;
+    let t = select(lid, lid - nl, gate);
+    return QLoader(lid < select(nl, 2u * nl, gated), gate, t / q_vpr(), t % q_vpr());
+}
+
+// One k block in registers: this invocation's 8 elements of a and, for a loader, its raw words
+// (zero where it has none: past K or outside the job's columns).
+struct RowsQRegs {
+    a: V8,
+    w: vec4<u32>, // q_epv() codes
+    sw: u32,      // the word holding the scale of the first code
+    zw: u32,      // INT4 with zeros: the word holding its zero point
+}
+
+fn rows_q_load(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsQRegs {
+    var t = RowsQRegs(rows_load_a(j, kt, lid), vec4<u32>(0u), 0u, 0u);
+    let ld = rows_q_loader(lid, gated);
+    let k0 = kt * RB_K + ld.v * q_epv();
+    if (!ld.valid || ld.c < j.clo || ld.c >= j.ncount || k0 >= p.k_dim) {
+        return t;
+    }
+    let row = j.w_row0 + ld.c;
+    let byte0 = row * p.row_bytes + select(k0 >> 1u, k0, W_QUANT == 1u);
+    t.w = w4_vec(ld.gate, byte0 >> 4u);
+    let si = w_scale_index(row, w_sbase(j.e), j.n0 + ld.c, k0);
+    t.sw = w4_at(ld.gate, s_word(si));
+    if (W_QUANT == 3u && W_ZEROS != 0u) {
+        t.zw = w4_at(ld.gate, z_word(si));
+    }
+    return t;
+}
+
+// Stores block kt from registers into workgroup memory, decoding the loaders' codes (two
+// barriers: call in uniform flow). Columns and words without codes are stored as 0.
+fn rows_q_stage(j: RowsJob, t: RowsQRegs, kt: u32, lid: u32, gated: bool) {
+    workgroupBarrier(); // every invocation is done with the previous block
+    let ka = lid & 63u;
+    for (var i = 0u; i < 8u; i++) {
+        let r = (lid >> 6u) + 4u * i;
+        ra_s[r * RPITCH + (ka >> 2u)][ka & 3u] = v8_get(t.a, i);
+    }
+    let ld = rows_q_loader(lid, gated);
+    if (ld.valid) {
+        let epv = q_epv();
+        let k0 = kt * RB_K + ld.v * epv;
+        let base = ld.c * RPITCH + ld.v * (epv >> 2u);
+        let has = ld.c >= j.clo && ld.c < j.ncount && k0 < p.k_dim;
+        let row = j.w_row0 + ld.c;
+        let sbase = w_sbase(j.e);
+        var si = w_scale_index(row, sbase, j.n0 + ld.c, k0);
+        var s = s_decode(t.sw, si);
+        var z = 8u;
+        if (W_QUANT == 3u && W_ZEROS != 0u) {
+            z = z_decode(t.zw, si);
+        }
+        for (var q = 0u; q < (epv >> 2u); q++) {
+            var f = vec4<f32>(0.0);
+            if (has) {
+                for (var e = 0u; e < 4u; e++) {
+                    let i = 4u * q + e;
+                    if (W_GROUP % epv != 0u && i > 0u && (k0 + i) % W_GROUP == 0u) {
+                        // A group boundary inside the word: the next scale (and zero point).
+                        si = w_scale_index(row, sbase, j.n0 + ld.c, k0 + i);
+                        s = s_decode(w4_at(ld.gate, s_word(si)), si);
+                        if (W_QUANT == 3u && W_ZEROS != 0u) {
+                            z = z_decode(w4_at(ld.gate, z_word(si)), si);
+                        }
+                    }
+                    var code = 0u;
+                    if (W_QUANT == 1u) {
+                        code = (t.w[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
+                    } else {
+                        code = (t.w[i >> 3u] >> ((i & 7u) * 4u)) & 0xfu;
+                    }
+                    f[e] = q_value(code, s, z);
+                }
+            }
+            if (ld.gate) {
+                rg_s[base + q] = f;
+            } else {
+                rb_s[base + q] = f;
+            }
+        }
+    }
+    workgroupBarrier();
+}
+
+// The small-batch GEMM of a quantized pass through 128-bit code words: as expert_up_rows with
+// rows_q_load / rows_q_stage for the weight blocks.
+fn rows_q_main(wid: vec3<u32>, lid: u32, act: u32) {
+    let j = rows_job(wid, lid);
+    if (j.valid == 0u) {
+        return;
+    }
+    let gated = is_gated(act);
+    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
+    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var n1 = rows_q_load(j, 0u, lid, gated);
+    var n2 = rows_q_load(j, 1u, lid, gated);
+    for (var kt = 0u; kt < k_tiles; kt++) {
+        rows_q_stage(j, n1, kt, lid, gated);
+        n1 = n2;
+        n2 = rows_q_load(j, kt + 2u, lid, gated);
+        acc = rows_compute(j, kt, lid, gated, acc);
+    }
+    rows_store(j, lid, act, gated, acc);
+}
+
 // The four entry points differ only in the weight load (scalar words or vec4 words) and in the
 // epilogue's activation; each runs: job, two blocks prefetched, then per block stage / prefetch
 // the block two ahead / accumulate, then the epilogue.
@@ -985,6 +1203,10 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 @compute @workgroup_size(256)
 fn expert_up_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if (W_QUANT != 0u) {
+        rows_q_main(wid, lid, ACT);
+        return;
+    }
     let j = rows_job(wid, lid);
     if (j.valid == 0u) {
         return;
@@ -1006,6 +1228,10 @@ fn expert_up_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
 
 @compute @workgroup_size(256)
 fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if (W_QUANT != 0u) {
+        rows_q_main(wid, lid, ACT_NONE);
+        return;
+    }
     let j = rows_job(wid, lid);
     if (j.valid == 0u) {
         return;

@@ -19,16 +19,22 @@
 //! and decoded in the kernels' weight loads (the `W_QUANT`, `S_DTYPE`, `W_ZEROS` and `W_GROUP`
 //! overrides, the section offsets in the uniform): one decoded f32 per weight element enters
 //! the same fma chain as a dense weight, so every path and chunking gives the same bits. The
-//! tiled and scalar small-batch entry points decode; the vec4 small-batch ones are dense-only.
+//! tiled and scalar small-batch entry points decode element by element (a code word and a
+//! scale per element); the vec4 small-batch ones read 16-byte words of codes (16 FP8 codes or
+//! 32 nibbles) and decode a word with one scale (and zero point) fetch per group in it.
 //!
 //! Small batches (decode): with at most [`SMALL_ROWS`] = 32 rows in all (`T · k` routed rows,
 //! known on the host), the 64-row tiles would be almost empty and the grid too small to keep
 //! the memory busy, so the `*_rows` entry points run instead: one workgroup per (expert,
 //! 32 weight rows), looping over that expert's ≤ 32 rows with one read of each weight element,
-//! loaded with coalesced 128-bit reads (`*_rows_x4`, when a weight row is a whole number of
-//! vec4 words) or scalar words. They compute every output with exactly the tiled kernel's
-//! arithmetic (same fma order, zero padding, bias and activation code), so a token's output is
-//! bitwise the same whether its batch takes the small or the tiled path.
+//! loaded with coalesced 128-bit reads (`*_rows_x4`) or scalar words. `pass_entry` picks the
+//! 128-bit form for a pass whenever its weight rows are whole 16-byte words of whole elements
+//! ([`GpuWeights::vec4_rows`]: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0, FP8 K % 16 = 0,
+//! MXFP4 / INT4 K % 32 = 0), the scalar form otherwise (odd K included); [`GemmPath`] forces
+//! either for tests. They compute every output with exactly the tiled kernel's arithmetic
+//! (same decoded weights, fma order, zero padding, bias and activation code), so a token's
+//! output is bitwise the same whether its batch takes the small or the tiled path, and
+//! whichever weight load the small path uses.
 //!
 //! Activations (`a`, `h`, `out`) are f32, f16 or bf16 ([`Act`], the shader's `A_DTYPE`): read
 //! widened exactly, accumulated in f32, each output rounded once at the store. A 16-bit output
@@ -70,8 +76,16 @@ pub enum GemmPath {
     Auto,
     /// The tiled kernel (any row count).
     Tiled,
-    /// The small-batch path (`rows <= SMALL_ROWS` only).
+    /// The small-batch path (`rows <= SMALL_ROWS` only), with 128-bit weight words for each
+    /// matrix whose rows allow them ([`GpuWeights::vec4_rows`]), scalar words otherwise: what
+    /// `Auto` runs for small batches.
     Rows,
+    /// The small-batch path with scalar weight words for every matrix (`rows <= SMALL_ROWS`).
+    RowsScalar,
+    /// The small-batch path with 128-bit weight words for every matrix (`rows <= SMALL_ROWS`;
+    /// an error when a matrix's rows do not allow them; a pass with K = 0 reads no weight and
+    /// runs the scalar entry point).
+    RowsX4,
 }
 
 /// Entry points of shaders/expert_gemm.wgsl.
@@ -85,10 +99,54 @@ pub enum Entry {
     UpRows,
     /// [`Entry::Down`] for ≤ 32 rows, scalar weight words.
     DownRows,
-    /// [`Entry::Up`] for ≤ 32 rows, 128-bit weight words (rows of a multiple of 4 words).
+    /// [`Entry::Up`] for ≤ 32 rows, 128-bit weight words (rows of whole words:
+    /// [`GpuWeights::vec4_rows`]; dense elements, or quantized codes decoded a word at a time).
     UpRowsX4,
-    /// [`Entry::Down`] for ≤ 32 rows, 128-bit weight words (rows of a multiple of 4 words).
+    /// [`Entry::Down`] for ≤ 32 rows, 128-bit weight words (as [`Entry::UpRowsX4`]).
     DownRowsX4,
+}
+
+/// Tiled, small-batch scalar and small-batch vec4 entry points of GEMM 1.
+const UP_ENTRIES: [Entry; 3] = [Entry::Up, Entry::UpRows, Entry::UpRowsX4];
+/// Tiled, small-batch scalar and small-batch vec4 entry points of GEMM 2.
+const DOWN_ENTRIES: [Entry; 3] = [Entry::Down, Entry::DownRows, Entry::DownRowsX4];
+
+/// The entry point of a pass with `entries` (tiled, scalar rows, vec4 rows) over `weights`
+/// (`[E·N, K]`, K = `weights.cols`) for `rows` rows on `path`. The vec4 small-batch entry
+/// point is taken only when every weight row is whole 16-byte words
+/// ([`GpuWeights::vec4_rows`]: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0, FP8 K % 16 = 0,
+/// MXFP4 / INT4 K % 32 = 0); odd K and other widths take the scalar one. Every choice gives
+/// the same bits.
+fn pass_entry(
+    path: GemmPath,
+    rows: usize,
+    entries: [Entry; 3],
+    weights: &GpuWeights,
+) -> Result<Entry> {
+    if path != GemmPath::Tiled && path != GemmPath::Auto && rows > SMALL_ROWS {
+        return Err(gpu_err(format!(
+            "the small-batch expert GEMM takes at most {SMALL_ROWS} rows, not {rows}"
+        )));
+    }
+    let k = weights.cols;
+    let x4 = weights.vec4_rows();
+    Ok(match path {
+        GemmPath::Tiled => entries[0],
+        GemmPath::Auto if rows > SMALL_ROWS => entries[0],
+        GemmPath::Auto | GemmPath::Rows => entries[if x4 { 2 } else { 1 }],
+        GemmPath::RowsScalar => entries[1],
+        GemmPath::RowsX4 if k == 0 => entries[1],
+        GemmPath::RowsX4 => {
+            if !x4 {
+                return Err(gpu_err(format!(
+                    "the vec4 small-batch expert GEMM needs rows of whole 16-byte words; \
+                     {:?} weights with K = {k} do not have them",
+                    weights.format
+                )));
+            }
+            entries[2]
+        }
+    })
 }
 
 impl Entry {
@@ -314,8 +372,8 @@ fn act_code(act: Activation) -> f64 {
 /// One GEMM pass: `out [rows, N] = epilogue(a [rows, K] · W[e]ᵀ)` for the weight row chunks
 /// `chunks` of the flattened `[E·N, K]` view of `weights`.
 struct Pass<'a> {
-    /// Tiled, small-batch scalar and small-batch vec4 entry points.
-    entries: [Entry; 3],
+    /// The entry point ([`pass_entry`]).
+    entry: Entry,
     weights: &'a GpuWeights,
     constants: Vec<(&'static str, f64)>,
     k: usize,
@@ -334,8 +392,9 @@ struct Pass<'a> {
 /// ones), `out` is padded (an even stride for f16 / bf16). The intermediate `h [rows, F]`
 /// (padded, in the same dtype; one binding: it must fit the adapter's storage binding limit)
 /// comes from `scratch`, as do the uniforms: nothing is allocated. Records dispatches only.
-/// Takes the small-batch path when `rows <= SMALL_ROWS`, the tiled kernel otherwise (bitwise
-/// the same results).
+/// Takes the small-batch path when `rows <= SMALL_ROWS` (128-bit weight words for each
+/// matrix whose rows allow them: [`GpuWeights::vec4_rows`]), the tiled kernel otherwise
+/// (bitwise the same results).
 #[allow(clippy::too_many_arguments)]
 pub fn encode(
     dev: &WgpuDevice,
@@ -365,18 +424,9 @@ pub fn encode_path(
 ) -> Result<()> {
     let st = Stage::ExpertGemm;
     let rows = a.rows;
-    let small = match path {
-        GemmPath::Auto => rows <= SMALL_ROWS,
-        GemmPath::Tiled => false,
-        GemmPath::Rows => {
-            if rows > SMALL_ROWS {
-                return Err(gpu_err(format!(
-                    "the small-batch expert GEMM takes at most {SMALL_ROWS} rows, not {rows}"
-                )));
-            }
-            true
-        }
-    };
+    // Both passes' entry points, chosen (and a forced path checked) before anything is recorded.
+    let up_entry = pass_entry(path, rows, UP_ENTRIES, &w.up)?;
+    let down_entry = pass_entry(path, rows, DOWN_ENTRIES, &w.down)?;
     let ExpertDims {
         experts: e,
         hidden: h,
@@ -434,7 +484,7 @@ pub fn encode_path(
     let mut up_constants = weight_constants(&w.up);
     up_constants.extend([("A_DTYPE", act::code(dtype)), ("ACT", act_code(act))]);
     let up = Pass {
-        entries: [Entry::Up, Entry::UpRows, Entry::UpRowsX4],
+        entry: up_entry,
         weights: &w.up,
         constants: up_constants,
         k: h,
@@ -473,7 +523,7 @@ pub fn encode_path(
     let mut down_constants = weight_constants(&w.down);
     down_constants.extend([("A_DTYPE", act::code(dtype)), ("ACT", 0.0)]);
     let down = Pass {
-        entries: [Entry::Down, Entry::DownRows, Entry::DownRowsX4],
+        entry: down_entry,
         weights: &w.down,
         constants: down_constants,
         k: f,
@@ -488,20 +538,12 @@ pub fn encode_path(
         if pass.n == 0 {
             continue;
         }
-        // Words per weight row; the vec4 form needs whole vec4 words per row (every row then
-        // starts on one, and so does every chunk, which starts on a row), and dense weights.
-        let row_words = match pass.weights.format {
-            WeightFormat::Dense(DType::F32) => Some(pass.k),
-            WeightFormat::Dense(_) => (pass.k % 2 == 0).then_some(pass.k / 2),
-            WeightFormat::Quant(_) => None,
-        };
         let q = pass.weights.quant();
-        let x4 = small && pass.k > 0 && row_words.is_some_and(|rw| rw % 4 == 0);
-        let entry = match (small, x4) {
-            (false, _) => pass.entries[0],
-            (true, false) => pass.entries[1],
-            (true, true) => pass.entries[2],
-        };
+        let entry = pass.entry;
+        // The small-batch entry points (a grid of experts × 32 columns) and, of them, the vec4
+        // ones (bindings 8 and 9 for the weights).
+        let small = entry != UP_ENTRIES[0] && entry != DOWN_ENTRIES[0];
+        let x4 = entry == UP_ENTRIES[2] || entry == DOWN_ENTRIES[2];
         let pipeline = dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?;
         for c in &pass.chunks {
             let (first, n_rows, words, gwords) = (c.first, c.rows, c.words, c.gate);
@@ -701,8 +743,22 @@ mod tests {
         offsets: &[u32],
         act: Activation,
         path: GemmPath,
-        (dtype, dense_x): (DType, bool),
+        dtypes: (DType, bool),
     ) -> Vec<u32> {
+        try_run_words(dev, w, x, offsets, act, path, dtypes).unwrap()
+    }
+
+    /// [`run_words`], or the error of [`encode_path`] (a forced path the weights or the row
+    /// count do not allow).
+    fn try_run_words(
+        dev: &WgpuDevice,
+        w: &GpuExperts,
+        x: &[f32],
+        offsets: &[u32],
+        act: Activation,
+        path: GemmPath,
+        (dtype, dense_x): (DType, bool),
+    ) -> Result<Vec<u32>> {
         let h = w.dims.hidden;
         let rows = x.len() / h;
         let st = if dense_x { h } else { act::stride(h, dtype) };
@@ -727,16 +783,74 @@ mod tests {
             act,
             Act::padded(&yb, dtype, rows, h),
             path,
-        )
-        .unwrap();
+        )?;
         dev.submit_and_wait(enc).unwrap();
-        dev.read(&yb).unwrap()
+        Ok(dev.read(&yb).unwrap())
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    /// Whether rows of K elements of `format` are whole 128-bit words, from the element sizes
+    /// alone: the rule the choice of the vec4 small-batch entry points is held to.
+    fn whole_words(format: &WeightFormat, k: usize) -> bool {
+        let bits = match format {
+            WeightFormat::Dense(d) => 8 * d.size(),
+            WeightFormat::Quant(q) if q.format == QuantFormat::Fp8Block => 8,
+            WeightFormat::Quant(_) => 4,
+        };
+        k > 0 && (k * bits) % 128 == 0
+    }
+
+    /// Checks the entry points each path picks for `w` (K = H for the up pass, F for the
+    /// down pass) against [`whole_words`]: vec4 small-batch ones exactly where the rows are
+    /// whole words (`Auto`, `Rows`, and `RowsX4`, refused otherwise), scalar ones for
+    /// `RowsScalar`, tiled ones past 32 rows. Returns whether both passes take the vec4 ones.
+    fn check_small_entries(w: &GpuExperts, rows: usize) -> bool {
+        let (h, f) = (w.dims.hidden, w.dims.ffn);
+        let mut x4 = true;
+        for (entries, m, k) in [(UP_ENTRIES, &w.up, h), (DOWN_ENTRIES, &w.down, f)] {
+            let words = whole_words(&m.format, k);
+            x4 &= words;
+            let ctx = format!("{:?}, K {k}, {rows} rows", m.format);
+            let want = entries[if words { 2 } else { 1 }];
+            for path in [GemmPath::Auto, GemmPath::Rows] {
+                assert_eq!(pass_entry(path, rows, entries, m).unwrap(), want, "{ctx}");
+            }
+            let scalar = pass_entry(GemmPath::RowsScalar, rows, entries, m).unwrap();
+            assert_eq!(scalar, entries[1], "{ctx}");
+            let forced = pass_entry(GemmPath::RowsX4, rows, entries, m);
+            assert_eq!(forced.ok(), words.then_some(entries[2]), "{ctx}");
+            assert_eq!(
+                pass_entry(GemmPath::Tiled, rows, entries, m).unwrap(),
+                entries[0]
+            );
+            let big = SMALL_ROWS + 1;
+            assert_eq!(
+                pass_entry(GemmPath::Auto, big, entries, m).unwrap(),
+                entries[0]
+            );
+            for path in [GemmPath::Rows, GemmPath::RowsScalar, GemmPath::RowsX4] {
+                assert!(pass_entry(path, big, entries, m).is_err(), "{ctx}");
+            }
+        }
+        x4
+    }
+
+    /// The forced small-batch paths for weights whose rows are (`x4`) or are not whole vec4
+    /// words: `Rows` (what `Auto` picks) and `RowsScalar` always, `RowsX4` when allowed.
+    fn small_paths(x4: bool) -> Vec<GemmPath> {
+        let mut paths = vec![GemmPath::Rows, GemmPath::RowsScalar];
+        if x4 {
+            paths.push(GemmPath::RowsX4);
+        }
+        paths
+    }
+
+    /// Dense weights: the small-batch path, with vec4 words where the rows allow them and
+    /// forced to scalar words (and to vec4 words where allowed; refused elsewhere), bitwise
+    /// the tiled path, whole and in chunks.
     #[test]
     fn small_batch_path_is_bitwise_the_tiled_path() {
         let Some(dev) = device() else { return };
@@ -769,13 +883,22 @@ mod tests {
                     let tiled = run_path(&dev, &whole, &x, offsets, act, GemmPath::Tiled);
                     let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
                     assert!(err <= 2e-5, "{act:?} {dtype}: rel L2 {err:e}");
+                    let x4 = check_small_entries(&whole, rows);
                     for (label, gw) in [("whole", &whole), ("chunked", &chunked)] {
-                        let small = run_path(&dev, gw, &x, offsets, act, GemmPath::Rows);
-                        assert_eq!(
-                            bits(&tiled[..kept * h]),
-                            bits(&small[..kept * h]),
-                            "E {e} F {f} H {h} {act:?} {dtype} {label}: small path differs"
-                        );
+                        for path in small_paths(x4) {
+                            let small = run_path(&dev, gw, &x, offsets, act, path);
+                            assert_eq!(
+                                bits(&tiled[..kept * h]),
+                                bits(&small[..kept * h]),
+                                "E {e} F {f} H {h} {act:?} {dtype} {label} {path:?}: differs"
+                            );
+                        }
+                        if !x4 {
+                            let forced = (DType::F32, false);
+                            let r =
+                                try_run_words(&dev, gw, &x, offsets, act, GemmPath::RowsX4, forced);
+                            assert!(r.is_err(), "E {e} F {f} H {h} {dtype}: vec4 words forced");
+                        }
                     }
                     let auto = run(&dev, &whole, &x, offsets, act);
                     assert_eq!(bits(&tiled[..kept * h]), bits(&auto[..kept * h]));
@@ -1015,7 +1138,12 @@ mod tests {
     /// multiples of 128 (one and two blocks) and odd K (rows starting mid-word); MXFP4; INT4
     /// with f16 / bf16 / f32 scales, with and without zero points, odd K with G = 25 and the
     /// default groups. Small chunks (≈ 11 rows: chunks start mid-expert and mid-FP8-block)
-    /// give the same bits as one chunk, and the small-batch path the tiled path's bits.
+    /// give the same bits as one chunk, and the small-batch path the tiled path's bits, with
+    /// each of its weight loads forced: scalar words, and 128-bit code words where K allows
+    /// them (FP8 K % 16 = 0, here with edge blocks in N and K; MXFP4 / INT4 K % 32 = 0, INT4
+    /// with groups of 16 and 48, so a group boundary inside a word); they are refused, and
+    /// never picked, for the other K: odd K (INT4 K = 31, a 16-byte row), K % 16 ≠ 0 (FP8),
+    /// K % 32 ≠ 0 (INT4), one pass of the FFN taking them and the other not.
     #[test]
     fn quantized_weights_match_the_reference() {
         let Some(dev) = device() else { return };
@@ -1032,7 +1160,16 @@ mod tests {
             (spec(int4, DType::F32, Some(25), true), (2, 25, 75)),
             (spec(int4, DType::BF16, None, true), (2, 96, 160)),
             (spec(int4, DType::F16, None, false), (2, 96, 160)),
+            // 128-bit code words: FP8 edge blocks (N = 144: a 16-row block; K = 208 and 144:
+            // a partial last block), FP8 up only (F = 40) with N < 128, INT4 with 2 groups a
+            // word and with a group boundary mid-word, INT4 odd K = 31 (never vec4).
+            (spec(fp8, DType::F32, None, false), (3, 144, 208)),
+            (spec(fp8, DType::BF16, None, false), (2, 40, 208)),
+            (spec(int4, DType::F16, Some(16), true), (2, 96, 160)),
+            (spec(int4, DType::BF16, Some(48), false), (2, 96, 192)),
+            (spec(int4, DType::F32, Some(31), true), (2, 31, 31)),
         ];
+        let mut x4_cases = 0;
         for (sp, (e, f, h)) in cases {
             // 30 rows (the small path) and 150 (several row tiles); 2 rows dropped each.
             for rows in [30usize, 150] {
@@ -1075,24 +1212,40 @@ mod tests {
                         "{ctx}: chunked"
                     );
                     if rows <= SMALL_ROWS {
+                        let x4 = check_small_entries(&whole, rows);
+                        x4_cases += usize::from(x4);
                         for (label, gw) in [("whole", &whole), ("chunked", &chunked)] {
-                            let small = run_path(&dev, gw, &x, &offsets, act, GemmPath::Rows);
-                            assert_eq!(
-                                bits(&tiled[..kept * h]),
-                                bits(&small[..kept * h]),
-                                "{ctx} {label}: small path differs"
-                            );
+                            for path in small_paths(x4) {
+                                let small = run_path(&dev, gw, &x, &offsets, act, path);
+                                assert_eq!(
+                                    bits(&tiled[..kept * h]),
+                                    bits(&small[..kept * h]),
+                                    "{ctx} {label} {path:?}: small path differs"
+                                );
+                            }
+                            if !x4 {
+                                let f32x = (DType::F32, false);
+                                let forced = GemmPath::RowsX4;
+                                let r = try_run_words(&dev, gw, &x, &offsets, act, forced, f32x);
+                                assert!(r.is_err(), "{ctx} {label}: vec4 words forced");
+                            }
                         }
+                        println!("{ctx}: vec4 code words in both passes: {x4}");
                     }
                     println!("{ctx}: rel L2 {err:.2e}, paths and chunkings bitwise equal");
                 }
             }
         }
+        // MXFP4 (3, 96, 160), FP8 (3, 144, 208), INT4 (2, 96, 160) with default groups (two
+        // specs) and G = 16, INT4 (2, 96, 192) with G = 48; two activations each.
+        assert_eq!(x4_cases, 2 * 6, "cases on the vec4 path in both passes");
     }
 
     /// f16 and bf16 activations with quantized weights (FP8 with bf16 scales, INT4 with f16
     /// scales and zeros, MXFP4), against the reference with x and h rounded to the dtype; the
-    /// small path, the tiled path and small chunks give the same words.
+    /// small path (each weight load forced: scalar words, and 128-bit code words for MXFP4,
+    /// FP8 with K = 48 / 80 and INT4 with groups of 16), the tiled path and small chunks
+    /// (starting at odd expert-local columns) give the same words.
     #[test]
     fn quantized_weights_with_half_activations() {
         let Some(dev) = device() else { return };
@@ -1113,7 +1266,18 @@ mod tests {
                 spec(QuantFormat::Mxfp4, DType::F32, None, false),
                 (2, 32, 96),
             ),
+            (
+                DType::F16,
+                spec(QuantFormat::Fp8Block, DType::BF16, None, false),
+                (3, 48, 80),
+            ),
+            (
+                DType::BF16,
+                spec(QuantFormat::Int4, DType::BF16, Some(16), true),
+                (2, 64, 96),
+            ),
         ];
+        let mut x4_cases = 0;
         for (dtype, sp, (e, f, h)) in cases {
             for rows in [7usize, 74] {
                 let kept = rows - 1;
@@ -1148,13 +1312,20 @@ mod tests {
                     assert_eq!(auto, run(&whole, GemmPath::Tiled), "{ctx}: tiled");
                     assert_eq!(auto, run(&chunked, GemmPath::Tiled), "{ctx}: chunked");
                     if rows <= SMALL_ROWS {
-                        assert_eq!(auto, run(&whole, GemmPath::Rows), "{ctx}: small");
-                        assert_eq!(auto, run(&chunked, GemmPath::Rows), "{ctx}: small chunked");
+                        let x4 = check_small_entries(&whole, rows);
+                        x4_cases += usize::from(x4);
+                        for path in small_paths(x4) {
+                            assert_eq!(auto, run(&whole, path), "{ctx}: small {path:?}");
+                            let c = run(&chunked, path);
+                            assert_eq!(auto, c, "{ctx}: small chunked {path:?}");
+                        }
                     }
                     println!("{ctx}: rel L2 {err:.2e}, paths bitwise equal");
                 }
             }
         }
+        // MXFP4, FP8 (3, 48, 80) and INT4 (2, 64, 96); two activations each.
+        assert_eq!(x4_cases, 3 * 2, "cases on the vec4 path in both passes");
     }
 
     /// Device memory of a quantized matrix is its packed bytes: with one chunk, exactly each

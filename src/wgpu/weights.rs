@@ -10,8 +10,10 @@
 //! to one, bytes little-endian in their words (byte i of a section is bits 8·(i % 4) of word
 //! i / 4):
 //!
-//! - codes: the chunk's rows, `row_bytes` each: FP8 one e4m3 byte per element (K bytes),
-//!   MXFP4 / INT4 two nibbles per byte, the low nibble the even k (⌈K/2⌉ bytes);
+//! - codes, from byte 0: the chunk's rows, `row_bytes` each: FP8 one e4m3 byte per element
+//!   (K bytes), MXFP4 / INT4 two nibbles per byte, the low nibble the even k (⌈K/2⌉ bytes);
+//!   with K a multiple of 16 (FP8) or 32 (MXFP4 / INT4) every row is whole 16-byte words,
+//!   which the small-batch kernels then read as `vec4<u32>` ([`GpuWeights::vec4_rows`]);
 //! - scales, in the file's dtype (f32; f16 / bf16 two per word, the even scale low; e8m0
 //!   bytes): FP8 the scale rows `srow(first) ..= srow(last)` of the chunk's first and last
 //!   rows, `srow(r) = (r / N)·⌈N/128⌉ + (r % N) / 128` (monotonic in r, so contiguous; a scale
@@ -153,6 +155,25 @@ impl GpuWeights {
         }
     }
 
+    /// Whether every row is a whole number of 16-byte words of whole elements, so that the
+    /// small-batch `*_rows_x4` entry points (shaders/expert_gemm.wgsl) can read it as
+    /// `vec4<u32>` words: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0; FP8 K % 16 = 0 (16 e4m3
+    /// codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word; an odd K's padding nibble
+    /// is never in a word of its own). Every chunk starts with a row at byte 0 of its buffer
+    /// (for quantized chunks: the codes section comes first), so every row, and every word of
+    /// a row, then starts on a 16-byte boundary of the binding. False when K = 0.
+    pub fn vec4_rows(&self) -> bool {
+        const WORD: usize = 16;
+        let per_word = match &self.format {
+            WeightFormat::Dense(d) => WORD / d.size(),
+            WeightFormat::Quant(q) => match q.format {
+                QuantFormat::Fp8Block => WORD,
+                QuantFormat::Mxfp4 | QuantFormat::Int4 => 2 * WORD,
+            },
+        };
+        self.cols > 0 && self.cols % per_word == 0
+    }
+
     /// Bytes of device memory the chunks hold (what was allocated, padding included).
     pub fn bytes(&self) -> u64 {
         self.chunks.iter().map(|c| c.words.buffer.size()).sum()
@@ -256,6 +277,8 @@ impl GpuWeights {
                 let (z_lo, z_hi) = (s_lo * d.scale_cols, s_hi * d.scale_cols);
                 let sb = d.scale_bytes;
                 let mut buf = Vec::with_capacity(d.chunk_bytes(first, n) as usize);
+                // Codes first, at byte 0: rows of whole 16-byte words start on one
+                // (`vec4_rows`).
                 push_section(&mut buf, &q.codes[c_lo..c_hi]);
                 let scale_word = buf.len() / 4;
                 push_section(&mut buf, &scale_bytes[z_lo * sb..z_hi * sb]);
