@@ -296,6 +296,10 @@ impl MoeLayer {
                 ),
             ));
         }
+        let (mut gate, mut up) = (gate, up);
+        if let Some(g) = gate.as_mut() {
+            quant::harmonize(g, &mut up);
+        }
         let experts = ExpertWeights {
             gate,
             up,
@@ -376,6 +380,10 @@ impl MoeLayer {
         rank2("shared.down_proj", &down)?;
         if let Some(g) = &gate {
             rank2("shared.gate_proj", g)?;
+        }
+        let (mut gate, mut up) = (gate, up);
+        if let Some(g) = gate.as_mut() {
+            quant::harmonize(g, &mut up);
         }
         let weights = ExpertWeights {
             gate: gate.map(Weight::as_one_expert).transpose()?,

@@ -764,3 +764,51 @@ fn every_code_decodes_alike_on_every_backend() {
         println!("[quant_special_codes] {kind}: every code, NaN and inf rows alike");
     }
 }
+
+/// Gate and up of one format with different scale dtypes (and INT4 zero points on one only)
+/// load, decode to the same values, and run on every backend.
+#[test]
+fn gate_and_up_may_differ_in_scale_dtype_and_zero_points() {
+    let (_, dense) = layers().swap_remove(0);
+    for (format, gs, us) in [
+        (QuantFormat::Fp8Block, DType::BF16, DType::F32),
+        (QuantFormat::Int4, DType::F16, DType::BF16),
+    ] {
+        let spec = |s: DType, zeros: bool| QuantSpec {
+            scale_dtype: s,
+            zeros,
+            ..QuantSpec::new(format)
+        };
+        let gq = dense.quantized(&spec(gs, true)).unwrap();
+        let uq = dense.quantized(&spec(us, false)).unwrap();
+        let mut t: BTreeMap<String, FileTensor> = uq.file_tensors().unwrap().into_iter().collect();
+        t.retain(|n, _| !n.starts_with("experts.gate_proj"));
+        for (n, v) in gq.file_tensors().unwrap() {
+            if n.starts_with("experts.gate_proj") {
+                t.insert(n, v);
+            }
+        }
+        let layer = MoeLayer::from_file_tensors(dense.config, t, "mixed.safetensors")
+            .unwrap_or_else(|e| panic!("{format}: {e}"));
+        for (name, w, q) in [
+            (
+                "gate",
+                layer.experts.gate.as_ref().unwrap(),
+                gq.experts.gate.as_ref().unwrap(),
+            ),
+            ("up", &layer.experts.up, &uq.experts.up),
+        ] {
+            let (a, b) = (w.quant().unwrap(), q.quant().unwrap());
+            for (e, n, k) in [(0, 0, 0), (3, 95, 159), (7, 50, 77)] {
+                assert_eq!(a.get(e, n, k), b.get(e, n, k), "{format} {name}");
+            }
+        }
+        for dev in common::backends("quant_mixed_scales") {
+            if skip_cuda(&dev, &layer) {
+                continue;
+            }
+            let x = random_x(5, 160, 2);
+            check_forward(&dev, &layer, &x, &format!("{format} gate {gs} up {us}"));
+        }
+    }
+}

@@ -186,7 +186,10 @@ impl QuantMatrix {
         match (self.format, &self.scales) {
             (QuantFormat::Mxfp4, Scales::E8m0(_)) => {}
             (QuantFormat::Mxfp4, s) => {
-                return Err(format!("mxfp4 scales are e8m0 (U8), got {}", s.dtype_name()))
+                return Err(format!(
+                    "mxfp4 scales are e8m0 (U8), got {}",
+                    s.dtype_name()
+                ))
             }
             (f, Scales::E8m0(_)) => return Err(format!("{f} scales are floats, got e8m0 (U8)")),
             (QuantFormat::Fp8Block, Scales::Float(t)) if t.dtype() == DType::F16 => {
@@ -195,7 +198,9 @@ impl QuantMatrix {
             _ => {}
         }
         if self.format == QuantFormat::Mxfp4 && k % MX_BLOCK != 0 {
-            return Err(format!("mxfp4 needs K to be a multiple of {MX_BLOCK}, got K = {k}"));
+            return Err(format!(
+                "mxfp4 needs K to be a multiple of {MX_BLOCK}, got K = {k}"
+            ));
         }
         if self.format == QuantFormat::Int4 {
             let sc = self.scales.len().checked_div(er).unwrap_or(0);
@@ -365,6 +370,34 @@ impl QuantMatrix {
             scale_dtype: self.scales.dtype_name(),
             group: self.group(),
             zeros: self.zeros.is_some(),
+        }
+    }
+}
+
+/// Makes a gate and an up matrix of one format decode alike where that is exact: scales of
+/// different float dtypes both widened to f32 (every f16 / bf16 value is an f32), and zero
+/// points materialised as 8 on the one that has none. The GPU kernels decode gate and up in
+/// one pass with one layout; the values are unchanged. Different groups are left as they are
+/// ([`ExpertWeights::dims`](crate::cpu::expert_gemm::ExpertWeights::dims) refuses them).
+pub fn harmonize(gate: &mut Weight, up: &mut Weight) {
+    let (Weight::Quant(g), Weight::Quant(u)) = (gate, up) else {
+        return;
+    };
+    if g.format != u.format || g.group() != u.group() {
+        return;
+    }
+    if g.scales.dtype_name() != u.scales.dtype_name() {
+        for m in [&mut *g, &mut *u] {
+            if let Scales::Float(t) = &m.scales {
+                m.scales = Scales::Float(t.cast(DType::F32));
+            }
+        }
+    }
+    if g.zeros.is_some() != u.zeros.is_some() {
+        for m in [g, u] {
+            if m.zeros.is_none() {
+                m.zeros = Some(vec![INT4_DEFAULT_ZERO; m.scales.len()]);
+            }
         }
     }
 }
