@@ -116,7 +116,8 @@ pub fn parse_file_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String,
             StDtype::BF16 => float(TensorData::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(
                 raw,
             )))?,
-            StDtype::U8 => FileTensor::U8(shape, raw.to_vec()),
+            // F8_E8M0 is the same bytes as a U8 e8m0 scale (newer MXFP4 exports name it so).
+            StDtype::U8 | StDtype::F8_E8M0 => FileTensor::U8(shape, raw.to_vec()),
             StDtype::F8_E4M3 => FileTensor::F8E4M3(shape, raw.to_vec()),
             other => {
                 return Err(Error::Dtype {

@@ -812,3 +812,35 @@ fn gate_and_up_may_differ_in_scale_dtype_and_zero_points() {
         }
     }
 }
+
+/// MXFP4 scales stored as F8_E8M0 (as newer exports name them) read as the same e8m0 bytes.
+#[test]
+fn mxfp4_scales_may_be_stored_as_f8_e8m0() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (_, dense) = layers().swap_remove(0);
+    let layer = dense
+        .quantized(&QuantSpec::new(QuantFormat::Mxfp4))
+        .unwrap();
+    let tensors = layer.file_tensors().unwrap();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let (dtype, shape, bytes): (Dtype, Vec<usize>, &[u8]) = match t {
+                FileTensor::Float(x) => match x.data() {
+                    moe_kernels::TensorData::F32(v) => {
+                        (Dtype::F32, x.shape().to_vec(), bytemuck::cast_slice(v))
+                    }
+                    _ => unreachable!("the synthetic layer is f32"),
+                },
+                FileTensor::U8(s, b) if n.ends_with("_scales") => (Dtype::F8_E8M0, s.clone(), b),
+                FileTensor::U8(s, b) => (Dtype::U8, s.clone(), b),
+                FileTensor::F8E4M3(s, b) => (Dtype::F8_E4M3, s.clone(), b),
+            };
+            (n.clone(), TensorView::new(dtype, shape, bytes).unwrap())
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    let t = io::parse_file_tensors(&bytes, "e8m0.safetensors").unwrap();
+    let back = MoeLayer::from_file_tensors(layer.config, t, "e8m0.safetensors").unwrap();
+    assert_eq!(back, layer);
+}
