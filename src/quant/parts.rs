@@ -199,15 +199,18 @@ fn fp8_matrix(
         e,
         &[rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)],
     )?;
-    cx.checked(n, QuantMatrix {
-        format: QuantFormat::Fp8Block,
-        experts: e,
-        rows,
-        cols,
-        codes,
-        scales: Scales::Float(cx.with_axis(st)?),
-        zeros: None,
-    })
+    cx.checked(
+        n,
+        QuantMatrix {
+            format: QuantFormat::Fp8Block,
+            experts: e,
+            rows,
+            cols,
+            codes,
+            scales: Scales::Float(cx.with_axis(st)?),
+            zeros: None,
+        },
+    )
 }
 
 fn mxfp4_matrix(
@@ -239,15 +242,18 @@ fn mxfp4_matrix(
         )));
     };
     cx.expect(sn, &ss, e, &[rows, k / MX_BLOCK])?;
-    cx.checked(n, QuantMatrix {
-        format: QuantFormat::Mxfp4,
-        experts: e,
-        rows,
-        cols: k,
-        codes,
-        scales: Scales::E8m0(sv),
-        zeros: None,
-    })
+    cx.checked(
+        n,
+        QuantMatrix {
+            format: QuantFormat::Mxfp4,
+            experts: e,
+            rows,
+            cols: k,
+            codes,
+            scales: Scales::E8m0(sv),
+            zeros: None,
+        },
+    )
 }
 
 fn int4_matrix(
@@ -295,15 +301,18 @@ fn int4_matrix(
             )))
         }
     };
-    cx.checked(n, QuantMatrix {
-        format: QuantFormat::Int4,
-        experts: e,
-        rows,
-        cols: k,
-        codes,
-        scales: Scales::Float(cx.with_axis(st)?),
-        zeros,
-    })
+    cx.checked(
+        n,
+        QuantMatrix {
+            format: QuantFormat::Int4,
+            experts: e,
+            rows,
+            cols: k,
+            codes,
+            scales: Scales::Float(cx.with_axis(st)?),
+            zeros,
+        },
+    )
 }
 
 /// The file tensors of matrix `name` (`expert_axis` false for a shared expert's `[N, K]`).
