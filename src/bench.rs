@@ -263,7 +263,7 @@ pub fn quantized_layer(s: &Shape, spec: &QuantSpec) -> Result<MoeLayer> {
         true,
         &|name, [e, n, k], seed, a, axis| {
             let q = quant_matrix(spec, [e, n, k], seed, a)?;
-            quant::parts::file_tensors(name, &Weight::Quant(q), axis)
+            quant::parts::file_tensors(name, Weight::Quant(q), axis)
         },
     )
 }

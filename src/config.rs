@@ -7,12 +7,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// How router logits become scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scoring {
     /// Softmax over all E experts (max-subtracted).
@@ -25,7 +25,7 @@ pub enum Scoring {
 
 /// Group-limited selection (DeepSeek-V3): E experts in `count` contiguous groups, the best
 /// `keep` groups (by the sum of their two largest selection values) stay eligible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Groups {
     /// Number of groups; must divide E.
@@ -35,7 +35,7 @@ pub struct Groups {
 }
 
 /// How the weight of each pick is formed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Combine {
     /// The pick's score `s`.
@@ -45,7 +45,7 @@ pub enum Combine {
 }
 
 /// Expert capacity C for token-choice routing with dropping.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Capacity {
     /// A fixed number of assignments per expert.
@@ -69,7 +69,7 @@ impl Capacity {
 }
 
 /// Order in which assignments of one slot claim capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Token position (GShard, fairseq default).
@@ -79,7 +79,7 @@ pub enum Priority {
 }
 
 /// Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpertChoice {
     /// C = ceil(capacity_factor · T / E), at most T.
@@ -87,7 +87,7 @@ pub struct ExpertChoice {
 }
 
 /// Parameters of GPT-OSS's clamped SwiGLU.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClampedSwiglu {
     /// Slope of the sigmoid, `alpha` in `σ(alpha · g')` (1.702 in GPT-OSS).
@@ -98,7 +98,7 @@ pub struct ClampedSwiglu {
 }
 
 /// The expert activation, fused into GEMM 1's epilogue.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `silu(g) · u` (gated).
@@ -124,7 +124,7 @@ impl Activation {
 }
 
 /// A model family whose reference implementation a preset reproduces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
     /// Mixtral (HF `MixtralSparseMoeBlock`): softmax, top-2, renormalise, SwiGLU.
@@ -524,6 +524,30 @@ impl LayerConfig {
         }
         cfg.validate_values()?;
         Ok(cfg)
+    }
+
+    /// The config as JSON that [`LayerConfig::from_json`] reads back to the same value: the
+    /// preset (if any) and every key written out, so the file says everything it computes.
+    pub fn to_json(&self) -> String {
+        let r = &self.routing;
+        let mut v = serde_json::json!({
+            "top_k": r.top_k,
+            "scoring": r.scoring,
+            "groups": r.groups,
+            "combine": r.combine,
+            "renormalize": r.renormalize,
+            "scale": r.scale,
+            "capacity": r.capacity,
+            "priority": r.priority,
+            "expert_choice": r.expert_choice,
+            "activation": self.activation,
+            "output_scale": self.output_scale,
+        });
+        if let (Some(p), Some(obj)) = (self.preset, v.as_object_mut()) {
+            obj.insert("preset".into(), serde_json::json!(p));
+        }
+        // Serialising plain enums and numbers into a Value cannot fail.
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
     }
 
     /// Reads and parses a JSON config file.

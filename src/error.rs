@@ -45,6 +45,16 @@ pub enum Error {
         what: String,
     },
 
+    /// A checkpoint directory (config.json, shard index, shards, the layer asked for) cannot
+    /// give the layer: names the file, and the tensor and layer where one is concerned.
+    #[error("checkpoint {path}: {what}")]
+    Checkpoint {
+        /// The file in the checkpoint directory (or the directory itself).
+        path: String,
+        /// What is wrong, naming the tensor and layer.
+        what: String,
+    },
+
     /// A tensor file (weights, input) is not a readable safetensors file.
     #[error("safetensors {path}: {msg}")]
     Safetensors {

@@ -168,34 +168,35 @@ pub enum OutTensor {
 
 /// Writes named tensors to a safetensors file.
 pub fn save(path: &Path, tensors: &[(&str, OutTensor)]) -> Result<()> {
-    let bytes: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
+    // Borrowed bytes: a layer being written is not copied a second time.
+    let bytes: Vec<(String, StDtype, Vec<usize>, &[u8])> = tensors
         .iter()
         .map(|(name, t)| match t {
             OutTensor::F32(s, v) => (
                 name.to_string(),
                 StDtype::F32,
                 s.clone(),
-                bytemuck::cast_slice(v).to_vec(),
+                bytemuck::cast_slice(v),
             ),
             OutTensor::I32(s, v) => (
                 name.to_string(),
                 StDtype::I32,
                 s.clone(),
-                bytemuck::cast_slice(v).to_vec(),
+                bytemuck::cast_slice(v),
             ),
             OutTensor::Tensor(t) | OutTensor::File(FileTensor::Float(t)) => {
-                let (d, b): (StDtype, Vec<u8>) = match t.data() {
-                    TensorData::F32(v) => (StDtype::F32, bytemuck::cast_slice(v).to_vec()),
-                    TensorData::F16(v) => (StDtype::F16, bytemuck::cast_slice(v).to_vec()),
-                    TensorData::BF16(v) => (StDtype::BF16, bytemuck::cast_slice(v).to_vec()),
+                let (d, b): (StDtype, &[u8]) = match t.data() {
+                    TensorData::F32(v) => (StDtype::F32, bytemuck::cast_slice(v)),
+                    TensorData::F16(v) => (StDtype::F16, bytemuck::cast_slice(v)),
+                    TensorData::BF16(v) => (StDtype::BF16, bytemuck::cast_slice(v)),
                 };
                 (name.to_string(), d, t.shape().to_vec(), b)
             }
             OutTensor::File(FileTensor::U8(s, b)) => {
-                (name.to_string(), StDtype::U8, s.clone(), b.clone())
+                (name.to_string(), StDtype::U8, s.clone(), b.as_slice())
             }
             OutTensor::File(FileTensor::F8E4M3(s, b)) => {
-                (name.to_string(), StDtype::F8_E4M3, s.clone(), b.clone())
+                (name.to_string(), StDtype::F8_E4M3, s.clone(), b.as_slice())
             }
         })
         .collect();

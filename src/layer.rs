@@ -227,6 +227,17 @@ impl MoeLayer {
         Self::from_file_tensors(config, tensors, &path.display().to_string())
     }
 
+    /// Reads one MoE layer straight from a Hugging Face checkpoint directory (DESIGN.md
+    /// section 4): `layer` is the decoder layer index (`"3"`), or `"encoder.3"` /
+    /// `"decoder.3"` for encoder-decoder models. The family's tensor names, its routing
+    /// (config.json) and the stored dtype or quantized format are kept; only this layer's
+    /// tensors are read. A dense or missing layer, an unknown `model_type`, a missing shard or
+    /// tensor and shapes that disagree with config.json are errors naming file and tensor.
+    pub fn from_checkpoint(dir: impl AsRef<Path>, layer: &str) -> Result<Self> {
+        let ck = crate::checkpoint::read_layer(dir.as_ref(), layer.parse()?)?;
+        Self::from_file_tensors(ck.config, ck.tensors, &ck.origin)
+    }
+
     /// Builds a layer from named dense tensors; E, H, F and the optional parts are read off
     /// them. `origin` names the source in errors.
     pub fn from_tensors(
@@ -550,35 +561,39 @@ impl MoeLayer {
     /// Every tensor of this layer under the canonical names of DESIGN.md section 4, as
     /// [`MoeLayer::load`] reads them (quantized matrices as their packed parts).
     pub fn file_tensors(&self) -> Result<Vec<(String, FileTensor)>> {
+        self.clone().into_file_tensors()
+    }
+
+    /// [`MoeLayer::file_tensors`] by value: moves the weights instead of copying them (what
+    /// `moe import` writes, so a layer is held once).
+    pub fn into_file_tensors(self) -> Result<Vec<(String, FileTensor)>> {
         let mut out: Vec<(String, FileTensor)> = Vec::new();
-        let mut float = |name: &str, t: Option<&Tensor>| {
+        let mut float = |name: &str, t: Option<Tensor>| {
             if let Some(t) = t {
-                out.push((name.to_string(), FileTensor::Float(t.clone())));
+                out.push((name.to_string(), FileTensor::Float(t)));
             }
         };
-        float("router.weight", Some(&self.router_weight));
-        float("router.bias", self.router_bias.as_ref());
-        float(
-            "router.score_correction_bias",
-            self.score_correction_bias.as_ref(),
-        );
-        let w = &self.experts;
-        float("experts.gate_proj_bias", w.gate_bias.as_ref());
-        float("experts.up_proj_bias", w.up_bias.as_ref());
-        float("experts.down_proj_bias", w.down_bias.as_ref());
-        float(
-            "shared.gate.weight",
-            self.shared.as_ref().and_then(|s| s.gate.as_ref()),
-        );
+        float("router.weight", Some(self.router_weight));
+        float("router.bias", self.router_bias);
+        float("router.score_correction_bias", self.score_correction_bias);
+        let w = self.experts;
+        float("experts.gate_proj_bias", w.gate_bias);
+        float("experts.up_proj_bias", w.up_bias);
+        float("experts.down_proj_bias", w.down_bias);
+        let (shared, shared_gate) = match self.shared {
+            Some(s) => (Some(s.weights), s.gate),
+            None => (None, None),
+        };
+        float("shared.gate.weight", shared_gate);
         let mut mats = vec![
-            ("experts.gate_proj", w.gate.as_ref(), true),
-            ("experts.up_proj", Some(&w.up), true),
-            ("experts.down_proj", Some(&w.down), true),
+            ("experts.gate_proj", w.gate, true),
+            ("experts.up_proj", Some(w.up), true),
+            ("experts.down_proj", Some(w.down), true),
         ];
-        if let Some(s) = &self.shared {
-            mats.push(("shared.gate_proj", s.weights.gate.as_ref(), false));
-            mats.push(("shared.up_proj", Some(&s.weights.up), false));
-            mats.push(("shared.down_proj", Some(&s.weights.down), false));
+        if let Some(s) = shared {
+            mats.push(("shared.gate_proj", s.gate, false));
+            mats.push(("shared.up_proj", Some(s.up), false));
+            mats.push(("shared.down_proj", Some(s.down), false));
         }
         for (name, m, axis) in mats {
             if let Some(m) = m {

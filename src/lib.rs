@@ -22,6 +22,7 @@
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod device;

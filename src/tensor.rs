@@ -149,6 +149,11 @@ impl Tensor {
         &self.data
     }
 
+    /// The raw elements, by value.
+    pub fn into_data(self) -> TensorData {
+        self.data
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.shape.iter().product()

@@ -5,27 +5,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
+use common::fixture::{dense, fixtures_dir, read_expected, Expected};
 use moe_kernels::{io, LayerConfig, MoeLayer, Preset};
-use safetensors::SafeTensors;
-
-struct Expected {
-    t: usize,
-    e: usize,
-    y: Vec<f64>,
-    selected: Vec<i32>,
-    dispatch: Vec<i32>,
-    weights: Vec<f64>,
-}
-
-/// The fixtures folder: `CARGO_MANIFEST_DIR` at run time when set (test binaries carried to
-/// another machine, e.g. by scripts/device-check.sh), else where the crate was built.
-fn fixtures_dir() -> PathBuf {
-    let root = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    Path::new(&root).join("tests/fixtures")
-}
 
 /// Every case name (the stem of each `*.config.json`).
 fn cases() -> Vec<String> {
@@ -38,31 +20,6 @@ fn cases() -> Vec<String> {
     names
 }
 
-fn read_expected(path: &Path) -> Expected {
-    let bytes = std::fs::read(path).expect("expected file");
-    let st = SafeTensors::deserialize(&bytes).expect("expected file parses");
-    let f64s = |name: &str| -> (Vec<usize>, Vec<f64>) {
-        let v = st.tensor(name).expect(name);
-        (
-            v.shape().to_vec(),
-            bytemuck::pod_collect_to_vec::<u8, f64>(v.data()),
-        )
-    };
-    let i32s = |name: &str| -> Vec<i32> {
-        bytemuck::pod_collect_to_vec::<u8, i32>(st.tensor(name).expect(name).data())
-    };
-    let (ys, y) = f64s("y");
-    let (ws, weights) = f64s("weights");
-    Expected {
-        t: ys[0],
-        e: ws[1],
-        y,
-        selected: i32s("selected"),
-        dispatch: i32s("dispatch"),
-        weights,
-    }
-}
-
 fn load_case(name: &str) -> (LayerConfig, MoeLayer, moe_kernels::Tensor, Expected) {
     let dir = fixtures_dir();
     let cfg = LayerConfig::from_file(&dir.join(format!("{name}.config.json"))).expect("config");
@@ -71,30 +28,6 @@ fn load_case(name: &str) -> (LayerConfig, MoeLayer, moe_kernels::Tensor, Expecte
     let x = io::load_input(&dir.join(format!("{name}.input.safetensors"))).expect("input");
     let exp = read_expected(&dir.join(format!("{name}.expected.safetensors")));
     (cfg, layer, x, exp)
-}
-
-/// Dense `[T, E]` views of our routing: (selected, dispatched, weight applied).
-fn dense(
-    t: usize,
-    e: usize,
-    slots: usize,
-    ids: &[u32],
-    kept: &[bool],
-    w: &[f64],
-) -> (Vec<i32>, Vec<i32>, Vec<f64>) {
-    let (mut sel, mut dis, mut wd) = (vec![0; t * e], vec![0; t * e], vec![0.0; t * e]);
-    for ti in 0..t {
-        for j in 0..slots {
-            let i = ti * slots + j;
-            let c = ti * e + ids[i] as usize;
-            sel[c] = 1;
-            if kept[i] {
-                dis[c] = 1;
-                wd[c] = w[i];
-            }
-        }
-    }
-    (sel, dis, wd)
 }
 
 #[test]

@@ -62,15 +62,31 @@ enum Command {
         #[arg(long)]
         quant: Option<String>,
     },
-    /// Run one layer forward: config + weights + input -> output file.
+    /// Run one layer forward: config + weights (or --checkpoint + --layer) + input -> output
+    /// file.
     Run {
         /// Layer config JSON (DESIGN.md section 4).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "checkpoint",
+            conflicts_with = "checkpoint"
+        )]
+        config: Option<PathBuf>,
         /// Layer weights, safetensors with the canonical names (dense f32 / f16 / bf16, or
         /// quantized fp8 / mxfp4 / int4 expert matrices).
-        #[arg(long)]
-        weights: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "checkpoint",
+            conflicts_with = "checkpoint"
+        )]
+        weights: Option<PathBuf>,
+        /// A Hugging Face checkpoint directory (config.json + model.safetensors or shards with
+        /// model.safetensors.index.json) in place of --config and --weights.
+        #[arg(long, requires = "layer")]
+        checkpoint: Option<PathBuf>,
+        /// The checkpoint's MoE layer: a decoder layer index, or encoder.L / decoder.L.
+        #[arg(long, requires = "checkpoint")]
+        layer: Option<String>,
         /// Input safetensors holding `x` [T, H].
         #[arg(long)]
         input: PathBuf,
@@ -84,6 +100,22 @@ enum Command {
         /// quantized matrices stay as stored).
         #[arg(long)]
         dtype: Option<String>,
+    },
+    /// Write one MoE layer of a Hugging Face checkpoint as the canonical files (weights in
+    /// their stored dtype or quantized format, and the config that reproduces its routing).
+    Import {
+        /// The checkpoint directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The MoE layer: a decoder layer index, or encoder.L / decoder.L.
+        #[arg(long)]
+        layer: String,
+        /// Output weights safetensors (canonical names).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Output layer config JSON.
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Time each stage of real model shapes on a backend (median after warm-up).
     Bench {
@@ -180,18 +212,27 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             weights,
+            checkpoint,
+            layer,
             input,
             output,
             backend,
             dtype,
-        } => run(
-            &config,
-            &weights,
-            &input,
-            &output,
-            &backend,
-            dtype.as_deref(),
-        ),
+        } => {
+            let source = match (checkpoint, layer, config, weights) {
+                (Some(dir), Some(layer), None, None) => Source::Checkpoint(dir, layer),
+                (None, None, Some(c), Some(w)) => Source::Files(c, w),
+                // clap's requires / conflicts rule out every other combination.
+                _ => Source::Usage,
+            };
+            run(&source, &input, &output, &backend, dtype.as_deref())
+        }
+        Command::Import {
+            checkpoint,
+            layer,
+            weights,
+            config,
+        } => import(&checkpoint, &layer, &weights, &config),
         Command::Bench {
             preset,
             tokens,
@@ -437,17 +478,33 @@ fn demo(
     })
 }
 
+/// Where `moe run` takes its layer from.
+enum Source {
+    /// `--config C --weights W`.
+    Files(PathBuf, PathBuf),
+    /// `--checkpoint DIR --layer L`.
+    Checkpoint(PathBuf, String),
+    /// A combination clap lets through but that names no layer.
+    Usage,
+}
+
 fn run(
-    config: &std::path::Path,
-    weights: &std::path::Path,
+    source: &Source,
     input: &std::path::Path,
     output: &std::path::Path,
     backend: &str,
     dtype: Option<&str>,
 ) -> Result<ExitCode> {
     let dev = Backend::from_name(backend)?;
-    let cfg = LayerConfig::from_file(config)?;
-    let mut layer = MoeLayer::load(cfg, weights)?;
+    let mut layer = match source {
+        Source::Files(config, weights) => MoeLayer::load(LayerConfig::from_file(config)?, weights)?,
+        Source::Checkpoint(dir, layer) => MoeLayer::from_checkpoint(dir, layer)?,
+        Source::Usage => {
+            return Err(Error::Usage(
+                "give --config and --weights, or --checkpoint and --layer".into(),
+            ))
+        }
+    };
     if let Some(d) = dtype {
         layer = layer.with_expert_dtype(d.parse()?);
     }
@@ -486,6 +543,39 @@ fn run(
         output.display(),
         out.hidden,
         dev.kind()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(
+    dir: &std::path::Path,
+    layer: &str,
+    weights: &std::path::Path,
+    config: &std::path::Path,
+) -> Result<ExitCode> {
+    let ck = moe_kernels::checkpoint::read_layer(dir, layer.parse()?)?;
+    let (family, quantization, spec) = (ck.family, ck.quantization, ck.layer);
+    // Built (and so validated) before anything is written; then moved, not copied, out.
+    let moe = MoeLayer::from_file_tensors(ck.config, ck.tensors, &ck.origin)?;
+    let (cfg, dims) = (moe.config, moe.dims());
+    let tensors = moe.into_file_tensors()?;
+    let (names, values): (Vec<String>, Vec<OutTensor>) = tensors
+        .into_iter()
+        .map(|(n, t)| (n, OutTensor::File(t)))
+        .unzip();
+    let named: Vec<(&str, OutTensor)> = names.iter().map(String::as_str).zip(values).collect();
+    io::save(weights, &named)?;
+    std::fs::write(config, cfg.to_json()).map_err(|source| Error::Io {
+        path: config.to_path_buf(),
+        source,
+    })?;
+    println!(
+        "wrote {} and {} ({family} layer {spec}, quantization {quantization}: E = {}, H = {}, F = {})",
+        weights.display(),
+        config.display(),
+        dims.experts,
+        dims.hidden,
+        dims.ffn
     );
     Ok(ExitCode::SUCCESS)
 }

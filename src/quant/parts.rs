@@ -316,11 +316,7 @@ fn int4_matrix(
 }
 
 /// The file tensors of matrix `name` (`expert_axis` false for a shared expert's `[N, K]`).
-pub fn file_tensors(
-    name: &str,
-    w: &Weight,
-    expert_axis: bool,
-) -> Result<Vec<(String, FileTensor)>> {
+pub fn file_tensors(name: &str, w: Weight, expert_axis: bool) -> Result<Vec<(String, FileTensor)>> {
     let lead = |mut s: Vec<usize>| {
         if !expert_axis {
             s.remove(0);
@@ -330,9 +326,10 @@ pub fn file_tensors(
     let q = match w {
         Weight::Dense(t) => {
             let t = if expert_axis {
-                t.clone()
+                t
             } else {
-                Tensor::new(lead(t.shape().to_vec()), t.data().clone())?
+                let shape = lead(t.shape().to_vec());
+                Tensor::new(shape, t.into_data())?
             };
             return Ok(vec![(name.to_string(), FileTensor::Float(t))]);
         }
@@ -340,39 +337,30 @@ pub fn file_tensors(
     };
     let (e, n, k) = (q.experts, q.rows, q.cols);
     let scale_shape = lead(vec![e, q.scale_rows(), q.scale_cols()]);
-    let scales = match &q.scales {
-        Scales::Float(t) => FileTensor::Float(Tensor::new(scale_shape.clone(), t.data().clone())?),
-        Scales::E8m0(v) => FileTensor::U8(scale_shape.clone(), v.clone()),
+    let scales = match q.scales {
+        Scales::Float(t) => FileTensor::Float(Tensor::new(scale_shape.clone(), t.into_data())?),
+        Scales::E8m0(v) => FileTensor::U8(scale_shape.clone(), v),
     };
     let mut out = Vec::new();
     match q.format {
         QuantFormat::Fp8Block => {
             out.push((
                 name.to_string(),
-                FileTensor::F8E4M3(lead(vec![e, n, k]), q.codes.clone()),
+                FileTensor::F8E4M3(lead(vec![e, n, k]), q.codes),
             ));
             out.push((format!("{name}_scale_inv"), scales));
         }
         QuantFormat::Mxfp4 => {
             let shape = lead(vec![e, n, k / MX_BLOCK, MX_BLOCK / 2]);
-            out.push((
-                format!("{name}_blocks"),
-                FileTensor::U8(shape, q.codes.clone()),
-            ));
+            out.push((format!("{name}_blocks"), FileTensor::U8(shape, q.codes)));
             out.push((format!("{name}_scales"), scales));
         }
         QuantFormat::Int4 => {
             let shape = lead(vec![e, n, k.div_ceil(2)]);
-            out.push((
-                format!("{name}_packed"),
-                FileTensor::U8(shape, q.codes.clone()),
-            ));
+            out.push((format!("{name}_packed"), FileTensor::U8(shape, q.codes)));
             out.push((format!("{name}_scales"), scales));
-            if let Some(z) = &q.zeros {
-                out.push((
-                    format!("{name}_zeros"),
-                    FileTensor::U8(scale_shape, z.clone()),
-                ));
+            if let Some(z) = q.zeros {
+                out.push((format!("{name}_zeros"), FileTensor::U8(scale_shape, z)));
             }
         }
     }

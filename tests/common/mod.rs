@@ -2,6 +2,8 @@
 //! Each test body runs on every backend that [`backends`] returns and prints which ran.
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use moe_kernels::backend::unavailable_reason;
 use moe_kernels::{Backend, BackendKind, DType};
 
