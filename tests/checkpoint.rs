@@ -345,3 +345,159 @@ fn cli_run_checkpoint_and_import_match_transformers() {
         }
     }
 }
+
+/// A copy of a fixture checkpoint in a temp folder, to break.
+fn copy_checkpoint(name: &str, tag: &str) -> PathBuf {
+    let src = checkpoints().join(name);
+    let dst = tmp(&format!("broken-{name}-{tag}"));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+/// `moe run --checkpoint` on a broken checkpoint: exit 1, a message with every word given.
+fn run_fails(dir: &Path, layer: &str, words: &[&str]) {
+    let input = checkpoints().join("mixtral_bf16.input.safetensors");
+    let o = moe(&[
+        "run",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--layer",
+        layer,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        tmp("never.safetensors").to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{dir:?} layer {layer}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for w in words {
+        assert!(err.contains(w), "{dir:?} layer {layer}: {w:?} not in {err}");
+    }
+}
+
+#[test]
+fn broken_checkpoints_exit_1_naming_file_tensor_and_layer() {
+    // Unknown model_type: the supported ones are listed.
+    let d = copy_checkpoint("mixtral_bf16", "type");
+    edit_config(&d, |c| {
+        c.insert("model_type".into(), "llama4_text".into());
+    });
+    run_fails(
+        &d,
+        "1",
+        &[
+            "unknown model_type \"llama4_text\"",
+            "mixtral",
+            "deepseek_v3",
+            "nllb-moe",
+        ],
+    );
+    // A shard the index lists is missing.
+    let d = copy_checkpoint("mixtral_bf16", "shard");
+    std::fs::remove_file(d.join("model-00002-of-00003.safetensors")).unwrap();
+    run_fails(
+        &d,
+        "1",
+        &["missing shard", "model-00002-of-00003.safetensors"],
+    );
+    // config.json disagrees with the tensors: the tensor and layer are named.
+    let d = copy_checkpoint("mixtral_bf16", "shape");
+    edit_config(&d, |c| {
+        c.insert("intermediate_size".into(), 40.into());
+    });
+    run_fails(
+        &d,
+        "1",
+        &[
+            "disagrees with config.json",
+            "block_sparse_moe.experts.0.w1.weight",
+            "layer 1",
+        ],
+    );
+    // More experts in config.json than tensors.
+    let d = copy_checkpoint("qwen3_moe_bf16", "experts");
+    edit_config(&d, |c| {
+        c.remove("num_local_experts");
+        c.insert("num_experts".into(), 17.into());
+    });
+    run_fails(
+        &d,
+        "1",
+        &[
+            "model.layers.1.mlp.gate.weight",
+            "disagrees with config.json",
+        ],
+    );
+    // A tensor missing from the index and shards.
+    let d = copy_checkpoint("mixtral_bf16", "tensor");
+    let idx = d.join("model.safetensors.index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
+    v["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove("model.layers.1.block_sparse_moe.experts.5.w2.weight");
+    std::fs::write(&idx, v.to_string()).unwrap();
+    run_fails(
+        &d,
+        "1",
+        &[
+            "missing tensor",
+            "model.layers.1.block_sparse_moe.experts.5.w2.weight",
+            "layer 1",
+        ],
+    );
+    // Encoder-decoder models need encoder.L / decoder.L; decoder-only ones have no encoder.
+    run_fails(
+        &checkpoints().join("switch"),
+        "1",
+        &["encoder-decoder", "encoder.1 or decoder.1"],
+    );
+    run_fails(
+        &checkpoints().join("mixtral_bf16"),
+        "encoder.1",
+        &["has no encoder"],
+    );
+    run_fails(
+        &checkpoints().join("mixtral_bf16"),
+        "one",
+        &["expected a layer index"],
+    );
+    // Not a checkpoint at all.
+    run_fails(&tmp("no-such-dir"), "1", &["not a directory"]);
+    // An FP8 weight without its scale.
+    let d = copy_checkpoint("qwen3_moe_fp8", "scale");
+    let f = d.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv")
+        .collect();
+    safetensors::serialize_to_file(kept, None, &f).unwrap();
+    run_fails(
+        &d,
+        "1",
+        &[
+            "model.layers.1.mlp.experts.2.up_proj.weight",
+            "without its scale",
+        ],
+    );
+}

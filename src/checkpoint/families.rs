@@ -441,7 +441,8 @@ pub fn plan(dir: &CheckpointDir, family: Family, layer: LayerSpec) -> Result<(La
             let mut c = preset(Preset::GptOss);
             c.routing.top_k = k.usize_or("num_experts_per_tok", Some(4))?;
             c.activation = Activation::ClampedSwiglu(ClampedSwiglu {
-                alpha: 1.702,
+                // transformers 5.x names it `swiglu_alpha`; the published config leaves it out.
+                alpha: k.f64_or("swiglu_alpha", 1.702)?,
                 limit: k.f64_or("swiglu_limit", 7.0)?,
             });
             (
