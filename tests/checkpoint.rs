@@ -501,3 +501,38 @@ fn broken_checkpoints_exit_1_naming_file_tensor_and_layer() {
         ],
     );
 }
+
+#[test]
+fn routing_options_follow_transformers_config_semantics() {
+    use moe_kernels::config::{Capacity, Priority};
+    // NLLB: a fraction <= 0 falls back to expert_capacity.
+    let d = copy_checkpoint("nllb_moe", "capacity");
+    edit_config(&d, |c| {
+        c.insert("moe_eval_capacity_token_fraction".into(), (-1.0).into());
+        c.insert("expert_capacity".into(), 3.into());
+        c.insert("batch_prioritized_routing".into(), true.into());
+    });
+    let l = MoeLayer::from_checkpoint(&d, "encoder.1").unwrap();
+    assert_eq!(l.config.routing.capacity, Some(Capacity::Tokens(3)));
+    assert_eq!(l.config.routing.priority, Priority::Top1Score);
+    // NLLB's random second-expert policy draws random numbers even in eval: refused.
+    edit_config(&d, |c| {
+        c.insert("second_expert_policy".into(), "random".into());
+    });
+    let e = MoeLayer::from_checkpoint(&d, "encoder.1")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("second_expert_policy \"random\""), "{e}");
+    // DeepSeek: one group is no group restriction; the scaling factor is read.
+    let d = copy_checkpoint("deepseek_v3_bf16", "groups");
+    edit_config(&d, |c| {
+        c.insert("n_group".into(), 1.into());
+        c.insert("topk_group".into(), 1.into());
+        c.insert("routed_scaling_factor".into(), 1.5.into());
+    });
+    let l = MoeLayer::from_checkpoint(&d, "1").unwrap();
+    assert_eq!(
+        (l.config.routing.groups, l.config.routing.scale),
+        (None, 1.5)
+    );
+}

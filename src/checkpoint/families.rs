@@ -507,18 +507,11 @@ pub fn plan(dir: &CheckpointDir, family: Family, layer: LayerSpec) -> Result<(La
                 ));
             }
             let frac = k.f64_or("moe_eval_capacity_token_fraction", 1.0)?;
+            // transformers: the eval fraction when > 0, else `expert_capacity` (class default 64).
             c.routing.capacity = Some(if frac > 0.0 {
                 Capacity::Fraction(frac)
             } else {
-                match k.value("expert_capacity") {
-                    Some(_) => Capacity::Tokens(k.usize_or("expert_capacity", None)? as i64),
-                    None => {
-                        return Err(dir.error(
-                            "moe_eval_capacity_token_fraction <= 0 without expert_capacity (a \
-                             capacity of 2·ceil(T/E)) is not supported",
-                        ))
-                    }
-                }
+                Capacity::Tokens(k.usize_or("expert_capacity", Some(64))? as i64)
             });
             if k.bool_or("batch_prioritized_routing", false)? {
                 c.routing.priority = Priority::Top1Score;
