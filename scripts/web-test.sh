@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the demo page (web/dist, from scripts/web-build.sh) in headless Chromium on WebGPU:
-# the GPT-4-style demo layer, and every fixture of tests/fixtures/ (a small layer of each
-# preset, with transformers' float64 outputs) through index.html?config=&weights=&input=.
+# the GPT-4-style demo layer, and a fixture of tests/fixtures/ for every preset (a small layer
+# with transformers' float64 outputs; WEB_TEST_FIXTURES=all for all of them) through
+# index.html?config=&weights=&input=.
 # Fails unless every page reports PASS on the wgpu backend (a WebGPU adapter, not the CPU
 # fallback) and each fixture also matches transformers (scripts/web_check.py).
 #
@@ -42,9 +43,20 @@ trap cleanup EXIT
 # The site plus the fixtures, served from one origin (the page fetches same-origin files only).
 cp -r web/dist "$WORK/site"
 mkdir -p "$WORK/site/layers"
-urls=("index.html")
-for cfg in tests/fixtures/*.config.json; do
-  name="$(basename "$cfg" .config.json)"
+# One fixture per preset (the first by name; a software adapter compiles each page's pipelines
+# in ~20 s), or every fixture with WEB_TEST_FIXTURES=all.
+names=()
+if [ "${WEB_TEST_FIXTURES:-presets}" = "all" ]; then
+  for cfg in tests/fixtures/*.config.json; do names+=("$(basename "$cfg" .config.json)"); done
+else
+  for preset in mixtral gpt4 qwen2_moe qwen3_moe deepseek_v3 gpt_oss switch nllb_moe; do
+    first="$(ls tests/fixtures/"${preset}"_e*.config.json | sort | head -1)"
+    names+=("$(basename "$first" .config.json)")
+  done
+fi
+# The demo layer, plus a small one with bf16 activations (x as Uint16Array bits).
+urls=("index.html" "index.html?tokens=33&hidden=128&ffn=96&seed=3&dtype=bf16&act=bf16")
+for name in "${names[@]}"; do
   for part in config.json weights.safetensors input.safetensors; do
     cp "tests/fixtures/$name.$part" "$WORK/site/layers/"
   done

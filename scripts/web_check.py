@@ -85,7 +85,7 @@ def main():
         if r.get("backend") != "wgpu":
             problems.append(f"backend {r.get('backend')} (not WebGPU)")
         q = parse_qs(urlparse(r["url"]).query)
-        name = "demo"
+        name = "demo" + ("" if not q else " " + "&".join(f"{k}={v[0]}" for k, v in q.items()))
         if "weights" in q:
             name = q["weights"][0].rsplit("/", 1)[-1].removesuffix(".weights.safetensors")
             if r.get("status") == "PASS":

@@ -601,6 +601,25 @@ pub fn parse_input(bytes: &JsValue) -> Result<Object, JsValue> {
     Ok(obj)
 }
 
+/// `x` rounded (to nearest even) to `dtype` (`"f16"` or `"bf16"`), as the `Uint16Array` of
+/// bits that [`JsPrepared::forward`] takes for 16-bit activations.
+#[wasm_bindgen(js_name = toBits16)]
+pub fn to_bits16(x: &Float32Array, dtype: &str) -> Result<Uint16Array, JsValue> {
+    let v = x.to_vec();
+    let bits: Vec<u16> = match dtype_of(dtype)? {
+        DType::F16 => v
+            .iter()
+            .map(|&a| half::f16::from_f32(a).to_bits())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .map(|&a| half::bf16::from_f32(a).to_bits())
+            .collect(),
+        DType::F32 => return Err(usage("toBits16 rounds to \"f16\" or \"bf16\", not f32")),
+    };
+    Ok(Uint16Array::from(bits.as_slice()))
+}
+
 /// The kinds of backend this build has: `["wgpu", "cpu"]`.
 #[wasm_bindgen(js_name = backendKinds)]
 pub fn backend_kinds() -> Array {

@@ -3,13 +3,38 @@
 //
 //   index.html                                     the GPT-4-style demo layer (16 experts, top-2)
 //   index.html?tokens=97&hidden=512&ffn=1376&seed=7&dtype=f32   the demo with other sizes
+//                                                  (dtype: expert weights; act=f32|f16|bf16:
+//                                                  activations, 16-bit ones as Uint16Array bits)
 //   index.html?config=URL&weights=URL&input=URL    any layer (same-origin files, as `moe run` reads)
 //   &backend=wgpu|cpu|auto                          which backend (default wgpu; falls back to cpu)
-import init, { Backend, Layer, parseInput, version } from "./pkg/moe_kernels.js";
+import init, { Backend, Layer, parseInput, toBits16, version } from "./pkg/moe_kernels.js";
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 const state = { backend: null, adapter: null };
+
+function progress(msg) {
+  $("status").textContent = msg;
+  log(msg);
+}
+
+// The browser's own description of its default adapter (wgpu's AdapterInfo has no name on the
+// web): vendor, architecture, description, and whether it is a software fallback.
+async function browserAdapter() {
+  try {
+    const a = navigator.gpu && (await navigator.gpu.requestAdapter());
+    if (!a) return { text: "no WebGPU adapter", features: "" };
+    const i = a.info || {};
+    const text = ["WebGPU:", i.vendor, i.architecture, i.device, i.description]
+      .filter((s) => s).join(" ") + (i.isFallbackAdapter ? " (fallback adapter)" : "");
+    const has = (f) => (a.features.has(f) ? "yes" : "no");
+    const features = `shader-f16 ${has("shader-f16")}, subgroups ${has("subgroups")}, ` +
+      `timestamp-query ${has("timestamp-query")} (none required)`;
+    return { text, features };
+  } catch (e) {
+    return { text: String(e), features: "" };
+  }
+}
 
 function log(msg) {
   $("log").textContent += msg + "\n";
@@ -60,18 +85,8 @@ function chart(counts) {
   $("chart").innerHTML = svg + "</svg>";
 }
 
-async function adapterFeatures() {
-  try {
-    const a = await navigator.gpu.requestAdapter();
-    if (!a) return "no adapter";
-    const has = (f) => (a.features.has(f) ? "yes" : "no");
-    return `shader-f16 ${has("shader-f16")}, subgroups ${has("subgroups")}, timestamp-query ${has("timestamp-query")} (none required)`;
-  } catch (e) {
-    return String(e);
-  }
-}
-
 async function main() {
+  progress("loading the wasm module…");
   await init();
   log(`moe-kernels ${version()} (wasm32)`);
   const want = params.get("backend") || "wgpu";
@@ -82,12 +97,14 @@ async function main() {
     log(`backend ${want} unavailable: ${e.message}; falling back to the CPU`);
     dev = await Backend.create("cpu");
   }
+  const browser = await browserAdapter();
   state.backend = dev.kind;
-  state.adapter = dev.adapter;
-  log(`backend ${dev.kind}: ${dev.adapter}`);
+  state.adapter = dev.kind === "wgpu" ? `${browser.text}; wgpu: ${dev.adapter}` : dev.adapter;
+  log(`backend ${dev.kind}: ${state.adapter}`);
 
   let layer, x, tokens, dtype, what;
   if (params.has("config") || params.has("weights") || params.has("input")) {
+    progress("fetching the layer…");
     const [cu, wu, iu] = ["config", "weights", "input"].map(sameOrigin);
     const [cfg, w, inp] = await Promise.all([
       fetchOk(cu).then((r) => r.text()),
@@ -103,7 +120,8 @@ async function main() {
     tokens = num("tokens", 97);
     layer = Layer.demo(hidden, ffn, params.get("dtype") || "f32", BigInt(seed));
     x = Layer.demoInput(tokens, hidden, BigInt(seed));
-    dtype = "f32";
+    dtype = params.get("act") || "f32";
+    if (dtype !== "f32") x = toBits16(x, dtype);
     what = `GPT-4-style demo layer (seed ${seed})`;
   }
   const cfg = JSON.parse(layer.config);
@@ -115,17 +133,20 @@ async function main() {
       (cfg.capacity ? `, capacity ${JSON.stringify(cfg.capacity)}` : "")],
     ["weights", `${layer.weightFormat}, ${(layer.weightBytes / 2 ** 20).toFixed(1)} MiB`],
     ["tokens", `T = ${tokens}, activations ${dtype}`],
-    ["backend", `${dev.kind}: ${dev.adapter}`],
-    ["adapter features", navigator.gpu ? await adapterFeatures() : "no navigator.gpu"],
+    ["backend", `${dev.kind}: ${state.adapter}`],
+    ["adapter features", browser.features || "—"],
   ]);
 
+  progress("preparing: uploading weights, compiling pipelines (slow on a software adapter)…");
   let t0 = performance.now();
   const run = await layer.prepare(dev, tokens, dtype);
   log(`prepared on ${run.backend} in ${(performance.now() - t0).toFixed(0)} ms (${(run.weightBytes / 2 ** 20).toFixed(1)} MiB of weights)`);
+  progress("running…");
   t0 = performance.now();
   await run.forward(x, tokens); // warm-up: the browser compiles pipelines on first use
   log(`warm-up forward ${(performance.now() - t0).toFixed(0)} ms`);
   const out = await run.forward(x, tokens);
+  progress("checking against the f64 CPU reference…");
   const check = layer.check(x, tokens, dtype, out);
 
   chart(Array.from(out.counts));
@@ -149,7 +170,7 @@ async function main() {
   finish({
     status: check.status,
     backend: dev.kind,
-    adapter: dev.adapter,
+    adapter: state.adapter,
     tokens: out.tokens,
     hidden: out.hidden,
     slots: out.slots,
