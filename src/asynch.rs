@@ -9,7 +9,7 @@
 //! point to use where it would.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+#[cfg(target_arch = "wasm32")]
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
@@ -44,89 +44,101 @@ pub(crate) fn poll_or_wait<F: Future>(fut: F) -> Option<F::Output> {
     }
 }
 
-/// The receiving half of a one-value channel whose sender is a callback (wgpu's `map_async`
-/// and `on_submitted_work_done`): a future that is ready once the callback has run.
-pub(crate) struct Oneshot<T> {
-    slot: Arc<Mutex<Slot<T>>>,
-}
+/// A one-value channel for wgpu's callbacks (used by the wgpu backend's async read-backs).
+#[cfg(any(feature = "wgpu", test))]
+mod channel {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
 
-struct Slot<T> {
-    value: Option<T>,
-    waker: Option<Waker>,
-    sent: bool,
-}
+    /// The receiving half of a one-value channel whose sender is a callback (wgpu's `map_async`
+    /// and `on_submitted_work_done`): a future that is ready once the callback has run.
+    pub(crate) struct Oneshot<T> {
+        slot: Arc<Mutex<Slot<T>>>,
+    }
 
-/// The sending half of [`Oneshot`]: call [`Sender::send`] once, from the callback.
-pub(crate) struct Sender<T> {
-    slot: Arc<Mutex<Slot<T>>>,
-}
+    struct Slot<T> {
+        value: Option<T>,
+        waker: Option<Waker>,
+        sent: bool,
+    }
 
-/// A connected [`Sender`] and [`Oneshot`].
-pub(crate) fn oneshot<T>() -> (Sender<T>, Oneshot<T>) {
-    let slot = Arc::new(Mutex::new(Slot {
-        value: None,
-        waker: None,
-        sent: false,
-    }));
-    (Sender { slot: slot.clone() }, Oneshot { slot })
-}
+    /// The sending half of [`Oneshot`]: call [`Sender::send`] once, from the callback.
+    pub(crate) struct Sender<T> {
+        slot: Arc<Mutex<Slot<T>>>,
+    }
 
-impl<T> Sender<T> {
-    /// Hands `value` to the receiver and wakes it.
-    pub(crate) fn send(self, value: T) {
-        let waker = match self.slot.lock() {
-            Ok(mut s) => {
-                s.value = Some(value);
-                s.sent = true;
-                s.waker.take()
+    /// A connected [`Sender`] and [`Oneshot`].
+    pub(crate) fn oneshot<T>() -> (Sender<T>, Oneshot<T>) {
+        let slot = Arc::new(Mutex::new(Slot {
+            value: None,
+            waker: None,
+            sent: false,
+        }));
+        (Sender { slot: slot.clone() }, Oneshot { slot })
+    }
+
+    impl<T> Sender<T> {
+        /// Hands `value` to the receiver and wakes it.
+        pub(crate) fn send(self, value: T) {
+            let waker = match self.slot.lock() {
+                Ok(mut s) => {
+                    s.value = Some(value);
+                    s.sent = true;
+                    s.waker.take()
+                }
+                Err(_) => None,
+            };
+            if let Some(w) = waker {
+                w.wake();
             }
-            Err(_) => None,
-        };
-        if let Some(w) = waker {
-            w.wake();
         }
     }
-}
 
-impl<T> Drop for Sender<T> {
-    fn drop(&mut self) {
-        // A sender dropped unsent (the callback never ran) still wakes the receiver, which
-        // then reports the loss instead of waiting forever.
-        let waker = match self.slot.lock() {
-            Ok(mut s) => {
-                s.sent = true;
-                s.waker.take()
+    impl<T> Drop for Sender<T> {
+        fn drop(&mut self) {
+            // A sender dropped unsent (the callback never ran) still wakes the receiver, which
+            // then reports the loss instead of waiting forever.
+            let waker = match self.slot.lock() {
+                Ok(mut s) => {
+                    s.sent = true;
+                    s.waker.take()
+                }
+                Err(_) => None,
+            };
+            if let Some(w) = waker {
+                w.wake();
             }
-            Err(_) => None,
-        };
-        if let Some(w) = waker {
-            w.wake();
+        }
+    }
+
+    impl<T> Future for Oneshot<T> {
+        /// The value, or `None` when the sender was dropped without sending.
+        type Output = Option<T>;
+
+        fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            let Ok(mut s) = self.slot.lock() else {
+                return Poll::Ready(None);
+            };
+            if let Some(v) = s.value.take() {
+                return Poll::Ready(Some(v));
+            }
+            if s.sent {
+                return Poll::Ready(None);
+            }
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
         }
     }
 }
 
-impl<T> Future for Oneshot<T> {
-    /// The value, or `None` when the sender was dropped without sending.
-    type Output = Option<T>;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        let Ok(mut s) = self.slot.lock() else {
-            return Poll::Ready(None);
-        };
-        if let Some(v) = s.value.take() {
-            return Poll::Ready(Some(v));
-        }
-        if s.sent {
-            return Poll::Ready(None);
-        }
-        s.waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
+#[cfg(any(feature = "wgpu", test))]
+pub(crate) use channel::oneshot;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use channel::oneshot;
 
     #[test]
     fn block_on_returns_a_ready_output() {

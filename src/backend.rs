@@ -131,6 +131,8 @@ impl Backend {
 
     /// A backend of this kind without blocking: a wgpu adapter and device are awaited (in a
     /// browser, WebGPU's promises); the other kinds are ready at once.
+    // wasm32: wgpu's web handles are neither Send nor Sync (one thread); the Arc only shares.
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub async fn new_async(kind: BackendKind) -> Result<Self> {
         match kind {
             BackendKind::Cpu => Ok(Backend {
@@ -184,6 +186,7 @@ impl Backend {
     /// defaults and uses timestamp queries only where enabled. `info` names the adapter in
     /// messages (`adapter.get_info()`).
     #[cfg(feature = "wgpu")]
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))] // as in new_async
     pub fn from_wgpu(
         device: ::wgpu::Device,
         queue: ::wgpu::Queue,

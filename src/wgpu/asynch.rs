@@ -9,7 +9,7 @@
 //!   `on_submitted_work_done` are awaited;
 //! - the error scopes that synchronous code pushes around buffer, shader and pipeline
 //!   creation (and around submissions) are popped at once, but on wasm32 their results are
-//!   kept as futures ([`WgpuDevice::settle`]) and awaited by [`WgpuDevice::settled`], which
+//!   kept as futures (`WgpuDevice::settle`) and awaited by [`WgpuDevice::settled`], which
 //!   every async entry point calls before it returns: a validation or out-of-memory error
 //!   surfaces there, as the same typed error the native path returns on the spot.
 
