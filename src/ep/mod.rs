@@ -36,6 +36,8 @@
 //! kernel and NCCL on the CUDA backend's own buffers (no host copy, CUDA-graph capturable
 //! with worst-case buffers) are what a multi-GPU machine is needed for.
 
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod comm;
 pub(crate) mod forward;
 pub mod in_process;
