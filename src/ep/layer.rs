@@ -4,7 +4,6 @@ use std::ops::Range;
 use std::time::Duration;
 
 use crate::backend::{Backend, Device};
-use crate::device::BackendKind;
 use crate::ep::comm::Communicator;
 use crate::ep::shard::rank_weights;
 use crate::ep::split::{fnv, Split};
@@ -85,7 +84,7 @@ impl EpLayer {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
                 return Err(Error::BackendUnavailable {
-                    backend: BackendKind::Cuda,
+                    backend: crate::device::BackendKind::Cuda,
                     reason: "expert-parallel ranks run on the CPU and wgpu backends; CUDA ranks \
                              (NCCL on device buffers) await a multi-GPU machine"
                         .into(),
