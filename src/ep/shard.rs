@@ -13,7 +13,11 @@ use crate::tensor::{Tensor, TensorData};
 
 /// Items `range` of the leading axis of `t` (rows of a matrix, experts of `[E, ..]`).
 pub fn leading(t: &Tensor, range: Range<usize>) -> Result<Tensor> {
-    let n = t.shape().first().copied().unwrap_or(0);
+    let Some(&n) = t.shape().first() else {
+        return Err(Error::config(
+            "a tensor of rank 0 has no leading axis to slice",
+        ));
+    };
     if range.start > range.end || range.end > n {
         return Err(Error::config(format!(
             "rows {range:?} of a tensor of shape {:?}",
@@ -81,8 +85,15 @@ fn weight_experts(w: &Weight, range: Range<usize>) -> Result<Weight> {
     }
 }
 
-/// Experts `range` of `w` (every matrix and bias sliced along its expert axis).
+/// Experts `range` of `w` (every matrix and bias sliced along its expert axis); an error
+/// unless `range` lies within its E experts.
 pub fn experts(w: &ExpertWeights, range: Range<usize>) -> Result<ExpertWeights> {
+    let e = w.up.shape().first().copied().unwrap_or(0);
+    if range.start > range.end || range.end > e {
+        return Err(Error::config(format!(
+            "experts {range:?} of a layer with E = {e}"
+        )));
+    }
     let bias = |b: &Option<Tensor>| b.as_ref().map(|t| leading(t, range.clone())).transpose();
     Ok(ExpertWeights {
         gate: w
@@ -158,5 +169,10 @@ mod tests {
             }
         }
         assert!(leading(&t, 4..6).is_err());
+        assert!(leading(
+            &Tensor::new(vec![], TensorData::F32(vec![1.0])).unwrap(),
+            0..0
+        )
+        .is_err());
     }
 }
