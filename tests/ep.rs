@@ -306,8 +306,8 @@ fn run_ranks(
             .map(|(r, c)| {
                 let rank = &rank;
                 s.spawn(move || {
-                    let (mut l, x) = rank(r)?;
-                    let out = l.forward(c, &x).map(|_| ());
+                    let out = rank(r).and_then(|(mut l, x)| l.forward(c, &x).map(|_| ()));
+                    // A failed rank aborts the world, so its peers do not wait for it.
                     if let Err(e) = &out {
                         c.abort(&e.to_string());
                     }
