@@ -36,9 +36,11 @@
 //! kernel and NCCL on the CUDA backend's own buffers (no host copy, CUDA-graph capturable
 //! with worst-case buffers) are what a multi-GPU machine is needed for.
 
+pub(crate) mod agree;
 #[cfg(feature = "cli")]
 pub mod bench;
 pub mod comm;
+pub(crate) mod exchange;
 pub(crate) mod forward;
 pub mod in_process;
 pub mod layer;
