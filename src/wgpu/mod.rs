@@ -9,6 +9,7 @@ pub mod act;
 pub mod combine;
 pub mod context;
 pub mod device;
+pub(crate) mod ep;
 pub mod expert_gemm;
 pub mod gate;
 pub mod host;
