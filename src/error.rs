@@ -138,6 +138,16 @@ pub enum Error {
         limit: u64,
     },
 
+    /// Expert parallelism: the ranks disagree (shapes, layer, expert split), a collective was
+    /// given inconsistent counts, or a peer rank failed and aborted the world.
+    #[error("expert parallelism, rank {rank}: {what}")]
+    Ep {
+        /// The rank that reports it.
+        rank: usize,
+        /// What went wrong, naming the peer where one is concerned.
+        what: String,
+    },
+
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -27,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod device;
+pub mod ep;
 pub mod error;
 pub mod io;
 pub mod layer;

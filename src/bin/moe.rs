@@ -100,6 +100,10 @@ enum Command {
         /// quantized matrices stay as stored).
         #[arg(long)]
         dtype: Option<String>,
+        /// Run the forward as N expert-parallel ranks (threads of this process, experts and
+        /// tokens split evenly): the output file is byte for byte the single-device one.
+        #[arg(long)]
+        ep: Option<usize>,
     },
     /// Write one MoE layer of a Hugging Face checkpoint as the canonical files (weights in
     /// their stored dtype or quantized format, and the config that reproduces its routing).
@@ -155,6 +159,10 @@ enum Command {
         /// Also measure our own dense ceiling: one N x N expert, 8192 rows (0 = skip).
         #[arg(long, default_value_t = 0)]
         dense: usize,
+        /// Instead: the layer as N expert-parallel in-process ranks next to one device, with
+        /// each rank's compute, layout and exchange time and the bytes between ranks.
+        #[arg(long)]
+        ep: Option<usize>,
     },
     /// List the backends and devices found; with --weights, describe a weights file instead.
     Info {
@@ -218,6 +226,7 @@ fn main() -> ExitCode {
             output,
             backend,
             dtype,
+            ep,
         } => {
             let source = match (checkpoint, layer, config, weights) {
                 (Some(dir), Some(layer), None, None) => Source::Checkpoint(dir, layer),
@@ -225,7 +234,7 @@ fn main() -> ExitCode {
                 // clap's requires / conflicts rule out every other combination.
                 _ => Source::Usage,
             };
-            run(&source, &input, &output, &backend, dtype.as_deref())
+            run(&source, &input, &output, &backend, dtype.as_deref(), ep)
         }
         Command::Import {
             checkpoint,
@@ -245,16 +254,17 @@ fn main() -> ExitCode {
             json,
             routing,
             dense,
+            ep,
         } => bench(
             &preset,
             &tokens,
             &backend,
             (&dtype, quant.as_deref(), act.as_deref()),
-            iters,
-            warmup,
+            (iters, warmup),
             json,
             &routing,
             dense,
+            ep,
         ),
         Command::Info { weights: None, .. } => info(),
         Command::Info {
@@ -494,7 +504,11 @@ fn run(
     output: &std::path::Path,
     backend: &str,
     dtype: Option<&str>,
+    ep: Option<usize>,
 ) -> Result<ExitCode> {
+    if ep == Some(0) {
+        return Err(Error::Usage("--ep must be at least 1 rank".into()));
+    }
     let dev = Backend::from_name(backend)?;
     let mut layer = match source {
         Source::Files(config, weights) => MoeLayer::load(LayerConfig::from_file(config)?, weights)?,
@@ -519,7 +533,10 @@ fn run(
             ),
         });
     }
-    let out = layer.forward(&dev, &x)?;
+    let out = match ep {
+        Some(n) => moe_kernels::ep::forward_in_process(&layer, &dev, &x, n)?.output,
+        None => layer.forward(&dev, &x)?,
+    };
     let (t, k) = (out.tokens, out.slots);
     let to_i32 = |v: &[u32]| v.iter().map(|&a| a as i32).collect::<Vec<_>>();
     let mut tensors = vec![
@@ -538,8 +555,9 @@ fn run(
         tensors.push(("kept", OutTensor::I32(vec![t, k], to_i32(&out.kept))));
     }
     io::save(output, &tensors)?;
+    let ranks = ep.map_or(String::new(), |n| format!(" as {n} expert-parallel ranks"));
     println!(
-        "wrote {} (T = {t}, H = {}, {k} slots per token) with backend {}",
+        "wrote {} (T = {t}, H = {}, {k} slots per token) with backend {}{ranks}",
         output.display(),
         out.hidden,
         dev.kind()
@@ -754,12 +772,15 @@ fn bench(
     tokens: &str,
     backend: &str,
     (dtype, quant, act): (&str, Option<&str>, Option<&str>),
-    iters: usize,
-    warmup: usize,
+    (iters, warmup): (usize, usize),
     json: bool,
     routing: &str,
     dense: usize,
+    ep: Option<usize>,
 ) -> Result<ExitCode> {
+    if ep == Some(0) {
+        return Err(Error::Usage("--ep must be at least 1 rank".into()));
+    }
     use moe_kernels::bench::{self, Routing};
     let dev = Backend::from_name(backend)?;
     let dtype: DType = dtype.parse()?;
@@ -805,6 +826,24 @@ fn bench(
         .map(|n| bench::shape(n))
         .collect::<Result<_>>()?;
 
+    if let Some(world) = ep {
+        let layers = shapes
+            .iter()
+            .map(|shape| match &quant {
+                Some(spec) => bench::quantized_layer(shape, spec),
+                None => bench::layer(shape, dtype),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return bench_ep(
+            &dev,
+            &shapes,
+            &layers,
+            (&tokens, &routings, act),
+            world,
+            (iters, warmup),
+            json,
+        );
+    }
     // Ceilings measured in this run, on this device.
     let copy_gbs = bench::copy_bandwidth(&dev, 1 << 30)?;
     let dense_tflops = if dense > 0 {
@@ -905,5 +944,87 @@ fn bench(
         }
     }
     bar.finish_and_clear();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `moe bench --ep N`: each shape, token count and routing as N in-process ranks next to one
+/// device (see `moe_kernels::ep::bench`).
+fn bench_ep(
+    dev: &Backend,
+    shapes: &[moe_kernels::bench::Shape],
+    layers: &[MoeLayer],
+    (tokens, routings, act): (&[usize], &[moe_kernels::bench::Routing], DType),
+    world: usize,
+    (iters, warmup): (usize, usize),
+    json: bool,
+) -> Result<ExitCode> {
+    use moe_kernels::bench::{self, Routing};
+    if !json {
+        println!(
+            "moe bench --ep: EP {world} in-process ranks on {} ({act} activations; median of \
+             {iters} after {warmup} warm-up; per-rank times are the slowest rank's)",
+            dev.kind()
+        );
+        println!(
+            "{:<14} {:>6} {:>8} {:>11} {:>11} {:>11} {:>10} {:>11} {:>8} {:>10} {:>8}",
+            "shape",
+            "T",
+            "routing",
+            "single(ms)",
+            "EP wall(ms)",
+            "compute(ms)",
+            "layout(ms)",
+            "exchange(ms)",
+            "rows",
+            "peer MB",
+            "bitwise"
+        );
+    }
+    let mut all_bitwise = true;
+    for (shape, layer) in shapes.iter().zip(layers) {
+        for &t in tokens {
+            for &routing in routings {
+                let x = bench::input(layer, t, routing)?.cast(act);
+                let p = moe_kernels::ep::bench::run_point(dev, layer, &x, world, warmup, iters)?;
+                all_bitwise &= p.bitwise;
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                let rname = match routing {
+                    Routing::Uniform => "uniform",
+                    Routing::Skewed => "skewed",
+                };
+                if json {
+                    let line = serde_json::json!({
+                        "shape": shape.name, "tokens": t, "routing": rname, "ep": world,
+                        "backend": dev.kind().name(), "act": act.name(),
+                        "single_ms": ms(p.single), "ep_wall_ms": ms(p.wall),
+                        "compute_ms": ms(p.compute), "layout_ms": ms(p.layout),
+                        "exchange_ms": ms(p.exchange), "rows": p.rows, "peer_bytes": p.bytes,
+                        "bitwise": p.bitwise,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{:<14} {:>6} {:>8} {:>11.2} {:>11.2} {:>11.2} {:>10.3} {:>11.2} {:>8} {:>10.3} {:>8}",
+                        shape.name,
+                        t,
+                        rname,
+                        ms(p.single),
+                        ms(p.wall),
+                        ms(p.compute),
+                        ms(p.layout),
+                        ms(p.exchange),
+                        p.rows,
+                        p.bytes as f64 / 1e6,
+                        if p.bitwise { "yes" } else { "NO" }
+                    );
+                }
+            }
+        }
+    }
+    if !all_bitwise {
+        return Err(Error::Usage(
+            "an EP forward was not bitwise the single-device forward".into(),
+        ));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -155,6 +155,75 @@ pub(crate) fn combine_f64(
     cpu::combine::combine(&yp, hidden, a, shared_in, output_scale)
 }
 
+/// Stage 0 on the CPU: `x · wᵀ (+ bias)` stored in f32 into `out`. Shared by [`CpuStages`]
+/// and the expert-parallel ranks.
+pub(crate) fn router_into(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let logits = cpu::router::router_logits(x, w, bias)?;
+    store(DType::F32, &logits, out);
+    Ok(())
+}
+
+/// Stage 3 on the CPU: the experts of `w` on `x_perm` (values of `dtype`) grouped by
+/// `expert_offsets`, `h` and the output stored in `dtype`, into `out`. Shared by
+/// [`CpuStages`] and the expert-parallel ranks.
+pub(crate) fn experts_into(
+    x_perm: &[f32],
+    expert_offsets: &[u32],
+    w: &ExpertWeights,
+    act: crate::config::Activation,
+    dtype: DType,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let xp: Vec<f64> = x_perm.iter().map(|&v| f64::from(v)).collect();
+    let y = cpu::expert_gemm::expert_ffn_stored(&xp, expert_offsets, w, act, |v| dtype.round(v))?;
+    store(dtype, &y, out);
+    Ok(())
+}
+
+/// Stage 3 on the CPU, shared expert: `s` on every token of `x`, stored in `dtype` into
+/// `out`. Shared by [`CpuStages`] and the expert-parallel ranks.
+pub(crate) fn shared_into(
+    x: &Tensor,
+    s: &ExpertWeights,
+    act: crate::config::Activation,
+    dtype: DType,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let y = cpu::expert_gemm::shared_ffn_stored(x, s, act, |v| dtype.round(v))?;
+    store(dtype, &y, out);
+    Ok(())
+}
+
+/// Stage 4 on the CPU: [`combine_f64`] with the output scale as the GPUs take it (f32),
+/// stored in `dtype` into `y`. Shared by [`CpuStages`] and the expert-parallel ranks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn combine_into(
+    y_perm: &[f32],
+    gate: &GateBuffers,
+    row_of_assignment: &[u32],
+    hidden: usize,
+    shared: Option<(&[f32], Option<&[f32]>)>,
+    output_scale: f64,
+    dtype: DType,
+    y: &mut Vec<f32>,
+) -> Result<()> {
+    let out = combine_f64(
+        y_perm,
+        gate,
+        row_of_assignment,
+        hidden,
+        shared,
+        f64::from(output_scale as f32),
+    )?;
+    store(dtype, &out, y);
+    Ok(())
+}
+
 fn config(res: &CpuResident) -> &LayerConfig {
     &res.config
 }
@@ -179,9 +248,12 @@ impl Stages for CpuStages {
         x: &Tensor,
         _t: usize,
     ) -> Result<()> {
-        let logits = cpu::router::router_logits(x, &res.router_weight, res.router_bias.as_ref())?;
-        store(DType::F32, &logits, &mut ws.logits);
-        Ok(())
+        router_into(
+            x,
+            &res.router_weight,
+            res.router_bias.as_ref(),
+            &mut ws.logits,
+        )
     }
 
     fn shared_gate(
@@ -192,11 +264,10 @@ impl Stages for CpuStages {
         x: &Tensor,
         _t: usize,
     ) -> Result<()> {
-        if let Some(g) = &res.shared_gate {
-            let logit = cpu::router::router_logits(x, g, None)?;
-            store(DType::F32, &logit, &mut ws.shared_logit);
+        match &res.shared_gate {
+            Some(g) => router_into(x, g, None, &mut ws.shared_logit),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn gate(&self, _: &mut (), res: &CpuResident, ws: &mut CpuWorkspace, t: usize) -> Result<()> {
@@ -228,17 +299,14 @@ impl Stages for CpuStages {
         ws: &mut CpuWorkspace,
         _t: usize,
     ) -> Result<()> {
-        let dtype = ws.dtype;
-        let xp: Vec<f64> = ws.perm.x_perm.iter().map(|&v| f64::from(v)).collect();
-        let y = cpu::expert_gemm::expert_ffn_stored(
-            &xp,
+        experts_into(
+            &ws.perm.x_perm,
             &ws.perm.expert_offsets,
             &res.experts,
             config(res).activation,
-            |v| dtype.round(v),
-        )?;
-        store(dtype, &y, &mut ws.y_perm);
-        Ok(())
+            ws.dtype,
+            &mut ws.y_perm,
+        )
     }
 
     fn shared(
@@ -249,14 +317,10 @@ impl Stages for CpuStages {
         x: &Tensor,
         _t: usize,
     ) -> Result<()> {
-        let dtype = ws.dtype;
-        if let Some(s) = &res.shared {
-            let y = cpu::expert_gemm::shared_ffn_stored(x, s, config(res).activation, |v| {
-                dtype.round(v)
-            })?;
-            store(dtype, &y, &mut ws.shared_y);
+        match &res.shared {
+            Some(s) => shared_into(x, s, config(res).activation, ws.dtype, &mut ws.shared_y),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn combine(
@@ -274,15 +338,15 @@ impl Stages for CpuStages {
                 .then_some(ws.shared_logit.as_slice());
             (ws.shared_y.as_slice(), gate)
         });
-        let out = combine_f64(
+        combine_into(
             &ws.y_perm,
             &ws.gate,
             &ws.perm.row_of_assignment,
             res.dims.hidden,
             shared,
-            f64::from(config(res).output_scale as f32),
-        )?;
-        store(ws.dtype, &out, y);
-        Ok(())
+            config(res).output_scale,
+            ws.dtype,
+            y,
+        )
     }
 }

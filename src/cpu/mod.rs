@@ -6,6 +6,7 @@
 
 pub mod combine;
 pub(crate) mod device;
+pub(crate) mod ep;
 pub mod expert_gemm;
 pub mod gate;
 pub mod permute;

@@ -5,8 +5,8 @@
 //! inside a forward: the per-forward parameters (uniforms, the shared expert's row range) are
 //! written with `Queue::write_buffer`, which takes effect at the next submission.
 //!
-//! Two entry points run it: `forward_host` (upload a host `x` into the workspace, record,
-//! submit, wait, read `y`) and `forward_device` (record into the caller's encoder from its `x`
+//! Two entry points run it: `forward_host_async` in `crate::wgpu::asynch` (upload a host `x`
+//! into the workspace, record, submit, await, read `y`) and `forward_device` (record into the caller's encoder from its `x`
 //! buffer to its `y` buffer; the caller submits), both used by [`crate::PreparedLayer`].
 
 use std::time::Duration;

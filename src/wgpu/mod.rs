@@ -10,6 +10,7 @@ pub mod asynch;
 pub mod combine;
 pub mod context;
 pub mod device;
+pub(crate) mod ep;
 pub mod expert_gemm;
 pub mod gate;
 pub mod host;
