@@ -63,6 +63,7 @@ fn kind_of(e: &Error) -> &'static str {
         Error::Device { .. } => "Device",
         Error::BackendUnavailable { .. } => "BackendUnavailable",
         Error::Limit { .. } => "Limit",
+        Error::Ep { .. } => "Ep",
         Error::Io { .. } => "Io",
     }
 }

@@ -10,6 +10,9 @@ pub mod asynch;
 pub mod combine;
 pub mod context;
 pub mod device;
+// Expert-parallel ranks run on threads (`RankStages: Send + Sync`); wgpu's web handles are
+// neither, so there are no wgpu ranks on wasm32.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod ep;
 pub mod expert_gemm;
 pub mod gate;
