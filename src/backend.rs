@@ -81,31 +81,59 @@ fn wgpu_reason() -> Option<String> {
 impl Backend {
     /// The best usable backend. The environment variable `MOE_BACKEND` (`auto`, `cpu`,
     /// `cuda` or `wgpu`) overrides the choice: set to a kind, that kind or its error; unset,
-    /// empty or `auto`, the first of CUDA, wgpu, CPU that can be created here.
+    /// empty or `auto`, the first of CUDA, wgpu, CPU that can be created here. Blocks
+    /// ([`Backend::auto_async`] under [`crate::asynch::block_on`]).
     pub fn auto() -> Result<Self> {
+        crate::asynch::block_on("Backend::auto", Self::auto_async())
+    }
+
+    /// [`Backend::auto`] without blocking (what a browser calls: CUDA is not built there, so
+    /// WebGPU, then the CPU).
+    pub async fn auto_async() -> Result<Self> {
         match std::env::var("MOE_BACKEND") {
-            Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => Backend::new(v.parse()?),
-            _ => BackendKind::AUTO_ORDER
-                .into_iter()
-                .find_map(|k| Backend::new(k).ok())
-                .ok_or_else(|| Error::BackendUnavailable {
+            Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => {
+                Backend::new_async(v.parse()?).await
+            }
+            _ => {
+                for kind in BackendKind::AUTO_ORDER {
+                    if let Ok(b) = Backend::new_async(kind).await {
+                        return Ok(b);
+                    }
+                }
+                Err(Error::BackendUnavailable {
                     backend: BackendKind::Cpu,
                     reason: "no backend could be created".into(),
-                }),
+                })
+            }
         }
     }
 
-    /// `auto`, `cpu`, `cuda` or `wgpu`.
+    /// `auto`, `cpu`, `cuda` or `wgpu`. Blocks ([`Backend::from_name_async`]).
     pub fn from_name(name: &str) -> Result<Self> {
+        crate::asynch::block_on("Backend::from_name", Self::from_name_async(name))
+    }
+
+    /// [`Backend::from_name`] without blocking.
+    pub async fn from_name_async(name: &str) -> Result<Self> {
         if name.trim() == "auto" {
-            Backend::auto()
+            Backend::auto_async().await
         } else {
-            Backend::new(name.parse()?)
+            Backend::new_async(name.parse()?).await
         }
     }
 
-    /// A backend of this kind, or [`Error::BackendUnavailable`] saying why not.
+    /// A backend of this kind, or [`Error::BackendUnavailable`] saying why not. Blocks
+    /// ([`Backend::new_async`] under [`crate::asynch::block_on`]; on wasm32 a wgpu backend
+    /// needs `new_async`).
     pub fn new(kind: BackendKind) -> Result<Self> {
+        crate::asynch::block_on("Backend::new", Self::new_async(kind))
+    }
+
+    /// A backend of this kind without blocking: a wgpu adapter and device are awaited (in a
+    /// browser, WebGPU's promises); the other kinds are ready at once.
+    // wasm32: wgpu's web handles are neither Send nor Sync (one thread); the Arc only shares.
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+    pub async fn new_async(kind: BackendKind) -> Result<Self> {
         match kind {
             BackendKind::Cpu => Ok(Backend {
                 device: Device::Cpu,
@@ -118,7 +146,9 @@ impl Backend {
             }),
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => Ok(Backend {
-                device: Device::Wgpu(std::sync::Arc::new(crate::wgpu::WgpuDevice::new()?)),
+                device: Device::Wgpu(std::sync::Arc::new(
+                    crate::wgpu::WgpuDevice::new_async().await?,
+                )),
                 memory_limit: None,
             }),
             #[allow(unreachable_patterns)] // reached when a backend's feature is off
@@ -156,6 +186,7 @@ impl Backend {
     /// defaults and uses timestamp queries only where enabled. `info` names the adapter in
     /// messages (`adapter.get_info()`).
     #[cfg(feature = "wgpu")]
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))] // as in new_async
     pub fn from_wgpu(
         device: ::wgpu::Device,
         queue: ::wgpu::Queue,
@@ -270,6 +301,47 @@ impl Backend {
             )?;
         }
         Ok(())
+    }
+
+    /// Waits, without blocking, until the device has answered for everything done so far:
+    /// on wasm32 the wgpu error scopes of buffer, shader and pipeline creation are promises,
+    /// and their first error is returned here (natively, and on the CPU, they were answered
+    /// at once: `Ok`). The async entry points call it before they return.
+    pub async fn settled(&self) -> Result<()> {
+        match &self.device {
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => d.settled().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The adapter's name, API and device type on wgpu (`"SwiftShader Device (Vulkan) on
+    /// BrowserWebGpu, Cpu"`), the device name on CUDA, `"host"` on the CPU.
+    pub fn adapter_name(&self) -> String {
+        match &self.device {
+            Device::Cpu => "host".into(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => format!("{d:?}"),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(d) => {
+                let i = &d.info;
+                let name = if i.name.is_empty() {
+                    "unnamed adapter"
+                } else {
+                    &i.name
+                };
+                let driver = format!("{} {}", i.driver, i.driver_info);
+                let driver = driver.trim();
+                let mut s = format!("{name} on {:?}, {:?}", i.backend, i.device_type);
+                if !driver.is_empty() {
+                    s += &format!(" ({driver})");
+                }
+                if i.vendor != 0 || i.device != 0 {
+                    s += &format!(" [{:04x}:{:04x}]", i.vendor, i.device);
+                }
+                s
+            }
+        }
     }
 
     /// Which kind this is.
@@ -504,7 +576,7 @@ pub fn copy_bandwidth(dev: &Backend, bytes: usize) -> Result<f64> {
             let mut dst = vec![0u8; bytes];
             let mut t = Vec::new();
             for _ in 0..6 {
-                let start = std::time::Instant::now();
+                let start = web_time::Instant::now();
                 dst.copy_from_slice(&src);
                 t.push(start.elapsed().as_secs_f64());
                 std::hint::black_box(&dst);

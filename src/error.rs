@@ -23,6 +23,11 @@ pub enum Error {
     #[error("usage: {0}")]
     Usage(String),
 
+    /// A blocking call would have to wait where nothing may block (wasm32: the browser's event
+    /// loop must run for the device to answer). Names the call; use its `_async` version.
+    #[error("{0} would block, and nothing may block on wasm32: call its async version")]
+    WouldBlock(String),
+
     /// The layer or routing configuration is invalid (bad value, unsupported combination).
     #[error("config: {0}")]
     Config(String),

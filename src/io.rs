@@ -133,8 +133,14 @@ pub fn parse_file_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String,
 
 /// The input tensor `x` `[T, H]` of an input file (the file must hold `x` and nothing else).
 pub fn load_input(path: &Path) -> Result<Tensor> {
-    let origin = path.display().to_string();
-    let mut tensors = load_tensors(path)?;
+    let bytes = read(path)?;
+    parse_input(&bytes, &path.display().to_string())
+}
+
+/// [`load_input`] on the bytes of an input file; `origin` names it in errors.
+pub fn parse_input(bytes: &[u8], origin: &str) -> Result<Tensor> {
+    let origin = origin.to_string();
+    let mut tensors = parse_tensors(bytes, &origin)?;
     let x = tensors.remove("x").ok_or_else(|| Error::Input {
         path: origin.clone(),
         what: "no tensor named \"x\"".into(),

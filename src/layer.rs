@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use web_time::Instant;
 
 use std::sync::Mutex;
 
@@ -704,8 +706,36 @@ impl MoeLayer {
     /// forwards of the same T and recreates those whose buffer ranges changed); the
     /// host-tensor [`PreparedLayer::forward`] adds only its read-back staging. Every size and
     /// limit is checked here, for `max_tokens`; a forward only checks `T <= max_tokens`. The
-    /// prepared layer owns what it needs: `self` may be dropped.
+    /// prepared layer owns what it needs: `self` may be dropped. Blocks
+    /// ([`MoeLayer::prepare_async`] under [`crate::asynch::block_on`]).
     pub fn prepare(
+        &self,
+        dev: &Backend,
+        max_tokens: usize,
+        act_dtype: DType,
+    ) -> Result<PreparedLayer> {
+        crate::asynch::block_on(
+            "MoeLayer::prepare",
+            self.prepare_async(dev, max_tokens, act_dtype),
+        )
+    }
+
+    /// [`MoeLayer::prepare`] without blocking: the uploads and pipelines are created as there,
+    /// then the device's answers (wgpu's error scopes; promises in a browser) are awaited, so
+    /// an out-of-memory or a shader the browser rejects is an error here.
+    pub async fn prepare_async(
+        &self,
+        dev: &Backend,
+        max_tokens: usize,
+        act_dtype: DType,
+    ) -> Result<PreparedLayer> {
+        let prepared = self.prepare_now(dev, max_tokens, act_dtype)?;
+        dev.settled().await?;
+        Ok(prepared)
+    }
+
+    /// The body of [`MoeLayer::prepare_async`] up to the wait for the device.
+    fn prepare_now(
         &self,
         dev: &Backend,
         max_tokens: usize,
@@ -784,8 +814,16 @@ impl MoeLayer {
     /// The forward pass of `x` `[T, H]` on `dev`, with activations in `x`'s dtype (prepares
     /// the layer for T tokens first: for repeated forwards, [`MoeLayer::prepare`] once instead).
     pub fn forward(&self, dev: &Backend, x: &Tensor) -> Result<ForwardOutput> {
+        crate::asynch::block_on("MoeLayer::forward", self.forward_async(dev, x))
+    }
+
+    /// [`MoeLayer::forward`] without blocking.
+    pub async fn forward_async(&self, dev: &Backend, x: &Tensor) -> Result<ForwardOutput> {
         let t = self.check_x(x)?;
-        self.prepare(dev, t, x.dtype())?.forward(x)
+        self.prepare_async(dev, t, x.dtype())
+            .await?
+            .forward_async(x)
+            .await
     }
 }
 
@@ -896,9 +934,23 @@ impl PreparedLayer {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
-        self.inner
-            .lock()
-            .map_err(|_| Error::Usage("a previous forward on this prepared layer panicked".into()))
+        let poisoned = || Error::Usage("a previous forward on this prepared layer panicked".into());
+        #[cfg(target_arch = "wasm32")]
+        {
+            // One thread: a held lock belongs to a forward that is awaiting the device.
+            self.inner.try_lock().map_err(|e| match e {
+                std::sync::TryLockError::Poisoned(_) => poisoned(),
+                std::sync::TryLockError::WouldBlock => Error::Usage(
+                    "another forward or read-back on this prepared layer is still running: \
+                     await it first"
+                        .into(),
+                ),
+            })
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            self.inner.lock().map_err(|_| poisoned())
+        }
     }
 
     fn check_tokens(&self, t: usize) -> Result<()> {
@@ -935,8 +987,20 @@ impl PreparedLayer {
     }
 
     /// One forward of the host tensor `x` `[T, H]` (in the activation dtype): uploads `x`,
-    /// runs the forward, waits, and reads `y` and the routing back.
+    /// runs the forward, waits, and reads `y` and the routing back. Blocks
+    /// ([`PreparedLayer::forward_async`] under [`crate::asynch::block_on`]).
     pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
+        crate::asynch::block_on("PreparedLayer::forward", self.forward_async(x))
+    }
+
+    /// [`PreparedLayer::forward`] without blocking: the submission and the read-backs of `y`,
+    /// the routing and the stage timestamps are awaited. A second forward on the same
+    /// prepared layer while one is awaiting is an [`Error::Usage`] on wasm32 (nothing may
+    /// wait for the lock there); natively it waits for the first.
+    // The workspace lock is held across the awaits on purpose: it serialises forwards exactly
+    // as the blocking API did, and on wasm32 it is only ever taken with `try_lock`.
+    #[allow(clippy::await_holding_lock)]
+    pub async fn forward_async(&self, x: &Tensor) -> Result<ForwardOutput> {
         let t = self.check_x(x)?;
         let start = Instant::now();
         let mut inner = self.lock()?;
@@ -972,12 +1036,12 @@ impl PreparedLayer {
                 let Device::Wgpu(d) = &self.dev.device else {
                     return Err(Error::Usage("prepared layer lost its wgpu device".into()));
                 };
-                crate::wgpu::device::forward_host(d, &b.0, &mut b.1, plan, x)?
+                crate::wgpu::asynch::forward_host_async(d, &b.0, &mut b.1, plan, x).await?
             }
         };
         self.last_tokens
             .store(t, std::sync::atomic::Ordering::Relaxed);
-        let routing = self.read_routing_locked(&inner, t)?;
+        let routing = self.read_routing_locked(&inner, t).await?;
         Ok(ForwardOutput {
             tokens: t,
             hidden: self.hidden,
@@ -1180,8 +1244,15 @@ impl PreparedLayer {
     }
 
     /// Reads back the routing of the last forward (ids, weights, kept flags, expert counts):
-    /// waits for the device.
+    /// waits for the device (blocks: [`PreparedLayer::read_routing_async`] under
+    /// [`crate::asynch::block_on`]).
     pub fn read_routing(&self) -> Result<RoutingOutput> {
+        crate::asynch::block_on("PreparedLayer::read_routing", self.read_routing_async())
+    }
+
+    /// [`PreparedLayer::read_routing`] without blocking.
+    #[allow(clippy::await_holding_lock)] // as in `forward_async`
+    pub async fn read_routing_async(&self) -> Result<RoutingOutput> {
         let inner = self.lock()?;
         let t = self.last_tokens.load(std::sync::atomic::Ordering::Relaxed);
         if t == usize::MAX {
@@ -1189,12 +1260,12 @@ impl PreparedLayer {
                 "read_routing: no forward has run on this prepared layer yet".into(),
             ));
         }
-        self.read_routing_locked(&inner, t)
+        self.read_routing_locked(&inner, t).await
     }
 
     // The CPU holds exactly the last forward's routing; the GPU workspaces need `t`.
     #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
-    fn read_routing_locked(&self, inner: &Inner, t: usize) -> Result<RoutingOutput> {
+    async fn read_routing_locked(&self, inner: &Inner, t: usize) -> Result<RoutingOutput> {
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
         let n = t * self.slots;
         match inner {
@@ -1227,10 +1298,10 @@ impl PreparedLayer {
                 };
                 let g = &b.1.gate;
                 Ok(RoutingOutput {
-                    topk_ids: d.read_prefix(&g.topk_ids, n)?,
-                    topk_weights: d.read_prefix(&g.topk_weights, n)?,
-                    kept: d.read_prefix(&g.kept, n)?,
-                    counts: d.read_prefix(&g.counts, self.experts)?,
+                    topk_ids: d.read_prefix_async(&g.topk_ids, n).await?,
+                    topk_weights: d.read_prefix_async(&g.topk_weights, n).await?,
+                    kept: d.read_prefix_async(&g.kept, n).await?,
+                    counts: d.read_prefix_async(&g.counts, self.experts).await?,
                 })
             }
         }

@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod asynch;
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod bench;
@@ -40,6 +41,8 @@ pub mod tensor;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(all(feature = "web", target_arch = "wasm32"))]
+pub mod web;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

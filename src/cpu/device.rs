@@ -2,7 +2,7 @@
 //! f64 reference of its stage and stores its result as a GPU stores it, in f32 for logits and
 //! routing and in the activation dtype for `x_perm`, `h`, `y_perm`, the shared expert and `y`.
 
-use std::time::Instant;
+use web_time::Instant;
 
 use crate::config::{LayerConfig, RoutingConfig};
 use crate::cpu;

@@ -77,9 +77,18 @@ impl EpLayer {
         let w = rank_weights(layer, experts.range(rank))?;
         let stages: Box<dyn RankStages> = match &dev.device {
             Device::Cpu => Box::new(crate::cpu::ep::CpuRank::new(w, act_dtype)),
-            #[cfg(feature = "wgpu")]
+            #[cfg(all(feature = "wgpu", not(target_arch = "wasm32")))]
             Device::Wgpu(wd) => {
                 Box::new(crate::wgpu::ep::WgpuRank::new(wd.clone(), &w, act_dtype)?)
+            }
+            #[cfg(all(feature = "wgpu", target_arch = "wasm32"))]
+            Device::Wgpu(_) => {
+                return Err(Error::BackendUnavailable {
+                    backend: crate::device::BackendKind::Wgpu,
+                    reason: "expert-parallel ranks run on threads, which a browser's WebGPU \
+                             handles cannot cross"
+                        .into(),
+                })
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {

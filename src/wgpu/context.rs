@@ -55,7 +55,7 @@ pub(crate) fn gpu_err(what: impl Into<String>) -> Error {
 }
 
 /// Why the wgpu backend cannot be created here.
-fn unavailable(what: impl Into<String>) -> Error {
+pub(crate) fn unavailable(what: impl Into<String>) -> Error {
     Error::BackendUnavailable {
         backend: BackendKind::Wgpu,
         reason: what.into(),
@@ -119,6 +119,9 @@ pub struct WgpuDevice {
     pipelines: Mutex<HashMap<PipelineKey, Arc<::wgpu::ComputePipeline>>>,
     /// Buffers created through this handle (storage, uniform, read-back staging).
     allocations: AtomicU64,
+    /// Error scopes popped but not yet awaited (wasm32: see `crate::wgpu::asynch`).
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) deferred: crate::wgpu::asynch::Deferred,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -133,32 +136,15 @@ impl std::fmt::Debug for WgpuDevice {
 
 impl WgpuDevice {
     /// Opens the preferred adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF` are
-    /// honoured) with its full limits. Never panics: every failure is an error.
+    /// honoured) with its full limits. Never panics: every failure is an error. Blocks:
+    /// [`WgpuDevice::new_async`] under [`crate::asynch::block_on`] (on wasm32, an
+    /// [`Error::WouldBlock`]: use `new_async` there).
     pub fn new() -> Result<Self> {
-        let desc = crate::wgpu::instance_descriptor();
-        let instance = ::wgpu::Instance::new(desc);
-        let adapter = pollster::block_on(::wgpu::util::initialize_adapter_from_env_or_default(
-            &instance, None,
-        ))
-        .map_err(|e| unavailable(format!("no wgpu adapter: {e}")))?;
-        let info = adapter.get_info();
-        let required_features = adapter.features() & Self::WANTED;
-        let limits = adapter.limits();
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
-                label: Some("moe-kernels"),
-                required_features,
-                required_limits: limits.clone(),
-                experimental_features: ::wgpu::ExperimentalFeatures::disabled(),
-                memory_hints: ::wgpu::MemoryHints::Performance,
-                trace: ::wgpu::Trace::Off,
-            }))
-            .map_err(|e| unavailable(format!("adapter {} refused a device: {e}", info.name)))?;
-        Ok(Self::wrap(device, queue, info))
+        crate::asynch::block_on("WgpuDevice::new", Self::new_async())
     }
 
     /// Optional features the crate uses where the device has them: GPU timestamps.
-    const WANTED: ::wgpu::Features =
+    pub(crate) const WANTED: ::wgpu::Features =
         ::wgpu::Features::TIMESTAMP_QUERY.union(::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
     /// A handle on a device and queue that the caller created (a runtime's own): the crate
@@ -184,6 +170,8 @@ impl WgpuDevice {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             allocations: AtomicU64::new(0),
+            #[cfg(target_arch = "wasm32")]
+            deferred: Default::default(),
         }
     }
 
@@ -193,7 +181,7 @@ impl WgpuDevice {
         self.allocations.load(Ordering::Relaxed)
     }
 
-    fn count_allocation(&self) {
+    pub(crate) fn count_allocation(&self) {
         self.allocations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -239,9 +227,8 @@ impl WgpuDevice {
                 },
                 cache: None,
             });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(gpu_err(format!("pipeline {}: {e}", kernel.entry_point())));
-        }
+        let entry = kernel.entry_point();
+        self.settle(scope, move |e| gpu_err(format!("pipeline {entry}: {e}")))?;
         let p = Arc::new(p);
         cache.insert(key, p.clone());
         Ok(p)
@@ -265,9 +252,7 @@ impl WgpuDevice {
                 label: Some(file),
                 source: ::wgpu::ShaderSource::Wgsl(source.into()),
             });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(gpu_err(format!("shader {file}: {e}")));
-        }
+        self.settle(scope, move |e| gpu_err(format!("shader {file}: {e}")))?;
         let m = Arc::new(m);
         cache.insert(file, m.clone());
         Ok(m)
@@ -337,23 +322,18 @@ impl WgpuDevice {
             .device
             .push_error_scope(::wgpu::ErrorFilter::Validation);
         let buffer = create(&self.device);
-        let invalid = pollster::block_on(invalid.pop());
-        let oom = pollster::block_on(oom.pop());
-        if oom.is_some() {
-            return Err(Error::Limit {
-                backend: BackendKind::Wgpu,
-                resource: Resource::DeviceMemory,
-                what: format!("buffer {label}"),
-                need: bytes,
-                // wgpu reports no free-memory figure; 0 says "none was left".
-                limit: 0,
-            });
-        }
-        if let Some(e) = invalid {
-            return Err(gpu_err(format!(
-                "creating buffer {label} ({bytes} bytes): {e}"
-            )));
-        }
+        let what = format!("creating buffer {label} ({bytes} bytes)");
+        let invalid = self.settle(invalid, move |e| gpu_err(format!("{what}: {e}")));
+        let what = format!("buffer {label}");
+        let oom = self.settle(oom, move |_| Error::Limit {
+            backend: BackendKind::Wgpu,
+            resource: Resource::DeviceMemory,
+            what,
+            need: bytes,
+            // wgpu reports no free-memory figure; 0 says "none was left".
+            limit: 0,
+        });
+        oom.and(invalid)?;
         Ok(buffer)
     }
 
@@ -429,9 +409,7 @@ impl WgpuDevice {
             .device
             .push_error_scope(::wgpu::ErrorFilter::Validation);
         let idx = self.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(gpu_err(format!("submission rejected: {e}")));
-        }
+        self.settle(scope, |e| gpu_err(format!("submission rejected: {e}")))?;
         self.device
             .poll(::wgpu::PollType::Wait {
                 submission_index: Some(idx),
@@ -446,42 +424,10 @@ impl WgpuDevice {
         self.read_prefix(buf, buf.len)
     }
 
-    /// The first `n` elements of `buf` (at most its `len`), copied to the host.
+    /// The first `n` elements of `buf` (at most its `len`), copied to the host: blocks
+    /// ([`WgpuDevice::read_prefix_async`] under [`crate::asynch::block_on`]).
     pub fn read_prefix<T: Pod>(&self, buf: &GpuBuffer<T>, n: usize) -> Result<Vec<T>> {
-        let bytes = (n.min(buf.len) * std::mem::size_of::<T>()) as u64;
-        if bytes == 0 {
-            return Ok(Vec::new());
-        }
-        self.count_allocation();
-        let staging = self.device.create_buffer(&::wgpu::BufferDescriptor {
-            label: Some("read-back"),
-            size: bytes.next_multiple_of(4),
-            usage: ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = self.encoder();
-        enc.copy_buffer_to_buffer(&buf.buffer, 0, &staging, 0, bytes.next_multiple_of(4));
-        self.submit_and_wait(enc)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(::wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.device
-            .poll(::wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| gpu_err(format!("waiting for the read-back failed: {e}")))?;
-        rx.recv()
-            .map_err(|_| gpu_err("read-back callback never ran"))?
-            .map_err(|e| gpu_err(format!("read-back failed: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| gpu_err(format!("read-back map: {e:?}")))?;
-        let out = bytemuck::pod_collect_to_vec::<u8, T>(&view[..bytes as usize]);
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        crate::asynch::block_on("WgpuDevice::read_prefix", self.read_prefix_async(buf, n))
     }
 }
 
@@ -530,7 +476,7 @@ impl WgpuDevice {
                 enc.write_timestamp(qs, 1);
                 enc.resolve_query_set(qs, 0..2, &buf.buffer, 0);
             }
-            let start = std::time::Instant::now();
+            let start = web_time::Instant::now();
             self.submit_and_wait(enc)?;
             let wall = start.elapsed().as_secs_f64();
             let t = match &stamps {

@@ -5,23 +5,23 @@
 //! inside a forward: the per-forward parameters (uniforms, the shared expert's row range) are
 //! written with `Queue::write_buffer`, which takes effect at the next submission.
 //!
-//! Two entry points run it: `forward_host` (upload a host `x` into the workspace, record,
-//! submit, wait, read `y`) and `forward_device` (record into the caller's encoder from its `x`
+//! Two entry points run it: `forward_host_async` in `crate::wgpu::asynch` (upload a host `x`
+//! into the workspace, record, submit, await, read `y`) and `forward_device` (record into the caller's encoder from its `x`
 //! buffer to its `y` buffer; the caller submits), both used by [`crate::PreparedLayer`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::LayerConfig;
 use crate::cpu::expert_gemm::ExpertDims;
-use crate::device::{self, HostForward, LayerWeights, Plan, Stages};
+use crate::device::{self, LayerWeights, Plan, Stages};
 use crate::error::{Error, Result};
 use crate::stage::Stage;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::DType;
 use crate::wgpu::act::{self, Act};
 use crate::wgpu::context::gpu_err;
 use crate::wgpu::expert_gemm::GpuExperts;
 use crate::wgpu::scratch::Scratch;
-use crate::wgpu::weights::{pack_words, GpuWeights};
+use crate::wgpu::weights::GpuWeights;
 use crate::wgpu::{combine, expert_gemm, gate, permute, router};
 use crate::wgpu::{GateGpu, GpuBuffer, PermuteGpu, WgpuDevice};
 
@@ -402,13 +402,17 @@ pub(crate) fn check_region(
         enc.copy_buffer_to_buffer(probe, 0, buffer, offset, 0);
     }
     drop(enc.finish());
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(err(format!(
-            "the buffer cannot be used with this backend's device (created on another \
-             device?): {e}"
-        )));
-    }
-    Ok(())
+    // On wasm32 the answer is a promise: it is awaited by the next `WgpuDevice::settled`.
+    let what = what.to_string();
+    dev.settle(scope, move |e| {
+        Error::shape(
+            Stage::Router,
+            format!(
+                "{what}: the buffer cannot be used with this backend's device (created on \
+                 another device?): {e}"
+            ),
+        )
+    })
 }
 
 /// Six GPU timestamps around the five stages, when the adapter supports them in encoders.
@@ -416,13 +420,21 @@ pub(crate) fn check_region(
 pub struct Timestamps {
     set: ::wgpu::QuerySet,
     buf: GpuBuffer<u64>,
+    /// Written at the start of an empty compute pass instead of on the encoder: WebGPU's
+    /// `timestamp-query` (browsers) has no timestamps between passes.
+    in_pass: bool,
 }
 
 impl Timestamps {
     const N: u32 = 6;
 
     fn new(dev: &WgpuDevice) -> Option<Self> {
-        if !dev.timestamps {
+        let in_pass = !dev.timestamps
+            && dev
+                .device
+                .features()
+                .contains(::wgpu::Features::TIMESTAMP_QUERY);
+        if !dev.timestamps && !in_pass {
             return None;
         }
         let set = dev.device.create_query_set(&::wgpu::QuerySetDescriptor {
@@ -441,11 +453,29 @@ impl Timestamps {
         Some(Timestamps {
             set,
             buf: GpuBuffer::from_raw(buf, Self::N as usize),
+            in_pass,
         })
     }
 
     fn write(&self, enc: &mut ::wgpu::CommandEncoder, i: u32) {
+        if self.in_pass {
+            // An empty pass: its beginning comes after the previous pass's work.
+            drop(enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+                label: Some("stage timestamp"),
+                timestamp_writes: Some(::wgpu::ComputePassTimestampWrites {
+                    query_set: &self.set,
+                    beginning_of_pass_write_index: Some(i),
+                    end_of_pass_write_index: None,
+                }),
+            }));
+            return;
+        }
         enc.write_timestamp(&self.set, i);
+    }
+
+    /// The buffer the timestamps are resolved into.
+    pub(crate) fn buffer(&self) -> &GpuBuffer<u64> {
+        &self.buf
     }
 
     fn resolve(&self, enc: &mut ::wgpu::CommandEncoder) {
@@ -454,7 +484,11 @@ impl Timestamps {
 
     /// The five stage times of the last submitted forward.
     pub fn read(&self, dev: &WgpuDevice) -> Result<Vec<(Stage, Duration)>> {
-        let ticks = dev.read(&self.buf)?;
+        Self::stage_times(dev, &dev.read(&self.buf)?)
+    }
+
+    /// The five stage times from the six timestamps read back.
+    pub(crate) fn stage_times(dev: &WgpuDevice, ticks: &[u64]) -> Result<Vec<(Stage, Duration)>> {
         let period = f64::from(dev.queue.get_timestamp_period());
         if ticks.len() != Self::N as usize {
             return Err(gpu_err("timestamp read-back has the wrong length"));
@@ -471,35 +505,6 @@ impl Timestamps {
 // ---------------------------------------------------------------------------------------------
 // The entry points: from host tensors, and device-resident on the caller's buffers.
 // ---------------------------------------------------------------------------------------------
-
-/// One forward of the host tensor `x` (in the workspace's dtype): one submission, then `y`.
-pub(crate) fn forward_host(
-    dev: &WgpuDevice,
-    res: &WgpuResident,
-    ws: &mut WgpuWorkspace,
-    plan: Plan,
-    x: &Tensor,
-) -> Result<HostForward> {
-    let start = Instant::now();
-    let elems = x.len();
-    let words = pack_words(x, 0, elems);
-    if !words.is_empty() {
-        dev.queue
-            .write_buffer(&ws.x.buffer, 0, bytemuck::cast_slice(&words));
-    }
-    let mut enc = dev.encoder();
-    ws.timed = true;
-    device::forward(&WgpuStages { dev }, &mut enc, res, ws, plan, (), ())?;
-    dev.submit_and_wait(enc)?;
-    let wall = start.elapsed();
-    let times = match &ws.stamps {
-        Some(s) => s.read(dev)?,
-        None => Vec::new(),
-    };
-    let y = dev.read_prefix(&ws.y, act::words(elems, ws.dtype))?;
-    // y is dense: one row of T·H elements.
-    Ok((act::unpack(&y, 1, elems, elems, ws.dtype), times, wall))
-}
 
 /// Records one forward of `tokens` tokens into `enc`, reading `x` `[T, H]` from the caller's
 /// `(buffer, byte offset)` and writing `y` `[T, H]` to the caller's, both dense in the

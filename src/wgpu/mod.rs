@@ -6,9 +6,13 @@
 //! chunks weight matrices under the adapter's binding limit.
 
 pub mod act;
+pub mod asynch;
 pub mod combine;
 pub mod context;
 pub mod device;
+// Expert-parallel ranks run on threads (`RankStages: Send + Sync`); wgpu's web handles are
+// neither, so there are no wgpu ranks on wasm32.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod ep;
 pub mod expert_gemm;
 pub mod gate;
@@ -142,7 +146,8 @@ pub fn probe() -> Result<Vec<AdapterSummary>, String> {
     let desc = instance_descriptor();
     let backends = desc.backends;
     let instance = ::wgpu::Instance::new(desc);
-    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let adapters = crate::asynch::poll_or_wait(instance.enumerate_adapters(backends))
+        .ok_or("listing adapters would block on wasm32")?;
     if adapters.is_empty() {
         return Err("wgpu found no adapter (install a Vulkan driver, e.g. Mesa's lavapipe)".into());
     }
