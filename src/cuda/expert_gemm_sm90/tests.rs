@@ -870,3 +870,422 @@ fn wgmma_kernel_matches_cpu_reference_on_device() {
     }
     println!("expert_gemm_sm90: {ran} device checks ran on {}", dev.name);
 }
+
+// ---------------------------------------------------------------- the PTX text itself
+
+/// A small interpreter for the integer and address subset of PTX the kernel's bookkeeping
+/// uses (mov, add, sub, shl, shr, and, or, xor, mad.lo, mul.lo, mul.wide, div, rem, min, selp,
+/// setp, and.pred, cvt between u32 and u64, ld.global.u32, bra), so that the rendered
+/// module's own scheduler, descriptor, staging and TMA-coordinate code runs against the
+/// models above. Instructions it does not model (wgmma, cp.async.bulk.tensor, mbarrier, ...)
+/// are recorded as events with their operands' values, or skipped where listed.
+struct Ptx<'a> {
+    lines: Vec<&'a str>,
+    labels: std::collections::HashMap<String, usize>,
+    regs: std::collections::HashMap<String, u64>,
+    preds: std::collections::HashMap<String, bool>,
+    mem: std::collections::HashMap<u64, u32>,
+    events: Vec<(String, Vec<u64>)>,
+}
+
+impl<'a> Ptx<'a> {
+    fn new(src: &'a str) -> Self {
+        let lines: Vec<&str> = src.lines().collect();
+        let mut labels = std::collections::HashMap::new();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.split("//").next().unwrap().trim();
+            if let Some(name) = t.strip_suffix(':') {
+                if !name.contains(' ') {
+                    labels.insert(name.to_string(), i);
+                }
+            }
+        }
+        Ptx {
+            lines,
+            labels,
+            regs: Default::default(),
+            preds: Default::default(),
+            mem: Default::default(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Index of the first line at or after `from` whose code starts with `code`.
+    fn find(&self, from: usize, code: &str) -> usize {
+        (from..self.lines.len())
+            .find(|&i| self.code(i).starts_with(code))
+            .unwrap_or_else(|| panic!("no line {code:?} after {from}"))
+    }
+
+    fn code(&self, i: usize) -> &'a str {
+        self.lines[i].split("//").next().unwrap().trim()
+    }
+
+    fn set(&mut self, r: &str, v: u64) {
+        self.regs.insert(r.to_string(), v);
+    }
+
+    fn val(&self, op: &str) -> u64 {
+        let op = op.trim();
+        if let Some(h) = op.strip_prefix("0x").or_else(|| op.strip_prefix("0X")) {
+            return u64::from_str_radix(h, 16).unwrap();
+        }
+        if let Ok(v) = op.parse::<u64>() {
+            return v;
+        }
+        *self
+            .regs
+            .get(op)
+            .unwrap_or_else(|| panic!("register {op} read before it was set"))
+    }
+
+    /// Operands split at top-level commas.
+    fn operands(s: &str) -> Vec<String> {
+        let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0);
+        for ch in s.chars() {
+            match ch {
+                '{' | '[' => depth += 1,
+                '}' | ']' => depth -= 1,
+                _ => {}
+            }
+            if ch == ',' && depth == 0 {
+                out.push(cur.trim().to_string());
+                cur.clear();
+            } else {
+                cur.push(ch);
+            }
+        }
+        if !cur.trim().is_empty() {
+            out.push(cur.trim().to_string());
+        }
+        out
+    }
+
+    /// The values inside `[reg+off]` or `{a, b}`.
+    fn address(&self, op: &str) -> u64 {
+        let inner = op.trim_start_matches('[').trim_end_matches(']');
+        match inner.split_once('+') {
+            Some((r, off)) => self.val(r) + self.val(off),
+            None => self.val(inner),
+        }
+    }
+
+    /// Runs from line `from` until a line whose code starts with one of `stops` (returned:
+    /// its index and which stop). Panics on an instruction it does not know.
+    fn run(&mut self, from: usize, stops: &[&str], skip: &[&str]) -> (usize, usize) {
+        let mut i = from;
+        for _ in 0..1_000_000 {
+            let first = self.code(i);
+            if let Some(k) = stops.iter().position(|s| first.starts_with(s)) {
+                return (i, k);
+            }
+            i += 1;
+            if first.is_empty() || first.ends_with(':') || first.starts_with(".reg") {
+                continue;
+            }
+            // A statement may span lines (the wgmma's accumulator list): join up to the ';'.
+            let mut joined = first.to_string();
+            while !joined.ends_with(';') {
+                joined.push(' ');
+                joined.push_str(self.code(i));
+                i += 1;
+            }
+            let code = joined.trim_end_matches(';');
+            let (guard, rest) = match code.strip_prefix('@') {
+                Some(r) => {
+                    let (p, rest) = r.split_once(char::is_whitespace).unwrap();
+                    let (neg, p) = p.strip_prefix('!').map_or((false, p), |p| (true, p));
+                    (Some(self.preds[p] != neg), rest.trim())
+                }
+                None => (None, code),
+            };
+            if guard == Some(false) {
+                continue;
+            }
+            let (op, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            if skip.iter().any(|s| op.starts_with(s)) {
+                continue;
+            }
+            let a = Self::operands(args);
+            let w32 = |v: u64| v & 0xFFFF_FFFF;
+            let is64 = op.ends_with(".u64") || op.ends_with(".b64") || op.ends_with(".s64");
+            let m = |v: u64| if is64 { v } else { w32(v) };
+            match op.split('.').next().unwrap() {
+                "bra" => {
+                    i = self.labels[a[0].as_str()];
+                }
+                "mov" if a[1].starts_with('{') => {
+                    let parts = Self::operands(a[1].trim_matches(|c| c == '{' || c == '}'));
+                    let (lo, hi) = (self.val(&parts[0]), self.val(&parts[1]));
+                    self.set(&a[0], w32(lo) | w32(hi) << 32);
+                }
+                "mov" => {
+                    let v = self.val(&a[1]);
+                    self.set(&a[0], m(v));
+                }
+                "add" => self.set(&a[0], m(self.val(&a[1]).wrapping_add(self.val(&a[2])))),
+                "sub" => self.set(&a[0], m(self.val(&a[1]).wrapping_sub(self.val(&a[2])))),
+                "shl" => self.set(&a[0], m(self.val(&a[1]) << self.val(&a[2]))),
+                "shr" => self.set(&a[0], m(self.val(&a[1]) >> self.val(&a[2]))),
+                "and" if op == "and.pred" => {
+                    let v = self.preds[&a[1]] && self.preds[&a[2]];
+                    self.preds.insert(a[0].clone(), v);
+                }
+                "and" => self.set(&a[0], m(self.val(&a[1]) & self.val(&a[2]))),
+                "or" => self.set(&a[0], m(self.val(&a[1]) | self.val(&a[2]))),
+                "xor" => self.set(&a[0], m(self.val(&a[1]) ^ self.val(&a[2]))),
+                "min" => self.set(&a[0], self.val(&a[1]).min(self.val(&a[2]))),
+                "div" => self.set(&a[0], self.val(&a[1]) / self.val(&a[2])),
+                "rem" => self.set(&a[0], self.val(&a[1]) % self.val(&a[2])),
+                "mad" => {
+                    let v = self.val(&a[1]) * self.val(&a[2]) + self.val(&a[3]);
+                    self.set(&a[0], w32(v));
+                }
+                "mul" if op == "mul.wide.u32" => self.set(&a[0], self.val(&a[1]) * self.val(&a[2])),
+                "mul" => self.set(&a[0], w32(self.val(&a[1]) * self.val(&a[2]))),
+                "selp" => {
+                    let v = if self.preds[&a[3]] { self.val(&a[1]) } else { self.val(&a[2]) };
+                    self.set(&a[0], v);
+                }
+                "setp" => {
+                    let (x, y) = (self.val(&a[1]), self.val(&a[2]));
+                    let v = match op.split('.').nth(1).unwrap() {
+                        "eq" => x == y,
+                        "ne" => x != y,
+                        "lt" => x < y,
+                        "le" => x <= y,
+                        "gt" => x > y,
+                        "ge" => x >= y,
+                        c => panic!("setp.{c}"),
+                    };
+                    self.preds.insert(a[0].clone(), v);
+                }
+                "cvt" => self.set(&a[0], w32(self.val(&a[1]))),
+                "ld" if op == "ld.global.u32" => {
+                    let addr = self.address(&a[1]);
+                    let v = *self.mem.get(&addr).unwrap_or_else(|| panic!("load of {addr:#x}"));
+                    self.set(&a[0], u64::from(v));
+                }
+                _ => {
+                    // An event: the operands' values (vectors and addresses flattened).
+                    let mut vals = Vec::new();
+                    for o in &a {
+                        if o.starts_with('[') {
+                            let inner = o.trim_matches(|c| c == '[' || c == ']');
+                            for part in Self::operands(inner) {
+                                let part = part.trim_matches(|c| c == '{' || c == '}');
+                                for p in Self::operands(part) {
+                                    vals.push(if p.contains('+') { self.address(&p) } else { self.val(&p) });
+                                }
+                            }
+                        } else if o.starts_with('{') {
+                            for p in Self::operands(o.trim_matches(|c| c == '{' || c == '}')) {
+                                vals.push(self.regs.get(p.as_str()).copied().unwrap_or(0));
+                            }
+                        } else if let Some(v) = self.regs.get(o.as_str()) {
+                            vals.push(*v);
+                        } else if let Ok(v) = o.parse::<u64>() {
+                            vals.push(v);
+                        }
+                    }
+                    self.events.push((op.to_string(), vals));
+                }
+            }
+        }
+        panic!("no stop reached");
+    }
+}
+
+fn bf16_module() -> PtxModule {
+    module(Sm90Variant { dtype: DType::BF16 }).unwrap()
+}
+
+#[test]
+fn the_kernels_scheduler_is_the_model() {
+    let m = bf16_module();
+    let mut cases: Vec<(Vec<u32>, usize)> = vec![
+        (vec![0, 1], 1),
+        (vec![0, 7, 7, 14], 14),
+        (vec![0, 290, 290, 290], 300),
+        (vec![0, 129, 130, 700], 701),
+    ];
+    let mut off = vec![0u32];
+    for i in 0..37u32 {
+        off.push(off.last().unwrap() + (i * 37) % 211);
+    }
+    let kept = *off.last().unwrap() as usize;
+    cases.push((off, kept + 5));
+    for role in ["P", "C"] {
+        for (off, rows) in &cases {
+            for (gated, n) in [(false, 300usize), (true, 136), (true, 8)] {
+                let mut p = Ptx::new(&m.source);
+                let base = 0x1000u64;
+                for (i, o) in off.iter().enumerate() {
+                    p.mem.insert(base + 4 * i as u64, *o);
+                }
+                let e = off.len() - 1;
+                let bnosh = if gated { 7 } else { 8 };
+                let tm = rows / 128 + e;
+                let tn = n.div_ceil(1 << bnosh);
+                for (r, v) in [
+                    ("d_off", base),
+                    ("r_E", e as u64),
+                    ("r_rows", *rows as u64),
+                    ("r_bnosh", bnosh),
+                    ("r_tm", tm as u64),
+                    ("r_gs", 8 * tn as u64),
+                ] {
+                    p.set(r, v);
+                }
+                let (start_label, skip, after) = if role == "P" {
+                    ("P_TILE", "bra.uni         P_TILE", "add.u32         r_nhi")
+                } else {
+                    ("C_TILE", "bra.uni         C_TILE", "shl.b32         r_t0, r_c, 6")
+                };
+                let start = p.labels[start_label] + 3; // past the bound check
+                for t in 0..tm * tn {
+                    p.set("r_t", t as u64);
+                    p.set("r_nct", 0); // the skip path's `add r_t, r_nct` keeps t
+                    let (_, which) = p.run(start, &[after, skip], &[]);
+                    let want = decode_model(t, *rows, off, n, gated);
+                    match (which, want) {
+                        (0, Some((e, row0, re, n0))) => {
+                            let got = (p.val("r_e"), p.val("r_row0"), p.val("r_re"), p.val("r_n0"));
+                            assert_eq!(got, (e as u64, row0 as u64, re as u64, n0 as u64), "{role} t={t}");
+                        }
+                        (1, None) => {}
+                        _ => panic!("{role} tile {t}: kernel {which}, model {want:?}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_kernels_descriptors_staging_and_copies_are_the_model() {
+    let m = bf16_module();
+    let src = &m.source;
+    let sbase = 0x400u64; // a 1024-aligned shared base
+    // ---- consumer setup: staging base and each thread's four store addresses
+    for tid in 128..384u64 {
+        let mut p = Ptx::new(src);
+        p.set("r_tid", tid);
+        p.set("r_wg", tid >> 7);
+        p.set("r_sbase", sbase);
+        p.set("r_N", 136);
+        p.set("d_out", 0x7000_0000);
+        p.preds.insert("p_gated".into(), true);
+        let from = p.labels["CONSUMER"] + 1;
+        let stop = p.find(from, "mov.u32         r_s, 0;");
+        p.run(from, &[p.code(stop)], &["setmaxnreg", "neg.f32"]);
+        let c = (tid >> 7) - 1;
+        let (lane, w) = ((tid % 32) as usize, ((tid / 32) % 4) as usize);
+        let (g, t) = (lane / 4, lane % 4);
+        let stg = sbase + EPI_OFF as u64 + EPI_BYTES as u64 * c;
+        assert_eq!(p.val("r_stg"), stg);
+        assert_eq!(p.val("r_coff"), 8192 * c);
+        assert_eq!(p.val("r_i"), tid % 128);
+        for mm in 0..4 {
+            let want = stg + 256 * (16 * w + g) as u64 + 8 * t as u64 + 32 * (mm ^ (g & 3)) as u64;
+            assert_eq!(p.val(&format!("r_q{mm}")), want, "tid {tid} q{mm}");
+        }
+        assert!(p.preds["p_pair"], "N even and an aligned output: pair stores");
+    }
+    // ---- epilogue read address of every pair index
+    for gated in [false, true] {
+        let (cnt, shift, mask) = if gated { (1024u64, 4, 15) } else { (2048, 5, 31) };
+        let mut p = Ptx::new(src);
+        let stg = 0x31000u64;
+        for (r, v) in [("r_shift", shift), ("r_pmask", mask), ("r_wrow0", 0), ("r_re", 1 << 20), ("r_stg", stg)] {
+            p.set(r, v);
+        }
+        let from = p.find(0, "shr.u32         r_rl, r_idx, r_shift;");
+        let stop = p.find(from, "ld.shared.v2.f32 {f_a0, f_a1}, [r_t0];");
+        for idx in 0..cnt {
+            p.set("r_idx", idx);
+            p.run(from, &[p.code(stop)], &[]);
+            let rl = idx >> shift;
+            let lc = 2 * (idx & mask);
+            assert_eq!(p.val("r_lc"), lc);
+            assert_eq!(p.val("r_t0"), stg + 4 * (rl * 64 + (lc ^ ((rl & 3) << 3))), "idx {idx}");
+        }
+    }
+    // ---- the four descriptors of each k tile, every stage and consumer
+    for s in 0..STAGES as u64 {
+        for c in 0..2u64 {
+            let mut p = Ptx::new(src);
+            p.set("r_s", s);
+            p.set("r_sbase", sbase);
+            p.set("r_coff", 8192 * c);
+            p.set("r_dhi", u64::from(DESC_HI));
+            let from = p.find(0, "@!p_live bra    C_SKIP;") + 1;
+            let stop = p.find(from, "wgmma.commit_group");
+            p.run(from, &[p.code(stop)], &["wgmma.fence"]);
+            let mmas: Vec<&Vec<u64>> = p
+                .events
+                .iter()
+                .filter(|(op, _)| op.starts_with("wgmma.mma_async"))
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(mmas.len(), 4);
+            let stage = (sbase + s * STAGE_BYTES as u64) as u32;
+            for (kk, mma) in mmas.iter().enumerate() {
+                // operands: 128 accumulators, a-desc, b-desc, scale-d, scales, transposes
+                assert_eq!(mma[128], kernel_desc(stage + (c as u32) * 8192, kk), "A s{s} c{c} kk{kk}");
+                assert_eq!(mma[129], kernel_desc(stage + B_OFF as u32, kk), "B s{s} kk{kk}");
+                assert_eq!(mma[130..], [1, 1, 1, 0, 0], "scale-d 1, no negation, K-major both");
+            }
+        }
+    }
+    // ---- the producer's three copies per k tile
+    for gated in [false, true] {
+        for (s, ph, kt) in [(0u64, 0u64, 0u64), (3, 1, 9), (2, 0, 6)] {
+            let mut p = Ptx::new(src);
+            for (r, v) in [
+                ("r_s", s),
+                ("r_ph", ph),
+                ("r_kt", kt),
+                ("r_KT", kt + 2),
+                ("r_sbase", sbase),
+                ("r_row0", 384),
+                ("r_n0", 256),
+                ("r_e", 5),
+                ("d_ta", 0xA000),
+                ("d_tw0", 0xB000),
+                ("d_tw1", if gated { 0xC000 } else { 0xB000 }),
+            ] {
+                p.set(r, v);
+            }
+            p.set("r_nhi", if gated { 256 } else { 384 });
+            p.preds.insert("p_w".into(), true); // try_wait: the stage is free
+            let from = p.labels["P_K"] + 1;
+            let stop = p.find(from, "add.u32         r_s, r_s, 1;");
+            p.run(from, &[p.code(stop)], &[]);
+            let ev: Vec<&(String, Vec<u64>)> = p.events.iter().collect();
+            let full = sbase + BAR_OFF as u64 + 8 * s;
+            assert_eq!(ev[0].0, "mbarrier.try_wait.parity.shared::cta.b64");
+            assert_eq!(ev[0].1, [full + 8 * STAGES as u64, ph ^ 1], "wait empty[s], parity ph ^ 1");
+            assert_eq!(ev[1].0, "mbarrier.arrive.expect_tx.shared::cta.b64");
+            assert_eq!(ev[1].1, [full, TX_BYTES as u64]);
+            let dst = sbase + s * STAGE_BYTES as u64;
+            let k0 = 64 * kt;
+            let want: [&[u64]; 3] = [
+                &[dst, 0xA000, k0, 384, full],
+                &[dst + B_OFF as u64, 0xB000, k0, 256, 5, full],
+                &[
+                    dst + (B_OFF + B_HALF) as u64,
+                    if gated { 0xC000 } else { 0xB000 },
+                    k0,
+                    if gated { 256 } else { 384 },
+                    5,
+                    full,
+                ],
+            ];
+            for (j, w) in want.iter().enumerate() {
+                assert!(ev[2 + j].0.starts_with("cp.async.bulk.tensor."), "{}", ev[2 + j].0);
+                assert_eq!(ev[2 + j].1, *w, "copy {j}, gated {gated}, s {s}");
+            }
+        }
+    }
+}
