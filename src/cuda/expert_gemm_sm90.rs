@@ -574,8 +574,15 @@ pub(crate) fn run(
     let a_addr = a.device_ptr(&dev.stream).0;
     let w0_addr = g.w0.device_ptr(&dev.stream).0;
     let w1_addr = g.w1.device_ptr(&dev.stream).0;
-    let tmap_a = encode(&MapSpec::activations(rows, g.k), v.dtype, a_addr, "a")?;
+    let aspec = MapSpec::activations(rows, g.k);
     let wspec = MapSpec::weights(experts, g.n, g.k);
+    if aspec.box_bytes() + 2 * wspec.box_bytes() != TX_BYTES {
+        return Err(Error::shape(
+            st,
+            "TMA boxes do not add up to a stage's bytes",
+        ));
+    }
+    let tmap_a = encode(&aspec, v.dtype, a_addr, "a")?;
     let tmap_w0 = encode(&wspec, v.dtype, w0_addr, "w0")?;
     let tmap_w1 = encode(&wspec, v.dtype, w1_addr, "w1")?;
     let sms = drv(

@@ -1044,7 +1044,11 @@ impl<'a> Ptx<'a> {
                 "mul" if op == "mul.wide.u32" => self.set(&a[0], self.val(&a[1]) * self.val(&a[2])),
                 "mul" => self.set(&a[0], w32(self.val(&a[1]) * self.val(&a[2]))),
                 "selp" => {
-                    let v = if self.preds[&a[3]] { self.val(&a[1]) } else { self.val(&a[2]) };
+                    let v = if self.preds[&a[3]] {
+                        self.val(&a[1])
+                    } else {
+                        self.val(&a[2])
+                    };
                     self.set(&a[0], v);
                 }
                 "setp" => {
@@ -1063,7 +1067,10 @@ impl<'a> Ptx<'a> {
                 "cvt" => self.set(&a[0], w32(self.val(&a[1]))),
                 "ld" if op == "ld.global.u32" => {
                     let addr = self.address(&a[1]);
-                    let v = *self.mem.get(&addr).unwrap_or_else(|| panic!("load of {addr:#x}"));
+                    let v = *self
+                        .mem
+                        .get(&addr)
+                        .unwrap_or_else(|| panic!("load of {addr:#x}"));
                     self.set(&a[0], u64::from(v));
                 }
                 _ => {
@@ -1075,7 +1082,11 @@ impl<'a> Ptx<'a> {
                             for part in Self::operands(inner) {
                                 let part = part.trim_matches(|c| c == '{' || c == '}');
                                 for p in Self::operands(part) {
-                                    vals.push(if p.contains('+') { self.address(&p) } else { self.val(&p) });
+                                    vals.push(if p.contains('+') {
+                                        self.address(&p)
+                                    } else {
+                                        self.val(&p)
+                                    });
                                 }
                             }
                         } else if o.starts_with('{') {
@@ -1140,7 +1151,11 @@ fn the_kernels_scheduler_is_the_model() {
                 let (start_label, skip, after) = if role == "P" {
                     ("P_TILE", "bra.uni         P_TILE", "add.u32         r_nhi")
                 } else {
-                    ("C_TILE", "bra.uni         C_TILE", "shl.b32         r_t0, r_c, 6")
+                    (
+                        "C_TILE",
+                        "bra.uni         C_TILE",
+                        "shl.b32         r_t0, r_c, 6",
+                    )
                 };
                 let start = p.labels[start_label] + 3; // past the bound check
                 for t in 0..tm * tn {
@@ -1151,7 +1166,11 @@ fn the_kernels_scheduler_is_the_model() {
                     match (which, want) {
                         (0, Some((e, row0, re, n0))) => {
                             let got = (p.val("r_e"), p.val("r_row0"), p.val("r_re"), p.val("r_n0"));
-                            assert_eq!(got, (e as u64, row0 as u64, re as u64, n0 as u64), "{role} t={t}");
+                            assert_eq!(
+                                got,
+                                (e as u64, row0 as u64, re as u64, n0 as u64),
+                                "{role} t={t}"
+                            );
                         }
                         (1, None) => {}
                         _ => panic!("{role} tile {t}: kernel {which}, model {want:?}"),
@@ -1167,7 +1186,7 @@ fn the_kernels_descriptors_staging_and_copies_are_the_model() {
     let m = bf16_module();
     let src = &m.source;
     let sbase = 0x400u64; // a 1024-aligned shared base
-    // ---- consumer setup: staging base and each thread's four store addresses
+                          // ---- consumer setup: staging base and each thread's four store addresses
     for tid in 128..384u64 {
         let mut p = Ptx::new(src);
         p.set("r_tid", tid);
@@ -1190,14 +1209,27 @@ fn the_kernels_descriptors_staging_and_copies_are_the_model() {
             let want = stg + 256 * (16 * w + g) as u64 + 8 * t as u64 + 32 * (mm ^ (g & 3)) as u64;
             assert_eq!(p.val(&format!("r_q{mm}")), want, "tid {tid} q{mm}");
         }
-        assert!(p.preds["p_pair"], "N even and an aligned output: pair stores");
+        assert!(
+            p.preds["p_pair"],
+            "N even and an aligned output: pair stores"
+        );
     }
     // ---- epilogue read address of every pair index
     for gated in [false, true] {
-        let (cnt, shift, mask) = if gated { (1024u64, 4, 15) } else { (2048, 5, 31) };
+        let (cnt, shift, mask) = if gated {
+            (1024u64, 4, 15)
+        } else {
+            (2048, 5, 31)
+        };
         let mut p = Ptx::new(src);
         let stg = 0x31000u64;
-        for (r, v) in [("r_shift", shift), ("r_pmask", mask), ("r_wrow0", 0), ("r_re", 1 << 20), ("r_stg", stg)] {
+        for (r, v) in [
+            ("r_shift", shift),
+            ("r_pmask", mask),
+            ("r_wrow0", 0),
+            ("r_re", 1 << 20),
+            ("r_stg", stg),
+        ] {
             p.set(r, v);
         }
         let from = p.find(0, "shr.u32         r_rl, r_idx, r_shift;");
@@ -1208,7 +1240,11 @@ fn the_kernels_descriptors_staging_and_copies_are_the_model() {
             let rl = idx >> shift;
             let lc = 2 * (idx & mask);
             assert_eq!(p.val("r_lc"), lc);
-            assert_eq!(p.val("r_t0"), stg + 4 * (rl * 64 + (lc ^ ((rl & 3) << 3))), "idx {idx}");
+            assert_eq!(
+                p.val("r_t0"),
+                stg + 4 * (rl * 64 + (lc ^ ((rl & 3) << 3))),
+                "idx {idx}"
+            );
         }
     }
     // ---- the four descriptors of each k tile, every stage and consumer
@@ -1232,9 +1268,21 @@ fn the_kernels_descriptors_staging_and_copies_are_the_model() {
             let stage = (sbase + s * STAGE_BYTES as u64) as u32;
             for (kk, mma) in mmas.iter().enumerate() {
                 // operands: 128 accumulators, a-desc, b-desc, scale-d, scales, transposes
-                assert_eq!(mma[128], kernel_desc(stage + (c as u32) * 8192, kk), "A s{s} c{c} kk{kk}");
-                assert_eq!(mma[129], kernel_desc(stage + B_OFF as u32, kk), "B s{s} kk{kk}");
-                assert_eq!(mma[130..], [1, 1, 1, 0, 0], "scale-d 1, no negation, K-major both");
+                assert_eq!(
+                    mma[128],
+                    kernel_desc(stage + (c as u32) * 8192, kk),
+                    "A s{s} c{c} kk{kk}"
+                );
+                assert_eq!(
+                    mma[129],
+                    kernel_desc(stage + B_OFF as u32, kk),
+                    "B s{s} kk{kk}"
+                );
+                assert_eq!(
+                    mma[130..],
+                    [1, 1, 1, 0, 0],
+                    "scale-d 1, no negation, K-major both"
+                );
             }
         }
     }
@@ -1265,7 +1313,11 @@ fn the_kernels_descriptors_staging_and_copies_are_the_model() {
             let ev: Vec<&(String, Vec<u64>)> = p.events.iter().collect();
             let full = sbase + BAR_OFF as u64 + 8 * s;
             assert_eq!(ev[0].0, "mbarrier.try_wait.parity.shared::cta.b64");
-            assert_eq!(ev[0].1, [full + 8 * STAGES as u64, ph ^ 1], "wait empty[s], parity ph ^ 1");
+            assert_eq!(
+                ev[0].1,
+                [full + 8 * STAGES as u64, ph ^ 1],
+                "wait empty[s], parity ph ^ 1"
+            );
             assert_eq!(ev[1].0, "mbarrier.arrive.expect_tx.shared::cta.b64");
             assert_eq!(ev[1].1, [full, TX_BYTES as u64]);
             let dst = sbase + s * STAGE_BYTES as u64;
@@ -1283,7 +1335,11 @@ fn the_kernels_descriptors_staging_and_copies_are_the_model() {
                 ],
             ];
             for (j, w) in want.iter().enumerate() {
-                assert!(ev[2 + j].0.starts_with("cp.async.bulk.tensor."), "{}", ev[2 + j].0);
+                assert!(
+                    ev[2 + j].0.starts_with("cp.async.bulk.tensor."),
+                    "{}",
+                    ev[2 + j].0
+                );
                 assert_eq!(ev[2 + j].1, *w, "copy {j}, gated {gated}, s {s}");
             }
         }
