@@ -10,7 +10,7 @@
 //! dense 16-bit variants whose activation dtype equals the weight dtype (bf16/bf16, f16/f16)
 //! when K is a positive multiple of 8 and the bases are 16-byte aligned (what TMA needs);
 //! every other launch (f32 or quantized weights, mixed dtypes, odd K) falls back to the
-//! portable kernel ([`choose`]).
+//! portable kernel (`choose`).
 //!
 //! The address math (TMA's 128-byte swizzle, the wgmma matrix descriptors, the accumulator
 //! fragments, the epilogue's staging and output indexing, the tile scheduler and the mbarrier

@@ -109,10 +109,18 @@ fn modules_render_for_sm90a_with_the_portable_activation() {
         assert_eq!(src.matches("f_acc127}").count(), BK / 16, "{name}");
         assert!(src.contains(&format!("cvt.rn.{w}.f32 h_o, f_h;")), "{name}");
         // The register pool: producer 40, consumers 232, entry cap 168 x 384 threads.
-        assert!(src.contains("setmaxnreg.dec.sync.aligned.u32 40;"));
-        assert!(src.contains("setmaxnreg.inc.sync.aligned.u32 232;"));
-        assert!(src.contains(".maxnreg 168\n") && src.contains(".maxntid 384, 1, 1\n"));
-        assert!(40 * 128 + 232 * 256 <= 168 * 384 && 168 * 384 <= 65536);
+        let num = |key: &str| -> u32 {
+            let i = src.find(key).unwrap() + key.len();
+            let digits: String = src[i..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap()
+        };
+        let (dec, inc) = (
+            num("setmaxnreg.dec.sync.aligned.u32 "),
+            num("setmaxnreg.inc.sync.aligned.u32 "),
+        );
+        let (cap, threads) = (num(".maxnreg "), num(".maxntid "));
+        assert_eq!((dec, inc, cap, threads), (40, 232, 168, THREADS));
+        assert!(dec * 128 + inc * 256 <= cap * threads && cap * threads <= 65536);
         // Every k tile: one fence, four wgmma, a commit, a wait.
         let body = &src[src.find("C_WAIT:").unwrap()..src.find("C_SKIP:").unwrap()];
         for needle in [
@@ -131,7 +139,7 @@ fn modules_render_for_sm90a_with_the_portable_activation() {
 #[test]
 fn shared_memory_layout_fits_and_is_aligned() {
     assert_eq!(STAGE_BYTES, 49152);
-    assert!(SMEM_BYTES <= SM90_SMEM_LIMIT, "{SMEM_BYTES}");
+    const { assert!(SMEM_BYTES <= SM90_SMEM_LIMIT) };
     for s in 0..STAGES {
         // 128-byte swizzle atoms start on 1024-byte boundaries (descriptor base offset 0).
         assert_eq!((s * STAGE_BYTES) % SBO, 0);
@@ -142,9 +150,9 @@ fn shared_memory_layout_fits_and_is_aligned() {
     assert_eq!(EPI_OFF % 16, 0);
     assert_eq!(BAR_OFF % 8, 0);
     assert_eq!(EMPTY_OFF, BAR_OFF + 8 * STAGES);
-    assert!(SMEM_USED <= SMEM_BYTES - 1024);
+    const { assert!(SMEM_USED <= SMEM_BYTES - 1024) };
     // 14-bit descriptor address field: (addr & 0x3FFFF) >> 4 holds every shared address.
-    assert!(SMEM_BYTES + 1024 <= 1 << 18);
+    const { assert!(SMEM_BYTES + 1024 <= 1 << 18) };
     // TMA: the three boxes of a stage are the transaction bytes full[s] expects.
     let a = MapSpec::activations(300, 4096);
     let w = MapSpec::weights(8, 14336, 4096);
@@ -586,8 +594,8 @@ fn pipeline_never_overwrites_a_stage_in_use_and_never_deadlocks() {
         let mut empty: Vec<Mbar> = (0..STAGES)
             .map(|_| Mbar::new(CONSUMER_WARPS as u32))
             .collect();
-        let mut data = vec![usize::MAX; STAGES]; // which k tile (global sequence) a stage holds
-        let mut in_use = vec![0usize; STAGES];
+        let mut data = [usize::MAX; STAGES]; // which k tile (global sequence) a stage holds
+        let mut in_use = [0usize; STAGES];
         // producer: (seq, stage, phase); pending TMA copies: (stage, seq, bytes)
         let (mut p_seq, mut p_s, mut p_ph) = (0usize, 0usize, 0u32);
         let mut copies: Vec<(usize, usize, i64)> = Vec::new();
