@@ -106,7 +106,11 @@ fn modules_render_for_sm90a_with_the_portable_activation() {
             .filter(|l| l.trim_start().starts_with("cp.async.bulk.tensor."))
             .count();
         assert_eq!(copies, 3, "{name}: A and the two halves of B");
-        assert_eq!(src.matches("f_acc127}").count(), BK / 16, "{name}");
+        assert_eq!(
+            src.matches("f_acc127},").count(),
+            BK / 16,
+            "{name}: 128 accumulators each"
+        );
         assert!(src.contains(&format!("cvt.rn.{w}.f32 h_o, f_h;")), "{name}");
         // The register pool: producer 40, consumers 232, entry cap 168 x 384 threads.
         let num = |key: &str| -> u32 {
