@@ -104,6 +104,16 @@ else
   row test-quant "missing (no tests/quant.rs in this build)"
 fi
 step lib-quant-cuda 90 "$B/test-lib" cuda::expert_gemm::tests::quantized --test-threads=1 --nocapture
+# Issue 15, Hopper grouped GEMM (kernels/expert_gemm_sm90.ptx: wgmma + TMA, sm_90a only, opt-in
+# MOE_CUDA_KERNELS=next): its device test (forces the kernel; T = 1, 7, 300, odd H/F, an empty
+# expert, batch invariance), the CUDA unit tests and the 16-bit-activation layer tests (runtime
+# API, CUDA-graph replay: where the kernel applies) with the opt-in, then the prefill expert
+# GEMM timed with and without it in this run (bf16 weights and activations).
+step hopper-lib 90 env MOE_CUDA_KERNELS=next "$B/test-lib" cuda:: --test-threads=4 --nocapture
+step hopper-runtime 60 env MOE_CUDA_KERNELS=next "$B/test-runtime" --test-threads=8
+step hopper-cuda-graph 60 env MOE_CUDA_KERNELS=next "$B/test-cuda_graph" --test-threads=4
+step hopper-bench-verified 90 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3 --tokens 4096 --dtype bf16 --iters 10 --warmup 2 --dense 8192
+step hopper-bench-next 90 env MOE_CUDA_KERNELS=next "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3 --tokens 4096 --dtype bf16 --iters 10 --warmup 2 --dense 8192
 # Every test binary: CPU, CUDA and (with NVIDIA's Vulkan driver) wgpu.
 for t in "$B"/test-*; do
   [ "$(basename "$t")" = test-quant ] && continue

@@ -21,6 +21,18 @@
 #      count must exceed the activations' alone);
 #   6. decode there: FMUL by 2^120 (fp8, >= 16: one per e4m3 code), FMUL by 2^126 (mxfp4,
 #      >= 32 per e2m1 nibble) or I2F(P).F32.S32 (int4, >= 32: q - z to f32).
+# The HOPPER kernels (expert_gemm_wgmma_<w>_a<w>, kernels/expert_gemm_sm90.ptx, sm_90a; warp
+# specialized, so the k loop of the consumers and that of the producer are different loops)
+# must show
+#   7. in the consumers' main loop (the NARROWEST backward-branch range holding the most
+#      HGMMA: the k-tile loop, not the tile loop around it): at least 4 HGMMA (one per k16 of
+#      the 64-wide k tile), WARPGROUP.ARRIVE (wgmma.fence) and WARPGROUP.DEPBAR (wait_group),
+#      an mbarrier wait (SYNCS.PHASECHK), no UTMALDG, no LDL / STL, no F2F / F2FP;
+#   8. in the producer's loop (the narrowest range holding the most UTMALDG): at least 3
+#      UTMALDG (A and the two halves of B per k tile), the expect-tx arrive
+#      (SYNCS.ARRIVE.TRANS64) and an mbarrier wait, no HGMMA, no LDL / STL;
+#   9. both register reconfigurations (USETMAXREG.DEALLOC for the producer, .TRY_ALLOC for
+#      the consumers: setmaxnreg was honoured).
 # It also fails on LDL / STL anywhere in any kernel of any module.
 #
 # MAIN-LOOP HEURISTIC. SASS has no loop markers, but every loop closes with a backward branch:
@@ -211,7 +223,65 @@ NAMES = {
 CONVERT = r"\bF2FP?\b"
 LOCAL = r"\b(LDL|STL)\b"
 
+WGMMA = re.compile(r"expert_gemm_wgmma_(bf16|f16)_a(bf16|f16)")
+
+
+def inner_loop(insns, labels, pattern):
+    """The narrowest backward-branch range holding the most `pattern` instructions."""
+    best = None
+    for lo, hi in loops(insns, labels):
+        key = (count(insns, lo, hi, pattern), -(hi - lo))
+        if best is None or key > best[0]:
+            best = (key, lo, hi)
+    if best is None or best[0][0] == 0:
+        return None
+    return best[1], best[2]
+
+
+def check_wgmma(module, kernel, insns, labels):
+    """Checks 7-9 of the header; returns (report line, failures)."""
+    bad = []
+    cons = inner_loop(insns, labels, r"\bHGMMA\b")
+    prod = inner_loop(insns, labels, r"\bUTMALDG\b")
+    parts = []
+    if cons is None:
+        bad.append("no loop with HGMMA")
+    else:
+        lo, hi = cons
+        n = {name: count(insns, lo, hi, pat) for name, pat in [
+            ("HGMMA", r"\bHGMMA\b"), ("ARRIVE", r"\bWARPGROUP\.ARRIVE\b"),
+            ("DEPBAR", r"\bWARPGROUP\.DEPBAR\b"), ("PHASECHK", r"\bSYNCS\.PHASECHK\b"),
+            ("UTMALDG", r"\bUTMALDG\b"), ("LDL/STL", LOCAL), ("F2F/F2FP", CONVERT)]}
+        for name, minimum in [("HGMMA", 4), ("ARRIVE", 1), ("DEPBAR", 1), ("PHASECHK", 1)]:
+            if n[name] < minimum:
+                bad.append(f"consumer loop: {n[name]} {name} (needs >= {minimum})")
+        for name in ["UTMALDG", "LDL/STL", "F2F/F2FP"]:
+            if n[name]:
+                bad.append(f"consumer loop: {n[name]} {name} (needs 0)")
+        parts.append(f"consumer loop {lo:#06x}..{hi:#06x}: " + ", ".join(f"{k} {v}" for k, v in n.items()))
+    if prod is None:
+        bad.append("no loop with UTMALDG")
+    else:
+        lo, hi = prod
+        n = {name: count(insns, lo, hi, pat) for name, pat in [
+            ("UTMALDG", r"\bUTMALDG\b"), ("ARRIVE.TRANS64", r"\bSYNCS\.ARRIVE\.TRANS64\b"),
+            ("PHASECHK", r"\bSYNCS\.PHASECHK\b"), ("HGMMA", r"\bHGMMA\b"), ("LDL/STL", LOCAL)]}
+        for name, minimum in [("UTMALDG", 3), ("ARRIVE.TRANS64", 1), ("PHASECHK", 1)]:
+            if n[name] < minimum:
+                bad.append(f"producer loop: {n[name]} {name} (needs >= {minimum})")
+        for name in ["HGMMA", "LDL/STL"]:
+            if n[name]:
+                bad.append(f"producer loop: {n[name]} {name} (needs 0)")
+        parts.append(f"producer loop {lo:#06x}..{hi:#06x}: " + ", ".join(f"{k} {v}" for k, v in n.items()))
+    for what in ["USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"]:
+        if not any(what in t for _, t in insns):
+            bad.append(f"no {what} (setmaxnreg ignored)")
+    status = "FAIL: " + "; ".join(bad) if bad else "ok"
+    return f"  {module:30} {kernel:30} " + "; ".join(parts) + f": {status}", bad
+
+
 failures, checked = [], 0
+wgmma_checked = 0
 control_seen = False
 quant_checked = set()
 for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
@@ -223,6 +293,13 @@ for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
         local = [t for _, t in insns if re.search(LOCAL, t)]
         if local:
             failures.append(f"{module} {kernel}: local memory ({len(local)} LDL/STL, e.g. {local[0]})")
+        if WGMMA.fullmatch(kernel):
+            line, bad = check_wgmma(module, kernel, insns, labels[kernel])
+            print(line)
+            checked += 1
+            wgmma_checked += 1
+            failures.extend(f"{module} {kernel}: {b}" for b in bad)
+            continue
         exp = expectations(kernel)
         if exp is None:
             continue
@@ -263,6 +340,8 @@ for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
             failures.append(f"{module} {kernel}: " + "; ".join(bad))
 for fmt in sorted(set(DECODE) - quant_checked):
     failures.append(f"no quantized {fmt} kernel was dumped")
+if wgmma_checked == 0:
+    failures.append("no Hopper kernel (expert_gemm_wgmma_*) was dumped")
 if not control_seen:
     failures.append("expert_gemm_bf16 (the negative control) was not dumped")
 if checked == 0:

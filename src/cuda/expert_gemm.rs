@@ -534,6 +534,28 @@ fn run_gemm(
     if g.n == 0 || rows == 0 {
         return Ok(());
     }
+    // Issue 15: the sm_90a wgmma kernel on compute capability 9.x with MOE_CUDA_KERNELS=next,
+    // where it applies (kernel chosen per launch by expert_gemm_sm90::choose; else below).
+    let a_addr = cudarc::driver::DevicePtr::device_ptr(a, &dev.stream).0;
+    if let Some(hv) = crate::cuda::expert_gemm_sm90::choose(dev, v, g.k, a_addr) {
+        if let (CudaMatrix::Dense(w0), CudaMatrix::Dense(w1)) = (g.w0, g.w1) {
+            let hg = crate::cuda::expert_gemm_sm90::Sm90Gemm {
+                w0: &w0.bytes,
+                w1: &w1.bytes,
+                b0: g.b0,
+                b1: g.b1,
+                n: g.n,
+                k: g.k,
+                code: g.code,
+                alpha: g.alpha,
+                limit: g.limit,
+            };
+            let experts = w.dims.experts;
+            return crate::cuda::expert_gemm_sm90::run(
+                dev, hv, &hg, rows, experts, offsets, a, out,
+            );
+        }
+    }
     // Validate everything before anything is launched.
     let quant_ops = if v.quant() {
         Some(quant_operands(v, &g, w.dims.experts)?)

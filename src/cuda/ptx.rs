@@ -135,7 +135,12 @@ pub fn stage_modules(stage: Stage) -> Result<Vec<PtxModule>> {
         Stage::Router => crate::cuda::router::modules(),
         Stage::Gate => crate::cuda::gate::modules(),
         Stage::Permute => crate::cuda::permute::modules(),
-        Stage::ExpertGemm => crate::cuda::expert_gemm::modules(),
+        Stage::ExpertGemm => {
+            // The portable modules, then the sm_90a ones (issue 15, MOE_CUDA_KERNELS=next).
+            let mut v = crate::cuda::expert_gemm::modules()?;
+            v.extend(crate::cuda::expert_gemm_sm90::modules()?);
+            Ok(v)
+        }
         Stage::Combine => crate::cuda::combine::modules(),
     }
 }
@@ -179,8 +184,15 @@ mod tests {
             assert!(m.source.is_ascii(), "{}", m.variant);
             assert!(!m.source.contains("${"), "{}", m.variant);
             assert!(!m.source.lines().any(marker), "{}", m.variant);
+            // Portable modules target sm_80; the Hopper ones (issue 15) sm_90a.
+            let target = if m.source.contains("\n.target sm_90a\n") {
+                "sm_90a"
+            } else {
+                "sm_80"
+            };
             assert!(
-                m.source.contains(".version 8.0\n.target sm_80\n"),
+                m.source
+                    .contains(&format!(".version 8.0\n.target {target}\n")),
                 "{}",
                 m.variant
             );
