@@ -6,13 +6,16 @@ pub mod act;
 pub mod combine;
 pub mod context;
 pub mod device;
+pub mod expert_decode;
 pub mod expert_gemm;
 pub mod gate;
+pub mod gate_fused;
 pub mod host;
 pub mod permute;
 pub mod ptx;
 pub mod quant;
 pub mod router;
+pub mod router_mma;
 
 use cudarc::driver::{sys, CudaContext, CudaSlice};
 
@@ -129,6 +132,71 @@ pub fn quant_enabled() -> bool {
     std::env::var("MOE_CUDA_QUANT").is_ok_and(|v| v.trim() == "1")
 }
 
+/// Which set of CUDA kernels a device handle launches: the kernels a GPU run has verified
+/// (the default), or the next ones, which are assembled and checked offline (ptxas, SASS, a
+/// PTX interpreter) but have not run on a GPU yet.
+///
+/// Read in one place, [`KernelSet::from_env`], when a [`CudaDevice`] is opened (and kept in
+/// [`CudaDevice::kernels`]); [`CudaDevice::with_kernels`] overrides it per handle (tests).
+/// `MOE_CUDA_KERNELS` unset, empty or `verified` selects [`KernelSet::Verified`]; `next`
+/// selects [`KernelSet::Next`]; any other value is a [`crate::Error::Config`] naming the
+/// variable, so a typo never silently runs the other set.
+///
+/// What `next` changes (each falls back to the verified kernel where it does not apply):
+/// - expert GEMM, batches of at most 32 routed rows per expert on average (`rows <= 32 E`)
+///   with dense weights, `K % 8 == 0` and a 16-byte aligned activation base: the
+///   weight-streaming decode kernel (kernels/expert_decode.ptx), bitwise equal to the tiled
+///   kernel ([`expert_decode`]);
+/// - gate: every routing variant in one launch (kernels/gate_fused.ptx, [`gate_fused`]);
+/// - router: f16 / bf16 weights with activations of the same dtype on tensor cores
+///   (kernels/router_mma.ptx, [`router_mma`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelSet {
+    /// The kernels verified on a GPU (`scripts/device-check.sh`): the default.
+    #[default]
+    Verified,
+    /// The kernels of issue 15 that await their first GPU run: `MOE_CUDA_KERNELS=next`.
+    Next,
+}
+
+impl KernelSet {
+    /// The environment variable that selects the set.
+    pub const ENV: &'static str = "MOE_CUDA_KERNELS";
+
+    /// The set a value of [`KernelSet::ENV`] names (`None`: the variable is unset).
+    pub fn parse(value: Option<&str>) -> crate::error::Result<Self> {
+        match value.map(str::trim) {
+            None | Some("") | Some("verified") => Ok(KernelSet::Verified),
+            Some("next") => Ok(KernelSet::Next),
+            Some(other) => Err(crate::error::Error::Config(format!(
+                "{}={other:?}: expected `verified` (the default) or `next`",
+                Self::ENV
+            ))),
+        }
+    }
+
+    /// The set the environment selects (see [`KernelSet`]); the one place the variable is
+    /// read.
+    pub fn from_env() -> crate::error::Result<Self> {
+        match std::env::var(Self::ENV) {
+            Ok(v) => Self::parse(Some(&v)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(crate::error::Error::Config(format!(
+                "{} is not valid Unicode",
+                Self::ENV
+            ))),
+        }
+    }
+
+    /// The value of [`KernelSet::ENV`] that selects this set.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSet::Verified => "verified",
+            KernelSet::Next => "next",
+        }
+    }
+}
+
 /// One CUDA device as the driver reports it.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
@@ -165,4 +233,27 @@ pub fn probe() -> Result<Vec<DeviceInfo>, String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_set_parses_its_variable() {
+        assert_eq!(KernelSet::parse(None).unwrap(), KernelSet::Verified);
+        assert_eq!(KernelSet::parse(Some("")).unwrap(), KernelSet::Verified);
+        assert_eq!(
+            KernelSet::parse(Some("verified")).unwrap(),
+            KernelSet::Verified
+        );
+        assert_eq!(KernelSet::parse(Some(" next ")).unwrap(), KernelSet::Next);
+        let e = KernelSet::parse(Some("nxt")).unwrap_err();
+        assert!(matches!(e, crate::Error::Config(_)), "{e}");
+        assert!(e.to_string().contains("MOE_CUDA_KERNELS"), "{e}");
+        assert_eq!(KernelSet::default(), KernelSet::Verified);
+        for k in [KernelSet::Verified, KernelSet::Next] {
+            assert_eq!(KernelSet::parse(Some(k.name())).unwrap(), k);
+        }
+    }
 }
