@@ -12,8 +12,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::config::{Combine, Priority, RoutingConfig, Scoring};
 use crate::cuda::context::{check_len, to_u32};
 use crate::cuda::context::{drv, grid_1d};
+use crate::cuda::gate_fused;
 use crate::cuda::ptx::PtxModule;
-use crate::cuda::{CudaDevice, GateCuda};
+use crate::cuda::{CudaDevice, GateCuda, KernelSet};
 use crate::error::{Error, Result};
 use crate::stage::Stage;
 
@@ -58,9 +59,19 @@ fn prev_pow2(v: usize) -> usize {
     1 << (usize::BITS - 1 - v.leading_zeros())
 }
 
+/// Bytes of one gate_select warp's buffers for `experts` and `cfg`:
+/// `align8(8 G + 12 E)` (G = 0 when every group is kept).
+pub(crate) fn per_warp(experts: usize, cfg: &RoutingConfig) -> usize {
+    let groups = match cfg.groups {
+        Some(g) if g.keep < g.count => g.count,
+        _ => 0,
+    };
+    (8 * groups + 12 * experts + 7) & !7
+}
+
 /// Lanes per group in gate_select's group pass: as many as fit 32 lanes with every group of
 /// one pass side by side, but no more than the group's size needs.
-fn group_lanes(count: usize, size: usize) -> usize {
+pub(crate) fn group_lanes(count: usize, size: usize) -> usize {
     let by_count = if count >= 32 {
         1
     } else {
@@ -110,11 +121,7 @@ impl Plan {
         }
         let expert_choice = cfg.expert_choice.is_some();
         let capacity = !expert_choice && cfg.capacity.is_some();
-        let groups = match cfg.groups {
-            Some(g) if g.keep < g.count => g.count,
-            _ => 0,
-        };
-        let per_warp = (8 * groups + 12 * experts + 7) & !7;
+        let per_warp = per_warp(experts, cfg);
         Ok(Plan {
             slots,
             n,
@@ -161,8 +168,12 @@ pub struct GateScratchCuda {
     ec_keys: Option<CudaSlice<u32>>,
     slot_of: Option<CudaSlice<u32>>,
     /// gate_select's per-warp buffers in global memory, `[T, PW]` bytes, when one warp's
-    /// buffers do not fit in 48 KiB of shared memory (large E).
+    /// buffers do not fit in 48 KiB of shared memory (large E), or (fused gate) when 8 warps'
+    /// do not fit in [`gate_fused::SHARED_MAX`].
     select: Option<CudaSlice<u8>>,
+    /// The fused gate's control block (`MOE_CUDA_KERNELS=next`), `u32 [8 + E]`: zero when
+    /// allocated and left zero by every launch ([`gate_fused::ctl_len`]).
+    ctl: Option<CudaSlice<u32>>,
 }
 
 impl GateScratchCuda {
@@ -189,8 +200,15 @@ impl GateScratchCuda {
             s.ec_keys = Some(dev.alloc(p.te)?);
             s.slot_of = Some(dev.alloc(p.te)?);
         }
-        if p.global {
+        let next = dev.kernels == KernelSet::Next;
+        let fused_global = gate_fused::fast_lanes(experts, cfg).is_none()
+            && gate_fused::general_global(p.per_warp);
+        if p.global || (next && fused_global) {
             s.select = Some(dev.alloc(p.select_bytes(tokens)?)?);
+        }
+        if next {
+            // Zeroed by the allocation: the fused gate's control block starts (and stays) zero.
+            s.ctl = Some(dev.alloc(gate_fused::ctl_len(experts))?);
         }
         Ok(s)
     }
@@ -296,6 +314,7 @@ pub fn launch(
         ec_keys,
         slot_of,
         select,
+        ctl,
     } = scratch;
     let mut top1 = if bpr {
         Some(need(top1.as_mut(), "top1", tokens)?)
@@ -327,7 +346,11 @@ pub fn launch(
     } else {
         (None, None)
     };
-    let mut select = if plan.global {
+    let next = dev.kernels == KernelSet::Next;
+    let fused_global = next
+        && gate_fused::fast_lanes(experts, cfg).is_none()
+        && gate_fused::general_global(plan.per_warp);
+    let mut select = if plan.global || fused_global {
         Some(need(
             select.as_mut(),
             "select buffers",
@@ -336,6 +359,43 @@ pub fn launch(
     } else {
         None
     };
+
+    if next {
+        // MOE_CUDA_KERNELS=next: every routing variant in one launch (kernels/gate_fused.ptx).
+        let ctl = need(
+            ctl.as_mut(),
+            "fused control block",
+            gate_fused::ctl_len(experts),
+        )?;
+        let (order, prio) = match order_prio {
+            Some((o, p)) => (Some(o), Some(p)),
+            None => (None, None),
+        };
+        let (lrank, cells) = match tables {
+            Some((l, c)) => (Some(l), Some(c)),
+            None => (None, None),
+        };
+        return gate_fused::launch(
+            dev,
+            logits,
+            tokens,
+            experts,
+            bias,
+            cfg,
+            out,
+            gate_fused::FusedScratch {
+                ctl,
+                top1,
+                order,
+                prio,
+                lrank,
+                cells,
+                ec_keys,
+                slot_of,
+                select,
+            },
+        );
+    }
 
     if flags & FLAG_FINAL != 0 {
         let mut counts = out.counts.slice_mut(..experts);
