@@ -1,9 +1,215 @@
-//! Stage 0 on tensor cores (kernels/router_mma.ptx, opt-in `MOE_CUDA_KERNELS=next`).
+//! Stage 0 on tensor cores (kernels/router_mma.ptx, opt-in `MOE_CUDA_KERNELS=next`):
+//! `logits [T, E] = x [T, H] · Wᵀ (+ bias)` with mma.sync m16n8k16 (f32 accumulation) when x
+//! and W are the same 16-bit dtype (bf16 or f16), so no operand is rounded. Tiles of 64 tokens
+//! × 64 experts, a 4-stage `cp.async` ring of 16-byte copies. f32 activations, mixed dtypes,
+//! `H % 8 != 0` or an unaligned x run the verified kernel (kernels/router.ptx).
 
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use crate::cuda::act::ActView;
+use crate::cuda::context::{drv, to_u32, MAX_INDEX};
 use crate::cuda::ptx::PtxModule;
+use crate::cuda::{CudaDevice, CudaWeights, KernelSet};
 use crate::error::Result;
+use crate::stage::Stage;
+use crate::tensor::DType;
 
-/// Every module variant of the tensor-core router.
+/// The template, embedded at build time.
+const TEMPLATE: &str = include_str!("../../kernels/router_mma.ptx");
+/// Ring depth.
+const STAGES: usize = 4;
+/// Tokens (and experts) per block tile.
+pub const TILE: usize = 64;
+/// Dynamic shared memory: `STAGES` stages of x and W tiles, 4 KiB each.
+pub const SMEM_BYTES: usize = STAGES * 8192;
+
+/// The module of dtype `w` (x and W both): `router_mma.<w>`, entry `router_mma_<w>`.
+fn name(w: DType) -> String {
+    format!("router_mma.{}", w.name())
+}
+
+/// MMA_PAIRS: per valid pair p of n8 tiles (2p, 2p+1), one ldmatrix.x4 of W and two mma; the
+/// pairs past E are skipped (r_np, warp-uniform).
+fn mma_pairs(w: DType) -> String {
+    let w = w.name();
+    let mut s = Vec::new();
+    for p in 0..4 {
+        if p > 0 {
+            s.push(format!(
+                "    setp.le.u32     p_c, r_np, {p};\n    @p_c bra.uni    MM_KK_NEXT;"
+            ));
+        }
+        let (j0, j1) = (2 * p, 2 * p + 1);
+        s.push(format!(
+            "    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{r_bf0, r_bf1, r_bf2, r_bf3}}, [r_b+{off}];
+    mma.sync.aligned.m16n8k16.row.col.f32.{w}.{w}.f32 {{{a0}}}, {{r_af0, r_af1, r_af2, r_af3}}, {{r_bf0, r_bf1}}, {{{a0}}};
+    mma.sync.aligned.m16n8k16.row.col.f32.{w}.{w}.f32 {{{a1}}}, {{r_af0, r_af1, r_af2, r_af3}}, {{r_bf2, r_bf3}}, {{{a1}}};",
+            off = 1024 * p,
+            a0 = acc(j0),
+            a1 = acc(j1),
+        ));
+    }
+    s.join("\n")
+}
+
+/// The four accumulators of n8 tile j.
+fn acc(j: usize) -> String {
+    (0..4)
+        .map(|q| format!("f_acc{}", 4 * j + q))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// C_STORE: the warp's accumulators to the shared C tile at r_a (row g, column 2t): n8 tile j
+/// at +32 j bytes, rows g + 8 at +8 * 272.
+fn c_store() -> String {
+    (0..8)
+        .map(|j| {
+            format!(
+                "    st.shared.v2.f32 [r_a+{o0}], {{f_acc{a}, f_acc{b}}};\n    st.shared.v2.f32 [r_a+{o1}], {{f_acc{c}, f_acc{d}}};",
+                o0 = 32 * j,
+                o1 = 32 * j + 8 * 272,
+                a = 4 * j,
+                b = 4 * j + 1,
+                c = 4 * j + 2,
+                d = 4 * j + 3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every module variant: `router_mma.bf16` and `router_mma.f16`.
 pub fn modules() -> Result<Vec<PtxModule>> {
-    Ok(Vec::new())
+    [DType::BF16, DType::F16]
+        .into_iter()
+        .map(|w| {
+            let zero = (0..32)
+                .map(|i| format!("    mov.f32         f_acc{i}, 0f00000000;"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let subs = vec![
+                ("VARIANT", name(w)),
+                ("WT", w.name().to_string()),
+                ("STAGES", STAGES.to_string()),
+                ("STAGES_M1", (STAGES - 1).to_string()),
+                ("WAIT_PENDING", (STAGES - 2).to_string()),
+                ("SMEM_BYTES", SMEM_BYTES.to_string()),
+                ("ACC_ZERO", zero),
+                ("MMA_PAIRS", mma_pairs(w)),
+                ("C_STORE", c_store()),
+            ];
+            PtxModule::from_template(Stage::Router, TEMPLATE, name(w), &[], &subs)
+        })
+        .collect()
+}
+
+/// Whether the tensor-core router runs: the `next` set, x and W the same 16-bit dtype,
+/// `H % 8 == 0` and a 16-byte aligned x base (16-byte copies of whole rows).
+pub fn applies(kernels: KernelSet, x: DType, w: DType, hidden: usize, x_addr: u64) -> bool {
+    kernels == KernelSet::Next && x == w && w != DType::F32 && hidden % 8 == 0 && x_addr % 16 == 0
+}
+
+/// Blocks of a launch: `ceil(T / 64) · ceil(E / 64)`.
+pub fn grid_blocks(tokens: usize, experts: usize) -> usize {
+    tokens.div_ceil(TILE) * experts.div_ceil(TILE)
+}
+
+/// Launches the tensor-core router (the caller, `router::launch`, checked every length and
+/// that [`applies`] holds; T, E >= 1).
+pub fn launch(
+    dev: &CudaDevice,
+    x: &ActView<'_>,
+    tokens: usize,
+    w: &CudaWeights,
+    bias: Option<&CudaSlice<f32>>,
+    logits: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let st = Stage::Router;
+    let (experts, hidden) = (w.rows, w.cols);
+    let x_addr = x.bytes.device_ptr(&dev.stream).0;
+    if !applies(KernelSet::Next, x.dtype, w.dtype, hidden, x_addr) {
+        return Err(crate::error::Error::shape(
+            st,
+            "router_mma needs x and W of one 16-bit dtype, H % 8 == 0 and a 16-byte aligned x",
+        ));
+    }
+    let blocks = grid_blocks(tokens, experts);
+    let b32 = to_u32(st, "router blocks", blocks, MAX_INDEX)?;
+    let t = to_u32(st, "tokens", tokens, MAX_INDEX)?;
+    let e = to_u32(st, "experts", experts, MAX_INDEX)?;
+    let h = to_u32(st, "hidden", hidden, MAX_INDEX)?;
+    let func = dev.function(
+        st,
+        &name(w.dtype),
+        &format!("router_mma_{}", w.dtype.name()),
+    )?;
+    let cfg = LaunchConfig {
+        grid_dim: (b32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: SMEM_BYTES as u32,
+    };
+    let null: u64 = 0;
+    let mut b = dev.stream.launch_builder(&func);
+    b.arg(&x.bytes).arg(&w.bytes);
+    match bias {
+        Some(bias) => b.arg(bias),
+        None => b.arg(&null),
+    };
+    b.arg(&mut *logits).arg(&t).arg(&e).arg(&h);
+    // SAFETY: matches the header of kernels/router_mma.ptx `router_mma_<w>`: x_ptr ([T, H] of
+    // the variant's dtype, 16-byte aligned, H % 8 == 0: checked above), w_ptr (W [E, H] of the
+    // same dtype), bias_ptr (f32 [E] or 0), logits_ptr (f32 [T, E]), tokens, experts, hidden;
+    // router::launch checked every length (buffers may be longer), T, E >= 1; the kernel
+    // zero-fills past T, E and H and stores only existing (token, expert) pairs. Grid
+    // ceil(T/64) ceil(E/64) blocks of 128 threads, 32 KiB of dynamic shared memory.
+    drv(unsafe { b.launch(cfg) }, "launching router_mma")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_variants_render() {
+        let m = modules().unwrap();
+        assert_eq!(m.len(), 2);
+        for (v, w) in m.iter().zip(["bf16", "f16"]) {
+            let s = &v.source;
+            assert!(s.is_ascii() && !s.contains("${"), "{}", v.variant);
+            assert!(s.contains(&format!(".entry router_mma_{w}(")));
+            let mma = format!("mma.sync.aligned.m16n8k16.row.col.f32.{w}.{w}.f32");
+            assert_eq!(s.matches(&mma).count(), 8, "{}", v.variant);
+            assert_eq!(s.matches("cp.async.cg.shared.global").count(), 4);
+            assert_eq!(s.matches("st.global.f32   [d_t], f_v;").count(), 1);
+            assert_eq!(s.matches("st.shared.v2.f32").count(), 16);
+            assert!(
+                !s.contains("cvt."),
+                "{}: no operand is converted",
+                v.variant
+            );
+        }
+    }
+
+    #[test]
+    fn it_applies_to_matching_16_bit_dtypes_only() {
+        let n = KernelSet::Next;
+        assert!(applies(n, DType::BF16, DType::BF16, 4096, 0));
+        assert!(applies(n, DType::F16, DType::F16, 8, 256));
+        assert!(!applies(
+            KernelSet::Verified,
+            DType::BF16,
+            DType::BF16,
+            4096,
+            0
+        ));
+        assert!(!applies(n, DType::F32, DType::F32, 4096, 0));
+        assert!(!applies(n, DType::F32, DType::BF16, 4096, 0));
+        assert!(!applies(n, DType::F16, DType::BF16, 4096, 0));
+        assert!(!applies(n, DType::BF16, DType::BF16, 4100, 0));
+        assert!(!applies(n, DType::BF16, DType::BF16, 4096, 8));
+        assert_eq!(grid_blocks(4096, 256), 64 * 4);
+        assert_eq!(grid_blocks(1, 8), 1);
+    }
 }
