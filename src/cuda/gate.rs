@@ -685,4 +685,126 @@ mod tests {
             Err(Error::Shape { .. })
         ));
     }
+
+    /// On a CUDA device (skipped without one): the fused one-launch gate
+    /// (`MOE_CUDA_KERNELS=next`) against the verified launch sequence on the same logits, for
+    /// every routing variant (FAST and GENERAL select, capacity with both priorities, expert
+    /// choice, large E in global scratch): ids, kept and counts equal, weights within 1e-5
+    /// relative; the control block is zero after every launch, and a second launch on it
+    /// gives the same outputs (a CUDA-graph replay reuses it the same way).
+    #[test]
+    fn fused_gate_matches_the_verified_sequence_on_device() {
+        use crate::config::{Capacity, ExpertChoice, Groups};
+        let Ok(mut dev) = CudaDevice::new(0) else {
+            println!("gate: no CUDA device, fused device test skipped");
+            return;
+        };
+        let top2 = RoutingConfig::default();
+        let ds = RoutingConfig {
+            top_k: 8,
+            scoring: Scoring::Sigmoid,
+            groups: Some(Groups { count: 8, keep: 4 }),
+            scale: 2.5,
+            ..top2
+        };
+        let cap = RoutingConfig {
+            top_k: 1,
+            capacity: Some(Capacity::Tokens(5)),
+            ..top2
+        };
+        let cases: Vec<(&str, usize, usize, RoutingConfig, bool)> = vec![
+            ("mixtral", 4096, 8, top2, false),
+            ("deepseek", 4096, 256, ds, true),
+            (
+                "gpt_oss",
+                333,
+                32,
+                RoutingConfig {
+                    top_k: 4,
+                    scoring: Scoring::Logits,
+                    combine: Combine::SoftmaxSelected,
+                    renormalize: false,
+                    ..top2
+                },
+                false,
+            ),
+            (
+                "qwen3",
+                1000,
+                128,
+                RoutingConfig { top_k: 8, ..top2 },
+                false,
+            ),
+            ("switch", 700, 16, cap, false),
+            (
+                "nllb_bpr",
+                600,
+                8,
+                RoutingConfig {
+                    top_k: 2,
+                    capacity: Some(Capacity::Fraction(0.3)),
+                    priority: Priority::Top1Score,
+                    ..top2
+                },
+                false,
+            ),
+            (
+                "expert_choice",
+                300,
+                8,
+                RoutingConfig {
+                    expert_choice: Some(ExpertChoice {
+                        capacity_factor: 2.0,
+                    }),
+                    ..top2
+                },
+                false,
+            ),
+            (
+                "general_k12",
+                200,
+                16,
+                RoutingConfig { top_k: 12, ..top2 },
+                false,
+            ),
+            ("global_e3000", 20, 3000, top2, false),
+        ];
+        let mut g = crate::synth::Gen::new(77);
+        for (name, t, e, cfg, with_bias) in cases {
+            let logits = g.tensor(&[t, e], 2.0).to_f32_vec();
+            let lb = dev.upload(&logits).unwrap();
+            let b = g.tensor(&[e], 0.5).to_f32_vec();
+            let bd = dev.upload(&b).unwrap();
+            let bias = with_bias.then_some(&bd);
+            dev.kernels = KernelSet::Next;
+            let mut scratch = GateScratchCuda::alloc(&dev, t, e, &cfg).unwrap();
+            let slots = cfg.slots(e);
+            let mut outs = Vec::new();
+            for k in [KernelSet::Verified, KernelSet::Next, KernelSet::Next] {
+                dev.kernels = k;
+                let mut o = GateCuda::alloc(&dev, t, slots, e).unwrap();
+                launch(&dev, &lb, t, e, bias, &cfg, &mut o, &mut scratch).unwrap();
+                let n = t * slots;
+                outs.push((
+                    dev.read(&o.topk_ids, n).unwrap(),
+                    dev.read(&o.topk_weights, n).unwrap(),
+                    dev.read(&o.kept, n).unwrap(),
+                    dev.read(&o.counts, e).unwrap(),
+                ));
+                let ctl = dev.read(scratch.ctl.as_ref().unwrap(), 8 + e).unwrap();
+                assert!(ctl.iter().all(|&w| w == 0), "{name}: control block {ctl:?}");
+            }
+            let (v, f) = (&outs[0], &outs[1]);
+            assert_eq!(v.0, f.0, "{name}: ids");
+            assert_eq!(v.2, f.2, "{name}: kept");
+            assert_eq!(v.3, f.3, "{name}: counts");
+            for (i, (a, b)) in v.1.iter().zip(&f.1).enumerate() {
+                let ok = (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-5 * a.abs().max(1e-30);
+                assert!(ok, "{name}: weight {i}: verified {a} fused {b}");
+            }
+            assert_eq!(outs[1], outs[2], "{name}: a second fused launch");
+        }
+        dev.kernels = KernelSet::Verified;
+        println!("gate: fused device test ran on {}", dev.name);
+    }
 }

@@ -988,11 +988,10 @@ mod tests {
             assert!(s.contains(".entry gate_fused("), "{}", v.variant);
             for (entry, prefix, _) in PASTED {
                 assert!(!s.contains(&format!(".entry {entry}(")), "{entry}");
-                assert!(
-                    s.contains(&format!(".param .u32 {prefix}_tokens")),
-                    "{prefix}"
-                );
+                assert!(s.contains(&format!(".param .u32 {prefix}_")), "{prefix}");
+                assert!(s.contains(&format!("[{prefix}_")), "{prefix}: loads");
             }
+            assert!(s.contains(".param .u32 sel_tokens") && s.contains(".param .u32 scan_experts"));
             assert!(
                 !s.contains("%ctaid.y") && !s.contains("\tret;\n\t}"),
                 "{}",
@@ -1005,7 +1004,7 @@ mod tests {
                 "ld.shared.u32 %h, [%ph];"
             };
             assert!(s.contains(space), "{}", v.variant);
-            assert_eq!(s.matches("$FZ_END;").count(), 12, "{}", v.variant);
+            assert_eq!(s.matches("$FZ_END;").count(), 6, "{}", v.variant);
         }
     }
 
