@@ -52,13 +52,41 @@ pub enum Phase {
     Finalize = 5,
 }
 
-/// The kernels/gate.ptx kernels pasted into the fused one, with their parameter prefix.
-const PASTED: [(&str, &str, &str); 5] = [
-    ("gate_select", "sel", "SELECT_BODY"),
-    ("gate_rank", "rank", "RANK_BODY"),
-    ("gate_cap_count", "cnt", "COUNT_BODY"),
-    ("gate_cap_scan", "scan", "SCAN_BODY"),
-    ("gate_finalize", "fin", "FINALIZE_BODY"),
+/// The kernels/gate.ptx kernels pasted into the fused one: entry, parameter prefix, template
+/// slot, and the body's first early exit, which skips a whole warp (gate_select, gate_cap_scan,
+/// gate_finalize: a warp past the last token / expert) or block (gate_rank, gate_cap_count):
+/// uniform, so marked `bra.uni` once the exit no longer ends the thread (see [`pasted_body`]).
+const PASTED: [(&str, &str, &str, &str); 5] = [
+    (
+        "gate_select",
+        "sel",
+        "SELECT_BODY",
+        "@%q_exit bra    $SEL_DONE;",
+    ),
+    (
+        "gate_rank",
+        "rank",
+        "RANK_BODY",
+        "@%q bra         $RANK_DONE;",
+    ),
+    (
+        "gate_cap_count",
+        "cnt",
+        "COUNT_BODY",
+        "@%q bra         $CNT_DONE;",
+    ),
+    (
+        "gate_cap_scan",
+        "scan",
+        "SCAN_BODY",
+        "@%q bra         $SCAN_DONE;",
+    ),
+    (
+        "gate_finalize",
+        "fin",
+        "FINALIZE_BODY",
+        "@%q bra         $FIN_DONE;",
+    ),
 ];
 
 fn err(what: impl Into<String>) -> Error {
@@ -108,14 +136,27 @@ fn entry_text<'a>(src: &'a str, entry: &str) -> Result<(&'a str, Vec<(String, St
 
 /// Kernel `entry` of the rendered kernels/gate.ptx module `src` as a block of the fused
 /// kernel: its parameters read as `prefix_name`, the block index replaced by the work item
-/// (`%fz_item`; one-dimensional: `%ctaid.y` 0, `%nctaid.x` 1), and `ret` by a branch to the
-/// phase end. Returns the body and the prefixed parameter declarations.
-pub fn pasted_body(src: &str, entry: &str, prefix: &str) -> Result<(String, Vec<String>)> {
+/// (`%fz_item`; one-dimensional: `%ctaid.y` 0, `%nctaid.x` 1), `ret` by a branch to the
+/// phase end, and the first line equal to `uniform_exit` (trimmed) made `bra.uni`. In the
+/// kernel of its own that exit ended the thread; here the thread goes on to the phase end, so
+/// ptxas would otherwise have to assume divergent warps at every later shfl / redux.
+/// Returns the body and the prefixed parameter declarations.
+pub fn pasted_body(
+    src: &str,
+    entry: &str,
+    prefix: &str,
+    uniform_exit: &str,
+) -> Result<(String, Vec<String>)> {
     let (body, params) = entry_text(src, entry)?;
     let mut out = String::with_capacity(body.len());
+    let mut marked = false;
     for line in body.split_inclusive('\n') {
         let t = line.trim_start();
         let mut l = line.to_string();
+        if !marked && t.trim_end() == uniform_exit {
+            l = l.replacen(" bra ", " bra.uni", 1);
+            marked = true;
+        }
         if t.starts_with("ld.param.") {
             let (Some(a), Some(b)) = (l.find('['), l.find(']')) else {
                 return Err(err(format!("{entry}: odd parameter load {t:?}")));
@@ -135,6 +176,9 @@ pub fn pasted_body(src: &str, entry: &str, prefix: &str) -> Result<(String, Vec<
         return Err(err(format!(
             "{entry}: a grid index or ret is left in the body"
         )));
+    }
+    if !marked {
+        return Err(err(format!("{entry}: no early exit {uniform_exit:?}")));
     }
     let decls = params
         .iter()
@@ -184,13 +228,13 @@ fn bfly32(reg: &str, op: &str, label: &str) -> String {
 pub fn fast_select() -> String {
     let mut s = String::new();
     s += "\t.reg .pred  %fs_q, %fs_valid, %fs_bias, %fs_ss, %fs_final, %fs_renorm, %fs_top1;
-\t.reg .pred  %fs_div, %fs_z, %fs_n, %fs_ga, %fs_st, %fs_gt, %fs_eq, %fs_lt;
+\t.reg .pred  %fs_div, %fs_z, %fs_n, %fs_ga, %fs_st, %fs_gt, %fs_eq, %fs_lt, %fs_full;
 \t.reg .pred  %fs_qv<8>, %fs_qb<8>, %fs_pj<8>;
 \t.reg .b32   %fs_tid, %fs_L, %fs_lgL, %fs_lis, %fs_seg, %fs_tok, %fs_T, %fs_E, %fs_S;
 \t.reg .b32   %fs_G, %fs_keep, %fs_gsz, %fs_GL, %fs_lgGL, %fs_scoring, %fs_flags, %fs_e0;
 \t.reg .b32   %fs_t, %fs_c, %fs_bits, %fs_sg, %fs_h, %fs_lo, %fs_hi, %fs_idx, %fs_src;
 \t.reg .b32   %fs_g, %fs_gg, %fs_rank, %fs_o, %fs_a, %fs_one, %fs_segc, %fs_lm1, %fs_e;
-\t.reg .b32   %fs_h1, %fs_h2, %fs_id<8>, %fs_ex<8>, %fs_mask, %fs_mh, %fs_wi, %fs_stg;
+\t.reg .b32   %fs_h1, %fs_h2, %fs_id<8>, %fs_ex<8>, %fs_mh, %fs_wi, %fs_stg;
 \t.reg .f32   %fs_x<8>, %fs_b<8>, %fs_s<8>, %fs_ps<8>, %fs_px<8>, %fs_w<8>;
 \t.reg .f32   %fs_m, %fs_sum, %fs_inv, %fs_f, %fs_mx, %fs_sum1, %fs_sum2;
 \t.reg .f32   %fs_scale, %fs_c1, %fs_c2;
@@ -214,7 +258,7 @@ pub fn fast_select() -> String {
 \tshr.u32         %fs_t, %fs_t, %fs_lgL;
 \tmad.lo.u32      %fs_t, %fz_item, %fs_c, %fs_t;
 \tsetp.ge.u32     %fs_q, %fs_t, %fs_T;
-\t@%fs_q bra      $FS_DONE;
+\t@%fs_q bra.uni  $FS_DONE;
 \tsetp.lt.u32     %fs_valid, %fs_tok, %fs_T;
 \tld.param.u32    %fs_E, [sel_experts];
 \tld.param.u32    %fs_S, [sel_slots];
@@ -250,13 +294,7 @@ pub fn fast_select() -> String {
 \tadd.u32         %fs_ex5, %fs_e0, 5;
 \tadd.u32         %fs_ex6, %fs_e0, 6;
 \tadd.u32         %fs_ex7, %fs_e0, 7;
-\t// the segment's lanes: ((1 << L) - 1) << (its first lane); shl by 32 gives 0 (L = 32)
-\tshl.b32         %fs_mask, 1, %fs_L;
-\tsub.u32         %fs_mask, %fs_mask, 1;
-\tand.b32         %fs_t, %fs_tid, 31;
-\tnot.b32         %fs_c, %fs_lm1;
-\tand.b32         %fs_t, %fs_t, %fs_c;
-\tshl.b32         %fs_mask, %fs_mask, %fs_t;
+\tsetp.eq.u32     %fs_full, %fs_L, 32;             // one token per warp: redux.sync
 \t// staging of s (and logits) in shared memory: thread tid's experts at [8 tid, 8 tid + 8),
 \t// so expert e of the token is at 8 (first thread of the segment) + e
 \tmov.u32         %fs_stg, gate_fused_stage;
@@ -450,9 +488,10 @@ $FS_PICKS:
 \tst.shared.v4.f32 [%fs_stg+16], {%fs_s4, %fs_s5, %fs_s6, %fs_s7};
 \t@%fs_ss st.shared.v4.f32 [%fs_stg+8192], {%fs_x0, %fs_x1, %fs_x2, %fs_x3};
 \t@%fs_ss st.shared.v4.f32 [%fs_stg+8208], {%fs_x4, %fs_x5, %fs_x6, %fs_x7};
-\t// ---- S picks: the lane's best v (key, then the lower expert), the segment's best by two
-\t//      redux.sync over the segment's lanes (largest key, then the lowest expert holding it);
-\t//      the owner drops it
+\t// ---- S picks: the lane's best v (key, then the lower expert), the segment's best (a
+\t//      butterfly over the segment, or two redux.sync over the warp when L = 32: largest key,
+\t//      then the lowest expert holding it); the owner drops it. Every collective runs with
+\t//      the constant full mask on converged warps (no WARPSYNC.COLLECTIVE fallback).
 ";
     for j in 0..FAST_MAX_SLOTS {
         s += &format!(
@@ -468,12 +507,32 @@ $FS_PICKS:
         });
         s += &format!(
             "
+\t@%fs_full bra.uni $FS_R{j};
+\t// L < 32: a butterfly of 64-bit maxima over the segment (xor offsets below L stay in it)
+\tshr.u32         %fs_o, %fs_L, 1;
+$FS_B{j}:
+\tsetp.eq.u32     %fs_q, %fs_o, 0;
+\t@%fs_q bra.uni  $FS_B{j}_DONE;
 \tmov.b64         {{%fs_lo, %fs_hi}}, %fs_best;
-\tredux.sync.max.u32 %fs_mh, %fs_hi, %fs_mask;
+\tshfl.sync.bfly.b32 %fs_lo, %fs_lo, %fs_o, 0x1f, 0xffffffff;
+\tshfl.sync.bfly.b32 %fs_hi, %fs_hi, %fs_o, 0x1f, 0xffffffff;
+\tmov.b64         %fs_p1, {{%fs_lo, %fs_hi}};
+\tmax.u64         %fs_best, %fs_best, %fs_p1;
+\tshr.u32         %fs_o, %fs_o, 1;
+\tbra.uni         $FS_B{j};
+$FS_B{j}_DONE:
+\tmov.b64         {{%fs_lo, %fs_hi}}, %fs_best;
+\tnot.b32         %fs_wi, %fs_lo;                 // 0xFFFFFFFF when nothing is left (v = 0)
+\tbra.uni         $FS_R{j}_DONE;
+$FS_R{j}:
+\t// L = 32: the largest key by one redux, then the lowest expert holding it by another
+\tmov.b64         {{%fs_lo, %fs_hi}}, %fs_best;
+\tredux.sync.max.u32 %fs_mh, %fs_hi, 0xffffffff;
 \tsetp.eq.u32     %fs_q, %fs_hi, %fs_mh;
 \tnot.b32         %fs_idx, %fs_lo;                // 0xFFFFFFFF for an empty entry (v = 0)
 \tselp.b32        %fs_idx, %fs_idx, 0xFFFFFFFF, %fs_q;
-\tredux.sync.min.u32 %fs_wi, %fs_idx, %fs_mask;
+\tredux.sync.min.u32 %fs_wi, %fs_idx, 0xffffffff;
+$FS_R{j}_DONE:
 \tmov.u32         %fs_id{j}, %fs_wi;
 "
         );
@@ -607,8 +666,8 @@ pub fn modules() -> Result<Vec<PtxModule>> {
             .source;
         let mut subs: Vec<(&str, String)> = vec![("VARIANT", variant.to_string())];
         let mut params = Vec::new();
-        for (entry, prefix, slot) in PASTED {
-            let (body, decls) = pasted_body(src, entry, prefix)?;
+        for (entry, prefix, slot, exit) in PASTED {
+            let (body, decls) = pasted_body(src, entry, prefix, exit)?;
             params.extend(decls);
             subs.push((slot, body));
         }
@@ -986,7 +1045,7 @@ mod tests {
             let s = &v.source;
             assert!(s.is_ascii() && !s.contains("${"), "{}", v.variant);
             assert!(s.contains(".entry gate_fused("), "{}", v.variant);
-            for (entry, prefix, _) in PASTED {
+            for (entry, prefix, _, _) in PASTED {
                 assert!(!s.contains(&format!(".entry {entry}(")), "{entry}");
                 assert!(s.contains(&format!(".param .u32 {prefix}_")), "{prefix}");
                 assert!(s.contains(&format!("[{prefix}_")), "{prefix}: loads");
