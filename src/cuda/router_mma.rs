@@ -1,9 +1,10 @@
 //! Stage 0 on tensor cores (kernels/router_mma.ptx, opt-in `MOE_CUDA_KERNELS=next`):
 //! `logits [T, E] = x [T, H] · Wᵀ (+ bias)` with mma.sync m16n8k16 (f32 accumulation) when x
 //! and W are the same 16-bit dtype (bf16 or f16), so no operand is rounded. Tiles of 64 tokens
-//! × 64 experts, a 4-stage `cp.async` ring of 16-byte copies. f32 activations, mixed dtypes,
+//! × 64 experts, an 8-stage `cp.async` ring of 16-byte copies. f32 activations, mixed dtypes,
 //! `H % 8 != 0` or an unaligned x run the verified kernel (kernels/router.ptx).
 
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::cuda::act::ActView;
@@ -16,8 +17,9 @@ use crate::tensor::DType;
 
 /// The template, embedded at build time.
 const TEMPLATE: &str = include_str!("../../kernels/router_mma.ptx");
-/// Ring depth.
-const STAGES: usize = 4;
+/// Ring depth: 8 stages keep 32 KiB of x in flight per block, which the few blocks of a
+/// small-E router (ceil(T / 64) of them) need to stream x near HBM bandwidth.
+const STAGES: usize = 8;
 /// Tokens (and experts) per block tile.
 pub const TILE: usize = 64;
 /// Dynamic shared memory: `STAGES` stages of x and W tiles, 4 KiB each.
@@ -144,6 +146,13 @@ pub fn launch(
         &name(w.dtype),
         &format!("router_mma_{}", w.dtype.name()),
     )?;
+    drv(
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            SMEM_BYTES as i32,
+        ),
+        "raising the tensor-core router's shared memory limit",
+    )?;
     let cfg = LaunchConfig {
         grid_dim: (b32, 1, 1),
         block_dim: (128, 1, 1),
@@ -162,7 +171,8 @@ pub fn launch(
     // same dtype), bias_ptr (f32 [E] or 0), logits_ptr (f32 [T, E]), tokens, experts, hidden;
     // router::launch checked every length (buffers may be longer), T, E >= 1; the kernel
     // zero-fills past T, E and H and stores only existing (token, expert) pairs. Grid
-    // ceil(T/64) ceil(E/64) blocks of 128 threads, 32 KiB of dynamic shared memory.
+    // ceil(T/64) ceil(E/64) blocks of 128 threads, 64 KiB of dynamic shared memory (the
+    // attribute raised above).
     drv(unsafe { b.launch(cfg) }, "launching router_mma")?;
     Ok(())
 }
