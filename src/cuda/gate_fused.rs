@@ -792,8 +792,8 @@ pub fn launch(
         ends[i] = acc as u32;
         kinds[i] = *k as u32;
     }
-    for i in ph.len()..5 {
-        ends[i] = acc as u32;
+    for e in ends.iter_mut().skip(ph.len()) {
+        *e = acc as u32;
     }
     let nphase = ph.len() as u32;
     let lanes = fast_lanes(experts, cfg);
