@@ -256,4 +256,60 @@ mod tests {
             assert_eq!(KernelSet::parse(Some(k.name())).unwrap(), k);
         }
     }
+
+    /// Every module of the `next` set assembles with ptxas for sm_80 and sm_90 without
+    /// spills or stack (`-v --warn-on-spills -Werror`), when ptxas is found: `$PTXAS`, or the
+    /// copy scripts/sass-check.sh and CI cache under `~/.cache/moe-kernels/`. Skipped (and
+    /// said so) without it; CI assembles every module of `moe ptx --dump` in any case.
+    #[test]
+    fn next_modules_assemble_with_ptxas() {
+        let cached = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+            .map(|c| c.join("moe-kernels/nvcc-12.9.86/nvidia/cuda_nvcc/bin/ptxas"));
+        let Some(ptxas) = std::env::var_os("PTXAS")
+            .map(std::path::PathBuf::from)
+            .or(cached)
+            .filter(|p| p.is_file())
+        else {
+            println!("cuda: no ptxas ($PTXAS or the sass-check cache), next-set check skipped");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("moe-next-ptx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut modules = expert_decode::modules().unwrap();
+        modules.extend(gate_fused::modules().unwrap());
+        modules.extend(router_mma::modules().unwrap());
+        assert_eq!(modules.len(), 13);
+        for m in &modules {
+            let path = dir.join(format!("{}.ptx", m.variant));
+            std::fs::write(&path, &m.source).unwrap();
+            for arch in ["sm_80", "sm_90"] {
+                let out = std::process::Command::new(&ptxas)
+                    .args(["-v", "--warn-on-spills", "-Werror"])
+                    .arg(format!("-arch={arch}"))
+                    .arg(&path)
+                    .args(["-o", "/dev/null"])
+                    .output()
+                    .unwrap();
+                let log = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{} {arch}: {log}", m.variant);
+                assert!(
+                    log.contains("0 bytes stack frame"),
+                    "{} {arch}: {log}",
+                    m.variant
+                );
+                assert!(
+                    log.contains("0 bytes spill stores"),
+                    "{} {arch}: {log}",
+                    m.variant
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        println!(
+            "cuda: {} next-set module builds passed ptxas",
+            2 * modules.len()
+        );
+    }
 }
