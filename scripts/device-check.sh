@@ -7,7 +7,20 @@
 #                                     # CUDA tests, compute-sanitizer, wgpu on NVIDIA's Vulkan,
 #                                     # short benches, peer script; logs under $OUT, table last.
 # Knobs: DC_BUDGET (seconds, 420), DC_PRESETS, DC_SKIP_PEERS, DC_SAN (stage tests under the
-# sanitizer), DC_TOOLS (sanitizer tools), DC_CASES (property cases on the GPU, 300).
+# sanitizer), DC_TOOLS (sanitizer tools), DC_CASES (property cases on the GPU, 300), DC_NEXT
+# (1: also run everything that the opt-in kernel set changes with MOE_CUDA_KERNELS=next, the
+# default; 0: the verified set only).
+#
+# Two kernel sets (src/cuda/mod.rs KernelSet): the verified one (default) and
+# MOE_CUDA_KERNELS=next (issue 15: weight-streaming decode GEMM, one-launch gate, tensor-core
+# router; assembled and checked offline, never run on a GPU before this script). Each is run
+# against the CPU reference (the test binaries, the demo) and timed (moe bench): the verified
+# set's steps keep their names, the next set's are prefixed `next-`; its bench points go to
+# $OUT/ours-next.jsonl and $OUT/compare-next.txt. The lib's next-vs-verified device tests
+# (`next-lib-device`: decode bitwise equal to the tiled GEMM, fused gate equal to the launch
+# sequence, tensor-core router within the reference's tolerance) run first of all: they are
+# what decides whether `next` may become the default. Sized for one call with both sets:
+# DC_BUDGET=540 (the device call's own limit is 600 s).
 #
 # Carry `device-bin` (and `.gl` for the Vulkan loader, see the device README) with the call:
 #   run(command="bash scripts/device-check.sh run", carry=["device-bin", ".gl"])
@@ -89,8 +102,16 @@ step() { # name, timeout seconds, command...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG" 2>&1
 # Most important first: the whole run must fit one call (the order is the priority).
+NEXT="${DC_NEXT:-1}"
 step info 30 "$B/moe" info
 step demo-cuda 60 "$B/moe" demo --backend cuda
+if [ "$NEXT" = 1 ]; then
+  # The next set's own device tests (each compares next with verified on the same inputs),
+  # then the demo with next.
+  step next-lib-device 120 env MOE_CUDA_KERNELS=next "$B/test-lib" cuda::expert_decode \
+    cuda::gate::tests::fused cuda::router_mma --test-threads=1 --nocapture
+  step next-demo-cuda 60 env MOE_CUDA_KERNELS=next "$B/moe" demo --backend cuda
+fi
 step demo-wgpu 60 "$B/moe" demo --backend wgpu
 # Issue 12: a runtime's own stream / device, bf16 activations, 100 device-resident forwards.
 step example-cuda-runtime 60 "$B/cuda_runtime"
@@ -119,13 +140,31 @@ for t in "$B"/test-*; do
   [ "$(basename "$t")" = test-quant ] && continue
   step "$(basename "$t")" 60 "$t" --test-threads=8
 done
-# Ours and the PyTorch peers on the same card, then one comparison table.
-step bench-cuda 150 "$B/moe" bench --backend cuda --preset "${DC_PRESETS:-mixtral,deepseek_v3,qwen3_30b_a3b}" --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --dense 8192 --json
+# The next set on every test binary: the whole suite (stage tests, layer tests with bitwise
+# determinism and batch invariance, presets, the CUDA-graph capture and replay) against the
+# reference with MOE_CUDA_KERNELS=next.
+if [ "$NEXT" = 1 ]; then
+  for t in "$B"/test-*; do
+    [ "$(basename "$t")" = test-quant ] && continue
+    step "next-$(basename "$t")" 60 env MOE_CUDA_KERNELS=next "$t" --test-threads=8
+  done
+fi
+# Ours (both sets) and the PyTorch peers on the same card, then one comparison table each.
+BENCH=(bench --backend cuda --preset "${DC_PRESETS:-mixtral,deepseek_v3,qwen3_30b_a3b}" --tokens 1,64,4096 --dtype bf16 --iters 10 --warmup 2 --dense 8192 --json)
+step bench-cuda 150 "$B/moe" "${BENCH[@]}"
 grep '^{' "$L/bench-cuda.log" >"$OUT/ours.jsonl"
+if [ "$NEXT" = 1 ]; then
+  step next-bench-cuda 150 env MOE_CUDA_KERNELS=next "$B/moe" "${BENCH[@]}"
+  grep '^{' "$L/next-bench-cuda.log" >"$OUT/ours-next.jsonl"
+fi
 if [ -f bench/peers.py ] && [ -z "${DC_SKIP_PEERS:-}" ]; then
   step peers 150 python3 bench/peers.py --out "$OUT/peers.jsonl" --budget-s 120
   step compare 30 python3 bench/compare.py "$OUT/ours.jsonl" "$OUT/peers.jsonl"
   cp "$L/compare.log" "$OUT/compare.txt"
+  if [ "$NEXT" = 1 ] && [ -s "$OUT/ours-next.jsonl" ]; then
+    step next-compare 30 python3 bench/compare.py "$OUT/ours-next.jsonl" "$OUT/peers.jsonl"
+    cp "$L/next-compare.log" "$OUT/compare-next.txt"
+  fi
 fi
 # Issue 12: the same points with f32 activations (the bench above runs bf16 activations).
 step bench-act-f32-cuda 120 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3 --tokens 1,64,4096 --dtype bf16 --act f32 --iters 10 --warmup 2
@@ -135,11 +174,15 @@ step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,32,
 # (CUDA included), then every compute-sanitizer tool (DC_TOOLS to choose).
 step properties-cuda 120 env MOE_PROPTEST_CASES="${DC_CASES:-300}" "$B/test-properties" --nocapture
 step memory-10k 120 "$B/test-memory" --ignored --nocapture
-# compute-sanitizer on the CUDA unit tests and two stage tests.
+# compute-sanitizer on the CUDA unit tests and two stage tests (the lib's tests include the
+# next set's device tests, which launch the next kernels whatever the variable says).
 for tool in ${DC_TOOLS:-memcheck racecheck initcheck synccheck}; do
   step "san-$tool-lib" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-lib" cuda:: --test-threads=1
   for s in ${DC_SAN:-gate permute}; do
     step "san-$tool-$s" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-$s" --test-threads=1
+    if [ "$NEXT" = 1 ]; then
+      step "next-san-$tool-$s" 90 env MOE_CUDA_KERNELS=next compute-sanitizer --tool "$tool" --error-exitcode 9 "$B/test-$s" --test-threads=1
+    fi
   done
 done
 tar -C /tmp -czf "$OUT/logs.tgz" dc-logs

@@ -34,6 +34,18 @@
 #   9. both register reconfigurations (USETMAXREG.DEALLOC for the producer, .TRY_ALLOC for
 #      the consumers: setmaxnreg was honoured).
 # It also fails on LDL / STL anywhere in any kernel of any module.
+# The kernels of the opt-in set MOE_CUDA_KERNELS=next (issue 15) must, in their main loop,
+#   7. expert_decode_<W>[_a<A>] (weight-streaming decode GEMM): tensor-core variants (W = f16 /
+#      bf16) HMMA >= 2, LDSM >= 2 and the ring's cp.async copies LDGSTS.E.BYPASS.128 >= 3
+#      (two weight rows and the activations; >= 4 with f32 activations); A = W converts nothing
+#      (no F2F / F2FP), A != W converts there (F2FP, the activations rounded to W); the f32
+#      variants FFMA >= 64 and LDGSTS.128 >= 5 (four weight rows and the activations);
+#   8. router_mma_<W>: HMMA >= 2, LDSM >= 2, LDGSTS.128 >= 4, no F2F / F2FP;
+#   and none may have LDL / STL. gate_fused (no GEMM main loop) is checked as a whole: no LDL /
+#   STL, at least one REDUX (the FAST select), no WARPSYNC.COLLECTIVE.
+# It also fails on LDL / STL anywhere in any kernel of any module, and on WARPSYNC.COLLECTIVE
+# anywhere: ptxas emits that slow fallback around a warp collective (shfl / redux / vote) it
+# cannot prove convergent, which none of these kernels needs.
 #
 # MAIN-LOOP HEURISTIC. SASS has no loop markers, but every loop closes with a backward branch:
 # a BRA (predicated or not) at address b whose target t <= b. Each backward branch spans the
@@ -190,8 +202,28 @@ DECODE = {
 }
 
 
+DECODE_K = re.compile(r"expert_decode_(f32|f16|bf16)(?:_a(f16|bf16))?")
+ROUTER_MMA = re.compile(r"router_mma_(f16|bf16)")
+LDSM = r"\bLDSM\.16\.M88\.4\b"
+F2FP = r"\bF2FP\b"
+HMMA = r"\bHMMA\b"
+FFMA = r"\bFFMA\b"
+
+
 def expectations(kernel):
     """(math opcode, {pattern: minimum count} in the main loop, conversions forbidden)."""
+    d = DECODE_K.fullmatch(kernel)
+    if d:
+        w, a = d.group(1), d.group(2) or "f32"
+        ldgsts = r"\bLDGSTS\.E\.BYPASS\.128\b"
+        if w == "f32":
+            return "FFMA", {FFMA: 64, ldgsts: 6 if a == "f32" else 5}, a == "f32"
+        need = {HMMA: 2, LDSM: 2, ldgsts: 4 if a == "f32" else 3}
+        if a != w:
+            need[F2FP] = 1
+        return "HMMA", need, a == w
+    if ROUTER_MMA.fullmatch(kernel):
+        return "HMMA", {HMMA: 2, LDSM: 2, r"\bLDGSTS\.E\.BYPASS\.128\b": 4}, True
     q = QUANT.fullmatch(kernel)
     if q:
         fmt, a = q.group(1), q.group(3) or "f32"
@@ -214,6 +246,10 @@ def expectations(kernel):
 
 
 NAMES = {
+    HMMA: "HMMA",
+    FFMA: "FFMA",
+    LDSM: "LDSM",
+    F2FP: "F2FP",
     r"\bLDG\.E\.128\b": "LDG.E.128",
     r"\bLDGSTS\.E\.BYPASS\.128\b": "LDGSTS.128",
     DECODE["fp8"][0]: "FMUL 2^120",
@@ -280,10 +316,12 @@ def check_wgmma(module, kernel, insns, labels):
     return f"  {module:30} {kernel:30} " + "; ".join(parts) + f": {status}", bad
 
 
+COLLECTIVE = r"\bWARPSYNC\.COLLECTIVE\b"
 failures, checked = [], 0
 wgmma_checked = 0
 control_seen = False
 quant_checked = set()
+next_seen = set()
 for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
     module = os.path.basename(sass)[: -len(".sass")]
     funcs, labels = functions(sass)
@@ -293,6 +331,21 @@ for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
         local = [t for _, t in insns if re.search(LOCAL, t)]
         if local:
             failures.append(f"{module} {kernel}: local memory ({len(local)} LDL/STL, e.g. {local[0]})")
+        coll = sum(1 for _, t in insns if re.search(COLLECTIVE, t))
+        if coll:
+            failures.append(f"{module} {kernel}: {coll} WARPSYNC.COLLECTIVE (a warp collective "
+                            "ptxas cannot prove convergent)")
+        if kernel == "gate_fused":
+            next_seen.add("gate_fused")
+            redux = sum(1 for _, t in insns if re.search(r"\bREDUX\b", t))
+            print(f"  {module:30} {kernel:30} whole kernel: REDUX {redux}, WARPSYNC.COLLECTIVE "
+                  f"{coll}, LDL/STL {len(local)}: {'ok' if redux and not coll and not local else 'FAIL'}")
+            if not redux:
+                failures.append(f"{module} {kernel}: no REDUX (the FAST select's L = 32 picks)")
+        if DECODE_K.fullmatch(kernel):
+            next_seen.add("expert_decode")
+        if ROUTER_MMA.fullmatch(kernel):
+            next_seen.add("router_mma")
         if WGMMA.fullmatch(kernel):
             line, bad = check_wgmma(module, kernel, insns, labels[kernel])
             print(line)
@@ -330,7 +383,7 @@ for sass in sorted(glob.glob(os.path.join(work, "*.sass"))):
             if n_conv == 0:
                 bad.append("negative control: the f32 activations' F2FP rounding is not seen "
                            "in the main loop, so the heuristic found the wrong loop")
-        loads = ", ".join(f"{NAMES[p]} {found[p]}" for p in need)
+        loads = ", ".join(f"{NAMES[p]} {found[p]}" for p in need if p != math)
         status = "FAIL: " + "; ".join(bad) if bad else "ok"
         print(f"  {module:30} {kernel:30} main loop {lo:#06x}..{hi:#06x}: "
               f"{op} {n_math}, {loads}, F2F/F2FP {n_conv}, "
@@ -342,6 +395,8 @@ for fmt in sorted(set(DECODE) - quant_checked):
     failures.append(f"no quantized {fmt} kernel was dumped")
 if wgmma_checked == 0:
     failures.append("no Hopper kernel (expert_gemm_wgmma_*) was dumped")
+for k in sorted({"expert_decode", "router_mma", "gate_fused"} - next_seen):
+    failures.append(f"no {k} kernel (MOE_CUDA_KERNELS=next) was dumped")
 if not control_seen:
     failures.append("expert_gemm_bf16 (the negative control) was not dumped")
 if checked == 0:

@@ -104,6 +104,8 @@ pub struct CudaDevice {
     pub name: String,
     /// Compute capability `(major, minor)`, at least `(8, 0)`.
     pub compute_capability: (i32, i32),
+    /// The kernel set this handle launches: `MOE_CUDA_KERNELS`, read when it was opened.
+    pub kernels: crate::cuda::KernelSet,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
@@ -111,8 +113,11 @@ impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "CudaDevice({}, sm_{}{})",
-            self.name, self.compute_capability.0, self.compute_capability.1
+            "CudaDevice({}, sm_{}{}, kernels {})",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.kernels.name()
         )
     }
 }
@@ -148,6 +153,7 @@ impl CudaDevice {
 
     /// The handle of `stream` in its context (sm_80 or newer).
     fn on(stream: Arc<CudaStream>) -> Result<Self> {
+        let kernels = crate::cuda::KernelSet::from_env()?;
         let ctx = stream.context().clone();
         let (name, compute_capability) = Self::describe(&ctx)?;
         Ok(CudaDevice {
@@ -155,8 +161,16 @@ impl CudaDevice {
             stream,
             name,
             compute_capability,
+            kernels,
             modules: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This handle with kernel set `kernels` instead of the one `MOE_CUDA_KERNELS` chose
+    /// (tests run both sets side by side).
+    pub fn with_kernels(mut self, kernels: crate::cuda::KernelSet) -> Self {
+        self.kernels = kernels;
+        self
     }
 
     /// An error unless `ptr` is device memory of this handle's device (CUDA's unified

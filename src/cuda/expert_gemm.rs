@@ -24,7 +24,7 @@
 //! and surplus blocks exit.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::backend::BackendKind;
 use crate::config::Activation;
@@ -536,7 +536,7 @@ fn run_gemm(
     }
     // Issue 15: the sm_90a wgmma kernel on compute capability 9.x with MOE_CUDA_KERNELS=next,
     // where it applies (kernel chosen per launch by expert_gemm_sm90::choose; else below).
-    let a_addr = cudarc::driver::DevicePtr::device_ptr(a, &dev.stream).0;
+    let a_addr = a.device_ptr(&dev.stream).0;
     if let Some(hv) = crate::cuda::expert_gemm_sm90::choose(dev, v, g.k, a_addr) {
         if let (CudaMatrix::Dense(w0), CudaMatrix::Dense(w1)) = (g.w0, g.w1) {
             let hg = crate::cuda::expert_gemm_sm90::Sm90Gemm {
@@ -555,6 +555,51 @@ fn run_gemm(
                 dev, hv, &hg, rows, experts, offsets, a, out,
             );
         }
+    }
+    // MOE_CUDA_KERNELS=next: the weight-streaming decode kernel where it applies (bitwise the
+    // same results as this kernel, so the choice by batch size keeps batch invariance). The
+    // Hopper kernel above is tried first and its choice does not depend on the row count, so
+    // on 9.x a variant it serves is never split between it and the decode kernel by batch size.
+    let dense_w = match v.w {
+        WeightFormat::Dense(d) => Some(d),
+        _ => None,
+    };
+    if let Some(dv) = crate::cuda::expert_decode::choose(
+        dev.kernels,
+        dense_w,
+        v.a,
+        rows,
+        w.dims.experts,
+        g.k,
+        a_addr,
+    ) {
+        let (CudaMatrix::Dense(w0), CudaMatrix::Dense(w1)) = (g.w0, g.w1) else {
+            return Err(Error::shape(
+                Stage::ExpertGemm,
+                "dense variant with quantized weights",
+            ));
+        };
+        let dg = crate::cuda::expert_decode::DecodeGemm {
+            w0: &w0.bytes,
+            w1: &w1.bytes,
+            b0: g.b0,
+            b1: g.b1,
+            n: g.n,
+            k: g.k,
+            code: g.code,
+            alpha: g.alpha,
+            limit: g.limit,
+        };
+        return crate::cuda::expert_decode::run(
+            dev,
+            dv,
+            &dg,
+            rows,
+            w.dims.experts,
+            offsets,
+            a,
+            out,
+        );
     }
     // Validate everything before anything is launched.
     let quant_ops = if v.quant() {

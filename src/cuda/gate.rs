@@ -12,8 +12,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::config::{Combine, Priority, RoutingConfig, Scoring};
 use crate::cuda::context::{check_len, to_u32};
 use crate::cuda::context::{drv, grid_1d};
+use crate::cuda::gate_fused;
 use crate::cuda::ptx::PtxModule;
-use crate::cuda::{CudaDevice, GateCuda};
+use crate::cuda::{CudaDevice, GateCuda, KernelSet};
 use crate::error::{Error, Result};
 use crate::stage::Stage;
 
@@ -58,9 +59,19 @@ fn prev_pow2(v: usize) -> usize {
     1 << (usize::BITS - 1 - v.leading_zeros())
 }
 
+/// Bytes of one gate_select warp's buffers for `experts` and `cfg`:
+/// `align8(8 G + 12 E)` (G = 0 when every group is kept).
+pub(crate) fn per_warp(experts: usize, cfg: &RoutingConfig) -> usize {
+    let groups = match cfg.groups {
+        Some(g) if g.keep < g.count => g.count,
+        _ => 0,
+    };
+    (8 * groups + 12 * experts + 7) & !7
+}
+
 /// Lanes per group in gate_select's group pass: as many as fit 32 lanes with every group of
 /// one pass side by side, but no more than the group's size needs.
-fn group_lanes(count: usize, size: usize) -> usize {
+pub(crate) fn group_lanes(count: usize, size: usize) -> usize {
     let by_count = if count >= 32 {
         1
     } else {
@@ -110,11 +121,7 @@ impl Plan {
         }
         let expert_choice = cfg.expert_choice.is_some();
         let capacity = !expert_choice && cfg.capacity.is_some();
-        let groups = match cfg.groups {
-            Some(g) if g.keep < g.count => g.count,
-            _ => 0,
-        };
-        let per_warp = (8 * groups + 12 * experts + 7) & !7;
+        let per_warp = per_warp(experts, cfg);
         Ok(Plan {
             slots,
             n,
@@ -161,8 +168,12 @@ pub struct GateScratchCuda {
     ec_keys: Option<CudaSlice<u32>>,
     slot_of: Option<CudaSlice<u32>>,
     /// gate_select's per-warp buffers in global memory, `[T, PW]` bytes, when one warp's
-    /// buffers do not fit in 48 KiB of shared memory (large E).
+    /// buffers do not fit in 48 KiB of shared memory (large E), or (fused gate) when 8 warps'
+    /// do not fit in [`gate_fused::SHARED_MAX`].
     select: Option<CudaSlice<u8>>,
+    /// The fused gate's control block (`MOE_CUDA_KERNELS=next`), `u32 [8 + E]`: zero when
+    /// allocated and left zero by every launch ([`gate_fused::ctl_len`]).
+    ctl: Option<CudaSlice<u32>>,
 }
 
 impl GateScratchCuda {
@@ -189,8 +200,15 @@ impl GateScratchCuda {
             s.ec_keys = Some(dev.alloc(p.te)?);
             s.slot_of = Some(dev.alloc(p.te)?);
         }
-        if p.global {
+        let next = dev.kernels == KernelSet::Next;
+        let fused_global = gate_fused::fast_lanes(experts, cfg).is_none()
+            && gate_fused::general_global(p.per_warp);
+        if p.global || (next && fused_global) {
             s.select = Some(dev.alloc(p.select_bytes(tokens)?)?);
+        }
+        if next {
+            // Zeroed by the allocation: the fused gate's control block starts (and stays) zero.
+            s.ctl = Some(dev.alloc(gate_fused::ctl_len(experts))?);
         }
         Ok(s)
     }
@@ -296,6 +314,7 @@ pub fn launch(
         ec_keys,
         slot_of,
         select,
+        ctl,
     } = scratch;
     let mut top1 = if bpr {
         Some(need(top1.as_mut(), "top1", tokens)?)
@@ -327,7 +346,11 @@ pub fn launch(
     } else {
         (None, None)
     };
-    let mut select = if plan.global {
+    let next = dev.kernels == KernelSet::Next;
+    let fused_global = next
+        && gate_fused::fast_lanes(experts, cfg).is_none()
+        && gate_fused::general_global(plan.per_warp);
+    let mut select = if plan.global || fused_global {
         Some(need(
             select.as_mut(),
             "select buffers",
@@ -336,6 +359,43 @@ pub fn launch(
     } else {
         None
     };
+
+    if next {
+        // MOE_CUDA_KERNELS=next: every routing variant in one launch (kernels/gate_fused.ptx).
+        let ctl = need(
+            ctl.as_mut(),
+            "fused control block",
+            gate_fused::ctl_len(experts),
+        )?;
+        let (order, prio) = match order_prio {
+            Some((o, p)) => (Some(o), Some(p)),
+            None => (None, None),
+        };
+        let (lrank, cells) = match tables {
+            Some((l, c)) => (Some(l), Some(c)),
+            None => (None, None),
+        };
+        return gate_fused::launch(
+            dev,
+            logits,
+            tokens,
+            experts,
+            bias,
+            cfg,
+            out,
+            gate_fused::FusedScratch {
+                ctl,
+                top1,
+                order,
+                prio,
+                lrank,
+                cells,
+                ec_keys,
+                slot_of,
+                select,
+            },
+        );
+    }
 
     if flags & FLAG_FINAL != 0 {
         let mut counts = out.counts.slice_mut(..experts);
@@ -624,5 +684,127 @@ mod tests {
             need(none.as_mut(), "cells", 4),
             Err(Error::Shape { .. })
         ));
+    }
+
+    /// On a CUDA device (skipped without one): the fused one-launch gate
+    /// (`MOE_CUDA_KERNELS=next`) against the verified launch sequence on the same logits, for
+    /// every routing variant (FAST and GENERAL select, capacity with both priorities, expert
+    /// choice, large E in global scratch): ids, kept and counts equal, weights within 1e-5
+    /// relative; the control block is zero after every launch, and a second launch on it
+    /// gives the same outputs (a CUDA-graph replay reuses it the same way).
+    #[test]
+    fn fused_gate_matches_the_verified_sequence_on_device() {
+        use crate::config::{Capacity, ExpertChoice, Groups};
+        let Ok(mut dev) = CudaDevice::new(0) else {
+            println!("gate: no CUDA device, fused device test skipped");
+            return;
+        };
+        let top2 = RoutingConfig::default();
+        let ds = RoutingConfig {
+            top_k: 8,
+            scoring: Scoring::Sigmoid,
+            groups: Some(Groups { count: 8, keep: 4 }),
+            scale: 2.5,
+            ..top2
+        };
+        let cap = RoutingConfig {
+            top_k: 1,
+            capacity: Some(Capacity::Tokens(5)),
+            ..top2
+        };
+        let cases: Vec<(&str, usize, usize, RoutingConfig, bool)> = vec![
+            ("mixtral", 4096, 8, top2, false),
+            ("deepseek", 4096, 256, ds, true),
+            (
+                "gpt_oss",
+                333,
+                32,
+                RoutingConfig {
+                    top_k: 4,
+                    scoring: Scoring::Logits,
+                    combine: Combine::SoftmaxSelected,
+                    renormalize: false,
+                    ..top2
+                },
+                false,
+            ),
+            (
+                "qwen3",
+                1000,
+                128,
+                RoutingConfig { top_k: 8, ..top2 },
+                false,
+            ),
+            ("switch", 700, 16, cap, false),
+            (
+                "nllb_bpr",
+                600,
+                8,
+                RoutingConfig {
+                    top_k: 2,
+                    capacity: Some(Capacity::Fraction(0.3)),
+                    priority: Priority::Top1Score,
+                    ..top2
+                },
+                false,
+            ),
+            (
+                "expert_choice",
+                300,
+                8,
+                RoutingConfig {
+                    expert_choice: Some(ExpertChoice {
+                        capacity_factor: 2.0,
+                    }),
+                    ..top2
+                },
+                false,
+            ),
+            (
+                "general_k12",
+                200,
+                16,
+                RoutingConfig { top_k: 12, ..top2 },
+                false,
+            ),
+            ("global_e3000", 20, 3000, top2, false),
+        ];
+        let mut g = crate::synth::Gen::new(77);
+        for (name, t, e, cfg, with_bias) in cases {
+            let logits = g.tensor(&[t, e], 2.0).to_f32_vec();
+            let lb = dev.upload(&logits).unwrap();
+            let b = g.tensor(&[e], 0.5).to_f32_vec();
+            let bd = dev.upload(&b).unwrap();
+            let bias = with_bias.then_some(&bd);
+            dev.kernels = KernelSet::Next;
+            let mut scratch = GateScratchCuda::alloc(&dev, t, e, &cfg).unwrap();
+            let slots = cfg.slots(e);
+            let mut outs = Vec::new();
+            for k in [KernelSet::Verified, KernelSet::Next, KernelSet::Next] {
+                dev.kernels = k;
+                let mut o = GateCuda::alloc(&dev, t, slots, e).unwrap();
+                launch(&dev, &lb, t, e, bias, &cfg, &mut o, &mut scratch).unwrap();
+                let n = t * slots;
+                outs.push((
+                    dev.read(&o.topk_ids, n).unwrap(),
+                    dev.read(&o.topk_weights, n).unwrap(),
+                    dev.read(&o.kept, n).unwrap(),
+                    dev.read(&o.counts, e).unwrap(),
+                ));
+                let ctl = dev.read(scratch.ctl.as_ref().unwrap(), 8 + e).unwrap();
+                assert!(ctl.iter().all(|&w| w == 0), "{name}: control block {ctl:?}");
+            }
+            let (v, f) = (&outs[0], &outs[1]);
+            assert_eq!(v.0, f.0, "{name}: ids");
+            assert_eq!(v.2, f.2, "{name}: kept");
+            assert_eq!(v.3, f.3, "{name}: counts");
+            for (i, (a, b)) in v.1.iter().zip(&f.1).enumerate() {
+                let ok = (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-5 * a.abs().max(1e-30);
+                assert!(ok, "{name}: weight {i}: verified {a} fused {b}");
+            }
+            assert_eq!(outs[1], outs[2], "{name}: a second fused launch");
+        }
+        dev.kernels = KernelSet::Verified;
+        println!("gate: fused device test ran on {}", dev.name);
     }
 }

@@ -6,15 +6,18 @@ pub mod act;
 pub mod combine;
 pub mod context;
 pub mod device;
+pub mod expert_decode;
 pub mod expert_gemm;
 pub mod expert_gemm_sm90;
 pub mod gate;
+pub mod gate_fused;
 pub mod host;
 pub mod next;
 pub mod permute;
 pub mod ptx;
 pub mod quant;
 pub mod router;
+pub mod router_mma;
 
 use cudarc::driver::{sys, CudaContext, CudaSlice};
 
@@ -131,6 +134,71 @@ pub fn quant_enabled() -> bool {
     std::env::var("MOE_CUDA_QUANT").is_ok_and(|v| v.trim() == "1")
 }
 
+/// Which set of CUDA kernels a device handle launches: the kernels a GPU run has verified
+/// (the default), or the next ones, which are assembled and checked offline (ptxas, SASS, a
+/// PTX interpreter) but have not run on a GPU yet.
+///
+/// Read in one place, [`KernelSet::from_env`], when a [`CudaDevice`] is opened (and kept in
+/// [`CudaDevice::kernels`]); [`CudaDevice::with_kernels`] overrides it per handle (tests).
+/// `MOE_CUDA_KERNELS` unset, empty or `verified` selects [`KernelSet::Verified`]; `next`
+/// selects [`KernelSet::Next`]; any other value is a [`crate::Error::Config`] naming the
+/// variable, so a typo never silently runs the other set.
+///
+/// What `next` changes (each falls back to the verified kernel where it does not apply):
+/// - expert GEMM, batches of at most 32 routed rows per expert on average (`rows <= 32 E`)
+///   with dense weights, `K % 8 == 0` and a 16-byte aligned activation base: the
+///   weight-streaming decode kernel (kernels/expert_decode.ptx), bitwise equal to the tiled
+///   kernel ([`expert_decode`]);
+/// - gate: every routing variant in one launch (kernels/gate_fused.ptx, [`gate_fused`]);
+/// - router: f16 / bf16 weights with activations of the same dtype on tensor cores
+///   (kernels/router_mma.ptx, [`router_mma`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelSet {
+    /// The kernels verified on a GPU (`scripts/device-check.sh`): the default.
+    #[default]
+    Verified,
+    /// The kernels of issue 15 that await their first GPU run: `MOE_CUDA_KERNELS=next`.
+    Next,
+}
+
+impl KernelSet {
+    /// The environment variable that selects the set.
+    pub const ENV: &'static str = "MOE_CUDA_KERNELS";
+
+    /// The set a value of [`KernelSet::ENV`] names (`None`: the variable is unset).
+    pub fn parse(value: Option<&str>) -> crate::error::Result<Self> {
+        match value.map(str::trim) {
+            None | Some("") | Some("verified") => Ok(KernelSet::Verified),
+            Some("next") => Ok(KernelSet::Next),
+            Some(other) => Err(crate::error::Error::Config(format!(
+                "{}={other:?}: expected `verified` (the default) or `next`",
+                Self::ENV
+            ))),
+        }
+    }
+
+    /// The set the environment selects (see [`KernelSet`]); the one place the variable is
+    /// read.
+    pub fn from_env() -> crate::error::Result<Self> {
+        match std::env::var(Self::ENV) {
+            Ok(v) => Self::parse(Some(&v)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(crate::error::Error::Config(format!(
+                "{} is not valid Unicode",
+                Self::ENV
+            ))),
+        }
+    }
+
+    /// The value of [`KernelSet::ENV`] that selects this set.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSet::Verified => "verified",
+            KernelSet::Next => "next",
+        }
+    }
+}
+
 /// One CUDA device as the driver reports it.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
@@ -167,4 +235,83 @@ pub fn probe() -> Result<Vec<DeviceInfo>, String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_set_parses_its_variable() {
+        assert_eq!(KernelSet::parse(None).unwrap(), KernelSet::Verified);
+        assert_eq!(KernelSet::parse(Some("")).unwrap(), KernelSet::Verified);
+        assert_eq!(
+            KernelSet::parse(Some("verified")).unwrap(),
+            KernelSet::Verified
+        );
+        assert_eq!(KernelSet::parse(Some(" next ")).unwrap(), KernelSet::Next);
+        let e = KernelSet::parse(Some("nxt")).unwrap_err();
+        assert!(matches!(e, crate::Error::Config(_)), "{e}");
+        assert!(e.to_string().contains("MOE_CUDA_KERNELS"), "{e}");
+        assert_eq!(KernelSet::default(), KernelSet::Verified);
+        for k in [KernelSet::Verified, KernelSet::Next] {
+            assert_eq!(KernelSet::parse(Some(k.name())).unwrap(), k);
+        }
+    }
+
+    /// Every module of the `next` set assembles with ptxas for sm_80 and sm_90 without
+    /// spills or stack (`-v --warn-on-spills -Werror`), when ptxas is found: `$PTXAS`, or the
+    /// copy scripts/sass-check.sh and CI cache under `~/.cache/moe-kernels/`. Skipped (and
+    /// said so) without it; CI assembles every module of `moe ptx --dump` in any case.
+    #[test]
+    fn next_modules_assemble_with_ptxas() {
+        let cached = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+            .map(|c| c.join("moe-kernels/nvcc-12.9.86/nvidia/cuda_nvcc/bin/ptxas"));
+        let Some(ptxas) = std::env::var_os("PTXAS")
+            .map(std::path::PathBuf::from)
+            .or(cached)
+            .filter(|p| p.is_file())
+        else {
+            println!("cuda: no ptxas ($PTXAS or the sass-check cache), next-set check skipped");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("moe-next-ptx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut modules = expert_decode::modules().unwrap();
+        modules.extend(gate_fused::modules().unwrap());
+        modules.extend(router_mma::modules().unwrap());
+        assert_eq!(modules.len(), 13);
+        for m in &modules {
+            let path = dir.join(format!("{}.ptx", m.variant));
+            std::fs::write(&path, &m.source).unwrap();
+            for arch in ["sm_80", "sm_90"] {
+                let out = std::process::Command::new(&ptxas)
+                    .args(["-v", "--warn-on-spills", "-Werror"])
+                    .arg(format!("-arch={arch}"))
+                    .arg(&path)
+                    .args(["-o", "/dev/null"])
+                    .output()
+                    .unwrap();
+                let log = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{} {arch}: {log}", m.variant);
+                assert!(
+                    log.contains("0 bytes stack frame"),
+                    "{} {arch}: {log}",
+                    m.variant
+                );
+                assert!(
+                    log.contains("0 bytes spill stores"),
+                    "{} {arch}: {log}",
+                    m.variant
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        println!(
+            "cuda: {} next-set module builds passed ptxas",
+            2 * modules.len()
+        );
+    }
 }

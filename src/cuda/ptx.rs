@@ -32,7 +32,20 @@ impl PtxModule {
         tags: &[&str],
         subs: &[(&str, String)],
     ) -> Result<Self> {
-        let text = select_sections(stage, template(stage), tags)?;
+        Self::from_template(stage, template(stage), variant, tags, subs)
+    }
+
+    /// Module `variant` of `stage` rendered from `template` (a stage may have several
+    /// templates: kernels/expert_decode.ptx next to kernels/expert_gemm.ptx, say), with the
+    /// sections of `tags` kept and `subs` filled in.
+    pub fn from_template(
+        stage: Stage,
+        template: &str,
+        variant: impl Into<String>,
+        tags: &[&str],
+        subs: &[(&str, String)],
+    ) -> Result<Self> {
+        let text = select_sections(stage, template, tags)?;
         Ok(PtxModule {
             stage,
             variant: variant.into(),
@@ -129,16 +142,26 @@ pub fn all_modules() -> Result<Vec<PtxModule>> {
     Ok(v)
 }
 
-/// The variants of one stage's module.
+/// The variants of one stage's modules: the verified kernels' first, then those of the
+/// opt-in `MOE_CUDA_KERNELS=next` set ([`crate::cuda::KernelSet`]).
 pub fn stage_modules(stage: Stage) -> Result<Vec<PtxModule>> {
     match stage {
-        Stage::Router => crate::cuda::router::modules(),
-        Stage::Gate => crate::cuda::gate::modules(),
+        Stage::Router => {
+            let mut v = crate::cuda::router::modules()?;
+            v.extend(crate::cuda::router_mma::modules()?);
+            Ok(v)
+        }
+        Stage::Gate => {
+            let mut v = crate::cuda::gate::modules()?;
+            v.extend(crate::cuda::gate_fused::modules()?);
+            Ok(v)
+        }
         Stage::Permute => crate::cuda::permute::modules(),
         Stage::ExpertGemm => {
             // The portable modules, then the sm_90a ones (issue 15, MOE_CUDA_KERNELS=next).
             let mut v = crate::cuda::expert_gemm::modules()?;
             v.extend(crate::cuda::expert_gemm_sm90::modules()?);
+            v.extend(crate::cuda::expert_decode::modules()?);
             Ok(v)
         }
         Stage::Combine => crate::cuda::combine::modules(),

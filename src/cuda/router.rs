@@ -126,6 +126,11 @@ pub fn launch(
     if tokens == 0 || experts == 0 {
         return Ok(());
     }
+    // MOE_CUDA_KERNELS=next: tensor cores when x and W are one 16-bit dtype.
+    let x_addr = x.meta(&dev.stream).addr;
+    if crate::cuda::router_mma::applies(dev.kernels, x.dtype, w.dtype, hidden, x_addr) {
+        return crate::cuda::router_mma::launch(dev, x, tokens, w, bias, logits);
+    }
     let warps = mul("warp tiles", tokens.div_ceil(TILE), experts.div_ceil(TILE))?;
     to_u32(Stage::Router, "warp tiles", warps, MAX_INDEX)?;
     let t = to_u32(Stage::Router, "tokens", tokens, MAX_INDEX)?;
