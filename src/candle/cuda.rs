@@ -3,8 +3,8 @@
 //! and writing `y` into a new one allocated from candle's device. Nothing is copied, read
 //! back or synchronised; the routing, when asked, is copied device to device.
 
-use candle_core::backprop::BackpropOp;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Shape, Storage, Tensor};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::{bf16, f16};
