@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType as CDType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType as CDType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use common::fixture::{dense, fixtures_dir, read_expected, Expected};
 use moe_kernels::candle::{MoeBlock, Routing};
