@@ -24,9 +24,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<bool, Box<dyn std::error::Error>> {
-    use cudarc::driver::{sys, CudaContext};
-    // SAFETY: only dlopens the driver library and reports whether that worked.
-    if !unsafe { sys::is_culib_present() } {
+    use cudarc::driver::CudaContext;
+    if !moe_kernels::cuda::driver_present() {
         println!("no CUDA driver here: nothing to run (the example needs an NVIDIA GPU)");
         return Ok(true);
     }

@@ -914,6 +914,24 @@ impl PreparedLayer {
         &self.dev
     }
 
+    /// H, the width of `x` and `y`.
+    #[cfg(feature = "candle")]
+    pub(crate) fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// E, the number of routed experts.
+    #[cfg(feature = "candle")]
+    pub(crate) fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Assignments per token (`top_k`, or E for expert choice).
+    #[cfg(feature = "candle")]
+    pub(crate) fn slots(&self) -> usize {
+        self.slots
+    }
+
     /// Bytes of device memory the workspace holds (0 on the CPU).
     pub fn workspace_bytes(&self) -> u64 {
         match self.inner.lock().as_deref() {
@@ -1241,6 +1259,36 @@ impl PreparedLayer {
         self.last_tokens
             .store(tokens, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Device-to-device copies of the routing of the last forward (`tokens` tokens) into new
+    /// allocations on the backend's stream, enqueued there: (ids, weights, kept, counts).
+    /// Nothing is read back or synchronised.
+    #[cfg(feature = "candle-cuda")]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn routing_cuda(
+        &self,
+        tokens: usize,
+    ) -> Result<(
+        cudarc::driver::CudaSlice<u32>,
+        cudarc::driver::CudaSlice<f32>,
+        cudarc::driver::CudaSlice<u32>,
+        cudarc::driver::CudaSlice<u32>,
+    )> {
+        use crate::cuda::context::drv;
+        let inner = self.lock()?;
+        let (Inner::Cuda(b), Device::Cuda(d)) = (&*inner, &self.dev.device) else {
+            return Err(self.not_cuda());
+        };
+        let n = tokens * self.slots;
+        let g = &b.1.gate;
+        let what = "copying the routing";
+        Ok((
+            drv(d.stream.clone_dtod(&g.topk_ids.slice(0..n)), what)?,
+            drv(d.stream.clone_dtod(&g.topk_weights.slice(0..n)), what)?,
+            drv(d.stream.clone_dtod(&g.kept.slice(0..n)), what)?,
+            drv(d.stream.clone_dtod(&g.counts.slice(0..self.experts)), what)?,
+        ))
     }
 
     /// Reads back the routing of the last forward (ids, weights, kept flags, expert counts):

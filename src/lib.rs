@@ -23,6 +23,8 @@ pub mod asynch;
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;

@@ -14,8 +14,7 @@ use moe_kernels::{Backend, DType, Preset, Tensor, TensorData};
 /// A context and stream of our own, as a runtime holds them (cudarc's event tracking off, as
 /// CUDA-graph users set it). `None` without a driver or device.
 fn runtime_stream() -> Option<Arc<CudaStream>> {
-    // SAFETY: only dlopens the driver library and reports whether that worked.
-    if !unsafe { sys::is_culib_present() } {
+    if !moe_kernels::cuda::driver_present() {
         return None;
     }
     let ctx = CudaContext::new(0).ok()?;

@@ -101,6 +101,21 @@ impl CheckpointDir {
         })
     }
 
+    /// A checkpoint of which only config.json is known (no shards): what reading a layer's
+    /// family, routing and tensor names needs when the tensors come from elsewhere (a candle
+    /// `VarBuilder`). `dir` is where errors say config.json is.
+    #[cfg(feature = "candle")]
+    pub(crate) fn from_config(
+        dir: PathBuf,
+        config: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        CheckpointDir {
+            dir,
+            config,
+            entries: BTreeMap::new(),
+        }
+    }
+
     /// The directory as errors show it.
     pub fn origin(&self) -> String {
         self.dir.display().to_string()

@@ -107,6 +107,16 @@ pub struct Plan {
     pub shared_ffn: Option<usize>,
 }
 
+impl Plan {
+    /// The prefix below decoder layer `i` (`model.layers.{i}.`), e.g. `block_sparse_moe.`:
+    /// where a candle `VarBuilder` at the layer finds the MoE block. `None` for families whose
+    /// layers are not named `model.layers.{i}` (the encoder-decoder ones).
+    #[cfg(feature = "candle")]
+    pub(crate) fn within_layer(&self, i: usize) -> Option<&str> {
+        self.prefix.strip_prefix(&format!("model.layers.{i}."))
+    }
+}
+
 /// config.json accessors with typed errors naming the key.
 struct Keys<'a>(&'a CheckpointDir);
 

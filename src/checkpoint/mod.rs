@@ -163,7 +163,8 @@ pub fn read_layer(dir: &Path, layer: LayerSpec) -> Result<CheckpointLayer> {
     })
 }
 
-fn quantization(ck: &CheckpointDir) -> Result<Quantization> {
+/// The checkpoint's quantization, from config.json's `quantization_config`.
+pub(crate) fn quantization(ck: &CheckpointDir) -> Result<Quantization> {
     let Some(q) = ck
         .config
         .get("quantization_config")

@@ -19,7 +19,7 @@ pub mod quant;
 pub mod router;
 pub mod router_mma;
 
-use cudarc::driver::{sys, CudaContext, CudaSlice};
+use cudarc::driver::{CudaContext, CudaSlice};
 
 pub use context::CudaDevice;
 
@@ -212,12 +212,27 @@ pub struct DeviceInfo {
     pub total_mem_bytes: usize,
 }
 
+/// Whether the CUDA driver library is there. cudarc loads it at run time and panics at the
+/// first driver call when it is missing, so this looks for it first (cudarc's own check).
+/// With the `candle-cuda` feature, candle-core makes cudarc link the CUDA libraries instead
+/// (`dynamic-linking`): a binary that started has the driver library, so this is `true`.
+pub fn driver_present() -> bool {
+    #[cfg(not(feature = "candle-cuda"))]
+    {
+        // SAFETY: `is_culib_present` only tries to dlopen the driver library and reports
+        // success; it dereferences nothing of ours.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+    #[cfg(feature = "candle-cuda")]
+    {
+        true
+    }
+}
+
 /// Lists CUDA devices, or says why there are none (no driver library, no device, init error).
 /// Never panics: cudarc panics when libcuda is absent, so its presence is checked first.
 pub fn probe() -> Result<Vec<DeviceInfo>, String> {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library and reports success;
-    // it dereferences nothing of ours.
-    if !unsafe { sys::is_culib_present() } {
+    if !driver_present() {
         return Err("no CUDA driver library (libcuda) found".into());
     }
     let count = CudaContext::device_count().map_err(|e| format!("CUDA driver error: {e:?}"))?;
