@@ -1398,11 +1398,9 @@ fn gv_a8(row: u32, k0: u32) -> V8 {
         return V8(vec4<f32>(a_decode(v.x, 0u), a_decode(v.x, 1u), a_decode(v.y, 0u), a_decode(v.y, 1u)),
                   vec4<f32>(a_decode(v.z, 0u), a_decode(v.z, 1u), a_decode(v.w, 0u), a_decode(v.w, 1u)));
     }
-    var r = V8(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var q = 0u; q < 8u; q++) {
-        r = v8_set(r, q, a_elem(row, k0 + q));
-    }
-    return r;
+    // Unrolled: lavapipe counts every loop iteration of an invocation against 65535.
+    return V8(vec4<f32>(a_elem(row, k0), a_elem(row, k0 + 1u), a_elem(row, k0 + 2u), a_elem(row, k0 + 3u)),
+              vec4<f32>(a_elem(row, k0 + 4u), a_elem(row, k0 + 5u), a_elem(row, k0 + 6u), a_elem(row, k0 + 7u)));
 }
 
 // acc + a · w, per column (one fma each).
@@ -1445,7 +1443,6 @@ fn gv_k(acc_in: GvAcc, a: vec4<f32>, wb: V8, wg: V8, gated: bool, four: bool) ->
 // The full 8-deep k blocks from k0 = 0 while k0 + 8 ≤ K, for 1 row or (four) up to 4 rows.
 fn gv_main(j: GvJob, acc_in: GvAcc, gated: bool, four: bool) -> GvAcc {
     var acc = acc_in;
-    let lane = (j.col0 >> 3u) & 7u; // col0 = 64·s + 8·lane
     let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 + 8u <= p.k_dim; k0 += 8u) {
         let a0 = gv_a8(j.m0, k0);
@@ -1463,17 +1460,28 @@ fn gv_main(j: GvJob, acc_in: GvAcc, gated: bool, four: bool) -> GvAcc {
                 a3 = gv_a8(j.m0 + 3u, k0);
             }
         }
-        for (var q = 0u; q < 8u; q++) {
-            let wb = gv_w(false, j.slab, k0 + q, lane);
-            var wg = z;
-            if (gated) {
-                wg = gv_w(true, j.slab, k0 + q, lane);
-            }
-            let a = vec4<f32>(v8_get(a0, q), v8_get(a1, q), v8_get(a2, q), v8_get(a3, q));
-            acc = gv_k(acc, a, wb, wg, gated, four);
-        }
+        // k0 .. k0 + 7, unrolled (lavapipe's loop-iteration limit; constant lanes of a*).
+        acc = gv_kw(acc, j, k0, vec4<f32>(a0.lo.x, a1.lo.x, a2.lo.x, a3.lo.x), gated, four);
+        acc = gv_kw(acc, j, k0 + 1u, vec4<f32>(a0.lo.y, a1.lo.y, a2.lo.y, a3.lo.y), gated, four);
+        acc = gv_kw(acc, j, k0 + 2u, vec4<f32>(a0.lo.z, a1.lo.z, a2.lo.z, a3.lo.z), gated, four);
+        acc = gv_kw(acc, j, k0 + 3u, vec4<f32>(a0.lo.w, a1.lo.w, a2.lo.w, a3.lo.w), gated, four);
+        acc = gv_kw(acc, j, k0 + 4u, vec4<f32>(a0.hi.x, a1.hi.x, a2.hi.x, a3.hi.x), gated, four);
+        acc = gv_kw(acc, j, k0 + 5u, vec4<f32>(a0.hi.y, a1.hi.y, a2.hi.y, a3.hi.y), gated, four);
+        acc = gv_kw(acc, j, k0 + 6u, vec4<f32>(a0.hi.z, a1.hi.z, a2.hi.z, a3.hi.z), gated, four);
+        acc = gv_kw(acc, j, k0 + 7u, vec4<f32>(a0.hi.w, a1.hi.w, a2.hi.w, a3.hi.w), gated, four);
     }
     return acc;
+}
+
+// One k < K of the main loop: this invocation's weights at k, then gv_k.
+fn gv_kw(acc: GvAcc, j: GvJob, k: u32, a: vec4<f32>, gated: bool, four: bool) -> GvAcc {
+    let lane = (j.col0 >> 3u) & 7u; // col0 = 64·s + 8·lane
+    let wb = gv_w(false, j.slab, k, lane);
+    var wg = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    if (gated) {
+        wg = gv_w(true, j.slab, k, lane);
+    }
+    return gv_k(acc, a, wb, wg, gated, four);
 }
 
 // The rest: k from the last whole 8-block to ceil(K / 16)·16 (a = w = 0 from K on).
@@ -1492,8 +1500,15 @@ fn gv_tail(j: GvJob, acc_in: GvAcc, gated: bool) -> GvAcc {
             if (gated) {
                 wg = gv_w(true, j.slab, k, lane);
             }
-            for (var r = 0u; r < j.nr; r++) {
-                a[r] = a_elem(j.m0 + r, k);
+            a.x = a_elem(j.m0, k);
+            if (j.nr > 1u) {
+                a.y = a_elem(j.m0 + 1u, k);
+            }
+            if (j.nr > 2u) {
+                a.z = a_elem(j.m0 + 2u, k);
+            }
+            if (j.nr > 3u) {
+                a.w = a_elem(j.m0 + 3u, k);
             }
         }
         acc = gv_k(acc, a, wb, wg, gated, true);
