@@ -6,23 +6,25 @@
 //   1 x       storage read        u32 words of x [T, H] in A_DTYPE (common.wgsl), row stride
 //             x_stride elements (H for the caller's dense x)
 //   2 w       storage read        vec4<u32> words of W's k-major slabs (src/wgpu/weights.rs
-//             `upload_slabs`: experts 64·s .. 64·s + 63 of slab s stored as [H][64], zero past
-//             E) of the chunk's slabs, in W_DTYPE (common.wgsl): a slab row (one h) is 8
-//             (16-bit) or 16 (f32) vec4 words
+//             `upload_router`: experts 64·s .. 64·s + 63 of slab s stored as [H][64], the
+//             matrix's last slab only last_width wide — its experts rounded up to one vec4 —
+//             zero past E) of the chunk's slabs, in W_DTYPE (common.wgsl): slab s of the chunk
+//             starts at element s·H·64, its row h at h·width
 //   3 bias    storage read        f32  [E] (a 1-element dummy when has_bias = 0)
 //   4 logits  storage read_write  f32  [T, E] (always f32)
 //   5 x4      storage read        the words of binding 1 as vec4<u32> (read when x_vec4 = 1:
 //             every row of x starts on a 16-byte word; a 4-word dummy otherwise)
 // Overrides: W_DTYPE and A_DTYPE (common.wgsl).
 // Launch: one dispatch per weight chunk (whole slabs). Jobs = (slab of the chunk, group of
-//   TG = 8 tokens), slab fastest: slabs · ceil(T / 8) jobs, 8 invocations each, 8 jobs per
-//   workgroup of 64: grid(jobs, 8) (src/wgpu/context.rs `grid`, flattened x first;
-//   invocations past the jobs exit). Invocation l = lid % 8 of a job owns experts
-//   first_row + 64·s + 8·l .. + 7 and the job's ≤ 8 tokens: per h one vec4<u32> of weights
-//   (two for f32; the 8 invocations of a job read one 128- or 256-byte slab row), and x 8 h
-//   at a time per token (one vec4<u32> for 16-bit rows starting on a word, two for f32, else
-//   element by element). Every weight is read once per 8 tokens; no workgroup memory, no
-//   barrier.
+//   TG = 8 tokens), slab fastest: slabs · ceil(T / 8) jobs of LPJ invocations (8 for 16-bit
+//   weights, 16 for f32: one vec4<u32> of weights each per h, EPL = 8 or 4 experts), 64 / LPJ
+//   jobs per workgroup of 64: grid(jobs, 64 / LPJ) (src/wgpu/context.rs `grid`, flattened x
+//   first; invocations past the jobs, or past their slab's width or the chunk's experts,
+//   exit). Invocation l of a job owns experts first_row + 64·s + EPL·l .. + EPL − 1 and the
+//   job's ≤ 8 tokens: the LPJ invocations of a job read one 128- or 256-byte slab row per h,
+//   and x 8 h at a time per token (one vec4<u32> for 16-bit rows starting on a word, two
+//   for f32, else element by element). Every weight is read once per 8 tokens; no workgroup
+//   memory, no barrier.
 // Workgroup memory: none.
 // Numerics: x is widened exactly to f32 (for A_DTYPE = 0 it is read as f32 bits), the
 //   products and sums are f32.
@@ -43,7 +45,7 @@ struct RouterParams {
     x_stride: u32,  // elements between rows of x
     x_vec4: u32,    // 1: rows of x start on 16-byte words (read through x4)
     slabs: u32,     // slabs in the chunk
-    _pad0: u32,
+    last_width: u32, // columns of the chunk's last slab (64 but in the matrix's last chunk)
     _pad1: u32,
     _pad2: u32,
 }
@@ -91,20 +93,28 @@ fn x8(t: u32, h0: u32) -> V8 {
               vec4<f32>(x_elem(t, h0 + 4u), x_elem(t, h0 + 5u), x_elem(t, h0 + 6u), x_elem(t, h0 + 7u)));
 }
 
-// This invocation's 8 weights at h of slab s (chunk-relative), columns 8·l .. 8·l + 7.
-fn w8(s: u32, h: u32, l: u32) -> V8 {
-    let kr = s * p.hidden + h;
+// Experts per invocation: one vec4<u32> of weights, 4 f32 or 8 16-bit.
+fn epl() -> u32 {
+    return select(8u, 4u, W_DTYPE == 0u);
+}
+
+// This invocation's EPL weights at h (f32: in lo; hi is 0) of the slab starting at vec4 word
+// `sv` with rows of `width` elements: columns EPL·l .. EPL·l + EPL − 1.
+fn w8(sv: u32, width: u32, h: u32, l: u32) -> V8 {
+    let v = w[sv + h * width / (16u / select(2u, 4u, W_DTYPE == 0u)) + l];
     if (W_DTYPE == 0u) {
-        let v = kr * 16u + 2u * l;
-        return V8(bitcast<vec4<f32>>(w[v]), bitcast<vec4<f32>>(w[v + 1u]));
+        return V8(bitcast<vec4<f32>>(v), vec4<f32>(0.0));
     }
-    let v = w[kr * 8u + l];
     return V8(vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u)),
               vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u)));
 }
 
 fn fma8(acc: V8, a: f32, wv: V8) -> V8 {
-    return V8(fma(vec4<f32>(a), wv.lo, acc.lo), fma(vec4<f32>(a), wv.hi, acc.hi));
+    var hi = acc.hi;
+    if (W_DTYPE != 0u) {
+        hi = fma(vec4<f32>(a), wv.hi, acc.hi);
+    }
+    return V8(fma(vec4<f32>(a), wv.lo, acc.lo), hi);
 }
 
 // Accumulators of the job's tokens 0..7 (8 experts each).
@@ -151,13 +161,14 @@ fn col(a: array<V8, 8>, q: u32) -> array<vec4<f32>, 2> {
         vec4<f32>(v8_get(a[4], q), v8_get(a[5], q), v8_get(a[6], q), v8_get(a[7], q)));
 }
 
-fn hq(acc: Acc, s: u32, h: u32, l: u32, a: array<V8, 8>, q: u32, many: bool) -> Acc {
+fn hq(acc: Acc, s: vec2<u32>, h: u32, l: u32, a: array<V8, 8>, q: u32, many: bool) -> Acc {
     let c = col(a, q);
-    return step(acc, c[0], c[1], w8(s, h, l), many);
+    return step(acc, c[0], c[1], w8(s.x, s.y, h, l), many);
 }
 
-// The whole sum over h for the job's tokens (many: up to 8; else token 0 only).
-fn sum_h(s: u32, l: u32, t0: u32, nt: u32, many: bool) -> Acc {
+// The whole sum over h for the job's tokens (many: up to 8; else token 0 only), from the
+// slab at vec4 word s.x with rows of s.y elements.
+fn sum_h(s: vec2<u32>, l: u32, t0: u32, nt: u32, many: bool) -> Acc {
     let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
     var acc = Acc(z, z, z, z, z, z, z, z);
     let hd = p.hidden;
@@ -192,14 +203,14 @@ fn sum_h(s: u32, l: u32, t0: u32, nt: u32, many: bool) -> Acc {
                 }
             }
         }
-        acc = step(acc, xa, xb, w8(s, h, l), many);
+        acc = step(acc, xa, xb, w8(s.x, s.y, h, l), many);
     }
     return acc;
 }
 
-// Stores token t's logits of this invocation's experts (chunk-relative e0 .. e0 + 7).
+// Stores token t's logits of this invocation's experts (chunk-relative e0 .. e0 + EPL − 1).
 fn store(t: u32, e0: u32, v: V8) {
-    for (var q = 0u; q < 8u; q++) {
+    for (var q = 0u; q < epl(); q++) {
         let el = e0 + q;
         if (el < p.rows) {
             let e = p.first_row + el;
@@ -215,7 +226,10 @@ fn store(t: u32, e0: u32, v: V8) {
 @compute @workgroup_size(64)
 fn router_logits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let job = (wid.x + wid.y * nwg.x) * 8u + (lid >> 3u);
+    let lpj = 64u / epl(); // invocations per job
+    let lane = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let job = lane / lpj;
+    let l = lane % lpj;
     let groups = (p.tokens + TG - 1u) / TG;
     if (p.slabs == 0u || job >= p.slabs * groups) {
         return;
@@ -223,16 +237,18 @@ fn router_logits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let s = job % p.slabs;
     let t0 = (job / p.slabs) * TG;
     let nt = min(TG, p.tokens - t0);
-    let l = lid & 7u;
-    let e0 = s * 64u + 8u * l;
-    if (e0 >= p.rows) {
-        return; // columns past the chunk's experts (the zero padding of the last slab)
+    let width = select(64u, p.last_width, s + 1u == p.slabs);
+    let e0 = s * 64u + epl() * l;
+    if (epl() * l >= width || e0 >= p.rows) {
+        return; // past the slab's stored columns, or the zero padding past the experts
     }
+    // The slab's first vec4 word (slab s starts at element s·H·64) and its row width.
+    let sv = vec2<u32>(s * p.hidden * 64u / (16u / select(2u, 4u, W_DTYPE == 0u)), width);
     var acc: Acc;
     if (nt == 1u) {
-        acc = sum_h(s, l, t0, nt, false);
+        acc = sum_h(sv, l, t0, nt, false);
     } else {
-        acc = sum_h(s, l, t0, nt, true);
+        acc = sum_h(sv, l, t0, nt, true);
     }
     store(t0, e0, acc.t0);
     if (nt > 1u) {

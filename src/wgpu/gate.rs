@@ -22,6 +22,9 @@ pub enum Entry {
     /// One workgroup per token: scores, groups, picks, raw (or, without capacity, final)
     /// weights.
     Select,
+    /// [`Entry::Select`] with one invocation per token (at most [`LANE_SLOTS`] slots, at
+    /// most 32 groups, no expert choice): no reduction trees.
+    SelectLanes,
     /// One invocation per token: its priority position by top-1 score.
     Priority,
     /// One workgroup per (slot, block of tokens): assignments per expert.
@@ -41,6 +44,7 @@ impl Entry {
     pub fn name(self) -> &'static str {
         match self {
             Entry::Select => "gate_select",
+            Entry::SelectLanes => "gate_select_lanes",
             Entry::Priority => "gate_priority",
             Entry::BlockCounts => "gate_block_counts",
             Entry::BlockScan => "gate_block_scan",
@@ -53,7 +57,7 @@ impl Entry {
     /// The bindings of group 0 the entry point uses (the header of gate.wgsl lists them).
     fn bindings(self) -> &'static [u32] {
         match self {
-            Entry::Select => &[0, 1, 2, 3, 4, 5, 7],
+            Entry::Select | Entry::SelectLanes => &[0, 1, 2, 3, 4, 5, 7],
             Entry::Priority => &[0, 7],
             Entry::BlockCounts => &[0, 3, 7],
             Entry::BlockScan | Entry::ExpertChoice => &[0, 6, 7],
@@ -67,6 +71,12 @@ impl Entry {
 const BLOCK: usize = 256;
 /// f32 words of gate_select's workgroup row cache (`CACHE` in gate.wgsl).
 const CACHE: usize = 2048;
+/// The most slots gate_select_lanes takes (`LANE_SLOTS` in gate.wgsl).
+pub const LANE_SLOTS: usize = 8;
+/// The most groups gate_select_lanes takes (one bit each).
+const LANE_GROUPS: usize = 32;
+/// Experts per staged block of gate_select_lanes (`LT` in gate.wgsl).
+const LANE_BLOCK: usize = 32;
 
 const MODE_PLAIN: u32 = 0;
 const MODE_CAPACITY: u32 = 1;
@@ -116,7 +126,7 @@ fn loop_iterations(
     (groups, group_size): (usize, usize),
     mode: u32,
     by_top1: bool,
-    use_rank: bool,
+    (use_rank, lanes): (bool, bool),
 ) -> usize {
     let wg = WG as usize;
     let per_inv = experts.div_ceil(wg);
@@ -127,7 +137,14 @@ fn loop_iterations(
     } else {
         slots * (per_inv + 7)
     };
-    let select = 3 * per_inv + trees + grouping + picking + 6 * slots;
+    let mut select = 3 * per_inv + trees + grouping + picking + 6 * slots;
+    if lanes {
+        // Four passes over the staged blocks (32 load rows and 32 experts each), the group
+        // ranking and the epilogue.
+        select = 4 * experts.div_ceil(LANE_BLOCK) * (32 + LANE_BLOCK)
+            + groups * (groups + 1)
+            + 6 * slots;
+    }
     let blocks = tokens.div_ceil(BLOCK);
     let mut most = select;
     match mode {
@@ -243,6 +260,10 @@ fn encode_with(
     // reduction (about 12 barrier steps each).
     let per_inv = experts.div_ceil(WG as usize);
     let use_rank = experts * per_inv <= slots * (per_inv + 12);
+    // One invocation per token where the picks fit its registers (and the tests do not force
+    // the workgroup path's scratch rows).
+    let lanes =
+        !force_global && mode != MODE_EXPERT_CHOICE && slots <= LANE_SLOTS && groups <= LANE_GROUPS;
 
     if dev.info.name.contains("llvmpipe") {
         let most = loop_iterations(
@@ -250,7 +271,7 @@ fn encode_with(
             (groups, group_size),
             mode,
             by_top1,
-            use_rank,
+            (use_rank, lanes),
         );
         within(
             Resource::LoopIterations,
@@ -376,7 +397,11 @@ fn encode_with(
     let per_token_inv = dev.grid(tokens, WG)?;
     let per_expert = dev.grid(experts, 1)?;
     let per_block = dev.grid(slots * blocks, 1)?;
-    run(enc, Entry::Select, per_token)?;
+    if lanes {
+        run(enc, Entry::SelectLanes, per_token_inv)?;
+    } else {
+        run(enc, Entry::Select, per_token)?;
+    }
     match mode {
         MODE_PLAIN => {
             run(enc, Entry::BlockCounts, per_block)?;

@@ -1,6 +1,6 @@
 //! Stage 0 on wgpu: router logits (shaders/router.wgsl), one dispatch per weight chunk.
 //!
-//! The router weights are k-major slabs of 64 experts ([`GpuWeights::upload_slabs`]). Each
+//! The router weights are k-major slabs of 64 experts ([`GpuWeights::upload_router`]). Each
 //! invocation owns 8 experts of one slab and a group of up to 8 tokens, and sums over `H` in
 //! order (one fma chain per logit): one 128-bit weight load per h serves 8 tokens x 8 experts,
 //! 8 invocations read one slab row, and there is no workgroup memory and no barrier. A token's
@@ -13,7 +13,7 @@ use crate::wgpu::act::{self, Act};
 use crate::wgpu::context::{index_u32, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::scratch::Scratch;
-use crate::wgpu::weights::GpuWeights;
+use crate::wgpu::weights::{GpuWeights, SLAB};
 
 /// Entry points of shaders/router.wgsl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,11 +43,12 @@ struct Params {
     x_stride: u32,
     x_vec4: u32,
     slabs: u32,
-    _pad: [u32; 3],
+    last_width: u32,
+    _pad: [u32; 2],
 }
 
 /// Records `logits [T, E] = x [T, H] · wᵀ (+ bias [E])`, with `w` `[E, H]` uploaded in slabs
-/// ([`GpuWeights::upload_slabs`]) and `T = x.rows`; `x` in any activation dtype (widened
+/// ([`GpuWeights::upload_router`]) and `T = x.rows`; `x` in any activation dtype (widened
 /// exactly), `logits` f32. `logits` and `bias` may be larger than needed. Allocates nothing:
 /// uniforms and the dummy bindings come from `scratch`.
 pub fn encode(
@@ -62,12 +63,12 @@ pub fn encode(
     let st = Stage::Router;
     let tokens = x.rows;
     let (experts, hidden) = (w.rows, w.cols);
-    if w.slab.is_none() {
+    let Some(layout) = w.slab else {
         return Err(Error::shape(
             st,
-            "the router weights must be uploaded in slabs (GpuWeights::upload_slabs)",
+            "the router weights must be uploaded in slabs (GpuWeights::upload_router)",
         ));
-    }
+    };
     if x.cols != hidden {
         return Err(Error::shape(
             st,
@@ -93,7 +94,12 @@ pub fn encode(
             x_stride: index_u32(st, "x row stride", x.stride)?,
             x_vec4: u32::from(x_vec4),
             slabs: c.slabs as u32,
-            _pad: [0; 3],
+            last_width: if c.first_slab + c.slabs == layout.per_expert {
+                layout.last_width as u32
+            } else {
+                SLAB as u32
+            },
+            _pad: [0; 2],
         })
     };
     index_u32(st, "T x E", te)?;
@@ -140,9 +146,11 @@ pub fn encode(
                 x4.clone(),
             ],
         )?;
-        // Jobs of 8 invocations: (slab, group of 8 tokens); 8 jobs per workgroup.
+        // Jobs (slab, group of 8 tokens) of one vec4 of weights per invocation and h: 8
+        // invocations (16-bit weights) or 16 (f32) each, 64 invocations per workgroup.
+        let per_job = if w.dtype_code() == 0.0 { 16 } else { 8 };
         let jobs = c.slabs * tokens.div_ceil(8);
-        dev.dispatch(enc, &pipeline, &bind, dev.grid(jobs, 8)?);
+        dev.dispatch(enc, &pipeline, &bind, dev.grid(jobs, 64 / per_job)?);
     }
     Ok(())
 }
@@ -169,7 +177,7 @@ mod tests {
             for wdt in DType::ALL {
                 let w = g.tensor(&[e, h], 0.2).cast(wdt);
                 let bias = g.tensor(&[e], 0.1);
-                let gw = GpuWeights::upload_slabs(&dev, &w, None, "router.weight").unwrap();
+                let gw = GpuWeights::upload_router(&dev, &w, None, "router.weight").unwrap();
                 let bb = dev.upload(&bias.to_f32_vec(), "bias").unwrap();
                 let pool = Scratch::new();
                 let xb_cap = act::words(max_t * h, dtype);
@@ -207,7 +215,7 @@ mod tests {
             return;
         };
         let w = Gen::new(22).tensor(&[3, 5], 0.2);
-        let gw = GpuWeights::upload_slabs(&dev, &w, None, "router.weight").unwrap();
+        let gw = GpuWeights::upload_router(&dev, &w, None, "router.weight").unwrap();
         let xb = dev.alloc::<u32>(7, "x").unwrap();
         let logits = dev.alloc::<f32>(6, "logits").unwrap();
         let pool = Scratch::new();

@@ -54,6 +54,10 @@ pub struct SlabLayout {
     pub expert_rows: usize,
     /// Slabs per expert, ⌈N / 64⌉.
     pub per_expert: usize,
+    /// Columns stored in the matrix's last slab: 64 for expert matrices (every slab whole);
+    /// for a router matrix ([`GpuWeights::upload_router`]) its real columns rounded up to one
+    /// 16-byte word (4 f32 or 8 16-bit elements).
+    pub last_width: usize,
 }
 
 /// A contiguous range of rows of a weight matrix.
@@ -289,6 +293,29 @@ impl GpuWeights {
         max_bytes: Option<u64>,
         label: &str,
     ) -> Result<Self> {
+        Self::upload_slabs_as(dev, t, max_bytes, label, false)
+    }
+
+    /// A router matrix `[E, H]` (E output columns) in slabs of 64 like
+    /// [`GpuWeights::upload_slabs`], except that the last slab holds only its real columns
+    /// rounded up to one 16-byte word (4 f32 or 8 16-bit elements) and is that wide: a
+    /// router of 8 experts, or the shared expert's `[1, H]` gate, is not padded to 64.
+    pub fn upload_router(
+        dev: &WgpuDevice,
+        t: &Tensor,
+        max_bytes: Option<u64>,
+        label: &str,
+    ) -> Result<Self> {
+        Self::upload_slabs_as(dev, t, max_bytes, label, true)
+    }
+
+    fn upload_slabs_as(
+        dev: &WgpuDevice,
+        t: &Tensor,
+        max_bytes: Option<u64>,
+        label: &str,
+        narrow: bool,
+    ) -> Result<Self> {
         let shape = t.shape();
         let cols = *shape.last().unwrap_or(&1);
         let rows = t.len().checked_div(cols).unwrap_or(0);
@@ -324,9 +351,16 @@ impl GpuWeights {
                 limit,
             });
         }
+        let word = 16 / t.dtype().size();
+        let last_width = if narrow && experts == 1 && n > 0 {
+            (n - (per_expert - 1) * SLAB).next_multiple_of(word)
+        } else {
+            SLAB
+        };
         let layout = SlabLayout {
             expert_rows: n,
             per_expert,
+            last_width,
         };
         // Flattened first row and real rows (padding excluded) of slabs g0 .. g1.
         let first_row = |g: usize| (g / per_expert.max(1)) * n + (g % per_expert.max(1)) * SLAB;
@@ -339,7 +373,7 @@ impl GpuWeights {
         let mut g0 = 0;
         while g0 < total || chunks.is_empty() {
             let g1 = (g0 + per_chunk).min(total);
-            let words = slab_words_of(t, layout, cols, g0..g1);
+            let words = slab_words_of(t, layout, cols, g0..g1, total);
             chunks.push(WeightChunk {
                 first_row: if g0 < total { first_row(g0) } else { 0 },
                 rows: real_rows(g0, g1),
@@ -582,14 +616,22 @@ fn slab_words_of(
     layout: SlabLayout,
     k: usize,
     slabs: std::ops::Range<usize>,
+    total: usize,
 ) -> Vec<u32> {
     use rayon::prelude::*;
     let n = layout.expert_rows;
     let per_expert = layout.per_expert.max(1);
     let half = t.dtype().size() == 2;
-    let row_words = if half { SLAB / 2 } else { SLAB };
-    let slab_words = k * row_words;
-    let mut out = vec![0u32; slabs.len() * slab_words];
+    let per_word = if half { 2 } else { 1 };
+    // Whole slabs, then (router matrices) a narrower last one.
+    let last = if slabs.end == total {
+        layout.last_width
+    } else {
+        SLAB
+    };
+    let slab_words = k * SLAB / per_word;
+    let len = (slabs.len().saturating_sub(1)) * slab_words + k * last / per_word;
+    let mut out = vec![0u32; if slabs.is_empty() { 0 } else { len }];
     if slab_words == 0 {
         return out;
     }
@@ -605,6 +647,7 @@ fn slab_words_of(
         .zip(slabs)
         .for_each(|(dst, g)| {
             let (e, s) = (g / per_expert, g % per_expert);
+            let row_words = dst.len() / k; // 64 columns, or the narrow last slab's
             for j in 0..SLAB.min(n - s * SLAB) {
                 let src = (e * n + s * SLAB + j) * k;
                 let (w, shift) = if half { (j / 2, 16 * (j % 2)) } else { (j, 0) };
