@@ -1320,10 +1320,13 @@ fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 // `epilogue`. So a row gives the same bits on this path, the tiled one and the row paths.
 // Launch (one dispatch per weight chunk; chunks hold whole slabs):
 //   workgroup_size 64 = GV_SLABS slabs × 8 invocations
-//   grid.x = e_count                        (expert e_first + x; experts without rows exit)
+//   grid.x = min(rows, ceil(rows / GV_ROWS) + e_count)   (row tiles: an expert's rows in
+//                                            tiles of GV_ROWS, experts e_first .. in order, found
+//                                            by scanning offsets; at most one tile per row, and
+//                                            Σ_e ceil(count_e / 4) ≤ this bound; surplus exit)
 //   grid.y = ceil(min(⌈N/64⌉, slabs of the chunk) / GV_SLABS)   (slab groups of the expert's
 //                                            part of the chunk; slabs past it exit)
-//   grid.z = ceil(min(rows, 32) / GV_ROWS)  (row groups of the expert; groups past its rows exit)
+//   grid.z = 1
 // Bindings: 0, 1, 2, 5, 6, 7, 8 (w4_b), 9 (w4_g), 10 (a4: the words of binding 2 as vec4).
 
 const GV_SLABS: u32 = 8u;
@@ -1343,15 +1346,27 @@ struct GvJob {
 }
 
 fn gv_job(wid: vec3<u32>, lid: u32) -> GvJob {
-    var j = GvJob(false, p.e_first + wid.x, 0u, 0u, 0u, 0u);
-    if (wid.x >= p.e_count) {
-        return j;
+    var j = GvJob(false, 0u, 0u, 0u, 0u, 0u);
+    // Row tile wid.x of this chunk's experts: their tiles of GV_ROWS rows in expert order
+    // (found by scanning offsets; experts without rows have no tile, so the grid needs no
+    // workgroup for them).
+    var t = wid.x;
+    var lo = min(offsets[p.e_first], p.rows);
+    var count = 0u;
+    for (var i = 0u; i < p.e_count; i++) {
+        let hi = min(offsets[p.e_first + i + 1u], p.rows);
+        let c = select(0u, hi - lo, hi > lo);
+        let tiles = (c + GV_ROWS - 1u) / GV_ROWS;
+        if (t < tiles) {
+            j.e = p.e_first + i;
+            count = c;
+            break;
+        }
+        t -= tiles;
+        lo = hi;
     }
-    let lo = min(offsets[j.e], p.rows);
-    let hi = min(offsets[j.e + 1u], p.rows);
-    let r0 = wid.z * GV_ROWS;
-    if (hi <= lo || r0 >= hi - lo) {
-        return j;
+    if (count == 0u) {
+        return j; // past the chunk's tiles
     }
     let n = p.n_dim;
     let e_row = j.e * n;
@@ -1363,8 +1378,8 @@ fn gv_job(wid: vec3<u32>, lid: u32) -> GvJob {
         return j;
     }
     j.valid = true;
-    j.m0 = lo + r0;
-    j.nr = min(GV_ROWS, hi - lo - r0);
+    j.m0 = lo + t * GV_ROWS;
+    j.nr = min(GV_ROWS, count - t * GV_ROWS);
     j.slab = w_sbase(j.e) + s;
     j.col0 = s * SLAB + 8u * (lid & 7u);
     return j;

@@ -604,10 +604,12 @@ pub fn encode_path(
             let cols = n_rows.min(pass.n) + usize::from(dtype != DType::F32);
             let (groups_x, groups_y, groups_z) = if gemv {
                 let slabs = c.slabs.min(per_expert);
+                // Row tiles of GV_ROWS rows: at most one per row, and at most one partial
+                // tile per expert beyond ceil(rows / GV_ROWS).
                 (
-                    e_count,
+                    rows.min(rows.div_ceil(GV_ROWS) + e_count),
                     slabs.div_ceil(GV_SLABS),
-                    rows.min(SMALL_ROWS).div_ceil(GV_ROWS),
+                    1,
                 )
             } else if small {
                 (e_count, cols.div_ceil(SMALL_COLS), 1)
