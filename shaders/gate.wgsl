@@ -33,7 +33,7 @@
 //                                  ec_sel [E, 2] (expert choice)
 //
 // Passes per mode (src/wgpu/gate.rs records them in this order; gate_select_lanes replaces
-// gate_select when slots ≤ 8, G ≤ 32 and not expert choice):
+// gate_select when T ≥ 64, slots ≤ 8, G ≤ 32 and not expert choice; both give the same bits):
 //   plain (no capacity): gate_select (finishes the weights, kept = 1), gate_block_counts,
 //                        gate_block_scan (counts = totals)
 //   capacity:            gate_select, [gate_priority], gate_block_counts, gate_block_scan,
@@ -209,8 +209,11 @@ fn eligible(t: u32, e: u32) -> bool {
     return row_get(t, p.experts + p.groups + e / p.group_size) != 0.0;
 }
 
-// Row statistics by a fixed-order tree reduction (strided per invocation, then halving).
-fn softmax_stats(base: u32, lid: u32) -> Stats {
+// Row statistics: the maximum by a tree reduction (exact in any order), the sum of
+// exp(l − m) in expert order by invocation 0 from the exponentials staged in the row (the
+// order gate_select_lanes sums in, so both give the same bits and a token's weights do not
+// depend on which of them its batch size picks).
+fn softmax_stats(t: u32, base: u32, lid: u32) -> Stats {
     var lmax = p.neg_inf;
     var nan = 0u;
     for (var e = lid; e < p.experts; e += WG) {
@@ -234,20 +237,22 @@ fn softmax_stats(base: u32, lid: u32) -> Stats {
     let m = red_f[0];
     let bad = red_u[0] != 0u || is_inf(m);
     workgroupBarrier();
-    var sum = 0.0;
     for (var e = lid; e < p.experts; e += WG) {
-        sum += exp(logits[base + e] - m);
+        row_set(t, e, exp(logits[base + e] - m));
     }
-    red_f[lid] = sum;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if (lid < s) {
-            red_f[lid] += red_f[lid + s];
+    storageBarrier();
+    workgroupBarrier();
+    if (lid == 0u) {
+        var sum = 0.0;
+        for (var e = 0u; e < p.experts; e++) {
+            sum += row_get(t, e);
         }
+        red_f[0] = sum;
     }
     workgroupBarrier();
     let total = red_f[0];
-    workgroupBarrier();
+    storageBarrier();
+    workgroupBarrier(); // the row is rewritten with the selection values next
     return Stats(m, total, bad);
 }
 
@@ -440,7 +445,7 @@ fn gate_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let base = t * p.experts;
     var st = Stats(0.0, 1.0, false);
     if (p.scoring == SCORING_SOFTMAX) {
-        st = softmax_stats(base, lid);
+        st = softmax_stats(t, base, lid);
     }
     for (var e = lid; e < p.experts; e += WG) {
         let c = selection_value(base, e, st);
@@ -813,9 +818,11 @@ fn gate_block_counts(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     }
     load_block(q / p.blocks, q % p.blocks, lid);
     workgroupBarrier();
+    // Only the block's positions below T hold assignments (the rest are NONE).
+    let len = min(BLOCK, p.tokens - (q % p.blocks) * BLOCK);
     for (var e = lid; e < p.experts; e += WG) {
         var n = 0u;
-        for (var i = 0u; i < BLOCK; i++) {
+        for (var i = 0u; i < len; i++) {
             if (blk_ids[i] == e) {
                 n++;
             }

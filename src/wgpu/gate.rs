@@ -137,7 +137,8 @@ fn loop_iterations(
     } else {
         slots * (per_inv + 7)
     };
-    let mut select = 3 * per_inv + trees + grouping + picking + 6 * slots;
+    // Invocation 0 sums the softmax's exponentials over E.
+    let mut select = 3 * per_inv + experts + trees + grouping + picking + 6 * slots;
     if lanes {
         // Four passes over the staged blocks (32 load rows and 32 experts each), the group
         // ranking and the epilogue.
@@ -260,10 +261,15 @@ fn encode_with(
     // reduction (about 12 barrier steps each).
     let per_inv = experts.div_ceil(WG as usize);
     let use_rank = experts * per_inv <= slots * (per_inv + 12);
-    // One invocation per token where the picks fit its registers (and the tests do not force
-    // the workgroup path's scratch rows).
-    let lanes =
-        !force_global && mode != MODE_EXPERT_CHOICE && slots <= LANE_SLOTS && groups <= LANE_GROUPS;
+    // One invocation per token where the picks fit its registers and the batch fills a
+    // workgroup of tokens (the tests may force the workgroup path's scratch rows); below 64
+    // tokens a workgroup per token spreads each token over 64 invocations. Both paths give
+    // the same bits (gate.wgsl), so the choice by T keeps batch invariance.
+    let lanes = !force_global
+        && tokens >= WG as usize
+        && mode != MODE_EXPERT_CHOICE
+        && slots <= LANE_SLOTS
+        && groups <= LANE_GROUPS;
 
     if dev.info.name.contains("llvmpipe") {
         let most = loop_iterations(
@@ -569,6 +575,37 @@ mod tests {
                 ..base
             },
         ]
+    }
+
+    /// gate_select_lanes (one invocation per token, taken from T = 64 on) and gate_select
+    /// (one workgroup per token, forced here through the scratch rows) give bitwise the same
+    /// outputs, for every variant the lanes path takes (softmax, sigmoid with groups and
+    /// bias, raw logits with softmax_selected, capacity with top-1 priority), E over one
+    /// staged block and not a multiple of it, and a token with NaN logits: the batch size may
+    /// pick either path.
+    #[test]
+    fn lanes_and_workgroup_paths_give_the_same_bits() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(12);
+        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (e, k) in [(16, 4), (72, 8), (128, 8)] {
+            for cfg in variants(k) {
+                if cfg.expert_choice.is_some() {
+                    continue;
+                }
+                let t = 70;
+                let mut l = g.uniform(t * e, 3.0);
+                l[5 * e + 3] = f32::NAN;
+                let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
+                let lanes = run(&dev, &l, (t, e), bias.as_deref(), &cfg, false);
+                let wg = run(&dev, &l, (t, e), bias.as_deref(), &cfg, true);
+                let ctx = format!("E {e} {cfg:?}");
+                assert_eq!(lanes.0, wg.0, "{ctx}: ids");
+                assert_eq!(bits(&lanes.1), bits(&wg.1), "{ctx}: weights");
+                assert_eq!(lanes.2, wg.2, "{ctx}: kept");
+                assert_eq!(lanes.3, wg.3, "{ctx}: counts");
+            }
+        }
     }
 
     #[test]
