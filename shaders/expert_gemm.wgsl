@@ -128,9 +128,8 @@
 //   holding ≥ 1 row):
 //   workgroup_size 256; a workgroup computes all (≤ 32) rows of one expert for RB_N = 32
 //   columns, k in blocks of RB_K = 64 (details above the small-path code). Weight loads per
-//   block: *_rows 8 elements per invocation (scalar words); *_rows_x4 dense one (16-bit) or
-//   two (f32) vec4 per invocation; *_rows_x4 quantized one vec4 of codes per loader
-//   invocation, 32 · RB_K / q_epv() loaders per matrix (FP8 128, MXFP4 / INT4 64; the gate's
+//   block: *_rows 8 elements per invocation (scalar words); *_rows_x4 one vec4 of codes per
+//   loader invocation, 32 · RB_K / q_epv() loaders per matrix (FP8 128, MXFP4 / INT4 64; the gate's
 //   loaders follow the up matrix's: FP8 gated uses all 256).
 //   grid.x = e_count                        (expert e_first + x; experts without rows exit)
 //   grid.y = ceil((min(N, chunk_rows) + s) / 32), s as above (column blocks of one expert
@@ -683,12 +682,13 @@ fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small-batch path (expert_up_rows / expert_down_rows and their _x4 forms): ≤ RB_M = 32 rows in
-// all, so every expert has ≤ 32 rows. A workgroup owns one expert and RB_N = 32 weight rows
-// (output columns) and walks k in blocks of RB_K = 64: the 256 invocations load the
-// [32 × 64] weight block (and the gate block) with coalesced reads — 8 elements each, in _x4
-// as 128-bit vec4<u32> words; quantized _x4: one 128-bit word of 16 or 32 codes per loader
-// invocation, decoded at staging (rows_q_* below) — and the [rows × 64] block of `a`, two
+// Small-batch path of quantized weights (expert_up_rows / expert_down_rows and their _x4
+// forms; dense weights take the GEMV at the end of this file): ≤ RB_M = 32 rows in all, so
+// every expert has ≤ 32 rows. A workgroup owns one expert and RB_N = 32 weight rows (output
+// columns) and walks k in blocks of RB_K = 64: the 256 invocations load the [32 × 64] weight
+// block (and the gate block) with coalesced reads — 8 elements each; _x4: one 128-bit word of
+// 16 or 32 codes per loader invocation, decoded at staging (rows_q_* below) — and the
+// [rows × 64] block of `a`, two
 // blocks ahead in registers; they stage them in workgroup memory; then invocation
 // (c = lid % 32, s = lid / 32) adds the block into the outputs (rows s, s + 8, s + 16,
 // s + 24; column c), k in order; for f16 / bf16 invocation (cp = lid % 16, s = lid / 16)
@@ -705,8 +705,8 @@ const RB_K: u32 = 64u;
 const RPITCH: u32 = 17u;
 const RTILE_VEC4: u32 = 544u; // 32 rows · RPITCH
 
-// Weight words as 128-bit vectors (the _x4 entry points; bound only when a weight row is a whole
-// number of vec4 words, so that every row starts on one).
+// Weight words as 128-bit vectors (the _x4 entry points, bound only when a weight row is a whole
+// number of vec4 words, so that every row starts on one; and the dense slabs of the GEMV).
 @group(0) @binding(8) var<storage, read> w4_b: array<vec4<u32>>;
 @group(0) @binding(9) var<storage, read> w4_g: array<vec4<u32>>;
 
@@ -820,21 +820,13 @@ fn rows_load_a(j: RowsJob, kt: u32, lid: u32) -> V8 {
 }
 
 // Tile-relative k of weight element i of this invocation (weight row lid / 8, l = lid % 8):
-//   mode 0 (_x4, f32):    words 4l .. 4l + 3 and 32 + 4l .. 32 + 4l + 3 of the block row
-//   mode 1 (_x4, 16-bit): words 4l .. 4l + 3 = elements 8l .. 8l + 7
-//   mode 2 (scalar):      elements l, l + 8, …, l + 56
-fn rows_wk(mode: u32, l: u32, i: u32) -> u32 {
-    if (mode == 0u) {
-        return 4u * l + i + select(0u, 28u, i >= 4u);
-    }
-    if (mode == 1u) {
-        return 8u * l + i;
-    }
+// elements l, l + 8, …, l + 56 of the block row.
+fn rows_wk(l: u32, i: u32) -> u32 {
     return l + 8u * i;
 }
 
-// Weight elements of block kt through the scalar words w_b / w_g (mode 2; dense or
-// quantized, decoded by w_elem), zero past K and past the columns of the job.
+// Weight elements of block kt through the scalar words w_b / w_g (quantized, decoded by
+// w_elem), zero past K and past the columns of the job.
 fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
                      V8(vec4<f32>(0.0), vec4<f32>(0.0)));
@@ -843,7 +835,7 @@ fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     if (c >= j.clo && c < j.ncount) {
         let sbase = w_sbase(j.e);
         for (var i = 0u; i < 8u; i++) {
-            let k = kt * RB_K + rows_wk(2u, lid & 7u, i);
+            let k = kt * RB_K + rows_wk(lid & 7u, i);
             if (k < kd) {
                 t.b = v8_set(t.b, i, w_elem(false, j.w_row0 + c, sbase, j.n0 + c, k));
                 if (gated) {
@@ -855,70 +847,21 @@ fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     return t;
 }
 
-// The 4 or 8 elements of one 128-bit weight word vector, widened to f32 (mode 0: 4; mode 1: 8).
-// `t` with them stored (f32: elements 4q .. 4q + 3; 16-bit: elements 0 .. 7).
-fn rows_decode4(t: V8, q: u32, v: vec4<u32>) -> V8 {
-    var r = t;
-    if (W_DTYPE == 0u) {
-        let f = bitcast<vec4<f32>>(v);
-        if (q == 0u) {
-            r.lo = f;
-        } else {
-            r.hi = f;
-        }
-    } else {
-        r.lo = vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u));
-        r.hi = vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u));
-    }
-    return r;
-}
-
-// Weight elements of block kt through w4_b / w4_g (mode 0 for f32, 1 for 16-bit): rows hold
-// K (f32) or K / 2 (16-bit, K even) words, a multiple of 4, so each vec4 lies inside one row
-// and is either wholly before K or wholly past it (zero).
-fn rows_load_w4(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
-    var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
-                     V8(vec4<f32>(0.0), vec4<f32>(0.0)));
-    let c = lid >> 3u;
-    let l = lid & 7u;
-    if (c < j.clo || c >= j.ncount) {
-        return t;
-    }
-    if (W_DTYPE == 0u) {
-        let kw = p.k_dim;
-        for (var q = 0u; q < 2u; q++) {
-            let word = kt * RB_K + 4u * l + 32u * q;
-            if (word < kw) {
-                let vi = ((j.w_row0 + c) * kw + word) >> 2u;
-                t.b = rows_decode4(t.b, q, w4_b[vi]);
-                if (gated) {
-                    t.g = rows_decode4(t.g, q, w4_g[vi]);
-                }
-            }
-        }
-    } else {
-        let kw = p.k_dim >> 1u;
-        let word = kt * (RB_K / 2u) + 4u * l;
-        if (word < kw) {
-            let vi = ((j.w_row0 + c) * kw + word) >> 2u;
-            t.b = rows_decode4(t.b, 0u, w4_b[vi]);
-            if (gated) {
-                t.g = rows_decode4(t.g, 0u, w4_g[vi]);
-            }
-        }
-    }
-    return t;
+// The 8 16-bit weights of one 128-bit word vector (W_DTYPE 1 or 2), widened to f32.
+fn decode8(v: vec4<u32>) -> V8 {
+    return V8(vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u)),
+              vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u)));
 }
 
 // Stores a block from registers into workgroup memory (two barriers: call in uniform flow).
-fn rows_stage(t: RowsRegs, lid: u32, mode: u32, gated: bool) {
+fn rows_stage(t: RowsRegs, lid: u32, gated: bool) {
     workgroupBarrier(); // every invocation is done with the previous block
     let ka = lid & 63u;
     let c = lid >> 3u;
     for (var i = 0u; i < 8u; i++) {
         let r = (lid >> 6u) + 4u * i;
         ra_s[r * RPITCH + (ka >> 2u)][ka & 3u] = v8_get(t.a, i);
-        let k = rows_wk(mode, lid & 7u, i);
+        let k = rows_wk(lid & 7u, i);
         rb_s[c * RPITCH + (k >> 2u)][k & 3u] = v8_get(t.b, i);
         if (gated) {
             rg_s[c * RPITCH + (k >> 2u)][k & 3u] = v8_get(t.g, i);
@@ -1213,9 +1156,10 @@ fn rows_q_main(wid: vec3<u32>, lid: u32, act: u32) {
     rows_store(j, lid, act, gated, acc);
 }
 
-// The four entry points differ only in the weight load (scalar words or vec4 words) and in the
-// epilogue's activation; each runs: job, two blocks prefetched, then per block stage / prefetch
-// the block two ahead / accumulate, then the epilogue.
+// The scalar entry points (quantized weights, element by element) and rows_q_main (the _x4 ones)
+// differ only in the weight load and the epilogue's activation; each runs: job, two blocks
+// prefetched, then per block stage / prefetch the block two ahead / accumulate, then the
+// epilogue.
 @compute @workgroup_size(256)
 fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = rows_job(wid, lid);
@@ -1228,7 +1172,7 @@ fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var n1 = rows_load_w1(j, 0u, lid, gated);
     var n2 = rows_load_w1(j, 1u, lid, gated);
     for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, 2u, gated);
+        rows_stage(n1, lid, gated);
         n1 = n2;
         n2 = rows_load_w1(j, kt + 2u, lid, gated);
         acc = rows_compute(j, kt, lid, gated, acc);
@@ -1247,7 +1191,7 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     var n1 = rows_load_w1(j, 0u, lid, false);
     var n2 = rows_load_w1(j, 1u, lid, false);
     for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, 2u, false);
+        rows_stage(n1, lid, false);
         n1 = n2;
         n2 = rows_load_w1(j, kt + 2u, lid, false);
         acc = rows_compute(j, kt, lid, false, acc);
@@ -1255,53 +1199,15 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     rows_store(j, lid, ACT_NONE, false, acc);
 }
 
+// The _x4 entry points take quantized weights only (dense weights are slabs: *_gemv).
 @compute @workgroup_size(256)
 fn expert_up_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if (W_QUANT != 0u) {
-        rows_q_main(wid, lid, ACT);
-        return;
-    }
-    let j = rows_job(wid, lid);
-    if (j.valid == 0u) {
-        return;
-    }
-    let gated = is_gated(ACT);
-    let mode = select(1u, 0u, W_DTYPE == 0u);
-    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
-    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
-    var n1 = rows_load_w4(j, 0u, lid, gated);
-    var n2 = rows_load_w4(j, 1u, lid, gated);
-    for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, mode, gated);
-        n1 = n2;
-        n2 = rows_load_w4(j, kt + 2u, lid, gated);
-        acc = rows_compute(j, kt, lid, gated, acc);
-    }
-    rows_store(j, lid, ACT, gated, acc);
+    rows_q_main(wid, lid, ACT);
 }
 
 @compute @workgroup_size(256)
 fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if (W_QUANT != 0u) {
-        rows_q_main(wid, lid, ACT_NONE);
-        return;
-    }
-    let j = rows_job(wid, lid);
-    if (j.valid == 0u) {
-        return;
-    }
-    let mode = select(1u, 0u, W_DTYPE == 0u);
-    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
-    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
-    var n1 = rows_load_w4(j, 0u, lid, false);
-    var n2 = rows_load_w4(j, 1u, lid, false);
-    for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, mode, false);
-        n1 = n2;
-        n2 = rows_load_w4(j, kt + 2u, lid, false);
-        acc = rows_compute(j, kt, lid, false, acc);
-    }
-    rows_store(j, lid, ACT_NONE, false, acc);
+    rows_q_main(wid, lid, ACT_NONE);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1399,7 +1305,7 @@ fn gv_w(gate: bool, slab: u32, k: u32, l: u32) -> V8 {
         let v = kr * 16u + 2u * l;
         return V8(bitcast<vec4<f32>>(w4_get(gate, v)), bitcast<vec4<f32>>(w4_get(gate, v + 1u)));
     }
-    return rows_decode4(V8(vec4<f32>(0.0), vec4<f32>(0.0)), 0u, w4_get(gate, kr * 8u + l));
+    return decode8(w4_get(gate, kr * 8u + l));
 }
 
 // Elements k0 .. k0 + 7 (all < K) of row `row` of a, widened to f32.

@@ -132,12 +132,12 @@ const DOWN_ENTRIES: [Entry; 4] = [
     Entry::DownGemv,
 ];
 
-/// The entry point of a pass with `entries` (tiled, scalar rows, vec4 rows) over `weights`
-/// (`[E·N, K]`, K = `weights.cols`) for `rows` rows on `path`. The vec4 small-batch entry
+/// The entry point of a pass with `entries` (tiled, scalar rows, vec4 rows, dense GEMV) over
+/// `weights` (`[E·N, K]`, K = `weights.cols`) for `rows` rows on `path`. Dense (slab) weights
+/// take the GEMV for every small-batch path. For quantized ones the vec4 small-batch entry
 /// point is taken only when every weight row is whole 16-byte words
-/// ([`GpuWeights::vec4_rows`]: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0, FP8 K % 16 = 0,
-/// MXFP4 / INT4 K % 32 = 0); odd K and other widths take the scalar one. Every choice gives
-/// the same bits.
+/// ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4 K % 32 = 0); odd K and other
+/// widths take the scalar one. Every choice gives the same bits.
 fn pass_entry(
     path: GemmPath,
     rows: usize,

@@ -2,9 +2,9 @@
 //! storage binding or buffer size (128 MiB on some adapters).
 //!
 //! Dense weights: packed u32 words (one f32, or two f16 / bf16 per word, element 2i of the
-//! chunk in the low half). A chunk always starts on a whole word. Row-major
-//! ([`GpuWeights::upload`], the router) or, for expert matrices, in k-major slabs
-//! ([`GpuWeights::upload_slabs`]): per expert, each block of [`SLAB`] = 64 output columns
+//! chunk in the low half), in k-major slabs ([`GpuWeights::upload_slabs`] for expert
+//! matrices, [`GpuWeights::upload_router`] for the router's): per expert, each block of
+//! [`SLAB`] = 64 output columns
 //! (weight rows n = 64·s .. 64·s + 63, zero past N) is stored as a `[K][64]` slab, element
 //! (k, j) at `k·64 + j` of the slab (16-bit: word `k·32 + j/2`, column j even in the low
 //! half). A k-row of a slab is 128 (16-bit) or 256 (f32) bytes, whole 16-byte words for any K;
@@ -185,20 +185,18 @@ impl GpuWeights {
         }
     }
 
-    /// Whether every row is a whole number of 16-byte words of whole elements, so that the
-    /// small-batch `*_rows_x4` entry points (shaders/expert_gemm.wgsl) can read it as
-    /// `vec4<u32>` words: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0; FP8 K % 16 = 0 (16 e4m3
-    /// codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word; an odd K's padding nibble
+    /// Whether every row of a quantized matrix is a whole number of 16-byte words of whole
+    /// codes, so that the small-batch `*_rows_x4` entry points (shaders/expert_gemm.wgsl) can
+    /// read it as `vec4<u32>` words (false for dense weights: slabs, read by the GEMV): FP8
+    /// K % 16 = 0 (16 e4m3 codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word; an odd K's padding nibble
     /// is never in a word of its own). Every chunk starts with a row at byte 0 of its buffer
     /// (for quantized chunks: the codes section comes first), so every row, and every word of
     /// a row, then starts on a 16-byte boundary of the binding. False when K = 0.
     pub fn vec4_rows(&self) -> bool {
         const WORD: usize = 16;
-        if self.slab.is_some() {
-            return false;
-        }
         let per_word = match &self.format {
-            WeightFormat::Dense(d) => WORD / d.size(),
+            // Dense weights are slabs, read by the GEMV (any K), never by rows.
+            WeightFormat::Dense(_) => return false,
             WeightFormat::Quant(q) => match q.format {
                 QuantFormat::Fp8Block => WORD,
                 QuantFormat::Mxfp4 | QuantFormat::Int4 => 2 * WORD,
@@ -224,63 +222,6 @@ impl GpuWeights {
             Weight::Dense(t) => Self::upload_slabs(dev, t, max_bytes, label),
             Weight::Quant(q) => Self::upload_quant(dev, q, max_bytes, label),
         }
-    }
-
-    /// Uploads `t` viewed as `[rows, cols]` with `cols` its last dimension, chunked so that
-    /// each chunk fits `max_bytes` (or the device's binding limit when `None`).
-    pub fn upload(
-        dev: &WgpuDevice,
-        t: &Tensor,
-        max_bytes: Option<u64>,
-        label: &str,
-    ) -> Result<Self> {
-        let cols = *t.shape().last().unwrap_or(&1);
-        let rows = t.len().checked_div(cols).unwrap_or(0);
-        let elem = t.dtype().size() as u64;
-        let limit = max_bytes
-            .unwrap_or_else(|| dev.max_binding_bytes())
-            .min(dev.max_binding_bytes());
-        let row_bytes = (cols as u64 * elem).max(1);
-        // 16-bit rows of odd length would split a word between chunks: keep chunks even.
-        let align = if elem == 2 && cols % 2 == 1 { 2 } else { 1 };
-        let mut per_chunk = ((limit.saturating_sub(4)) / row_bytes) as usize / align * align;
-        if per_chunk == 0 {
-            return Err(Error::Limit {
-                backend: BackendKind::Wgpu,
-                resource: Resource::BindingSize,
-                what: format!("{label}: one row of {cols} {} elements", t.dtype()),
-                need: row_bytes + 4,
-                limit,
-            });
-        }
-        per_chunk = per_chunk.min(rows.max(1));
-        let mut chunks = Vec::new();
-        let mut first = 0;
-        while first < rows || (rows == 0 && chunks.is_empty()) {
-            let n = per_chunk.min(rows - first);
-            let words = pack_words(t, first * cols, (first + n) * cols);
-            chunks.push(WeightChunk {
-                first_row: first,
-                rows: n,
-                words: dev.upload(&words, label)?,
-                scale_word: 0,
-                zero_word: 0,
-                scale_row0: 0,
-                first_slab: 0,
-                slabs: 0,
-            });
-            first += n;
-            if rows == 0 {
-                break;
-            }
-        }
-        Ok(GpuWeights {
-            format: WeightFormat::Dense(t.dtype()),
-            rows,
-            cols,
-            chunks,
-            slab: None,
-        })
     }
 
     /// Uploads the dense expert matrix `t` (`[E, N, K]`, or `[N, K]` for one expert) in k-major
