@@ -1231,7 +1231,8 @@ fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 //                                            by scanning offsets; at most one tile per row, and
 //                                            Σ_e ceil(count_e / 4) ≤ this bound; surplus exit)
 //   grid.y = ceil(min(⌈N/64⌉, slabs of the chunk) / GV_SLABS)   (slab groups of the expert's
-//                                            part of the chunk; slabs past it exit)
+//                                            part of the chunk, its slabs split evenly over
+//                                            them; groups past its part exit)
 //   grid.z = 1
 // Bindings: 0, 1, 2, 5, 6, 7, 8 (w4_b), 9 (w4_g), 10 (a4: the words of binding 2 as vec4).
 
@@ -1279,8 +1280,13 @@ fn gv_job(wid: vec3<u32>, lid: u32) -> GvJob {
     // This expert's part of the chunk, [n_lo, n_hi): n_lo is a multiple of SLAB.
     let n_lo = max(e_row, p.chunk_first) - e_row;
     let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
-    let s = n_lo / SLAB + wid.y * GV_SLABS + (lid >> 3u);
-    if (s * SLAB >= n_hi) {
+    // The expert's slabs in the chunk, split evenly over ceil(slabs / GV_SLABS) workgroups
+    // (12 slabs: 6 + 6, not 8 + 4), so that the workgroups of a dispatch take equal time.
+    let slabs = (n_hi - n_lo + SLAB - 1u) / SLAB;
+    let groups = (slabs + GV_SLABS - 1u) / GV_SLABS;
+    let per = (slabs + groups - 1u) / groups;
+    let s = n_lo / SLAB + wid.y * per + (lid >> 3u);
+    if ((lid >> 3u) >= per || s * SLAB >= n_hi) {
         return j;
     }
     j.valid = true;
