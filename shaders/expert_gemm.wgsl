@@ -11,17 +11,26 @@
 //   f32 arithmetic with correctly rounded exp, ~1e-7 typical).
 //
 // Entry points: expert_up / expert_down (the tiled GEMM below, any row count) and, for at most
-// RB_M = 32 rows in all (decode and small batches; chosen on the host), expert_up_rows /
-// expert_down_rows (scalar weight words: one u32 word, and for quantized weights one scale,
-// fetched per element) and expert_up_rows_x4 / expert_down_rows_x4 (128-bit weight words).
+// RB_M = 32 rows in all (decode and small batches; chosen on the host): for dense weights
+// expert_up_gemv / expert_down_gemv (the barrier-free GEMV over k-major slabs, at the end of
+// this file); for quantized weights expert_up_rows / expert_down_rows (scalar weight words:
+// one u32 word and one scale fetched per element) and expert_up_rows_x4 /
+// expert_down_rows_x4 (128-bit weight words).
 // The host (src/wgpu/expert_gemm.rs `pass_entry`, src/wgpu/weights.rs `vec4_rows`) picks the
 // _x4 form for a pass exactly when every weight row is a whole number of 16-byte words of whole
 // elements: dense K % 4 = 0 (f32) or K % 8 = 0 (f16 / bf16), each word 4 or 8 elements;
 // FP8 K % 16 = 0 (16 e4m3 codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word), the
 // codes decoded with one scale (and zero point) fetch per group in the word (rows_q_*
 // below). Any other K (odd K included) takes the scalar *_rows form; each pass (up, down) is
-// chosen on its own K. All six compute every output with the same arithmetic (see
+// chosen on its own K. All eight compute every output with the same arithmetic (see
 // Determinism).
+//
+// Dense weights (W_QUANT = 0) are k-major slabs (src/wgpu/weights.rs): per expert, each block
+// of SLAB = 64 output columns n = 64·s .. 64·s + 63 (zero past N) is a [K][64] slab, element
+// (k, j) at k·64 + j of it; slabs of a matrix follow each other expert by expert, and a chunk
+// holds whole slabs (so a dense chunk starts on a slab, at an even expert-local column).
+// Element (n, k) of expert e is element ((e·⌈N/64⌉ + n / 64 − s_row0)·K + k)·64 + n % 64 of
+// the chunk (w_elem; s_rows_e = ⌈N/64⌉ and s_row0 = the chunk's first slab in GemmParams).
 //
 // Every entry point runs the same GEMM `out[r, n] = epilogue(Σ_k a[r, k] · W[row(e, n), k])`
 // with the weight rows of expert e at e·N .. e·N + N of the flattened [E·N, K] weight view:
@@ -43,7 +52,7 @@
 // Weights are bound one row chunk at a time (src/wgpu/weights.rs: chunks keep every binding under
 // the adapter's limit); a chunk may start and end in the middle of an expert. One dispatch per
 // chunk covers every (expert, column) pair whose weight row lies in that chunk, indexing the
-// chunk with chunk-relative rows (e·N + n − chunk_first).
+// chunk with chunk-relative rows (e·N + n − chunk_first; dense slabs as above).
 //
 // Quantized weights (W_QUANT ≠ 0; DESIGN.md section 4, src/quant/): the chunk's words hold the
 // file's bytes in three sections, each starting on a 16-byte boundary (src/wgpu/weights.rs),
@@ -71,8 +80,8 @@
 //
 // Parameters (bindings of group 0; expert_up / expert_down and the *_rows entry points use
 // 0..7, the *_rows_x4 entry points use 0, 1, 2, 5, 6, 7, 8, 9 (never 3 or 4, also for
-// quantized weights); at most 8 storage buffers per entry point, WebGPU's default limit, so
-// quantized sections share the weight binding):
+// quantized weights), the *_gemv ones those and 10; at most 8 storage buffers per entry
+// point, WebGPU's default limit, so quantized sections share the weight binding):
 //   0 p        uniform             GemmParams (below)
 //   1 offsets  storage read        u32 [E + 1]  expert_offsets (on the device, never read by the host)
 //   2 a        storage read        u32 words of a [rows, K] in A_DTYPE, row stride a_stride
@@ -91,6 +100,9 @@
 //                                  quantized: codes, scales and zeros, all through this view)
 //   9 w4_g     storage read        vec4<u32> view of the words of binding 4 (*_rows_x4 only;
 //                                  a 4-word dummy when not gated)
+//   (*_gemv: bindings 8 and 9 are the dense slab words of Wu / Wd and Wg)
+//   10 a4      storage read        vec4<u32> view of the words of binding 2 (*_gemv only;
+//                                  read when a_vec4 = 1, a 4-word dummy otherwise)
 // Overrides: W_DTYPE and A_DTYPE (common.wgsl); ACT: 0 none (expert_down), 1 swiglu,
 //   2 geglu, 3 relu, 4 gelu, 5 clamped_swiglu (alpha and limit in p); W_QUANT: 0 dense
 //   (W_DTYPE), 1 fp8 block, 2 mxfp4, 3 int4; S_DTYPE (scales): 0 f32, 1 f16, 2 bf16, 3 e8m0;
@@ -116,9 +128,8 @@
 //   holding ≥ 1 row):
 //   workgroup_size 256; a workgroup computes all (≤ 32) rows of one expert for RB_N = 32
 //   columns, k in blocks of RB_K = 64 (details above the small-path code). Weight loads per
-//   block: *_rows 8 elements per invocation (scalar words); *_rows_x4 dense one (16-bit) or
-//   two (f32) vec4 per invocation; *_rows_x4 quantized one vec4 of codes per loader
-//   invocation, 32 · RB_K / q_epv() loaders per matrix (FP8 128, MXFP4 / INT4 64; the gate's
+//   block: *_rows 8 elements per invocation (scalar words); *_rows_x4 one vec4 of codes per
+//   loader invocation, 32 · RB_K / q_epv() loaders per matrix (FP8 128, MXFP4 / INT4 64; the gate's
 //   loaders follow the up matrix's: FP8 gated uses all 256).
 //   grid.x = e_count                        (expert e_first + x; experts without rows exit)
 //   grid.y = ceil((min(N, chunk_rows) + s) / 32), s as above (column blocks of one expert
@@ -126,8 +137,9 @@
 //   grid.z = 1
 // Workgroup memory: expert_up / expert_down: three tiles of 64 rows × (16 + 4) f32 (padded
 //   against bank conflicts) = 3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B.
-//   *_rows and *_rows_x4 (dense and quantized alike): three tiles of 32 rows × (64 + 4) f32 =
-//   3 × 8704 B = 26 112 B, plus 16 B of job info: 26 128 B. Both ≤ 32 KiB.
+//   *_rows and *_rows_x4 (quantized): three tiles of 32 rows × (64 + 4) f32 =
+//   3 × 8704 B = 26 112 B, plus 16 B of job info: 26 128 B. Both ≤ 32 KiB. *_gemv: none.
+// Launch of the *_gemv entry points: above the GEMV code at the end of this file.
 // Determinism: every output is one f32 accumulator summed over k = 0, 1, …, K − 1 in order with
 //   fma of a[r, k] and the weight decoded to f32 (w_decode for dense words, q_value of the
 //   same code, scale and zero point for quantized ones, whether read by w_elem or a 128-bit
@@ -160,7 +172,7 @@ struct GemmParams {
     s_cols: u32,        // scales per scale row: ⌈K/128⌉ (fp8), K / 32 (mxfp4), K / G (int4)
     s_rows_e: u32,      // FP8: scale rows per expert, ⌈N/128⌉
     row_bytes: u32,     // code bytes per weight row: K (fp8), ⌈K/2⌉ (mxfp4, int4)
-    _pad0: u32,
+    a_vec4: u32,        // expert_*_gemv: 1 when every row of a starts on a 16-byte word (a4)
 }
 
 override W_QUANT: u32 = 0u;
@@ -179,6 +191,8 @@ const ACT_CLAMPED_SWIGLU: u32 = 5u;
 
 const BM: u32 = 64u;
 const BN: u32 = 64u;
+// Columns of a k-major slab of dense weights (src/wgpu/weights.rs SLAB).
+const SLAB: u32 = 64u;
 const BK: u32 = 16u;
 // Row pitch of a workgroup tile in vec4 (BK / 4 = 4 used, 1 of padding).
 const PITCH: u32 = 5u;
@@ -331,7 +345,9 @@ fn z_decode(word: u32, i: u32) -> u32 {
 }
 
 // The chunk-relative scale row base of expert e: FP8 scale row of (e, n) is this + n / 128
-// (u32 arithmetic wraps; the sum does not). Unused for the other formats.
+// (u32 arithmetic wraps; the sum does not); dense slab weights: the chunk-relative slab of
+// (e, n) is this + n / 64 (s_rows_e = slabs per expert, s_row0 = the chunk's first slab).
+// Unused for MXFP4 / INT4.
 fn w_sbase(e: u32) -> u32 {
     return e * p.s_rows_e - p.s_row0;
 }
@@ -359,7 +375,8 @@ fn q_value(q: u32, s: f32, z: u32) -> f32 {
 // of w_g (`gate`) or w_b, decoded to one f32: the value every path feeds to its fma chain.
 fn w_elem(gate: bool, row: u32, sbase: u32, n: u32, k: u32) -> f32 {
     if (W_QUANT == 0u) {
-        let i = row * p.k_dim + k;
+        // Dense weights are k-major slabs of SLAB columns: chunk-relative slab sbase + n / 64.
+        let i = ((sbase + n / SLAB) * p.k_dim + k) * SLAB + (n % SLAB);
         return w_decode(w_at(gate, w_word(i)), i);
     }
     let si = w_scale_index(row, sbase, n, k);
@@ -483,9 +500,36 @@ struct TileRegs {
     g: vec4<f32>,
 }
 
+//
+// Dense (slab) weights are loaded along the slab's contiguous columns instead: element q of
+// b and g is tile column lid & 63 at k = kt·BK + (lid >> 6) + 4·q (64 invocations read one
+// k-row of 64 columns: 128 or 256 contiguous bytes); gemm_tile stages them accordingly.
 fn load_tile(kt: u32, kd: u32, m0: u32, mcount: u32, clo: u32, ncount: u32, w_row0: u32, sbase: u32, n0: u32, lid: u32, gated: bool) -> TileRegs {
     var t = TileRegs(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     let k = kt * BK + (lid & 15u);
+    if (W_QUANT == 0u) {
+        let c = lid & 63u;
+        if (c >= clo && c < ncount) {
+            for (var q = 0u; q < 4u; q++) {
+                let kq = kt * BK + (lid >> 6u) + 4u * q;
+                if (kq < kd) {
+                    t.b[q] = w_elem(false, w_row0 + c, sbase, n0 + c, kq);
+                    if (gated) {
+                        t.g[q] = w_elem(true, w_row0 + c, sbase, n0 + c, kq);
+                    }
+                }
+            }
+        }
+        if (k < kd) {
+            for (var q = 0u; q < 4u; q++) {
+                let r = (lid >> 4u) + 16u * q;
+                if (r < mcount) {
+                    t.a[q] = a_elem(m0 + r, k);
+                }
+            }
+        }
+        return t;
+    }
     if (k >= kd) {
         return t;
     }
@@ -574,9 +618,18 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
             let s = ((lid >> 4u) + 16u * q) * PITCH + ((lid & 15u) >> 2u);
             let c = lid & 3u;
             a_s[s][c] = next.a[q];
-            b_s[s][c] = next.b[q];
-            if (gated) {
-                g_s[s][c] = next.g[q];
+            if (W_QUANT == 0u) {
+                // Column lid & 63, k = (lid >> 6) + 4·q of the tile (load_tile).
+                let sw = (lid & 63u) * PITCH + q;
+                b_s[sw][lid >> 6u] = next.b[q];
+                if (gated) {
+                    g_s[sw][lid >> 6u] = next.g[q];
+                }
+            } else {
+                b_s[s][c] = next.b[q];
+                if (gated) {
+                    g_s[s][c] = next.g[q];
+                }
             }
         }
         workgroupBarrier();
@@ -629,12 +682,13 @@ fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small-batch path (expert_up_rows / expert_down_rows and their _x4 forms): ≤ RB_M = 32 rows in
-// all, so every expert has ≤ 32 rows. A workgroup owns one expert and RB_N = 32 weight rows
-// (output columns) and walks k in blocks of RB_K = 64: the 256 invocations load the
-// [32 × 64] weight block (and the gate block) with coalesced reads — 8 elements each, in _x4
-// as 128-bit vec4<u32> words; quantized _x4: one 128-bit word of 16 or 32 codes per loader
-// invocation, decoded at staging (rows_q_* below) — and the [rows × 64] block of `a`, two
+// Small-batch path of quantized weights (expert_up_rows / expert_down_rows and their _x4
+// forms; dense weights take the GEMV at the end of this file): ≤ RB_M = 32 rows in all, so
+// every expert has ≤ 32 rows. A workgroup owns one expert and RB_N = 32 weight rows (output
+// columns) and walks k in blocks of RB_K = 64: the 256 invocations load the [32 × 64] weight
+// block (and the gate block) with coalesced reads — 8 elements each; _x4: one 128-bit word of
+// 16 or 32 codes per loader invocation, decoded at staging (rows_q_* below) — and the
+// [rows × 64] block of `a`, two
 // blocks ahead in registers; they stage them in workgroup memory; then invocation
 // (c = lid % 32, s = lid / 32) adds the block into the outputs (rows s, s + 8, s + 16,
 // s + 24; column c), k in order; for f16 / bf16 invocation (cp = lid % 16, s = lid / 16)
@@ -651,8 +705,8 @@ const RB_K: u32 = 64u;
 const RPITCH: u32 = 17u;
 const RTILE_VEC4: u32 = 544u; // 32 rows · RPITCH
 
-// Weight words as 128-bit vectors (the _x4 entry points; bound only when a weight row is a whole
-// number of vec4 words, so that every row starts on one).
+// Weight words as 128-bit vectors (the _x4 entry points, bound only when a weight row is a whole
+// number of vec4 words, so that every row starts on one; and the dense slabs of the GEMV).
 @group(0) @binding(8) var<storage, read> w4_b: array<vec4<u32>>;
 @group(0) @binding(9) var<storage, read> w4_g: array<vec4<u32>>;
 
@@ -766,21 +820,13 @@ fn rows_load_a(j: RowsJob, kt: u32, lid: u32) -> V8 {
 }
 
 // Tile-relative k of weight element i of this invocation (weight row lid / 8, l = lid % 8):
-//   mode 0 (_x4, f32):    words 4l .. 4l + 3 and 32 + 4l .. 32 + 4l + 3 of the block row
-//   mode 1 (_x4, 16-bit): words 4l .. 4l + 3 = elements 8l .. 8l + 7
-//   mode 2 (scalar):      elements l, l + 8, …, l + 56
-fn rows_wk(mode: u32, l: u32, i: u32) -> u32 {
-    if (mode == 0u) {
-        return 4u * l + i + select(0u, 28u, i >= 4u);
-    }
-    if (mode == 1u) {
-        return 8u * l + i;
-    }
+// elements l, l + 8, …, l + 56 of the block row.
+fn rows_wk(l: u32, i: u32) -> u32 {
     return l + 8u * i;
 }
 
-// Weight elements of block kt through the scalar words w_b / w_g (mode 2; dense or
-// quantized, decoded by w_elem), zero past K and past the columns of the job.
+// Weight elements of block kt through the scalar words w_b / w_g (quantized, decoded by
+// w_elem), zero past K and past the columns of the job.
 fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
                      V8(vec4<f32>(0.0), vec4<f32>(0.0)));
@@ -789,7 +835,7 @@ fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     if (c >= j.clo && c < j.ncount) {
         let sbase = w_sbase(j.e);
         for (var i = 0u; i < 8u; i++) {
-            let k = kt * RB_K + rows_wk(2u, lid & 7u, i);
+            let k = kt * RB_K + rows_wk(lid & 7u, i);
             if (k < kd) {
                 t.b = v8_set(t.b, i, w_elem(false, j.w_row0 + c, sbase, j.n0 + c, k));
                 if (gated) {
@@ -801,70 +847,21 @@ fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
     return t;
 }
 
-// The 4 or 8 elements of one 128-bit weight word vector, widened to f32 (mode 0: 4; mode 1: 8).
-// `t` with them stored (f32: elements 4q .. 4q + 3; 16-bit: elements 0 .. 7).
-fn rows_decode4(t: V8, q: u32, v: vec4<u32>) -> V8 {
-    var r = t;
-    if (W_DTYPE == 0u) {
-        let f = bitcast<vec4<f32>>(v);
-        if (q == 0u) {
-            r.lo = f;
-        } else {
-            r.hi = f;
-        }
-    } else {
-        r.lo = vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u));
-        r.hi = vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u));
-    }
-    return r;
-}
-
-// Weight elements of block kt through w4_b / w4_g (mode 0 for f32, 1 for 16-bit): rows hold
-// K (f32) or K / 2 (16-bit, K even) words, a multiple of 4, so each vec4 lies inside one row
-// and is either wholly before K or wholly past it (zero).
-fn rows_load_w4(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
-    var t = RowsRegs(rows_load_a(j, kt, lid), V8(vec4<f32>(0.0), vec4<f32>(0.0)),
-                     V8(vec4<f32>(0.0), vec4<f32>(0.0)));
-    let c = lid >> 3u;
-    let l = lid & 7u;
-    if (c < j.clo || c >= j.ncount) {
-        return t;
-    }
-    if (W_DTYPE == 0u) {
-        let kw = p.k_dim;
-        for (var q = 0u; q < 2u; q++) {
-            let word = kt * RB_K + 4u * l + 32u * q;
-            if (word < kw) {
-                let vi = ((j.w_row0 + c) * kw + word) >> 2u;
-                t.b = rows_decode4(t.b, q, w4_b[vi]);
-                if (gated) {
-                    t.g = rows_decode4(t.g, q, w4_g[vi]);
-                }
-            }
-        }
-    } else {
-        let kw = p.k_dim >> 1u;
-        let word = kt * (RB_K / 2u) + 4u * l;
-        if (word < kw) {
-            let vi = ((j.w_row0 + c) * kw + word) >> 2u;
-            t.b = rows_decode4(t.b, 0u, w4_b[vi]);
-            if (gated) {
-                t.g = rows_decode4(t.g, 0u, w4_g[vi]);
-            }
-        }
-    }
-    return t;
+// The 8 16-bit weights of one 128-bit word vector (W_DTYPE 1 or 2), widened to f32.
+fn decode8(v: vec4<u32>) -> V8 {
+    return V8(vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u)),
+              vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u)));
 }
 
 // Stores a block from registers into workgroup memory (two barriers: call in uniform flow).
-fn rows_stage(t: RowsRegs, lid: u32, mode: u32, gated: bool) {
+fn rows_stage(t: RowsRegs, lid: u32, gated: bool) {
     workgroupBarrier(); // every invocation is done with the previous block
     let ka = lid & 63u;
     let c = lid >> 3u;
     for (var i = 0u; i < 8u; i++) {
         let r = (lid >> 6u) + 4u * i;
         ra_s[r * RPITCH + (ka >> 2u)][ka & 3u] = v8_get(t.a, i);
-        let k = rows_wk(mode, lid & 7u, i);
+        let k = rows_wk(lid & 7u, i);
         rb_s[c * RPITCH + (k >> 2u)][k & 3u] = v8_get(t.b, i);
         if (gated) {
             rg_s[c * RPITCH + (k >> 2u)][k & 3u] = v8_get(t.g, i);
@@ -1159,9 +1156,10 @@ fn rows_q_main(wid: vec3<u32>, lid: u32, act: u32) {
     rows_store(j, lid, act, gated, acc);
 }
 
-// The four entry points differ only in the weight load (scalar words or vec4 words) and in the
-// epilogue's activation; each runs: job, two blocks prefetched, then per block stage / prefetch
-// the block two ahead / accumulate, then the epilogue.
+// The scalar entry points (quantized weights, element by element) and rows_q_main (the _x4 ones)
+// differ only in the weight load and the epilogue's activation; each runs: job, two blocks
+// prefetched, then per block stage / prefetch the block two ahead / accumulate, then the
+// epilogue.
 @compute @workgroup_size(256)
 fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = rows_job(wid, lid);
@@ -1174,7 +1172,7 @@ fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var n1 = rows_load_w1(j, 0u, lid, gated);
     var n2 = rows_load_w1(j, 1u, lid, gated);
     for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, 2u, gated);
+        rows_stage(n1, lid, gated);
         n1 = n2;
         n2 = rows_load_w1(j, kt + 2u, lid, gated);
         acc = rows_compute(j, kt, lid, gated, acc);
@@ -1193,7 +1191,7 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     var n1 = rows_load_w1(j, 0u, lid, false);
     var n2 = rows_load_w1(j, 1u, lid, false);
     for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, 2u, false);
+        rows_stage(n1, lid, false);
         n1 = n2;
         n2 = rows_load_w1(j, kt + 2u, lid, false);
         acc = rows_compute(j, kt, lid, false, acc);
@@ -1201,51 +1199,310 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     rows_store(j, lid, ACT_NONE, false, acc);
 }
 
+// The _x4 entry points take quantized weights only (dense weights are slabs: *_gemv).
 @compute @workgroup_size(256)
 fn expert_up_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if (W_QUANT != 0u) {
-        rows_q_main(wid, lid, ACT);
-        return;
-    }
-    let j = rows_job(wid, lid);
-    if (j.valid == 0u) {
-        return;
-    }
-    let gated = is_gated(ACT);
-    let mode = select(1u, 0u, W_DTYPE == 0u);
-    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
-    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
-    var n1 = rows_load_w4(j, 0u, lid, gated);
-    var n2 = rows_load_w4(j, 1u, lid, gated);
-    for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, mode, gated);
-        n1 = n2;
-        n2 = rows_load_w4(j, kt + 2u, lid, gated);
-        acc = rows_compute(j, kt, lid, gated, acc);
-    }
-    rows_store(j, lid, ACT, gated, acc);
+    rows_q_main(wid, lid, ACT);
 }
 
 @compute @workgroup_size(256)
 fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if (W_QUANT != 0u) {
-        rows_q_main(wid, lid, ACT_NONE);
+    rows_q_main(wid, lid, ACT_NONE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense small-batch path (expert_up_gemv / expert_down_gemv): ≤ 32 rows in all, dense weights
+// in k-major slabs (src/wgpu/weights.rs: per expert, each block of SLAB = 64 output columns is
+// a [K][64] slab; a k-row of a slab is 8 (16-bit) or 16 (f32) 128-bit words). No workgroup
+// memory and no barrier: invocation (l = lid % 8, slab lid / 8) owns the 8 columns
+// 64·s + 8·l .. 64·s + 8·l + 7 of slab s of its expert and up to GV_ROWS rows, and walks k in
+// order, loading per k one vec4<u32> of weights (two for f32; and the gate's) — the 8
+// invocations of a slab read one whole 128-byte line (256 bytes for f32) per k, a 32-wide
+// warp four lines — and the activations of its rows 8 k at a time (one vec4<u32> for 16-bit
+// rows starting on a 16-byte word, a_vec4 = 1; else element by element). Every weight byte is
+// read once per GV_ROWS rows of its expert.
+// Arithmetic per output: that of gemm_tile, bit for bit — acc = 0; acc = fma(a[k], w[k], acc)
+// for k = 0 .. K − 1 in order, then for k = K .. ceil(K / 16)·16 − 1 with a = w = 0; then
+// `epilogue`. So a row gives the same bits on this path, the tiled one and the row paths.
+// Launch (one dispatch per weight chunk; chunks hold whole slabs):
+//   workgroup_size 64 = GV_SLABS slabs × 8 invocations
+//   grid.x = min(rows, ceil(rows / GV_ROWS) + e_count)   (row tiles: an expert's rows in
+//                                            tiles of GV_ROWS, experts e_first .. in order, found
+//                                            by scanning offsets; at most one tile per row, and
+//                                            Σ_e ceil(count_e / 4) ≤ this bound; surplus exit)
+//   grid.y = ceil(min(⌈N/64⌉, slabs of the chunk) / GV_SLABS)   (slab groups of the expert's
+//                                            part of the chunk, its slabs split evenly over
+//                                            them; groups past its part exit)
+//   grid.z = 1
+// Bindings: 0, 1, 2, 5, 6, 7, 8 (w4_b), 9 (w4_g), 10 (a4: the words of binding 2 as vec4).
+
+const GV_SLABS: u32 = 8u;
+const GV_ROWS: u32 = 4u;
+
+@group(0) @binding(10) var<storage, read> a4: array<vec4<u32>>;
+
+// What one invocation computes: rows m0 .. m0 + nr (nr ≤ GV_ROWS) of expert e, expert-local
+// columns col0 .. col0 + 7 from chunk-relative slab `slab`; valid = false: nothing.
+struct GvJob {
+    valid: bool,
+    e: u32,
+    m0: u32,
+    nr: u32,
+    slab: u32,
+    col0: u32,
+}
+
+fn gv_job(wid: vec3<u32>, lid: u32) -> GvJob {
+    var j = GvJob(false, 0u, 0u, 0u, 0u, 0u);
+    // Row tile wid.x of this chunk's experts: their tiles of GV_ROWS rows in expert order
+    // (found by scanning offsets; experts without rows have no tile, so the grid needs no
+    // workgroup for them).
+    var t = wid.x;
+    var lo = min(offsets[p.e_first], p.rows);
+    var count = 0u;
+    for (var i = 0u; i < p.e_count; i++) {
+        let hi = min(offsets[p.e_first + i + 1u], p.rows);
+        let c = select(0u, hi - lo, hi > lo);
+        let tiles = (c + GV_ROWS - 1u) / GV_ROWS;
+        if (t < tiles) {
+            j.e = p.e_first + i;
+            count = c;
+            break;
+        }
+        t -= tiles;
+        lo = hi;
+    }
+    if (count == 0u) {
+        return j; // past the chunk's tiles
+    }
+    let n = p.n_dim;
+    let e_row = j.e * n;
+    // This expert's part of the chunk, [n_lo, n_hi): n_lo is a multiple of SLAB.
+    let n_lo = max(e_row, p.chunk_first) - e_row;
+    let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
+    // The expert's slabs in the chunk, split evenly over ceil(slabs / GV_SLABS) workgroups
+    // (12 slabs: 6 + 6, not 8 + 4), so that the workgroups of a dispatch take equal time.
+    let slabs = (n_hi - n_lo + SLAB - 1u) / SLAB;
+    let groups = (slabs + GV_SLABS - 1u) / GV_SLABS;
+    let per = (slabs + groups - 1u) / groups;
+    let s = n_lo / SLAB + wid.y * per + (lid >> 3u);
+    if ((lid >> 3u) >= per || s * SLAB >= n_hi) {
+        return j;
+    }
+    j.valid = true;
+    j.m0 = lo + t * GV_ROWS;
+    j.nr = min(GV_ROWS, count - t * GV_ROWS);
+    j.slab = w_sbase(j.e) + s;
+    j.col0 = s * SLAB + 8u * (lid & 7u);
+    return j;
+}
+
+fn w4_get(gate: bool, v: u32) -> vec4<u32> {
+    if (gate) {
+        return w4_g[v];
+    }
+    return w4_b[v];
+}
+
+// This invocation's 8 weights at k of chunk-relative slab `slab` (columns 8·l .. 8·l + 7).
+fn gv_w(gate: bool, slab: u32, k: u32, l: u32) -> V8 {
+    let kr = slab * p.k_dim + k;
+    if (W_DTYPE == 0u) {
+        let v = kr * 16u + 2u * l;
+        return V8(bitcast<vec4<f32>>(w4_get(gate, v)), bitcast<vec4<f32>>(w4_get(gate, v + 1u)));
+    }
+    return decode8(w4_get(gate, kr * 8u + l));
+}
+
+// Elements k0 .. k0 + 7 (all < K) of row `row` of a, widened to f32.
+fn gv_a8(row: u32, k0: u32) -> V8 {
+    let i = row * p.a_stride + k0;
+    if (p.a_vec4 != 0u) {
+        if (A_DTYPE == 0u) {
+            return V8(bitcast<vec4<f32>>(a4[i >> 2u]), bitcast<vec4<f32>>(a4[(i >> 2u) + 1u]));
+        }
+        let v = a4[i >> 3u];
+        return V8(vec4<f32>(a_decode(v.x, 0u), a_decode(v.x, 1u), a_decode(v.y, 0u), a_decode(v.y, 1u)),
+                  vec4<f32>(a_decode(v.z, 0u), a_decode(v.z, 1u), a_decode(v.w, 0u), a_decode(v.w, 1u)));
+    }
+    // Unrolled: lavapipe counts every loop iteration of an invocation against 65535.
+    return V8(vec4<f32>(a_elem(row, k0), a_elem(row, k0 + 1u), a_elem(row, k0 + 2u), a_elem(row, k0 + 3u)),
+              vec4<f32>(a_elem(row, k0 + 4u), a_elem(row, k0 + 5u), a_elem(row, k0 + 6u), a_elem(row, k0 + 7u)));
+}
+
+// acc + a · w, per column (one fma each).
+fn gv_fma(acc: V8, a: f32, w: V8) -> V8 {
+    return V8(fma(vec4<f32>(a), w.lo, acc.lo), fma(vec4<f32>(a), w.hi, acc.hi));
+}
+
+// Accumulators of rows 0..3 of a job: up (or down) u*, gate g*.
+struct GvAcc {
+    u0: V8,
+    u1: V8,
+    u2: V8,
+    u3: V8,
+    g0: V8,
+    g1: V8,
+    g2: V8,
+    g3: V8,
+}
+
+// One k: acc += a_r · w for rows r < 4 (rows past nr have a = 0; their sums are dropped).
+fn gv_k(acc_in: GvAcc, a: vec4<f32>, wb: V8, wg: V8, gated: bool, four: bool) -> GvAcc {
+    var acc = acc_in;
+    acc.u0 = gv_fma(acc.u0, a.x, wb);
+    if (gated) {
+        acc.g0 = gv_fma(acc.g0, a.x, wg);
+    }
+    if (four) {
+        acc.u1 = gv_fma(acc.u1, a.y, wb);
+        acc.u2 = gv_fma(acc.u2, a.z, wb);
+        acc.u3 = gv_fma(acc.u3, a.w, wb);
+        if (gated) {
+            acc.g1 = gv_fma(acc.g1, a.y, wg);
+            acc.g2 = gv_fma(acc.g2, a.z, wg);
+            acc.g3 = gv_fma(acc.g3, a.w, wg);
+        }
+    }
+    return acc;
+}
+
+// The full 8-deep k blocks from k0 = 0 while k0 + 8 ≤ K, for 1 row or (four) up to 4 rows.
+fn gv_main(j: GvJob, acc_in: GvAcc, gated: bool, four: bool) -> GvAcc {
+    var acc = acc_in;
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k0 = 0u; k0 + 8u <= p.k_dim; k0 += 8u) {
+        let a0 = gv_a8(j.m0, k0);
+        var a1 = z;
+        var a2 = z;
+        var a3 = z;
+        if (four) {
+            if (j.nr > 1u) {
+                a1 = gv_a8(j.m0 + 1u, k0);
+            }
+            if (j.nr > 2u) {
+                a2 = gv_a8(j.m0 + 2u, k0);
+            }
+            if (j.nr > 3u) {
+                a3 = gv_a8(j.m0 + 3u, k0);
+            }
+        }
+        // k0 .. k0 + 7, unrolled (lavapipe's loop-iteration limit; constant lanes of a*).
+        acc = gv_kw(acc, j, k0, vec4<f32>(a0.lo.x, a1.lo.x, a2.lo.x, a3.lo.x), gated, four);
+        acc = gv_kw(acc, j, k0 + 1u, vec4<f32>(a0.lo.y, a1.lo.y, a2.lo.y, a3.lo.y), gated, four);
+        acc = gv_kw(acc, j, k0 + 2u, vec4<f32>(a0.lo.z, a1.lo.z, a2.lo.z, a3.lo.z), gated, four);
+        acc = gv_kw(acc, j, k0 + 3u, vec4<f32>(a0.lo.w, a1.lo.w, a2.lo.w, a3.lo.w), gated, four);
+        acc = gv_kw(acc, j, k0 + 4u, vec4<f32>(a0.hi.x, a1.hi.x, a2.hi.x, a3.hi.x), gated, four);
+        acc = gv_kw(acc, j, k0 + 5u, vec4<f32>(a0.hi.y, a1.hi.y, a2.hi.y, a3.hi.y), gated, four);
+        acc = gv_kw(acc, j, k0 + 6u, vec4<f32>(a0.hi.z, a1.hi.z, a2.hi.z, a3.hi.z), gated, four);
+        acc = gv_kw(acc, j, k0 + 7u, vec4<f32>(a0.hi.w, a1.hi.w, a2.hi.w, a3.hi.w), gated, four);
+    }
+    return acc;
+}
+
+// One k < K of the main loop: this invocation's weights at k, then gv_k.
+fn gv_kw(acc: GvAcc, j: GvJob, k: u32, a: vec4<f32>, gated: bool, four: bool) -> GvAcc {
+    let lane = (j.col0 >> 3u) & 7u; // col0 = 64·s + 8·lane
+    let wb = gv_w(false, j.slab, k, lane);
+    var wg = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    if (gated) {
+        wg = gv_w(true, j.slab, k, lane);
+    }
+    return gv_k(acc, a, wb, wg, gated, four);
+}
+
+// The rest: k from the last whole 8-block to ceil(K / 16)·16 (a = w = 0 from K on).
+fn gv_tail(j: GvJob, acc_in: GvAcc, gated: bool) -> GvAcc {
+    var acc = acc_in;
+    let kd = p.k_dim;
+    let lane = (j.col0 >> 3u) & 7u;
+    let k16 = (kd + BK - 1u) / BK * BK;
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k = kd / 8u * 8u; k < k16; k++) {
+        var wb = z;
+        var wg = z;
+        var a = vec4<f32>(0.0);
+        if (k < kd) {
+            wb = gv_w(false, j.slab, k, lane);
+            if (gated) {
+                wg = gv_w(true, j.slab, k, lane);
+            }
+            a.x = a_elem(j.m0, k);
+            if (j.nr > 1u) {
+                a.y = a_elem(j.m0 + 1u, k);
+            }
+            if (j.nr > 2u) {
+                a.z = a_elem(j.m0 + 2u, k);
+            }
+            if (j.nr > 3u) {
+                a.w = a_elem(j.m0 + 3u, k);
+            }
+        }
+        acc = gv_k(acc, a, wb, wg, gated, true);
+    }
+    return acc;
+}
+
+// The epilogue of row r of the job from its accumulators u, g: bias, activation, store.
+fn gv_store(j: GvJob, act: u32, gated: bool, r: u32, u: V8, g: V8) {
+    let n = p.n_dim;
+    let e_row = j.e * n;
+    let row = j.m0 + r;
+    if (A_DTYPE == 0u) {
+        for (var q = 0u; q < 8u; q++) {
+            let c = j.col0 + q;
+            if (c < n) {
+                out[row * p.out_stride + c] = bitcast<u32>(epilogue(act, gated, e_row, c, v8_get(u, q), v8_get(g, q)));
+            }
+        }
         return;
     }
-    let j = rows_job(wid, lid);
-    if (j.valid == 0u) {
+    for (var q = 0u; q < 8u; q += 2u) {
+        let c = j.col0 + q;
+        if (c < n) {
+            let v0 = epilogue(act, gated, e_row, c, v8_get(u, q), v8_get(g, q));
+            var v1 = 0.0;
+            let in1 = c + 1u < n;
+            if (in1) {
+                v1 = epilogue(act, gated, e_row, c + 1u, v8_get(u, q + 1u), v8_get(g, q + 1u));
+            }
+            store_pair16(row, c, v0, v1, true, in1);
+        }
+    }
+}
+
+fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
+    let j = gv_job(wid, lid);
+    if (!j.valid) {
         return;
     }
-    let mode = select(1u, 0u, W_DTYPE == 0u);
-    let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
-    var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
-    var n1 = rows_load_w4(j, 0u, lid, false);
-    var n2 = rows_load_w4(j, 1u, lid, false);
-    for (var kt = 0u; kt < k_tiles; kt++) {
-        rows_stage(n1, lid, mode, false);
-        n1 = n2;
-        n2 = rows_load_w4(j, kt + 2u, lid, false);
-        acc = rows_compute(j, kt, lid, false, acc);
+    let gated = is_gated(act);
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = GvAcc(z, z, z, z, z, z, z, z);
+    if (j.nr == 1u) {
+        acc = gv_main(j, acc, gated, false);
+    } else {
+        acc = gv_main(j, acc, gated, true);
     }
-    rows_store(j, lid, ACT_NONE, false, acc);
+    acc = gv_tail(j, acc, gated);
+    gv_store(j, act, gated, 0u, acc.u0, acc.g0);
+    if (j.nr > 1u) {
+        gv_store(j, act, gated, 1u, acc.u1, acc.g1);
+    }
+    if (j.nr > 2u) {
+        gv_store(j, act, gated, 2u, acc.u2, acc.g2);
+    }
+    if (j.nr > 3u) {
+        gv_store(j, act, gated, 3u, acc.u3, acc.g3);
+    }
+}
+
+@compute @workgroup_size(64)
+fn expert_up_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    gv_run(wid, lid, ACT);
+}
+
+@compute @workgroup_size(64)
+fn expert_down_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    gv_run(wid, lid, ACT_NONE);
 }

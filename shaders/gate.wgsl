@@ -32,7 +32,8 @@
 //                                  (block counts, then exclusive offsets), ec_key [E, T] and
 //                                  ec_sel [E, 2] (expert choice)
 //
-// Passes per mode (src/wgpu/gate.rs records them in this order):
+// Passes per mode (src/wgpu/gate.rs records them in this order; gate_select_lanes replaces
+// gate_select when T ≥ 64, slots ≤ 8, G ≤ 32 and not expert choice; both give the same bits):
 //   plain (no capacity): gate_select (finishes the weights, kept = 1), gate_block_counts,
 //                        gate_block_scan (counts = totals)
 //   capacity:            gate_select, [gate_priority], gate_block_counts, gate_block_scan,
@@ -42,6 +43,7 @@
 // Launch (WG = 64 invocations per workgroup everywhere; 2-D grids flattened x first, surplus
 // workgroups / invocations exit):
 //   gate_select        one workgroup per token: grid(T, 1)                 bindings 0-5, 7
+//   gate_select_lanes  one invocation per token: grid(T, WG)               bindings 0-5, 7
 //   gate_priority      one invocation per token: grid(T, WG)               bindings 0, 7
 //   gate_block_counts  one workgroup per (slot j, block b of BLOCK priority positions):
 //                      grid(slots · blocks, 1), blocks = ceil(T / BLOCK)    bindings 0, 3, 7
@@ -51,8 +53,9 @@
 //   gate_expert_choice one workgroup per expert: grid(E, 1)                bindings 0, 6, 7
 //
 // Workgroup memory: gate_select caches its token's row (c, group scores, group kept flags) in
-// CACHE f32 when row_len = E + 2G <= CACHE, else in the scratch rows; at most ~9 KiB per
-// entry point. No subgroup operations, so any subgroup size works. Compared values have
+// CACHE f32 when row_len = E + 2G <= CACHE, else in the scratch rows; gate_select_lanes
+// stages 64 tokens × 32 logits (pitch 33) and keeps each token's group scores (2 × 8448 B);
+// at most ~17 KiB per entry point. No subgroup operations, so any subgroup size works. Compared values have
 // subnormals flushed on the bits (`canon`), so rankings agree on any denormal mode.
 // lavapipe ends an invocation after 65535 loop iterations (all loops together); the Rust side
 // refuses launches that could exceed that there (loop_iterations in src/wgpu/gate.rs).
@@ -206,8 +209,11 @@ fn eligible(t: u32, e: u32) -> bool {
     return row_get(t, p.experts + p.groups + e / p.group_size) != 0.0;
 }
 
-// Row statistics by a fixed-order tree reduction (strided per invocation, then halving).
-fn softmax_stats(base: u32, lid: u32) -> Stats {
+// Row statistics: the maximum by a tree reduction (exact in any order), the sum of
+// exp(l − m) in expert order by invocation 0 from the exponentials staged in the row (the
+// order gate_select_lanes sums in, so both give the same bits and a token's weights do not
+// depend on which of them its batch size picks).
+fn softmax_stats(t: u32, base: u32, lid: u32) -> Stats {
     var lmax = p.neg_inf;
     var nan = 0u;
     for (var e = lid; e < p.experts; e += WG) {
@@ -231,20 +237,22 @@ fn softmax_stats(base: u32, lid: u32) -> Stats {
     let m = red_f[0];
     let bad = red_u[0] != 0u || is_inf(m);
     workgroupBarrier();
-    var sum = 0.0;
     for (var e = lid; e < p.experts; e += WG) {
-        sum += exp(logits[base + e] - m);
+        row_set(t, e, exp(logits[base + e] - m));
     }
-    red_f[lid] = sum;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if (lid < s) {
-            red_f[lid] += red_f[lid + s];
+    storageBarrier();
+    workgroupBarrier();
+    if (lid == 0u) {
+        var sum = 0.0;
+        for (var e = 0u; e < p.experts; e++) {
+            sum += row_get(t, e);
         }
+        red_f[0] = sum;
     }
     workgroupBarrier();
     let total = red_f[0];
-    workgroupBarrier();
+    storageBarrier();
+    workgroupBarrier(); // the row is rewritten with the selection values next
     return Stats(m, total, bad);
 }
 
@@ -437,7 +445,7 @@ fn gate_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let base = t * p.experts;
     var st = Stats(0.0, 1.0, false);
     if (p.scoring == SCORING_SOFTMAX) {
-        st = softmax_stats(base, lid);
+        st = softmax_stats(t, base, lid);
     }
     for (var e = lid; e < p.experts; e += WG) {
         let c = selection_value(base, e, st);
@@ -463,6 +471,278 @@ fn gate_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     raw_weights(t, base, st);
     let o = t * p.slots;
+    if (p.mode == MODE_CAPACITY && p.by_top1 != 0u) {
+        scratch[p.top1_off + t] = bitcast<u32>(canon(score(logits[base + ids[o]], st)));
+    }
+    if (p.mode == MODE_PLAIN) {
+        for (var j = 0u; j < p.slots; j++) {
+            kept[o + j] = 1u;
+        }
+        finish_weights(o);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gate_select_lanes: gate_select for at most LANE_SLOTS = 8 slots without expert choice (the
+// common routing: top-k ≤ 8, with or without groups (G ≤ 32), capacity or not), one
+// invocation per token instead of one workgroup per token: no reduction trees, two barriers
+// per staged block. A workgroup takes 64 tokens; their logits are staged through workgroup
+// memory LT = 32 experts at a time (coalesced: 32 invocations read one 128-byte row segment),
+// and each invocation walks its token's experts in order, pass by pass: softmax maximum (and
+// NaN), softmax sum, group scores (G > 0), then the picks — an insertion chain of 8 slots in
+// registers, ordered by `ranks_before` (descending c, NaN last, ties to the lower index), fed
+// the eligible experts in index order. The outputs are those of gate_select: the same picks
+// (the same c of each expert: the same score, bias and canon), the same group rule, and the
+// same per-token epilogue (raw_weights, top-1 score, plain-mode finish). The softmax sum is
+// taken in expert order (gate_select: strided, then a tree), so a weight may differ from
+// gate_select's in its last bits; either is the reference's within f32 rounding.
+
+const LANE_SLOTS: u32 = 8u;
+const LT: u32 = 32u;
+const LPITCH: u32 = 33u;
+
+// Staged logits: token row r (of the workgroup's 64) at r · LPITCH, LT experts each.
+var<workgroup> lt: array<f32, 2112>;
+// Group scores of each invocation's token (its own row, G ≤ 32; never shared).
+var<workgroup> lgs: array<f32, 2112>;
+
+// Stages logits of tokens t0 .. t0 + 63, experts c0 .. c0 + LT − 1 (0 outside [T, E]); call in
+// uniform control flow.
+fn lanes_stage(t0: u32, c0: u32, lid: u32) {
+    workgroupBarrier(); // every invocation is done with the previous block
+    let i = lid & 31u;
+    let e = c0 + i;
+    for (var r = lid >> 5u; r < WG; r += 2u) {
+        let t = t0 + r;
+        var v = 0.0;
+        if (t < p.tokens && e < p.experts) {
+            v = logits[t * p.experts + e];
+        }
+        lt[r * LPITCH + i] = v;
+    }
+    workgroupBarrier();
+}
+
+// Selection value c of expert e with logit l (selection_value on a staged logit).
+fn lanes_c(l: f32, e: u32, st: Stats) -> f32 {
+    var c = score(l, st);
+    if (p.has_bias != 0u) {
+        c += bias[e];
+    }
+    return canon(c);
+}
+
+// Result of one compare-and-swap of the insertion chain: the slot's new content and the
+// candidate carried on.
+struct Cas {
+    sv: f32,
+    si: u32,
+    cv: f32,
+    ci: u32,
+}
+
+fn cas(cv: f32, ci: u32, sv: f32, si: u32) -> Cas {
+    if (si == NONE || ranks_before(cv, ci, sv, si)) {
+        return Cas(cv, ci, sv, si);
+    }
+    return Cas(sv, si, cv, ci);
+}
+
+// Eight slots: values and experts (NONE: empty), slot j in component j % 4 of v/i (j / 4).
+struct TopK {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    i0: vec4<u32>,
+    i1: vec4<u32>,
+}
+
+// (v, e) into the chain of the first `slots` slots (unrolled: constant slot indices).
+fn topk_insert(tk_in: TopK, v: f32, e: u32) -> TopK {
+    var tk = tk_in;
+    var cv = v;
+    var ci = e;
+    if (p.slots > 0u && ci != NONE) {
+        let r = cas(cv, ci, tk.v0.x, tk.i0.x);
+        tk.v0.x = r.sv;
+        tk.i0.x = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 1u && ci != NONE) {
+        let r = cas(cv, ci, tk.v0.y, tk.i0.y);
+        tk.v0.y = r.sv;
+        tk.i0.y = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 2u && ci != NONE) {
+        let r = cas(cv, ci, tk.v0.z, tk.i0.z);
+        tk.v0.z = r.sv;
+        tk.i0.z = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 3u && ci != NONE) {
+        let r = cas(cv, ci, tk.v0.w, tk.i0.w);
+        tk.v0.w = r.sv;
+        tk.i0.w = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 4u && ci != NONE) {
+        let r = cas(cv, ci, tk.v1.x, tk.i1.x);
+        tk.v1.x = r.sv;
+        tk.i1.x = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 5u && ci != NONE) {
+        let r = cas(cv, ci, tk.v1.y, tk.i1.y);
+        tk.v1.y = r.sv;
+        tk.i1.y = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 6u && ci != NONE) {
+        let r = cas(cv, ci, tk.v1.z, tk.i1.z);
+        tk.v1.z = r.sv;
+        tk.i1.z = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    if (p.slots > 7u && ci != NONE) {
+        let r = cas(cv, ci, tk.v1.w, tk.i1.w);
+        tk.v1.w = r.sv;
+        tk.i1.w = r.si;
+        cv = r.cv;
+        ci = r.ci;
+    }
+    return tk;
+}
+
+@compute @workgroup_size(64)
+fn gate_select_lanes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let t0 = (wid.x + wid.y * nwg.x) * WG;
+    let t = t0 + lid;
+    let live = t < p.tokens;
+    let ne = p.experts;
+    let row = lid * LPITCH;
+    var st = Stats(0.0, 1.0, false);
+    if (p.scoring == SCORING_SOFTMAX) {
+        // Maximum over the numbers, and whether any logit is NaN.
+        var m = p.neg_inf;
+        var nan = false;
+        for (var c0 = 0u; c0 < ne; c0 += LT) {
+            lanes_stage(t0, c0, lid);
+            for (var i = 0u; i < min(LT, ne - c0); i++) {
+                let l = lt[row + i];
+                if (is_nan(l)) {
+                    nan = true;
+                } else {
+                    m = max(m, l);
+                }
+            }
+        }
+        // Sum of exp(l − m) in expert order.
+        var sum = 0.0;
+        for (var c0 = 0u; c0 < ne; c0 += LT) {
+            lanes_stage(t0, c0, lid);
+            for (var i = 0u; i < min(LT, ne - c0); i++) {
+                sum += exp(lt[row + i] - m);
+            }
+        }
+        st = Stats(m, sum, nan || is_inf(m));
+    }
+    // Groups: each group's score (its two largest c, as select_groups), then the kept mask.
+    var kept_groups = 0xffffffffu;
+    if (p.groups != 0u) {
+        var v1 = 0.0;
+        var i1 = NONE;
+        var v2 = 0.0;
+        var i2 = NONE;
+        for (var c0 = 0u; c0 < ne; c0 += LT) {
+            lanes_stage(t0, c0, lid);
+            for (var i = 0u; i < min(LT, ne - c0); i++) {
+                let e = c0 + i;
+                let v = lanes_c(lt[row + i], e, st);
+                if (e % p.group_size == 0u) {
+                    v1 = v;
+                    i1 = e;
+                    i2 = NONE;
+                } else if (ranks_before(v, e, v1, i1)) {
+                    v2 = v1;
+                    i2 = i1;
+                    v1 = v;
+                    i1 = e;
+                } else if (i2 == NONE || ranks_before(v, e, v2, i2)) {
+                    v2 = v;
+                    i2 = e;
+                }
+                if (e % p.group_size == p.group_size - 1u) {
+                    var gs = v1;
+                    if (i2 != NONE) {
+                        gs += v2;
+                    }
+                    lgs[row + e / p.group_size] = canon(gs);
+                }
+            }
+        }
+        kept_groups = 0u;
+        for (var g = 0u; g < p.groups; g++) {
+            let v = lgs[row + g];
+            var r = 0u;
+            for (var h = 0u; h < p.groups; h++) {
+                if (ranks_before(lgs[row + h], h, v, g)) {
+                    r++;
+                }
+            }
+            if (r < p.keep) {
+                kept_groups |= 1u << g;
+            }
+        }
+    }
+    // The picks.
+    var tk = TopK(vec4<f32>(0.0), vec4<f32>(0.0), vec4<u32>(NONE), vec4<u32>(NONE));
+    for (var c0 = 0u; c0 < ne; c0 += LT) {
+        lanes_stage(t0, c0, lid);
+        for (var i = 0u; i < min(LT, ne - c0); i++) {
+            let e = c0 + i;
+            if (p.groups == 0u || ((kept_groups >> (e / p.group_size)) & 1u) != 0u) {
+                tk = topk_insert(tk, lanes_c(lt[row + i], e, st), e);
+            }
+        }
+    }
+    if (!live) {
+        return;
+    }
+    let o = t * p.slots;
+    if (p.slots > 0u) {
+        ids[o + 0u] = tk.i0.x;
+    }
+    if (p.slots > 1u) {
+        ids[o + 1u] = tk.i0.y;
+    }
+    if (p.slots > 2u) {
+        ids[o + 2u] = tk.i0.z;
+    }
+    if (p.slots > 3u) {
+        ids[o + 3u] = tk.i0.w;
+    }
+    if (p.slots > 4u) {
+        ids[o + 4u] = tk.i1.x;
+    }
+    if (p.slots > 5u) {
+        ids[o + 5u] = tk.i1.y;
+    }
+    if (p.slots > 6u) {
+        ids[o + 6u] = tk.i1.z;
+    }
+    if (p.slots > 7u) {
+        ids[o + 7u] = tk.i1.w;
+    }
+    let base = t * p.experts;
+    raw_weights(t, base, st);
     if (p.mode == MODE_CAPACITY && p.by_top1 != 0u) {
         scratch[p.top1_off + t] = bitcast<u32>(canon(score(logits[base + ids[o]], st)));
     }
@@ -538,9 +818,11 @@ fn gate_block_counts(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     }
     load_block(q / p.blocks, q % p.blocks, lid);
     workgroupBarrier();
+    // Only the block's positions below T hold assignments (the rest are NONE).
+    let len = min(BLOCK, p.tokens - (q % p.blocks) * BLOCK);
     for (var e = lid; e < p.experts; e += WG) {
         var n = 0u;
-        for (var i = 0u; i < BLOCK; i++) {
+        for (var i = 0u; i < len; i++) {
             if (blk_ids[i] == e) {
                 n++;
             }

@@ -522,6 +522,24 @@ pub fn copy_bandwidth(dev: &Backend, bytes: usize) -> Result<f64> {
     crate::backend::copy_bandwidth(dev, bytes)
 }
 
+/// Read rate of `dev` in GB/s (bytes read) of a trivial WGSL kernel that only streams about
+/// `bytes` with coalesced 16-byte loads (shaders/read_ceiling.wgsl, median of 5), the ceiling
+/// of a weight-streaming kernel on adapters where a buffer copy is not one (on lavapipe it is a
+/// memcpy); `None` off wgpu.
+pub fn read_bandwidth(dev: &Backend, bytes: usize) -> Result<Option<f64>> {
+    match &dev.device {
+        #[cfg(feature = "wgpu")]
+        crate::backend::Device::Wgpu(d) => {
+            let (secs, read) = d.read_seconds(bytes)?;
+            Ok(Some(read as f64 / secs / 1e9))
+        }
+        _ => {
+            let _ = bytes;
+            Ok(None)
+        }
+    }
+}
+
 /// Our own dense ceiling: the expert GEMM of one expert at `n x n`, 8192 rows (TFLOP/s).
 pub fn dense_ceiling(dev: &Backend, dtype: DType, n: usize) -> Result<f64> {
     let s = Shape {

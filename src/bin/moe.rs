@@ -846,6 +846,9 @@ fn bench(
     }
     // Ceilings measured in this run, on this device.
     let copy_gbs = bench::copy_bandwidth(&dev, 1 << 30)?;
+    // wgpu: what a WGSL kernel that only reads can stream (256 MiB, or the largest binding);
+    // measured again for each point over that point's expert weight bytes (%read).
+    let read_gbs = bench::read_bandwidth(&dev, 1 << 28)?;
     let dense_tflops = if dense > 0 {
         Some(bench::dense_ceiling(&dev, dtype, dense)?)
     } else {
@@ -861,11 +864,16 @@ fn bench(
             dev.kind()
         );
         println!("ceilings measured now: copy {copy_gbs:.0} GB/s (read + write)");
+        if let Some(r) = read_gbs {
+            println!(
+                "                       WGSL read kernel {r:.2} GB/s (read only; per point: rdGB/s)"
+            );
+        }
         if let Some(d) = dense_tflops {
             println!("                       our expert GEMM, one {dense}x{dense} expert, 8192 rows: {d:.2} TFLOP/s");
         }
         println!(
-            "{:<14} {:>6} {:>8} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>8} {:>7} {:>7} {:>6} {:>11}",
+            "{:<14} {:>6} {:>8} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>11}",
             "shape",
             "T",
             "routing",
@@ -879,6 +887,8 @@ fn bench(
             "%dense",
             "wGB/s",
             "%copy",
+            "rdGB/s",
+            "%read",
             "enqueue(us)"
         );
     }
@@ -912,6 +922,12 @@ fn bench(
                 let gbs = p.gemm_weight_bytes / g / 1e9;
                 let pct_dense = dense_tflops.map_or(f64::NAN, |d| 100.0 * tflops / d);
                 let pct_copy = 100.0 * gbs / copy_gbs;
+                // The read kernel over the same number of bytes, right after the point.
+                let point_read = match read_gbs {
+                    Some(_) => bench::read_bandwidth(&dev, p.gemm_weight_bytes as usize)?,
+                    None => None,
+                };
+                let pct_read = point_read.map_or(f64::NAN, |r| 100.0 * gbs / r);
                 let enqueue_us = p.enqueue.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
                 let rname = match routing {
                     Routing::Uniform => "uniform",
@@ -925,6 +941,7 @@ fn bench(
                         "expert_gemm_us": us(Stage::ExpertGemm), "combine_us": us(Stage::Combine),
                         "layer_us": p.layer.as_secs_f64() * 1e6, "gemm_tflops": tflops, "gemm_weight_gbs": gbs,
                         "copy_gbs": copy_gbs, "dense_tflops": dense_tflops, "pct_copy": pct_copy,
+                        "read_gbs": point_read, "pct_read": point_read.map(|_| pct_read),
                         "pct_dense": dense_tflops.map(|_| pct_dense), "enqueue_us": p.enqueue.map(|d| d.as_secs_f64() * 1e6),
                         "quant": p.quant.map(|q| q.format.name()), "scale_dtype": p.quant.map(|q| q.scale_dtype),
                         "group": p.quant.map(|q| q.group), "zeros": p.quant.map(|q| q.zeros),
@@ -934,9 +951,10 @@ fn bench(
                 } else {
                     bar.suspend(|| {
                         println!(
-                            "{:<14} {:>6} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>8.2} {:>7.1} {:>7.0} {:>6.1} {:>11.1}",
+                            "{:<14} {:>6} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>9.1} {:>10.1} {:>8.2} {:>7.1} {:>7.2} {:>6.1} {:>7.2} {:>6.1} {:>11.1}",
                             p.shape, t, rname, us(Stage::Router), us(Stage::Gate), us(Stage::Permute), us(Stage::ExpertGemm),
-                            us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, pct_dense, gbs, pct_copy, enqueue_us
+                            us(Stage::Combine), p.layer.as_secs_f64() * 1e6, tflops, pct_dense, gbs, pct_copy,
+                            point_read.unwrap_or(f64::NAN), pct_read, enqueue_us
                         )
                     });
                 }

@@ -436,29 +436,84 @@ fn storage_usage() -> ::wgpu::BufferUsages {
 }
 
 impl WgpuDevice {
-    /// Median seconds of a buffer-to-buffer copy of `bytes` (5 copies after a warm-up):
-    /// timestamp queries when available, else submit-and-wait wall time.
-    pub fn copy_seconds(&self, bytes: usize) -> Result<f64> {
-        let bytes = (bytes as u64)
-            .min(self.limits.max_buffer_size)
-            .next_multiple_of(4);
-        let make = |label| {
-            self.device.create_buffer(&::wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes,
-                usage: ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        };
-        let (src, dst) = (make("copy src"), make("copy dst"));
+    /// Median seconds of one dispatch of shaders/read_ceiling.wgsl reading `bytes` (rounded to
+    /// whole 16-byte words, at most the largest binding) with coalesced 16-byte loads (5 runs
+    /// after a warm-up; timestamps when available, else submit-and-wait wall time), and the
+    /// bytes it read: the rate a WGSL kernel that only streams memory reaches on this adapter.
+    pub fn read_seconds(&self, bytes: usize) -> Result<(f64, u64)> {
+        const PER: u32 = 4096;
+        let words4 = ((bytes as u64).min(self.max_binding_bytes()) / 16).max(1);
+        let n4 = u32::try_from(words4).unwrap_or(u32::MAX);
+        let groups = n4.div_ceil(PER);
+        let src = self.alloc::<u32>(4 * n4 as usize, "read ceiling src")?;
+        let out = self.alloc::<u32>(64 * groups as usize, "read ceiling out")?;
+        let params = self.uniform(&[n4, PER, 0, 0]);
+        let source = include_str!("../../shaders/read_ceiling.wgsl");
+        let scope = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(::wgpu::ShaderModuleDescriptor {
+                label: Some("read_ceiling.wgsl"),
+                source: ::wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
+                label: Some("read_ceiling"),
+                layout: None,
+                module: &module,
+                entry_point: Some("read_ceiling"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        let bind = self.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: Some("read ceiling"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                ::wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params.as_entire_binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: src.binding(),
+                },
+                ::wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: out.binding(),
+                },
+            ],
+        });
+        let popped =
+            crate::asynch::block_on("read ceiling kernel", async { Ok(scope.pop().await) })?;
+        if let Some(e) = popped {
+            return Err(gpu_err(format!("read ceiling kernel: {e}")));
+        }
+        let t = self.time_passes(|enc| {
+            let mut pass = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups, 1, 1);
+        })?;
+        Ok((t, u64::from(n4) * 16))
+    }
+
+    /// Median seconds of what `record` encodes (5 runs after a warm-up), between two
+    /// timestamps when available, else submit-and-wait wall time.
+    fn time_passes(&self, record: impl Fn(&mut ::wgpu::CommandEncoder)) -> Result<f64> {
         let stamps = self.timestamps.then(|| {
             let qs = self.device.create_query_set(&::wgpu::QuerySetDescriptor {
-                label: Some("copy timestamps"),
+                label: Some("timing"),
                 ty: ::wgpu::QueryType::Timestamp,
                 count: 2,
             });
             let buf = self.device.create_buffer(&::wgpu::BufferDescriptor {
-                label: Some("copy timestamps"),
+                label: Some("timing"),
                 size: 16,
                 usage: ::wgpu::BufferUsages::QUERY_RESOLVE | ::wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
@@ -471,7 +526,7 @@ impl WgpuDevice {
             if let Some((qs, _)) = &stamps {
                 enc.write_timestamp(qs, 0);
             }
-            enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            record(&mut enc);
             if let Some((qs, buf)) = &stamps {
                 enc.write_timestamp(qs, 1);
                 enc.resolve_query_set(qs, 0..2, &buf.buffer, 0);
@@ -494,5 +549,23 @@ impl WgpuDevice {
         }
         times.sort_by(f64::total_cmp);
         Ok(times[times.len() / 2])
+    }
+
+    /// Median seconds of a buffer-to-buffer copy of `bytes` (5 copies after a warm-up):
+    /// timestamp queries when available, else submit-and-wait wall time.
+    pub fn copy_seconds(&self, bytes: usize) -> Result<f64> {
+        let bytes = (bytes as u64)
+            .min(self.limits.max_buffer_size)
+            .next_multiple_of(4);
+        let make = |label| {
+            self.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let (src, dst) = (make("copy src"), make("copy dst"));
+        self.time_passes(|enc| enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes))
     }
 }

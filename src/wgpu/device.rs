@@ -54,7 +54,7 @@ impl WgpuResident {
         Ok(WgpuResident {
             config: *w.config,
             dims: w.dims,
-            router_w: GpuWeights::upload(dev, w.router_weight, None, "router.weight")?,
+            router_w: GpuWeights::upload_router(dev, w.router_weight, None, "router.weight")?,
             router_bias: f32_buf(w.router_bias, "router.bias")?,
             correction_bias: f32_buf(w.correction_bias, "router.score_correction_bias")?,
             experts: GpuExperts::upload(dev, w.experts, act)?,
@@ -64,7 +64,7 @@ impl WgpuResident {
                 .transpose()?,
             shared_gate: w
                 .shared_gate
-                .map(|g| GpuWeights::upload(dev, g, None, "shared.gate.weight"))
+                .map(|g| GpuWeights::upload_router(dev, g, None, "shared.gate.weight"))
                 .transpose()?,
         })
     }

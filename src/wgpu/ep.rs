@@ -63,7 +63,7 @@ impl WgpuRank {
                 ffn: 0,
             },
             dtype,
-            router_w: GpuWeights::upload(d, &w.router_weight, None, "router.weight")?,
+            router_w: GpuWeights::upload_router(d, &w.router_weight, None, "router.weight")?,
             router_bias: f32_buf(w.router_bias.as_ref(), "router.bias")?,
             correction_bias: f32_buf(w.correction_bias.as_ref(), "router.score_correction_bias")?,
             local: experts(&w.local)?,
@@ -71,7 +71,7 @@ impl WgpuRank {
             shared_gate: w
                 .shared_gate
                 .as_ref()
-                .map(|g| GpuWeights::upload(d, g, None, "shared.gate.weight"))
+                .map(|g| GpuWeights::upload_router(d, g, None, "shared.gate.weight"))
                 .transpose()?,
             x: None,
             shared_logit: None,

@@ -23,15 +23,22 @@
 //! scale per element); the vec4 small-batch ones read 16-byte words of codes (16 FP8 codes or
 //! 32 nibbles) and decode a word with one scale (and zero point) fetch per group in it.
 //!
-//! Small batches (decode): with at most [`SMALL_ROWS`] = 32 rows in all (`T · k` routed rows,
-//! known on the host), the 64-row tiles would be almost empty and the grid too small to keep
-//! the memory busy, so the `*_rows` entry points run instead: one workgroup per (expert,
-//! 32 weight rows), looping over that expert's ≤ 32 rows with one read of each weight element,
+//! Dense weights are uploaded as k-major slabs of 64 output columns
+//! ([`GpuWeights::upload_slabs`]); chunks hold whole slabs. With at most [`SMALL_ROWS`] = 32
+//! rows in all, dense passes run the `*_gemv` entry points: no workgroup memory and no
+//! barrier, each invocation owns 8 columns of one slab and up to 4 rows of its expert and
+//! walks k in order with one 128-bit weight load per k (8 invocations read one 128-byte line),
+//! the same fma chain as every other path.
+//!
+//! Small batches of quantized weights (decode): with at most [`SMALL_ROWS`] = 32 rows in all
+//! (`T · k` routed rows, known on the host), the 64-row tiles would be almost empty and the
+//! grid too small to keep the memory busy, so the `*_rows` entry points run instead: one
+//! workgroup per (expert, 32 weight rows), looping over that expert's ≤ 32 rows with one read
+//! of each weight element,
 //! loaded with coalesced 128-bit reads (`*_rows_x4`) or scalar words. `pass_entry` picks the
 //! 128-bit form for a pass whenever its weight rows are whole 16-byte words of whole elements
-//! ([`GpuWeights::vec4_rows`]: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0, FP8 K % 16 = 0,
-//! MXFP4 / INT4 K % 32 = 0), the scalar form otherwise (odd K included); [`GemmPath`] forces
-//! either for tests. They compute every output with exactly the tiled kernel's arithmetic
+//! ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4 K % 32 = 0), the scalar form
+//! otherwise (odd K included); [`GemmPath`] forces either for tests. They compute every output with exactly the tiled kernel's arithmetic
 //! (same decoded weights, fma order, zero padding, bias and activation code), so a token's
 //! output is bitwise the same whether its batch takes the small or the tiled path, and
 //! whichever weight load the small path uses.
@@ -55,7 +62,7 @@ use crate::wgpu::act::{self, Act};
 use crate::wgpu::context::{gpu_err, index_u32, within, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::scratch::Scratch;
-use crate::wgpu::weights::{GpuWeights, WeightChunk, WeightFormat};
+use crate::wgpu::weights::{GpuWeights, WeightChunk, WeightFormat, SLAB};
 
 /// Rows of a workgroup's output tile (BM in the shader).
 const TILE_ROWS: usize = 64;
@@ -68,6 +75,10 @@ const TILE_COLS: usize = 64;
 pub const SMALL_ROWS: usize = 32;
 /// Columns (weight rows) of a small-path workgroup (RB_N in the shader).
 const SMALL_COLS: usize = 32;
+/// Slabs of a dense GEMV workgroup (GV_SLABS in the shader).
+const GV_SLABS: usize = 8;
+/// Rows of one dense GEMV invocation (GV_ROWS in the shader).
+const GV_ROWS: usize = 4;
 
 /// Which kernel [`encode_path`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,15 +87,16 @@ pub enum GemmPath {
     Auto,
     /// The tiled kernel (any row count).
     Tiled,
-    /// The small-batch path (`rows <= SMALL_ROWS` only), with 128-bit weight words for each
-    /// matrix whose rows allow them ([`GpuWeights::vec4_rows`]), scalar words otherwise: what
-    /// `Auto` runs for small batches.
+    /// The small-batch path (`rows <= SMALL_ROWS` only): for dense (slab) weights the GEMV;
+    /// for quantized ones 128-bit weight words for each matrix whose rows allow them
+    /// ([`GpuWeights::vec4_rows`]), scalar words otherwise: what `Auto` runs for small batches.
     Rows,
-    /// The small-batch path with scalar weight words for every matrix (`rows <= SMALL_ROWS`).
+    /// The small-batch path with scalar weight words for every quantized matrix
+    /// (`rows <= SMALL_ROWS`; dense weights: the GEMV).
     RowsScalar,
-    /// The small-batch path with 128-bit weight words for every matrix (`rows <= SMALL_ROWS`;
-    /// an error when a matrix's rows do not allow them; a pass with K = 0 reads no weight and
-    /// runs the scalar entry point).
+    /// The small-batch path with 128-bit weight words for every quantized matrix
+    /// (`rows <= SMALL_ROWS`; an error when a matrix's rows do not allow them; a pass with
+    /// K = 0 reads no weight and runs the scalar entry point; dense weights: the GEMV).
     RowsX4,
 }
 
@@ -104,29 +116,46 @@ pub enum Entry {
     UpRowsX4,
     /// [`Entry::Down`] for ≤ 32 rows, 128-bit weight words (as [`Entry::UpRowsX4`]).
     DownRowsX4,
+    /// [`Entry::Up`] for ≤ 32 rows of dense (slab) weights: the barrier-free GEMV.
+    UpGemv,
+    /// [`Entry::Down`] for ≤ 32 rows of dense (slab) weights.
+    DownGemv,
 }
 
-/// Tiled, small-batch scalar and small-batch vec4 entry points of GEMM 1.
-const UP_ENTRIES: [Entry; 3] = [Entry::Up, Entry::UpRows, Entry::UpRowsX4];
-/// Tiled, small-batch scalar and small-batch vec4 entry points of GEMM 2.
-const DOWN_ENTRIES: [Entry; 3] = [Entry::Down, Entry::DownRows, Entry::DownRowsX4];
+/// Tiled, small-batch scalar, small-batch vec4 and dense GEMV entry points of GEMM 1.
+const UP_ENTRIES: [Entry; 4] = [Entry::Up, Entry::UpRows, Entry::UpRowsX4, Entry::UpGemv];
+/// Tiled, small-batch scalar, small-batch vec4 and dense GEMV entry points of GEMM 2.
+const DOWN_ENTRIES: [Entry; 4] = [
+    Entry::Down,
+    Entry::DownRows,
+    Entry::DownRowsX4,
+    Entry::DownGemv,
+];
 
-/// The entry point of a pass with `entries` (tiled, scalar rows, vec4 rows) over `weights`
-/// (`[E·N, K]`, K = `weights.cols`) for `rows` rows on `path`. The vec4 small-batch entry
+/// The entry point of a pass with `entries` (tiled, scalar rows, vec4 rows, dense GEMV) over
+/// `weights` (`[E·N, K]`, K = `weights.cols`) for `rows` rows on `path`. Dense (slab) weights
+/// take the GEMV for every small-batch path. For quantized ones the vec4 small-batch entry
 /// point is taken only when every weight row is whole 16-byte words
-/// ([`GpuWeights::vec4_rows`]: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0, FP8 K % 16 = 0,
-/// MXFP4 / INT4 K % 32 = 0); odd K and other widths take the scalar one. Every choice gives
-/// the same bits.
+/// ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4 K % 32 = 0); odd K and other
+/// widths take the scalar one. Every choice gives the same bits.
 fn pass_entry(
     path: GemmPath,
     rows: usize,
-    entries: [Entry; 3],
+    entries: [Entry; 4],
     weights: &GpuWeights,
 ) -> Result<Entry> {
     if path != GemmPath::Tiled && path != GemmPath::Auto && rows > SMALL_ROWS {
         return Err(gpu_err(format!(
             "the small-batch expert GEMM takes at most {SMALL_ROWS} rows, not {rows}"
         )));
+    }
+    // Dense weights are slabs: every small-batch path is the GEMV (any K).
+    if weights.slab.is_some() {
+        return Ok(match path {
+            GemmPath::Tiled => entries[0],
+            GemmPath::Auto if rows > SMALL_ROWS => entries[0],
+            _ => entries[3],
+        });
     }
     let k = weights.cols;
     let x4 = weights.vec4_rows();
@@ -159,6 +188,8 @@ impl Entry {
             Entry::DownRows => "expert_down_rows",
             Entry::UpRowsX4 => "expert_up_rows_x4",
             Entry::DownRowsX4 => "expert_down_rows_x4",
+            Entry::UpGemv => "expert_up_gemv",
+            Entry::DownGemv => "expert_down_gemv",
         }
     }
 }
@@ -225,8 +256,10 @@ impl GpuExperts {
                 let same_chunk = |a: &WeightChunk, b: &WeightChunk| {
                     (a.first_row, a.rows, a.scale_word, a.zero_word, a.scale_row0)
                         == (b.first_row, b.rows, b.scale_word, b.zero_word, b.scale_row0)
+                        && (a.first_slab, a.slabs) == (b.first_slab, b.slabs)
                 };
                 let same = gw.format == up.format
+                    && gw.slab == up.slab
                     && gw.chunks.len() == up.chunks.len()
                     && gw
                         .chunks
@@ -312,6 +345,9 @@ struct ChunkRef<'a> {
     scale_word: usize,
     zero_word: usize,
     scale_row0: usize,
+    /// Slab weights: the chunk's first slab and its slab count (0 otherwise).
+    first_slab: usize,
+    slabs: usize,
 }
 
 impl<'a> ChunkRef<'a> {
@@ -325,6 +361,8 @@ impl<'a> ChunkRef<'a> {
             scale_word: c.scale_word,
             zero_word: c.zero_word,
             scale_row0: c.scale_row0,
+            first_slab: c.first_slab,
+            slabs: c.slabs,
         }
     }
 }
@@ -352,7 +390,7 @@ struct Params {
     s_cols: u32,
     s_rows_e: u32,
     row_bytes: u32,
-    _pad: u32,
+    a_vec4: u32,
 }
 
 // A uniform's size is a multiple of 16 bytes.
@@ -512,6 +550,8 @@ pub fn encode_path(
             scale_word: 0,
             zero_word: 0,
             scale_row0: 0,
+            first_slab: 0,
+            slabs: e * h.div_ceil(SLAB),
         }]
     } else {
         w.down
@@ -541,9 +581,17 @@ pub fn encode_path(
         let q = pass.weights.quant();
         let entry = pass.entry;
         // The small-batch entry points (a grid of experts × 32 columns) and, of them, the vec4
-        // ones (bindings 8 and 9 for the weights).
+        // ones (bindings 8 and 9 for the weights); the dense GEMV (experts × slab groups × row
+        // groups; bindings 8 to 10).
+        let gemv = entry == UP_ENTRIES[3] || entry == DOWN_ENTRIES[3];
         let small = entry != UP_ENTRIES[0] && entry != DOWN_ENTRIES[0];
-        let x4 = entry == UP_ENTRIES[2] || entry == DOWN_ENTRIES[2];
+        let x4 = entry == UP_ENTRIES[2] || entry == DOWN_ENTRIES[2] || gemv;
+        // Dense slab weights: slabs per expert (N may be 0 for an empty up pass).
+        let per_expert = pass.n.div_ceil(SLAB);
+        // The GEMV reads rows of a as 128-bit words when each starts on one.
+        let a_vec4 = gemv
+            && (pass.a.stride * pass.a.dtype.size()) % 16 == 0
+            && pass.a.buf.buffer.size() >= 16;
         let pipeline = dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?;
         for c in &pass.chunks {
             let (first, n_rows, words, gwords) = (c.first, c.rows, c.words, c.gate);
@@ -554,10 +602,23 @@ pub fn encode_path(
             let e_count = (first + n_rows - 1) / pass.n - e_first + 1;
             // 16-bit outputs: column tiles start on an even column, up to one column early.
             let cols = n_rows.min(pass.n) + usize::from(dtype != DType::F32);
-            let (groups_x, groups_y) = if small {
-                (e_count, cols.div_ceil(SMALL_COLS))
+            let (groups_x, groups_y, groups_z) = if gemv {
+                let slabs = c.slabs.min(per_expert);
+                // Row tiles of GV_ROWS rows: at most one per row, and at most one partial
+                // tile per expert beyond ceil(rows / GV_ROWS).
+                (
+                    rows.min(rows.div_ceil(GV_ROWS) + e_count),
+                    slabs.div_ceil(GV_SLABS),
+                    1,
+                )
+            } else if small {
+                (e_count, cols.div_ceil(SMALL_COLS), 1)
             } else {
-                (rows.div_ceil(TILE_ROWS) + e_count, cols.div_ceil(TILE_COLS))
+                (
+                    rows.div_ceil(TILE_ROWS) + e_count,
+                    cols.div_ceil(TILE_COLS),
+                    1,
+                )
             };
             let max = u64::from(dev.limits.max_compute_workgroups_per_dimension);
             within(
@@ -568,9 +629,14 @@ pub fn encode_path(
                         Stage::ExpertGemm
                     )
                 },
-                groups_x.max(groups_y) as u64,
+                groups_x.max(groups_y).max(groups_z) as u64,
                 max,
             )?;
+            // Dense slab weights: the shader's slab base (w_sbase) comes from the FP8 fields.
+            let (s_row0, s_rows_e) = match q {
+                Some(q) => (c.scale_row0, q.scale_rows),
+                None => (c.first_slab, per_expert),
+            };
             let params = scratch.uniform(
                 dev,
                 "expert_gemm params",
@@ -591,37 +657,39 @@ pub fn encode_path(
                     out_stride: pass.out.stride as u32,
                     s_off: c.scale_word as u32,
                     z_off: c.zero_word as u32,
-                    s_row0: c.scale_row0 as u32,
+                    s_row0: s_row0 as u32,
                     s_cols: q.map_or(0, |q| q.scale_cols as u32),
-                    s_rows_e: q.map_or(0, |q| q.scale_rows as u32),
+                    s_rows_e: s_rows_e as u32,
                     row_bytes: q.map_or(0, |q| q.row_bytes as u32),
-                    _pad: 0,
+                    a_vec4: u32::from(a_vec4),
                 },
             )?;
             let bias_b = pass.bias_b.unwrap_or(&w.dummy_f32);
             let bias_g = pass.bias_g.unwrap_or(&w.dummy_f32);
             let bind = if x4 {
-                // The gate words bind as vec4 too: a 4-word dummy when there is no gate.
-                let g4 = if std::ptr::eq(gwords, &w.dummy_words) {
-                    &w.dummy_words4
-                } else {
-                    gwords
-                };
-                bind_at(
-                    dev,
-                    scratch,
-                    &pipeline,
-                    &[
-                        (0, params.as_entire_binding()),
-                        (1, offsets.binding()),
-                        (2, pass.a.binding(rows, 1)),
-                        (5, bias_b.binding()),
-                        (6, bias_g.binding()),
-                        (7, pass.out.binding(rows, 1)),
-                        (8, words.binding()),
-                        (9, g4.binding()),
-                    ],
-                )?
+                // The gate words bind as vec4 too: a 4-word dummy when there is no gate (or
+                // no weight word at all: K = 0).
+                let mut entries = vec![
+                    (0, params.as_entire_binding()),
+                    (1, offsets.binding()),
+                    (2, pass.a.binding(rows, 1)),
+                    (5, bias_b.binding()),
+                    (6, bias_g.binding()),
+                    (7, pass.out.binding(rows, 1)),
+                    (8, vec4_words(w, words).binding()),
+                    (9, vec4_words(w, gwords).binding()),
+                ];
+                if gemv {
+                    // a as 128-bit words (read only when a_vec4; a dummy otherwise).
+                    let a4 = if a_vec4 {
+                        let words = pass.a.words_for_rows(rows).next_multiple_of(4);
+                        act::range_binding(pass.a.buf, words)
+                    } else {
+                        w.dummy_words4.binding()
+                    };
+                    entries.push((10, a4));
+                }
+                bind_at(dev, scratch, &pipeline, &entries)?
             } else {
                 scratch.bind(
                     dev,
@@ -638,10 +706,24 @@ pub fn encode_path(
                     ],
                 )?
             };
-            dev.dispatch(enc, &pipeline, &bind, (groups_x as u32, groups_y as u32, 1));
+            dev.dispatch(
+                enc,
+                &pipeline,
+                &bind,
+                (groups_x as u32, groups_y as u32, groups_z as u32),
+            );
         }
     }
     Ok(())
+}
+
+/// `b`, or the 4-word dummy of `w` where `b` is the 1-word dummy or shorter than one vec4.
+fn vec4_words<'b>(w: &'b GpuExperts, b: &'b GpuBuffer<u32>) -> &'b GpuBuffer<u32> {
+    if std::ptr::eq(b, &w.dummy_words) || b.buffer.size() < 16 {
+        &w.dummy_words4
+    } else {
+        b
+    }
 }
 
 /// A bind group for group 0 of `pipeline` with each resource at its own binding number.
@@ -788,6 +870,11 @@ mod tests {
         Ok(dev.read(&yb).unwrap())
     }
 
+    /// A chunk limit of one slab of K elements of `dtype` (dense weights chunk by slabs).
+    fn one_slab(k: usize, dtype: DType) -> u64 {
+        (k * SLAB * dtype.size() + 4) as u64
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -811,6 +898,26 @@ mod tests {
         let (h, f) = (w.dims.hidden, w.dims.ffn);
         let mut x4 = true;
         for (entries, m, k) in [(UP_ENTRIES, &w.up, h), (DOWN_ENTRIES, &w.down, f)] {
+            if m.slab.is_some() {
+                // Dense slab weights: every small path is the GEMV, any K.
+                for path in [
+                    GemmPath::Auto,
+                    GemmPath::Rows,
+                    GemmPath::RowsScalar,
+                    GemmPath::RowsX4,
+                ] {
+                    assert_eq!(pass_entry(path, rows, entries, m).unwrap(), entries[3]);
+                }
+                let big = SMALL_ROWS + 1;
+                assert_eq!(
+                    pass_entry(GemmPath::Auto, big, entries, m).unwrap(),
+                    entries[0]
+                );
+                for path in [GemmPath::Rows, GemmPath::RowsScalar, GemmPath::RowsX4] {
+                    assert!(pass_entry(path, big, entries, m).is_err());
+                }
+                continue;
+            }
             let words = whole_words(&m.format, k);
             x4 &= words;
             let ctx = format!("{:?}, K {k}, {rows} rows", m.format);
@@ -875,11 +982,11 @@ mod tests {
                     let w = weights(&mut g, (e, f, h), act, dtype);
                     let reference = expert_ffn(&xd, offsets, &w, act).unwrap();
                     let whole = GpuExperts::upload(&dev, &w, act).unwrap();
-                    // Chunks of 11 rows: chunks start mid-expert and mid-column-block.
-                    let limit = (h.max(f) * dtype.size() * 11 + 4) as u64;
+                    // Chunks of one slab of the deeper matrix: chunks start mid-expert.
+                    let limit = one_slab(h.max(f), dtype);
                     let chunked =
                         GpuExperts::upload_with_limit(&dev, &w, act, Some(limit)).unwrap();
-                    assert!(chunked.down.chunks.len() > e);
+                    assert!(chunked.down.chunks.len() >= e);
                     let tiled = run_path(&dev, &whole, &x, offsets, act, GemmPath::Tiled);
                     let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
                     assert!(err <= 2e-5, "{act:?} {dtype}: rel L2 {err:e}");
@@ -923,8 +1030,8 @@ mod tests {
                 let w = weights(&mut g, (e, f, h), act, dtype);
                 let reference = expert_ffn(&xd, &offsets, &w, act).unwrap();
                 let whole = GpuExperts::upload(&dev, &w, act).unwrap();
-                // 61 up / gate rows and 39 down rows per chunk (f32): chunks start mid-expert.
-                let limit = (h * dtype.size() * 61 + 4) as u64;
+                // One slab (64 rows) per chunk: chunks start mid-expert.
+                let limit = one_slab(h.max(f), dtype);
                 let chunked = GpuExperts::upload_with_limit(&dev, &w, act, Some(limit)).unwrap();
                 assert!(chunked.up.chunks.len() > e && chunked.down.chunks.len() > e);
                 let y = run(&dev, &whole, &x, &offsets, act);
@@ -1011,12 +1118,12 @@ mod tests {
                     let reference =
                         expert_ffn_stored(&xd, &offsets, &w, act, |v| dtype.round(v)).unwrap();
                     let whole = GpuExperts::upload(&dev, &w, act).unwrap();
-                    // Chunks of 11 (f32) or 10 rows (16-bit weights with odd rows): chunks
-                    // start mid-expert at odd and even expert-local columns.
-                    let limit = (h.max(f) * wdt.size() * 11 + 4) as u64;
+                    // One slab per chunk (dense weights chunk by whole slabs; the quantized
+                    // tests below start chunks at odd expert-local columns).
+                    let limit = one_slab(h.max(f), wdt);
                     let chunked =
                         GpuExperts::upload_with_limit(&dev, &w, act, Some(limit)).unwrap();
-                    assert!(chunked.up.chunks.len() > e && chunked.down.chunks.len() > e);
+                    assert!(chunked.up.chunks.len() >= e && chunked.down.chunks.len() >= e);
                     let ctx = format!("{rows} rows, {dtype} activations, {wdt} weights, {act:?}");
                     let run = |gw: &GpuExperts, path: GemmPath, dense: bool| {
                         let words = run_words(&dev, gw, &xr, &offsets, act, path, (dtype, dense));
@@ -1043,6 +1150,61 @@ mod tests {
                 }
                 println!("{rows} rows, {dtype} activations: within tolerance, paths bitwise equal");
             }
+        }
+    }
+
+    /// The dense GEMV reading 16-bit activation rows as 128-bit words (H and F multiples of
+    /// 8, so every padded row starts on one), with N not a multiple of the slab width (a
+    /// partial last slab) and more than one slab group per expert: bitwise the tiled path,
+    /// whole and chunked by single slabs, and the dense x of the shared expert (whose rows
+    /// also start on words here) bitwise the padded one; within tolerance of the reference.
+    #[test]
+    fn gemv_with_aligned_half_rows_is_bitwise_the_tiled_path() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(14);
+        let (e, f, h) = (3, 584, 72);
+        for rows in [1usize, 6, 32] {
+            let offsets = [0, (rows / 3) as u32, (rows / 3) as u32, rows as u32];
+            let x = g.uniform(rows * h, 1.0);
+            for dtype in [DType::F16, DType::BF16] {
+                let st = act::stride(h, dtype);
+                assert_eq!(st % 8, 0);
+                let xr = test_util::round(&x, dtype);
+                let xd: Vec<f64> = xr.iter().map(|&v| f64::from(v)).collect();
+                for act in [Activation::Swiglu, Activation::Relu] {
+                    let wdt = if act == Activation::Swiglu {
+                        DType::BF16
+                    } else {
+                        DType::F16
+                    };
+                    let w = weights(&mut g, (e, f, h), act, wdt);
+                    let reference =
+                        expert_ffn_stored(&xd, &offsets, &w, act, |v| dtype.round(v)).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    let chunked =
+                        GpuExperts::upload_with_limit(&dev, &w, act, Some(one_slab(f, wdt)))
+                            .unwrap();
+                    assert!(chunked.up.chunks.len() > e && chunked.down.chunks.len() > e);
+                    let ctx = format!("{rows} rows, {dtype} activations, {wdt} weights, {act:?}");
+                    let run = |gw: &GpuExperts, path: GemmPath, dense: bool| {
+                        let words = run_words(&dev, gw, &xr, &offsets, act, path, (dtype, dense));
+                        words[..rows * st / 2].to_vec()
+                    };
+                    let gemv = run(&whole, GemmPath::Rows, false);
+                    let y = act::unpack(&gemv, rows, h, st, dtype);
+                    let err = rel_l2(&y, &reference[..rows * h]);
+                    assert!(err <= test_util::tolerance(dtype), "{ctx}: rel L2 {err:e}");
+                    assert_eq!(gemv, run(&whole, GemmPath::Tiled, false), "{ctx}: tiled");
+                    assert_eq!(gemv, run(&chunked, GemmPath::Rows, false), "{ctx}: chunked");
+                    assert_eq!(
+                        gemv,
+                        run(&chunked, GemmPath::Tiled, false),
+                        "{ctx}: chunked"
+                    );
+                    assert_eq!(gemv, run(&whole, GemmPath::Rows, true), "{ctx}: dense x");
+                }
+            }
+            println!("{rows} rows: GEMV with 128-bit half rows bitwise the tiled path");
         }
     }
 

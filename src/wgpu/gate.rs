@@ -22,6 +22,9 @@ pub enum Entry {
     /// One workgroup per token: scores, groups, picks, raw (or, without capacity, final)
     /// weights.
     Select,
+    /// [`Entry::Select`] with one invocation per token (at most [`LANE_SLOTS`] slots, at
+    /// most 32 groups, no expert choice): no reduction trees.
+    SelectLanes,
     /// One invocation per token: its priority position by top-1 score.
     Priority,
     /// One workgroup per (slot, block of tokens): assignments per expert.
@@ -41,6 +44,7 @@ impl Entry {
     pub fn name(self) -> &'static str {
         match self {
             Entry::Select => "gate_select",
+            Entry::SelectLanes => "gate_select_lanes",
             Entry::Priority => "gate_priority",
             Entry::BlockCounts => "gate_block_counts",
             Entry::BlockScan => "gate_block_scan",
@@ -53,7 +57,7 @@ impl Entry {
     /// The bindings of group 0 the entry point uses (the header of gate.wgsl lists them).
     fn bindings(self) -> &'static [u32] {
         match self {
-            Entry::Select => &[0, 1, 2, 3, 4, 5, 7],
+            Entry::Select | Entry::SelectLanes => &[0, 1, 2, 3, 4, 5, 7],
             Entry::Priority => &[0, 7],
             Entry::BlockCounts => &[0, 3, 7],
             Entry::BlockScan | Entry::ExpertChoice => &[0, 6, 7],
@@ -67,6 +71,12 @@ impl Entry {
 const BLOCK: usize = 256;
 /// f32 words of gate_select's workgroup row cache (`CACHE` in gate.wgsl).
 const CACHE: usize = 2048;
+/// The most slots gate_select_lanes takes (`LANE_SLOTS` in gate.wgsl).
+pub const LANE_SLOTS: usize = 8;
+/// The most groups gate_select_lanes takes (one bit each).
+const LANE_GROUPS: usize = 32;
+/// Experts per staged block of gate_select_lanes (`LT` in gate.wgsl).
+const LANE_BLOCK: usize = 32;
 
 const MODE_PLAIN: u32 = 0;
 const MODE_CAPACITY: u32 = 1;
@@ -116,7 +126,7 @@ fn loop_iterations(
     (groups, group_size): (usize, usize),
     mode: u32,
     by_top1: bool,
-    use_rank: bool,
+    (use_rank, lanes): (bool, bool),
 ) -> usize {
     let wg = WG as usize;
     let per_inv = experts.div_ceil(wg);
@@ -127,7 +137,15 @@ fn loop_iterations(
     } else {
         slots * (per_inv + 7)
     };
-    let select = 3 * per_inv + trees + grouping + picking + 6 * slots;
+    // Invocation 0 sums the softmax's exponentials over E.
+    let mut select = 3 * per_inv + experts + trees + grouping + picking + 6 * slots;
+    if lanes {
+        // Four passes over the staged blocks (32 load rows and 32 experts each), the group
+        // ranking and the epilogue.
+        select = 4 * experts.div_ceil(LANE_BLOCK) * (32 + LANE_BLOCK)
+            + groups * (groups + 1)
+            + 6 * slots;
+    }
     let blocks = tokens.div_ceil(BLOCK);
     let mut most = select;
     match mode {
@@ -243,6 +261,15 @@ fn encode_with(
     // reduction (about 12 barrier steps each).
     let per_inv = experts.div_ceil(WG as usize);
     let use_rank = experts * per_inv <= slots * (per_inv + 12);
+    // One invocation per token where the picks fit its registers and the batch fills a
+    // workgroup of tokens (the tests may force the workgroup path's scratch rows); below 64
+    // tokens a workgroup per token spreads each token over 64 invocations. Both paths give
+    // the same bits (gate.wgsl), so the choice by T keeps batch invariance.
+    let lanes = !force_global
+        && tokens >= WG as usize
+        && mode != MODE_EXPERT_CHOICE
+        && slots <= LANE_SLOTS
+        && groups <= LANE_GROUPS;
 
     if dev.info.name.contains("llvmpipe") {
         let most = loop_iterations(
@@ -250,7 +277,7 @@ fn encode_with(
             (groups, group_size),
             mode,
             by_top1,
-            use_rank,
+            (use_rank, lanes),
         );
         within(
             Resource::LoopIterations,
@@ -376,7 +403,11 @@ fn encode_with(
     let per_token_inv = dev.grid(tokens, WG)?;
     let per_expert = dev.grid(experts, 1)?;
     let per_block = dev.grid(slots * blocks, 1)?;
-    run(enc, Entry::Select, per_token)?;
+    if lanes {
+        run(enc, Entry::SelectLanes, per_token_inv)?;
+    } else {
+        run(enc, Entry::Select, per_token)?;
+    }
     match mode {
         MODE_PLAIN => {
             run(enc, Entry::BlockCounts, per_block)?;
@@ -544,6 +575,37 @@ mod tests {
                 ..base
             },
         ]
+    }
+
+    /// gate_select_lanes (one invocation per token, taken from T = 64 on) and gate_select
+    /// (one workgroup per token, forced here through the scratch rows) give bitwise the same
+    /// outputs, for every variant the lanes path takes (softmax, sigmoid with groups and
+    /// bias, raw logits with softmax_selected, capacity with top-1 priority), E over one
+    /// staged block and not a multiple of it, and a token with NaN logits: the batch size may
+    /// pick either path.
+    #[test]
+    fn lanes_and_workgroup_paths_give_the_same_bits() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(12);
+        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (e, k) in [(16, 4), (72, 8), (128, 8)] {
+            for cfg in variants(k) {
+                if cfg.expert_choice.is_some() {
+                    continue;
+                }
+                let t = 70;
+                let mut l = g.uniform(t * e, 3.0);
+                l[5 * e + 3] = f32::NAN;
+                let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
+                let lanes = run(&dev, &l, (t, e), bias.as_deref(), &cfg, false);
+                let wg = run(&dev, &l, (t, e), bias.as_deref(), &cfg, true);
+                let ctx = format!("E {e} {cfg:?}");
+                assert_eq!(lanes.0, wg.0, "{ctx}: ids");
+                assert_eq!(bits(&lanes.1), bits(&wg.1), "{ctx}: weights");
+                assert_eq!(lanes.2, wg.2, "{ctx}: kept");
+                assert_eq!(lanes.3, wg.3, "{ctx}: counts");
+            }
+        }
     }
 
     #[test]

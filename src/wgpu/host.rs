@@ -41,7 +41,7 @@ pub fn router(
 ) -> Result<()> {
     let (t, h) = crate::shape::matrix(crate::stage::Stage::Router, "x", x)?;
     let xb = f32_words(dev, &x.to_f32_vec(), "x")?;
-    let wb = GpuWeights::upload(dev, w, None, "router.weight")?;
+    let wb = GpuWeights::upload_router(dev, w, None, "router.weight")?;
     let bb = bias_buf(dev, bias, "router.bias")?;
     let out = dev.alloc_poisoned::<f32>(logits.len(), "logits")?;
     let mut enc = dev.encoder();

@@ -1,9 +1,10 @@
 //! Stage 0 on wgpu: router logits (shaders/router.wgsl), one dispatch per weight chunk.
 //!
-//! One workgroup of 64 invocations per (token, expert) pair: each invocation sums a strided
-//! slice of `H` in order, then a fixed pairwise tree adds the 64 partial sums. A token's logits
-//! depend on `H` only, never on `T` (batch invariance), and `T = 1` still spreads every dot
-//! product over 64 lanes with coalesced reads instead of one serial loop per (t, e).
+//! The router weights are k-major slabs of 64 experts ([`GpuWeights::upload_router`]). Each
+//! invocation owns 8 experts of one slab and a group of up to 8 tokens, and sums over `H` in
+//! order (one fma chain per logit): one 128-bit weight load per h serves 8 tokens x 8 experts,
+//! 8 invocations read one slab row, and there is no workgroup memory and no barrier. A token's
+//! logits depend on `H` only, never on `T` or its batch (batch invariance).
 
 use crate::error::{Error, Result};
 use crate::shape;
@@ -12,7 +13,7 @@ use crate::wgpu::act::{self, Act};
 use crate::wgpu::context::{index_u32, GpuBuffer, WgpuDevice};
 use crate::wgpu::kernels::Kernel;
 use crate::wgpu::scratch::Scratch;
-use crate::wgpu::weights::GpuWeights;
+use crate::wgpu::weights::{GpuWeights, SLAB};
 
 /// Entry points of shaders/router.wgsl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,12 +41,16 @@ struct Params {
     first_row: u32,
     rows: u32,
     x_stride: u32,
-    _pad: u32,
+    x_vec4: u32,
+    slabs: u32,
+    last_width: u32,
+    _pad: [u32; 2],
 }
 
-/// Records `logits [T, E] = x [T, H] · wᵀ (+ bias [E])`, with `w` `[E, H]` and `T = x.rows`;
-/// `x` in any activation dtype (widened exactly), `logits` f32. `logits` and `bias` may be
-/// larger than needed. Allocates nothing: uniforms and the dummy bias come from `scratch`.
+/// Records `logits [T, E] = x [T, H] · wᵀ (+ bias [E])`, with `w` `[E, H]` uploaded in slabs
+/// ([`GpuWeights::upload_router`]) and `T = x.rows`; `x` in any activation dtype (widened
+/// exactly), `logits` f32. `logits` and `bias` may be larger than needed. Allocates nothing:
+/// uniforms and the dummy bindings come from `scratch`.
 pub fn encode(
     dev: &WgpuDevice,
     enc: &mut ::wgpu::CommandEncoder,
@@ -58,6 +63,12 @@ pub fn encode(
     let st = Stage::Router;
     let tokens = x.rows;
     let (experts, hidden) = (w.rows, w.cols);
+    let Some(layout) = w.slab else {
+        return Err(Error::shape(
+            st,
+            "the router weights must be uploaded in slabs (GpuWeights::upload_router)",
+        ));
+    };
     if x.cols != hidden {
         return Err(Error::shape(
             st,
@@ -70,16 +81,25 @@ pub fn encode(
     if let Some(b) = bias {
         act::at_least(st, "router bias", b.len, experts)?;
     }
-    let params = |first_row: usize, rows: usize| -> Result<Params> {
+    // x is read as 128-bit words where every row starts on one.
+    let x_vec4 = (x.stride * x.dtype.size()) % 16 == 0 && x.buf.buffer.size() >= 16;
+    let params = |c: &crate::wgpu::weights::WeightChunk| -> Result<Params> {
         Ok(Params {
             tokens: index_u32(st, "T", tokens)?,
             experts: index_u32(st, "E", experts)?,
             hidden: index_u32(st, "H", hidden)?,
             has_bias: u32::from(bias.is_some()),
-            first_row: first_row as u32,
-            rows: rows as u32,
+            first_row: c.first_row as u32,
+            rows: c.rows as u32,
             x_stride: index_u32(st, "x row stride", x.stride)?,
-            _pad: 0,
+            x_vec4: u32::from(x_vec4),
+            slabs: c.slabs as u32,
+            last_width: if c.first_slab + c.slabs == layout.per_expert {
+                layout.last_width as u32
+            } else {
+                SLAB as u32
+            },
+            _pad: [0; 2],
         })
     };
     index_u32(st, "T x E", te)?;
@@ -98,23 +118,39 @@ pub fn encode(
             &dummy
         }
     };
+    let words4 = scratch.buffer::<u32>(dev, "router no vec4 words", 4)?;
+    let x4 = if x_vec4 {
+        act::range_binding(x.buf, x.words_for_rows(tokens).next_multiple_of(4))
+    } else {
+        words4.binding()
+    };
     for c in &w.chunks {
         if c.rows == 0 {
             continue;
         }
-        let params = scratch.uniform(dev, "router params", &params(c.first_row, c.rows)?)?;
+        let params = scratch.uniform(dev, "router params", &params(c)?)?;
+        let wb = if c.words.buffer.size() >= 16 {
+            c.words.binding()
+        } else {
+            words4.binding()
+        };
         let bind = scratch.bind(
             dev,
             &pipeline,
             &[
                 params.as_entire_binding(),
                 x.binding(tokens, 1),
-                c.words.binding(),
+                wb,
                 bias_buf.binding(),
                 act::range_binding(logits, te),
+                x4.clone(),
             ],
         )?;
-        dev.dispatch(enc, &pipeline, &bind, dev.grid(tokens * c.rows, 1)?);
+        // Jobs (slab, group of 8 tokens) of one vec4 of weights per invocation and h: 8
+        // invocations (16-bit weights) or 16 (f32) each, 64 invocations per workgroup.
+        let per_job = if w.dtype_code() == 0.0 { 16 } else { 8 };
+        let jobs = c.slabs * tokens.div_ceil(8);
+        dev.dispatch(enc, &pipeline, &bind, dev.grid(jobs, 64 / per_job)?);
     }
     Ok(())
 }
@@ -141,7 +177,7 @@ mod tests {
             for wdt in DType::ALL {
                 let w = g.tensor(&[e, h], 0.2).cast(wdt);
                 let bias = g.tensor(&[e], 0.1);
-                let gw = GpuWeights::upload(&dev, &w, None, "router.weight").unwrap();
+                let gw = GpuWeights::upload_router(&dev, &w, None, "router.weight").unwrap();
                 let bb = dev.upload(&bias.to_f32_vec(), "bias").unwrap();
                 let pool = Scratch::new();
                 let xb_cap = act::words(max_t * h, dtype);
@@ -179,7 +215,7 @@ mod tests {
             return;
         };
         let w = Gen::new(22).tensor(&[3, 5], 0.2);
-        let gw = GpuWeights::upload(&dev, &w, None, "router.weight").unwrap();
+        let gw = GpuWeights::upload_router(&dev, &w, None, "router.weight").unwrap();
         let xb = dev.alloc::<u32>(7, "x").unwrap();
         let logits = dev.alloc::<f32>(6, "logits").unwrap();
         let pool = Scratch::new();

@@ -2,7 +2,13 @@
 //! storage binding or buffer size (128 MiB on some adapters).
 //!
 //! Dense weights: packed u32 words (one f32, or two f16 / bf16 per word, element 2i of the
-//! chunk in the low half). A chunk always starts on a whole word.
+//! chunk in the low half), in k-major slabs ([`GpuWeights::upload_slabs`] for expert
+//! matrices, [`GpuWeights::upload_router`] for the router's): per expert, each block of
+//! [`SLAB`] = 64 output columns
+//! (weight rows n = 64·s .. 64·s + 63, zero past N) is stored as a `[K][64]` slab, element
+//! (k, j) at `k·64 + j` of the slab (16-bit: word `k·32 + j/2`, column j even in the low
+//! half). A k-row of a slab is 128 (16-bit) or 256 (f32) bytes, whole 16-byte words for any K;
+//! slabs follow each other expert by expert, and chunks hold whole slabs.
 //!
 //! Quantized weights ([`QuantMatrix`]) keep the file's bytes: the kernel decodes them in its
 //! weight load (shaders/expert_gemm.wgsl), no dequantized copy exists on the device. Each
@@ -38,6 +44,22 @@ use crate::wgpu::context::{GpuBuffer, WgpuDevice};
 /// Section alignment of a quantized chunk, in bytes.
 pub const SECTION_ALIGN: usize = 16;
 
+/// Output columns (weight rows) of one k-major slab of a dense expert matrix.
+pub const SLAB: usize = 64;
+
+/// The slab layout of a dense expert matrix `[E, N, K]` (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlabLayout {
+    /// Rows N of one expert.
+    pub expert_rows: usize,
+    /// Slabs per expert, ⌈N / 64⌉.
+    pub per_expert: usize,
+    /// Columns stored in the matrix's last slab: 64 for expert matrices (every slab whole);
+    /// for a router matrix ([`GpuWeights::upload_router`]) its real columns rounded up to one
+    /// 16-byte word (4 f32 or 8 16-bit elements).
+    pub last_width: usize,
+}
+
 /// A contiguous range of rows of a weight matrix.
 #[derive(Debug)]
 pub struct WeightChunk {
@@ -54,6 +76,11 @@ pub struct WeightChunk {
     pub zero_word: usize,
     /// Quantized: the scale row (of the whole matrix's scales) the scales section starts with.
     pub scale_row0: usize,
+    /// Slab layout: the first slab of the chunk (of the whole matrix's slabs, `e·⌈N/64⌉ + s`)
+    /// and the number of slabs it holds (0 and 0 otherwise).
+    pub first_slab: usize,
+    /// Slabs in this chunk (slab layout only).
+    pub slabs: usize,
 }
 
 /// How a quantized matrix's bytes decode: what the shader's overrides and `GemmParams` need.
@@ -136,6 +163,9 @@ pub struct GpuWeights {
     pub cols: usize,
     /// Row chunks in order, each within the binding limit.
     pub chunks: Vec<WeightChunk>,
+    /// Dense expert matrices: the k-major slab layout; `None` for row-major words (the
+    /// router) and quantized bytes.
+    pub slab: Option<SlabLayout>,
 }
 
 impl GpuWeights {
@@ -155,17 +185,18 @@ impl GpuWeights {
         }
     }
 
-    /// Whether every row is a whole number of 16-byte words of whole elements, so that the
-    /// small-batch `*_rows_x4` entry points (shaders/expert_gemm.wgsl) can read it as
-    /// `vec4<u32>` words: dense f32 K % 4 = 0, f16 / bf16 K % 8 = 0; FP8 K % 16 = 0 (16 e4m3
-    /// codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word; an odd K's padding nibble
+    /// Whether every row of a quantized matrix is a whole number of 16-byte words of whole
+    /// codes, so that the small-batch `*_rows_x4` entry points (shaders/expert_gemm.wgsl) can
+    /// read it as `vec4<u32>` words (false for dense weights: slabs, read by the GEMV): FP8
+    /// K % 16 = 0 (16 e4m3 codes a word), MXFP4 / INT4 K % 32 = 0 (32 nibbles a word; an odd K's padding nibble
     /// is never in a word of its own). Every chunk starts with a row at byte 0 of its buffer
     /// (for quantized chunks: the codes section comes first), so every row, and every word of
     /// a row, then starts on a 16-byte boundary of the binding. False when K = 0.
     pub fn vec4_rows(&self) -> bool {
         const WORD: usize = 16;
         let per_word = match &self.format {
-            WeightFormat::Dense(d) => WORD / d.size(),
+            // Dense weights are slabs, read by the GEMV (any K), never by rows.
+            WeightFormat::Dense(_) => return false,
             WeightFormat::Quant(q) => match q.format {
                 QuantFormat::Fp8Block => WORD,
                 QuantFormat::Mxfp4 | QuantFormat::Int4 => 2 * WORD,
@@ -179,8 +210,8 @@ impl GpuWeights {
         self.chunks.iter().map(|c| c.words.buffer.size()).sum()
     }
 
-    /// Uploads `w` (dense or quantized; see [`GpuWeights::upload`] and
-    /// [`GpuWeights::upload_quant`]).
+    /// Uploads the expert matrix `w` (dense in slabs, or quantized; see
+    /// [`GpuWeights::upload_slabs`] and [`GpuWeights::upload_quant`]).
     pub fn upload_weight(
         dev: &WgpuDevice,
         w: &Weight,
@@ -188,62 +219,123 @@ impl GpuWeights {
         label: &str,
     ) -> Result<Self> {
         match w {
-            Weight::Dense(t) => Self::upload(dev, t, max_bytes, label),
+            Weight::Dense(t) => Self::upload_slabs(dev, t, max_bytes, label),
             Weight::Quant(q) => Self::upload_quant(dev, q, max_bytes, label),
         }
     }
 
-    /// Uploads `t` viewed as `[rows, cols]` with `cols` its last dimension, chunked so that
-    /// each chunk fits `max_bytes` (or the device's binding limit when `None`).
-    pub fn upload(
+    /// Uploads the dense expert matrix `t` (`[E, N, K]`, or `[N, K]` for one expert) in k-major
+    /// slabs of 64 output columns (see the module docs), chunked by whole slabs so that each
+    /// chunk fits `max_bytes` (or the device's binding limit when `None`). Device memory is
+    /// the matrix plus the zero columns that pad each expert's N to a multiple of 64.
+    pub fn upload_slabs(
         dev: &WgpuDevice,
         t: &Tensor,
         max_bytes: Option<u64>,
         label: &str,
     ) -> Result<Self> {
-        let cols = *t.shape().last().unwrap_or(&1);
+        Self::upload_slabs_as(dev, t, max_bytes, label, false)
+    }
+
+    /// A router matrix `[E, H]` (E output columns) in slabs of 64 like
+    /// [`GpuWeights::upload_slabs`], except that the last slab holds only its real columns
+    /// rounded up to one 16-byte word (4 f32 or 8 16-bit elements) and is that wide: a
+    /// router of 8 experts, or the shared expert's `[1, H]` gate, is not padded to 64.
+    pub fn upload_router(
+        dev: &WgpuDevice,
+        t: &Tensor,
+        max_bytes: Option<u64>,
+        label: &str,
+    ) -> Result<Self> {
+        Self::upload_slabs_as(dev, t, max_bytes, label, true)
+    }
+
+    fn upload_slabs_as(
+        dev: &WgpuDevice,
+        t: &Tensor,
+        max_bytes: Option<u64>,
+        label: &str,
+        narrow: bool,
+    ) -> Result<Self> {
+        let shape = t.shape();
+        let cols = *shape.last().unwrap_or(&1);
         let rows = t.len().checked_div(cols).unwrap_or(0);
-        let elem = t.dtype().size() as u64;
+        let n = if shape.len() >= 2 {
+            shape[shape.len() - 2]
+        } else {
+            rows
+        };
+        let experts = rows.checked_div(n).unwrap_or(0);
+        let per_expert = n.div_ceil(SLAB);
+        let total = experts * per_expert;
+        let per_word = if t.dtype().size() == 2 { 2 } else { 1 };
+        let slab_words = cols * SLAB / per_word;
         let limit = max_bytes
             .unwrap_or_else(|| dev.max_binding_bytes())
-            .min(dev.max_binding_bytes());
-        let row_bytes = (cols as u64 * elem).max(1);
-        // 16-bit rows of odd length would split a word between chunks: keep chunks even.
-        let align = if elem == 2 && cols % 2 == 1 { 2 } else { 1 };
-        let mut per_chunk = ((limit.saturating_sub(4)) / row_bytes) as usize / align * align;
+            .min(dev.max_binding_bytes())
+            .min(u64::from(u32::MAX));
+        let slab_bytes = slab_words as u64 * 4;
+        // K = 0: slabs hold no word, one chunk takes them all.
+        let per_chunk = limit
+            .saturating_sub(4)
+            .checked_div(slab_bytes)
+            .map_or(total.max(1), |n| n as usize);
         if per_chunk == 0 {
             return Err(Error::Limit {
                 backend: BackendKind::Wgpu,
                 resource: Resource::BindingSize,
-                what: format!("{label}: one row of {cols} {} elements", t.dtype()),
-                need: row_bytes + 4,
+                what: format!(
+                    "{label}: one slab of {SLAB} rows of {cols} {} elements",
+                    t.dtype()
+                ),
+                need: slab_bytes + 4,
                 limit,
             });
         }
-        per_chunk = per_chunk.min(rows.max(1));
+        let word = 16 / t.dtype().size();
+        let last_width = if narrow && experts == 1 && n > 0 {
+            (n - (per_expert - 1) * SLAB).next_multiple_of(word)
+        } else {
+            SLAB
+        };
+        let layout = SlabLayout {
+            expert_rows: n,
+            per_expert,
+            last_width,
+        };
+        // Flattened first row and real rows (padding excluded) of slabs g0 .. g1.
+        let first_row = |g: usize| (g / per_expert.max(1)) * n + (g % per_expert.max(1)) * SLAB;
+        let real_rows = |g0: usize, g1: usize| -> usize {
+            (g0..g1)
+                .map(|g| (n - (g % per_expert) * SLAB).min(SLAB))
+                .sum()
+        };
         let mut chunks = Vec::new();
-        let mut first = 0;
-        while first < rows || (rows == 0 && chunks.is_empty()) {
-            let n = per_chunk.min(rows - first);
-            let words = pack_words(t, first * cols, (first + n) * cols);
+        let mut g0 = 0;
+        while g0 < total || chunks.is_empty() {
+            let g1 = (g0 + per_chunk).min(total);
+            let words = slab_words_of(t, layout, cols, g0..g1, total);
             chunks.push(WeightChunk {
-                first_row: first,
-                rows: n,
+                first_row: if g0 < total { first_row(g0) } else { 0 },
+                rows: real_rows(g0, g1),
                 words: dev.upload(&words, label)?,
                 scale_word: 0,
                 zero_word: 0,
                 scale_row0: 0,
+                first_slab: g0,
+                slabs: g1 - g0,
             });
-            first += n;
-            if rows == 0 {
+            if g1 >= total {
                 break;
             }
+            g0 = g1;
         }
         Ok(GpuWeights {
             format: WeightFormat::Dense(t.dtype()),
             rows,
             cols,
             chunks,
+            slab: Some(layout),
         })
     }
 
@@ -299,6 +391,8 @@ impl GpuWeights {
                 scale_word,
                 zero_word,
                 scale_row0,
+                first_slab: 0,
+                slabs: 0,
             });
             first += n;
             if rows == 0 {
@@ -310,6 +404,7 @@ impl GpuWeights {
             rows,
             cols: q.cols,
             chunks,
+            slab: None,
         })
     }
 }
@@ -453,6 +548,56 @@ pub fn pack_words(t: &Tensor, lo: usize, hi: usize) -> Vec<u32> {
         TensorData::F16(v) => pack16(&v[lo..hi].iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
         TensorData::BF16(v) => pack16(&v[lo..hi].iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
     }
+}
+
+/// The words of slabs `slabs` of the `[E·N, K]` matrix `t` in `layout` (see the module docs),
+/// built in parallel, one slab at a time.
+fn slab_words_of(
+    t: &Tensor,
+    layout: SlabLayout,
+    k: usize,
+    slabs: std::ops::Range<usize>,
+    total: usize,
+) -> Vec<u32> {
+    use rayon::prelude::*;
+    let n = layout.expert_rows;
+    let per_expert = layout.per_expert.max(1);
+    let half = t.dtype().size() == 2;
+    let per_word = if half { 2 } else { 1 };
+    // Whole slabs, then (router matrices) a narrower last one.
+    let last = if slabs.end == total {
+        layout.last_width
+    } else {
+        SLAB
+    };
+    let slab_words = k * SLAB / per_word;
+    let len = (slabs.len().saturating_sub(1)) * slab_words + k * last / per_word;
+    let mut out = vec![0u32; if slabs.is_empty() { 0 } else { len }];
+    if slab_words == 0 {
+        return out;
+    }
+    // The bits of element i of the tensor (16-bit: in the low half).
+    let bits = |i: usize| -> u32 {
+        match t.data() {
+            TensorData::F32(v) => v[i].to_bits(),
+            TensorData::F16(v) => u32::from(v[i].to_bits()),
+            TensorData::BF16(v) => u32::from(v[i].to_bits()),
+        }
+    };
+    out.par_chunks_mut(slab_words)
+        .zip(slabs)
+        .for_each(|(dst, g)| {
+            let (e, s) = (g / per_expert, g % per_expert);
+            let row_words = dst.len() / k; // 64 columns, or the narrow last slab's
+            for j in 0..SLAB.min(n - s * SLAB) {
+                let src = (e * n + s * SLAB + j) * k;
+                let (w, shift) = if half { (j / 2, 16 * (j % 2)) } else { (j, 0) };
+                for kk in 0..k {
+                    dst[kk * row_words + w] |= bits(src + kk) << shift;
+                }
+            }
+        });
+    out
 }
 
 fn pack16(h: &[u16]) -> Vec<u32> {
