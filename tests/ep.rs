@@ -33,28 +33,7 @@ const VARIANTS: [Variant; 3] = [Variant::Plain, Variant::Capacity, Variant::Expe
 /// A small odd-shaped synthetic layer of each preset's family (as tests/layer.rs), routed as
 /// `v` says.
 fn layer(p: Preset, v: Variant, dtype: DType, seed: u64) -> MoeLayer {
-    let mut cfg = p.config();
-    let (e, h, f) = (16, 37, 29);
-    let mut extras = Extras::default();
-    match p {
-        Preset::Qwen2Moe => {
-            extras.shared_ffn = Some(45);
-            extras.shared_gate = true;
-        }
-        Preset::DeepseekV3 => {
-            extras.score_correction_bias = true;
-            extras.shared_ffn = Some(29);
-            cfg.routing.top_k = 6;
-        }
-        Preset::GptOss | Preset::NllbMoe => {
-            extras.expert_biases = true;
-            extras.router_bias = p == Preset::GptOss;
-        }
-        Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(5)),
-        _ => {}
-    }
-    let r = &mut cfg.routing;
-    match v {
+    common::preset_layer_with(p, dtype, seed, |r| match v {
         Variant::Plain => r.capacity = None,
         Variant::Capacity => {
             // Tight enough that assignments are dropped.
@@ -71,8 +50,7 @@ fn layer(p: Preset, v: Variant, dtype: DType, seed: u64) -> MoeLayer {
                 capacity_factor: 1.5,
             });
         }
-    }
-    random_layer(cfg, e, h, f, extras, dtype, seed).expect("layer")
+    })
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use moe_kernels::config::{Capacity, ExpertChoice};
+use moe_kernels::config::ExpertChoice;
 use moe_kernels::cpu::expert_gemm::ffn_row;
 use moe_kernels::cpu::sigmoid;
 use moe_kernels::synth::{random_layer, random_x, Extras};
@@ -12,27 +12,7 @@ use moe_kernels::{DType, LayerConfig, MoeLayer, Preset, Tensor};
 
 /// A synthetic layer shaped like each preset's family, small and odd-sized.
 fn preset_layer(p: Preset, dtype: DType, seed: u64) -> MoeLayer {
-    let mut cfg = p.config();
-    let (e, h, f) = (16, 37, 29);
-    let mut extras = Extras::default();
-    match p {
-        Preset::Qwen2Moe => {
-            extras.shared_ffn = Some(45);
-            extras.shared_gate = true;
-        }
-        Preset::DeepseekV3 => {
-            extras.score_correction_bias = true;
-            extras.shared_ffn = Some(29);
-            cfg.routing.top_k = 6;
-        }
-        Preset::GptOss | Preset::NllbMoe => {
-            extras.expert_biases = true;
-            extras.router_bias = p == Preset::GptOss;
-        }
-        Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(5)),
-        _ => {}
-    }
-    random_layer(cfg, e, h, f, extras, dtype, seed).expect("layer")
+    common::preset_layer_with(p, dtype, seed, |_| {})
 }
 
 /// y[t] from the definition: Σ over kept picks of w · FFN_e(x[t]) · output_scale + shared.

@@ -5,7 +5,9 @@
 pub mod fixture;
 
 use moe_kernels::backend::unavailable_reason;
-use moe_kernels::{Backend, BackendKind, DType};
+use moe_kernels::config::{Capacity, RoutingConfig};
+use moe_kernels::synth::{random_layer, Extras};
+use moe_kernels::{Backend, BackendKind, DType, MoeLayer, Preset};
 
 /// Every backend that can run here. Prints which ran and why the others did not.
 ///
@@ -100,4 +102,37 @@ pub fn stage_tolerance(kind: BackendKind, dtype: DType) -> f64 {
         (BackendKind::Cuda, d) => tolerance(d),
         _ => tolerance(DType::F32),
     }
+}
+
+/// A synthetic layer shaped like preset `p`'s family, small and odd-sized (E 16, H 37, F 29;
+/// Qwen2-MoE's gated shared expert, DeepSeek-V3's correction bias, shared expert and top-6,
+/// gpt-oss / NLLB expert biases, Switch's capacity), after `tweak` has edited its routing.
+pub fn preset_layer_with(
+    p: Preset,
+    dtype: DType,
+    seed: u64,
+    tweak: impl FnOnce(&mut RoutingConfig),
+) -> MoeLayer {
+    let mut cfg = p.config();
+    let (e, h, f) = (16, 37, 29);
+    let mut extras = Extras::default();
+    match p {
+        Preset::Qwen2Moe => {
+            extras.shared_ffn = Some(45);
+            extras.shared_gate = true;
+        }
+        Preset::DeepseekV3 => {
+            extras.score_correction_bias = true;
+            extras.shared_ffn = Some(29);
+            cfg.routing.top_k = 6;
+        }
+        Preset::GptOss | Preset::NllbMoe => {
+            extras.expert_biases = true;
+            extras.router_bias = p == Preset::GptOss;
+        }
+        Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(5)),
+        _ => {}
+    }
+    tweak(&mut cfg.routing);
+    random_layer(cfg, e, h, f, extras, dtype, seed).expect("layer")
 }
