@@ -103,6 +103,8 @@ def main():
             print(f"ok   {name}: {r.get('message')}{extra} [{r.get('seconds')} s]")
     adapters = sorted({str(r.get("adapter")) for r in results})
     print(f"adapter: {', '.join(adapters)}")
+    features = sorted({", ".join(r.get("features") or []) or "none" for r in results})
+    print(f"device features in use: {'; '.join(features)}")
     print(f"web: {passed} passed, {failed} failed")
     return 1 if failed or not results else 0
 

@@ -8,9 +8,9 @@
 // token-choice capacity (GShard counting, slot by slot, within a slot by priority) or expert
 // choice (each expert keeps its top-C tokens by c); then weights are zeroed where dropped,
 // renormalised over the kept picks when asked and the sum != 0, and multiplied by `scale`.
-// counts[e] = kept assignments of expert e. Everything in f32; every sum in a fixed order,
-// no atomics: bitwise repeatable, and a token depends on the others only through capacity or
-// expert choice.
+// counts[e] = kept assignments of expert e. Everything in f32; every sum in a fixed order (no
+// atomic adds; the subgroup form's atomic maxima / minima are order-free): bitwise
+// repeatable, and a token depends on the others only through capacity or expert choice.
 //
 // Mirrors: src/cpu/gate.rs `gate` (scores / softmax / eligible_experts / select_token /
 //   capacity_kept / expert_choice_kept), with src/cpu/mod.rs `rank_cmp` / `top_n` as the
@@ -55,11 +55,17 @@
 // Workgroup memory: gate_select caches its token's row (c, group scores, group kept flags) in
 // CACHE f32 when row_len = E + 2G <= CACHE, else in the scratch rows; gate_select_lanes
 // stages 64 tokens × 32 logits (pitch 33) and keeps each token's group scores (2 × 8448 B);
-// at most ~17 KiB per entry point. No subgroup operations, so any subgroup size works. Compared values have
-// subnormals flushed on the bits (`canon`), so rankings agree on any denormal mode.
+// at most ~17 KiB per entry point. Compared values have subnormals flushed on the bits
+// (`canon`), so rankings agree on any denormal mode.
+// Subgroups: this file uses none. Where the device has wgpu's SUBGROUP feature, gate_select's
+// two workgroup reductions (the softmax maximum, each pick's best candidate) come from
+// shaders/gate_subgroups.wgsl instead (subgroupMax / subgroupMin / subgroupOr, then one
+// workgroup atomicMax / atomicMin / atomicOr per subgroup): any subgroup size, the same bits
+// (maxima and minima of exact keys do not depend on the order), 3 or 4 barriers per
+// reduction instead of 8 (see the <portable-reductions> section).
 // lavapipe ends an invocation after 65535 loop iterations (all loops together); the Rust side
 // refuses launches that could exceed that there (loop_iterations in src/wgpu/gate.rs).
-// Target: WGSL core, no extensions.
+// Target: WGSL core, no extensions (the subgroup module: `enable subgroups;`).
 
 const WG: u32 = 64u;
 const BLOCK: u32 = 256u;
@@ -209,6 +215,61 @@ fn eligible(t: u32, e: u32) -> bool {
     return row_get(t, p.experts + p.groups + e / p.group_size) != 0.0;
 }
 
+// Workgroup reductions of gate_select. Every invocation of the workgroup calls them at the
+// same point (uniform control flow) and gets the result; they begin and end with every
+// invocation past a barrier, so red_f / red_u (or the atomics) are free again on return.
+struct MaxOr {
+    m: f32,    // the maximum of the v (none is NaN)
+    flag: u32, // the OR of the flags
+}
+
+struct Best {
+    v: f32, // the best candidate's value (0.0 and NONE when no invocation has one); NaN
+    i: u32, // values rank last, ties go to the lower index (ranks_before)
+}
+
+// <portable-reductions> The section up to the closing marker is the portable form: trees
+// over workgroup memory, log2(WG) = 6 barrier steps. Where the device has subgroups,
+// src/wgpu/kernels.rs builds a second gate module (`enable subgroups;`) with this section
+// replaced by shaders/gate_subgroups.wgsl: the same maximum and picks (a maximum and a
+// best-by-rank are exact in any order), in 3 and 4 barriers.
+fn wg_max_or(lid: u32, v: f32, flag: u32) -> MaxOr {
+    red_f[lid] = v;
+    red_u[lid] = flag;
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            red_f[lid] = max(red_f[lid], red_f[lid + s]);
+            red_u[lid] |= red_u[lid + s];
+        }
+    }
+    workgroupBarrier();
+    let r = MaxOr(red_f[0], red_u[0]);
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_best(lid: u32, v: f32, i: u32) -> Best {
+    red_f[lid] = v;
+    red_u[lid] = i;
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            let bi = red_u[lid + s];
+            let ai = red_u[lid];
+            if (bi != NONE && (ai == NONE || ranks_before(red_f[lid + s], bi, red_f[lid], ai))) {
+                red_f[lid] = red_f[lid + s];
+                red_u[lid] = bi;
+            }
+        }
+    }
+    workgroupBarrier();
+    let r = Best(red_f[0], red_u[0]);
+    workgroupBarrier();
+    return r;
+}
+// </portable-reductions>
+
 // Row statistics: the maximum by a tree reduction (exact in any order), the sum of
 // exp(l − m) in expert order by invocation 0 from the exponentials staged in the row (the
 // order gate_select_lanes sums in, so both give the same bits and a token's weights do not
@@ -224,19 +285,9 @@ fn softmax_stats(t: u32, base: u32, lid: u32) -> Stats {
             lmax = max(lmax, l);
         }
     }
-    red_f[lid] = lmax;
-    red_u[lid] = nan;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if (lid < s) {
-            red_f[lid] = max(red_f[lid], red_f[lid + s]);
-            red_u[lid] |= red_u[lid + s];
-        }
-    }
-    workgroupBarrier();
-    let m = red_f[0];
-    let bad = red_u[0] != 0u || is_inf(m);
-    workgroupBarrier();
+    let mo = wg_max_or(lid, lmax, nan);
+    let m = mo.m;
+    let bad = mo.flag != 0u || is_inf(m);
     for (var e = lid; e < p.experts; e += WG) {
         row_set(t, e, exp(logits[base + e] - m));
     }
@@ -341,23 +392,9 @@ fn select_by_rounds(t: u32, lid: u32) {
                 best_i = e;
             }
         }
-        red_f[lid] = best_v;
-        red_u[lid] = best_i;
-        for (var s = WG / 2u; s > 0u; s >>= 1u) {
-            workgroupBarrier();
-            if (lid < s) {
-                let bi = red_u[lid + s];
-                let ai = red_u[lid];
-                if (bi != NONE && (ai == NONE || ranks_before(red_f[lid + s], bi, red_f[lid], ai))) {
-                    red_f[lid] = red_f[lid + s];
-                    red_u[lid] = bi;
-                }
-            }
-        }
-        workgroupBarrier();
-        prev_v = red_f[0];
-        prev_i = red_u[0];
-        workgroupBarrier();
+        let b = wg_best(lid, best_v, best_i);
+        prev_v = b.v;
+        prev_i = b.i;
         if (lid == 0u) {
             ids[t * p.slots + j] = prev_i;
         }

@@ -169,9 +169,10 @@ impl JsBackend {
         self.dev.adapter_name()
     }
 
-    /// The optional device features in use: `["timestamp-query"]` when per-stage GPU times
-    /// are available (none is required; `shader-f16` and subgroups are not needed: without
-    /// them the portable shaders run).
+    /// The optional device features in use: `"timestamp-query"` when per-stage GPU times
+    /// are available, `"subgroups"` when the gate's per-token reductions use subgroup
+    /// operations (same bits as the portable shaders). None is required; `shader-f16` is not
+    /// used.
     #[wasm_bindgen(getter)]
     pub fn features(&self) -> Array {
         let out = Array::new();
@@ -181,6 +182,9 @@ impl JsBackend {
                 .contains(::wgpu::Features::TIMESTAMP_QUERY)
             {
                 out.push(&JsValue::from_str("timestamp-query"));
+            }
+            if d.subgroups {
+                out.push(&JsValue::from_str("subgroups"));
             }
         }
         out

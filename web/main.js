@@ -171,6 +171,7 @@ async function main() {
     status: check.status,
     backend: dev.kind,
     adapter: state.adapter,
+    features: Array.from(dev.features),
     tokens: out.tokens,
     hidden: out.hidden,
     slots: out.slots,

@@ -631,6 +631,7 @@ fn info() -> Result<ExitCode> {
                 "  wgpu adapter: {} [{}; {}; {}]",
                 a.name, a.backend, a.device_type, a.driver
             );
+            println!("    optional features: {}", a.features);
         }
     }
     if let Ok(b) = Backend::auto() {

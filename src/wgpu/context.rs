@@ -115,6 +115,10 @@ pub struct WgpuDevice {
     pub limits: ::wgpu::Limits,
     /// Whether GPU timestamps are available (TIMESTAMP_QUERY + inside passes).
     pub timestamps: bool,
+    /// Whether the kernels that use subgroup operations run (the device has wgpu's SUBGROUP
+    /// feature; a runtime's own device only if it was created with it). They give the same
+    /// bits as the portable ones; set it to `false` to run the portable kernels only.
+    pub subgroups: bool,
     modules: Mutex<HashMap<&'static str, Arc<::wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<::wgpu::ComputePipeline>>>,
     /// Buffers created through this handle (storage, uniform, read-back staging).
@@ -143,9 +147,13 @@ impl WgpuDevice {
         crate::asynch::block_on("WgpuDevice::new", Self::new_async())
     }
 
-    /// Optional features the crate uses where the device has them: GPU timestamps.
-    pub(crate) const WANTED: ::wgpu::Features =
+    /// GPU timestamps: both features are needed.
+    pub(crate) const TIMESTAMPS: ::wgpu::Features =
         ::wgpu::Features::TIMESTAMP_QUERY.union(::wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+
+    /// Optional features the crate uses where the device has them: GPU timestamps, subgroups
+    /// (gate_select's reductions, shaders/gate_subgroups.wgsl).
+    pub(crate) const WANTED: ::wgpu::Features = Self::TIMESTAMPS.union(::wgpu::Features::SUBGROUP);
 
     /// A handle on a device and queue that the caller created (a runtime's own): the crate
     /// records into and submits on them, and uses the device's limits and features as they are.
@@ -159,10 +167,12 @@ impl WgpuDevice {
     }
 
     fn wrap(device: ::wgpu::Device, queue: ::wgpu::Queue, info: ::wgpu::AdapterInfo) -> Self {
-        let timestamps = device.features().contains(Self::WANTED);
+        let timestamps = device.features().contains(Self::TIMESTAMPS);
+        let subgroups = device.features().contains(::wgpu::Features::SUBGROUP);
         let limits = device.limits();
         WgpuDevice {
             timestamps,
+            subgroups,
             device,
             queue,
             info,
@@ -235,6 +245,14 @@ impl WgpuDevice {
     }
 
     fn module(&self, kernel: Kernel) -> Result<Arc<::wgpu::ShaderModule>> {
+        if kernel.needs_subgroups() && !self.device.features().contains(::wgpu::Features::SUBGROUP)
+        {
+            return Err(gpu_err(format!(
+                "{} needs subgroups, which this device was not created with \
+                 (set WgpuDevice::subgroups to false)",
+                kernel.entry_point()
+            )));
+        }
         let (file, source) = kernel.source();
         let mut cache = self
             .modules

@@ -25,6 +25,9 @@ pub enum Entry {
     /// [`Entry::Select`] with one invocation per token (at most [`LANE_SLOTS`] slots, at
     /// most 32 groups, no expert choice): no reduction trees.
     SelectLanes,
+    /// [`Entry::Select`] from the gate module of devices with subgroups (its two workgroup
+    /// reductions from shaders/gate_subgroups.wgsl): the same bits, fewer barriers.
+    SelectSubgroups,
     /// One invocation per token: its priority position by top-1 score.
     Priority,
     /// One workgroup per (slot, block of tokens): assignments per expert.
@@ -43,7 +46,7 @@ impl Entry {
     /// The entry point's name in the shader.
     pub fn name(self) -> &'static str {
         match self {
-            Entry::Select => "gate_select",
+            Entry::Select | Entry::SelectSubgroups => "gate_select",
             Entry::SelectLanes => "gate_select_lanes",
             Entry::Priority => "gate_priority",
             Entry::BlockCounts => "gate_block_counts",
@@ -57,7 +60,7 @@ impl Entry {
     /// The bindings of group 0 the entry point uses (the header of gate.wgsl lists them).
     fn bindings(self) -> &'static [u32] {
         match self {
-            Entry::Select | Entry::SelectLanes => &[0, 1, 2, 3, 4, 5, 7],
+            Entry::Select | Entry::SelectLanes | Entry::SelectSubgroups => &[0, 1, 2, 3, 4, 5, 7],
             Entry::Priority => &[0, 7],
             Entry::BlockCounts => &[0, 3, 7],
             Entry::BlockScan | Entry::ExpertChoice => &[0, 6, 7],
@@ -405,6 +408,8 @@ fn encode_with(
     let per_block = dev.grid(slots * blocks, 1)?;
     if lanes {
         run(enc, Entry::SelectLanes, per_token_inv)?;
+    } else if dev.subgroups {
+        run(enc, Entry::SelectSubgroups, per_token)?;
     } else {
         run(enc, Entry::Select, per_token)?;
     }
@@ -606,6 +611,51 @@ mod tests {
                 assert_eq!(lanes.3, wg.3, "{ctx}: counts");
             }
         }
+    }
+
+    /// gate_select from the subgroup module (shaders/gate_subgroups.wgsl) and from the
+    /// portable one give bitwise the same outputs, for every routing variant (expert choice
+    /// included: it always takes gate_select), T = 1 and T = 37 (below the lanes path), E from
+    /// 4 to 3000 (the scratch rows), the workgroup row forced into scratch, ties between
+    /// experts and NaN logits. On lavapipe in CI the subgroup module must run (subgroup size 8:
+    /// eight subgroups fold into each reduction).
+    #[test]
+    fn subgroup_and_portable_reductions_give_the_same_bits() {
+        let Some(mut dev) = device() else { return };
+        if !dev.subgroups {
+            assert!(
+                std::env::var("CI").is_err() || !dev.info.name.contains("llvmpipe"),
+                "lavapipe offers subgroups: the subgroup gate must run in CI"
+            );
+            println!("subgroup gate not run: {} has no subgroups", dev.info.name);
+            return;
+        }
+        let mut g = Gen::new(31);
+        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (e, k) in [(4, 1), (16, 4), (72, 8), (128, 8), (3000, 8)] {
+            for cfg in variants(k) {
+                for (t, force_global) in [(1, false), (37, false), (37, true)] {
+                    let mut l = g.uniform(t * e, 3.0);
+                    // Ties: expert 1 of each token equals expert 0 (lower index wins), and
+                    // a token with a NaN logit.
+                    for r in 0..t {
+                        l[r * e + 1] = l[r * e];
+                    }
+                    l[(t / 2) * e + e / 2] = f32::NAN;
+                    let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
+                    dev.subgroups = true;
+                    let sg = run(&dev, &l, (t, e), bias.as_deref(), &cfg, force_global);
+                    dev.subgroups = false;
+                    let portable = run(&dev, &l, (t, e), bias.as_deref(), &cfg, force_global);
+                    let ctx = format!("T {t} E {e} global {force_global} {cfg:?}");
+                    assert_eq!(sg.0, portable.0, "{ctx}: ids");
+                    assert_eq!(bits(&sg.1), bits(&portable.1), "{ctx}: weights");
+                    assert_eq!(sg.2, portable.2, "{ctx}: kept");
+                    assert_eq!(sg.3, portable.3, "{ctx}: counts");
+                }
+            }
+        }
+        println!("subgroup gate == portable gate on {}", dev.info.name);
     }
 
     #[test]

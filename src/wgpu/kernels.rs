@@ -45,12 +45,54 @@ impl Kernel {
         }
     }
 
-    /// `(file name, full WGSL source)` of this kernel's module: the prelude, then the stage.
+    /// `(module name, full WGSL source)` of this kernel's module: the prelude, then the stage;
+    /// for [`gate::Entry::SelectSubgroups`], the gate module of subgroup devices (see
+    /// [`gate_subgroups_source`]). The module name keys the device's module cache.
     pub fn source(self) -> (&'static str, String) {
+        if self == Kernel::Gate(gate::Entry::SelectSubgroups) {
+            return ("gate.wgsl+gate_subgroups.wgsl", gate_subgroups_source());
+        }
         let (file, body) = stage_source(self.stage());
         (file, format!("{COMMON}\n{body}"))
     }
+
+    /// Whether the kernel needs wgpu's SUBGROUP feature on the device.
+    pub fn needs_subgroups(self) -> bool {
+        self == Kernel::Gate(gate::Entry::SelectSubgroups)
+    }
 }
+
+/// Start and end markers of gate.wgsl's portable reductions.
+const PORTABLE_BEGIN: &str = "// <portable-reductions>";
+const PORTABLE_END: &str = "// </portable-reductions>";
+
+/// The gate module for devices with subgroups: [`ENABLE_SUBGROUPS`], the prelude, then
+/// gate.wgsl with its `<portable-reductions>` section (from the line of its opening marker to
+/// the line of its closing one) replaced by shaders/gate_subgroups.wgsl, which defines the
+/// same functions.
+pub fn gate_subgroups_source() -> String {
+    let (_, gate) = stage_source(Stage::Gate);
+    let sub = include_str!("../../shaders/gate_subgroups.wgsl");
+    // Both markers are in the embedded file (a unit test checks it); a missing one would be
+    // a build defect, so the whole gate.wgsl is kept and naga reports the duplicate functions.
+    let (Some(b), Some(e)) = (gate.find(PORTABLE_BEGIN), gate.find(PORTABLE_END)) else {
+        return format!("{ENABLE_SUBGROUPS}{COMMON}\n{gate}\n{sub}");
+    };
+    let e = e + PORTABLE_END.len();
+    format!(
+        "{ENABLE_SUBGROUPS}{COMMON}\n{}{sub}{}",
+        &gate[..b],
+        &gate[e..]
+    )
+}
+
+/// The WGSL directive of the subgroup module. A browser's WebGPU (Tint, wasm32) requires
+/// `enable subgroups;`; naga (wgpu 30, native) rejects it as not yet implemented and takes the
+/// subgroup built-ins from the device's SUBGROUP capability instead.
+#[cfg(target_arch = "wasm32")]
+const ENABLE_SUBGROUPS: &str = "enable subgroups;\n";
+#[cfg(not(target_arch = "wasm32"))]
+const ENABLE_SUBGROUPS: &str = "";
 
 /// The WGSL file of each stage, embedded at build time.
 pub fn stage_source(stage: Stage) -> (&'static str, &'static str) {
@@ -63,5 +105,30 @@ pub fn stage_source(stage: Stage) -> (&'static str, &'static str) {
             include_str!("../../shaders/expert_gemm.wgsl"),
         ),
         Stage::Combine => ("combine.wgsl", include_str!("../../shaders/combine.wgsl")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The subgroup gate module is gate.wgsl with exactly its portable reductions swapped.
+    #[test]
+    fn the_subgroup_gate_module_swaps_only_the_portable_reductions() {
+        let (_, gate) = stage_source(Stage::Gate);
+        assert_eq!(gate.matches(PORTABLE_BEGIN).count(), 1);
+        assert_eq!(gate.matches(PORTABLE_END).count(), 1);
+        let src = gate_subgroups_source();
+        assert!(src.starts_with(ENABLE_SUBGROUPS));
+        assert!(!src.contains(PORTABLE_BEGIN) && !src.contains(PORTABLE_END));
+        for f in [
+            "fn wg_max_or(",
+            "fn wg_best(",
+            "fn gate_select(",
+            "fn gate_finish(",
+        ] {
+            assert_eq!(src.matches(f).count(), 1, "{f}");
+        }
+        assert!(src.contains("subgroupMax(") && !src.contains("red_f[lid] = v;"));
     }
 }

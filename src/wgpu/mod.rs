@@ -112,6 +112,9 @@ pub struct AdapterSummary {
     pub device_type: String,
     /// The driver's name and version information.
     pub driver: String,
+    /// The optional features this crate can use that the adapter offers (`timestamp-query`,
+    /// `subgroups` with the adapter's subgroup size range, `shader-f16`), or `none`.
+    pub features: String,
 }
 
 /// Switches off Mesa's Vulkan device-select layer on a headless machine. That implicit layer
@@ -140,6 +143,30 @@ pub fn instance_descriptor() -> ::wgpu::InstanceDescriptor {
     desc
 }
 
+/// The optional features of `a` that matter here, as `moe info` prints them.
+fn feature_summary(a: &::wgpu::Adapter) -> String {
+    let f = a.features();
+    let mut out = Vec::new();
+    if f.contains(::wgpu::Features::TIMESTAMP_QUERY) {
+        out.push("timestamp-query".to_string());
+    }
+    if f.contains(::wgpu::Features::SUBGROUP) {
+        let i = a.get_info();
+        out.push(format!(
+            "subgroups (size {}..{})",
+            i.subgroup_min_size, i.subgroup_max_size
+        ));
+    }
+    if f.contains(::wgpu::Features::SHADER_F16) {
+        out.push("shader-f16".to_string());
+    }
+    if out.is_empty() {
+        "none".to_string()
+    } else {
+        out.join(", ")
+    }
+}
+
 /// Lists the adapters wgpu finds. Instance creation honours `WGPU_BACKEND` and the other
 /// `WGPU_*` variables.
 pub fn probe() -> Result<Vec<AdapterSummary>, String> {
@@ -160,6 +187,7 @@ pub fn probe() -> Result<Vec<AdapterSummary>, String> {
                 backend: format!("{:?}", i.backend),
                 device_type: format!("{:?}", i.device_type),
                 driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+                features: feature_summary(a),
             }
         })
         .collect())
