@@ -66,7 +66,7 @@ impl Kernel {
 const PORTABLE_BEGIN: &str = "// <portable-reductions>";
 const PORTABLE_END: &str = "// </portable-reductions>";
 
-/// The gate module for devices with subgroups: [`ENABLE_SUBGROUPS`], the prelude, then
+/// The gate module for devices with subgroups: `enable subgroups;` (in a browser only), the prelude, then
 /// gate.wgsl with its `<portable-reductions>` section (from the line of its opening marker to
 /// the line of its closing one) replaced by shaders/gate_subgroups.wgsl, which defines the
 /// same functions.
