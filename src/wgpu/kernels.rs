@@ -66,9 +66,9 @@ impl Kernel {
 const PORTABLE_BEGIN: &str = "// <portable-reductions>";
 const PORTABLE_END: &str = "// </portable-reductions>";
 
-/// The gate module for devices with subgroups: `enable subgroups;` (in a browser only), the prelude, then
-/// gate.wgsl with its `<portable-reductions>` section (from the line of its opening marker to
-/// the line of its closing one) replaced by shaders/gate_subgroups.wgsl, which defines the
+/// The gate module for devices with subgroups: `enable subgroups;` (in a browser only), the
+/// prelude, then gate.wgsl with its `<portable-reductions>` section (from its opening marker
+/// to the end of its closing one) replaced by shaders/gate_subgroups.wgsl, which defines the
 /// same functions.
 pub fn gate_subgroups_source() -> String {
     let (_, gate) = stage_source(Stage::Gate);
