@@ -75,10 +75,24 @@ const TILE_COLS: usize = 64;
 pub const SMALL_ROWS: usize = 32;
 /// Columns (weight rows) of a small-path workgroup (RB_N in the shader).
 const SMALL_COLS: usize = 32;
-/// Slabs of a dense GEMV workgroup (GV_SLABS in the shader).
-const GV_SLABS: usize = 8;
 /// Rows of one dense GEMV invocation (GV_ROWS in the shader).
 const GV_ROWS: usize = 4;
+/// Invocations of a dense GEMV workgroup (its workgroup size in the shader): `S` k splits
+/// ([`gv_splits`]) × `32 / S` slabs × 8 invocations.
+const GV_INVOCATIONS: usize = 256;
+/// Depth of a canonical k chunk (KC in the shader): every path sums each chunk of KC
+/// consecutive k from 0 and adds the chunks in order.
+pub const K_CHUNK: usize = 256;
+
+/// The k splits of a dense GEMV pass over K (GV_SPLITS in the shader): the number of k chunks
+/// (KC = [`K_CHUNK`] deep, of K rounded up to 16) rounded up to a power of two, at most 8.
+/// A function of K alone, so it never depends on the batch.
+pub fn gv_splits(k: usize) -> usize {
+    k.next_multiple_of(16)
+        .div_ceil(K_CHUNK)
+        .clamp(1, 8)
+        .next_power_of_two()
+}
 
 /// Which kernel [`encode_path`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -592,7 +606,14 @@ pub fn encode_path(
         let a_vec4 = gemv
             && (pass.a.stride * pass.a.dtype.size()) % 16 == 0
             && pass.a.buf.buffer.size() >= 16;
-        let pipeline = dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?;
+        let splits = gv_splits(pass.k);
+        let pipeline = if gemv {
+            let mut constants = pass.constants.clone();
+            constants.push(("GV_SPLITS", splits as f64));
+            dev.pipeline(Kernel::ExpertGemm(entry), &constants)?
+        } else {
+            dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?
+        };
         for c in &pass.chunks {
             let (first, n_rows, words, gwords) = (c.first, c.rows, c.words, c.gate);
             if n_rows == 0 {
@@ -605,10 +626,11 @@ pub fn encode_path(
             let (groups_x, groups_y, groups_z) = if gemv {
                 let slabs = c.slabs.min(per_expert);
                 // Row tiles of GV_ROWS rows: at most one per row, and at most one partial
-                // tile per expert beyond ceil(rows / GV_ROWS).
+                // tile per expert beyond ceil(rows / GV_ROWS); slab groups of
+                // 256 / 8 / splits slabs (the workgroup's other invocations split k).
                 (
                     rows.min(rows.div_ceil(GV_ROWS) + e_count),
-                    slabs.div_ceil(GV_SLABS),
+                    slabs.div_ceil(GV_INVOCATIONS / 8 / splits),
                     1,
                 )
             } else if small {
