@@ -1653,4 +1653,211 @@ mod tests {
             assert!(matches!(err, Error::Shape { .. }), "{err:?}");
         }
     }
+
+    /// The first index where `a` and `b` differ (or their lengths do), if any.
+    fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
+        if a.len() != b.len() {
+            return Some(a.len().min(b.len()));
+        }
+        a.iter().zip(b).position(|(x, y)| x != y)
+    }
+
+    /// `a · w` in the order given: chunks of `chunk` consecutive k, each summed in f32 from 0
+    /// (with fma when `fused`, else a rounded product and a rounded add), k zero-padded to a
+    /// multiple of 16 in the last chunk, the chunks added left to right starting from chunk 0
+    /// itself. `chunk = usize::MAX`: the single in-order chain of the kernels before k chunks.
+    fn dot_f32(a: &[f32], w: &[f32], chunk: usize, fused: bool) -> f32 {
+        let k = a.len();
+        let k16 = k.next_multiple_of(16);
+        let mut tot = 0.0f32;
+        let mut c0 = 0;
+        while c0 < k16 {
+            let end = c0.saturating_add(chunk).min(k16);
+            let mut acc = 0.0f32;
+            for kk in c0..end {
+                let (x, y) = if kk < k { (a[kk], w[kk]) } else { (0.0, 0.0) };
+                acc = if fused {
+                    x.mul_add(y, acc)
+                } else {
+                    x * y + acc
+                };
+            }
+            tot = if c0 == 0 { acc } else { tot + acc };
+            c0 = end;
+        }
+        tot
+    }
+
+    /// The ReLU FFN of f32 activations `x` in f32 with [`dot_f32`]'s order: h = max(x·Wuᵀ +
+    /// bu, 0), y = h·Wdᵀ + bd (the kernels' epilogue: + bias, then the activation), rows past
+    /// offsets[E] left 0.
+    fn relu_ffn_f32(
+        x: &[f32],
+        offsets: &[u32],
+        w: &ExpertWeights,
+        chunk: usize,
+        fused: bool,
+    ) -> Vec<f32> {
+        let up = w.up.dense().unwrap();
+        let (e, f, h) = (up.shape()[0], up.shape()[1], up.shape()[2]);
+        let wu = up.to_f32_vec();
+        let wd = w.down.dense().unwrap().to_f32_vec();
+        let bu = w.up_bias.as_ref().unwrap().to_f32_vec();
+        let bd = w.down_bias.as_ref().unwrap().to_f32_vec();
+        let mut y = vec![0.0f32; x.len()];
+        for ex in 0..e {
+            for r in offsets[ex] as usize..offsets[ex + 1] as usize {
+                let xr = &x[r * h..(r + 1) * h];
+                let hr: Vec<f32> = (0..f)
+                    .map(|n| {
+                        let wr = &wu[(ex * f + n) * h..(ex * f + n + 1) * h];
+                        (dot_f32(xr, wr, chunk, fused) + bu[ex * f + n]).max(0.0)
+                    })
+                    .collect();
+                for o in 0..h {
+                    let wr = &wd[(ex * h + o) * f..(ex * h + o + 1) * f];
+                    y[r * h + o] = dot_f32(&hr, wr, chunk, fused) + bd[ex * h + o];
+                }
+            }
+        }
+        y
+    }
+
+    /// The canonical k chunks on every dense path, with K over several chunks and not a
+    /// multiple of 256, odd N, every GEMV split count (K 300: 2 splits; 601 and 1000: 4; 2100:
+    /// 8 splits in 2 rounds) and 1 to 4 rows per GEMV invocation (5 rows: two row tiles):
+    /// the GEMV (whole and in one-slab chunks) and the tiled kernel (whole and chunked) give
+    /// the same bits, within tolerance of the f64 reference; for ReLU those bits are the f32
+    /// FFN summed in the canonical order on the CPU ([`relu_ffn_f32`], with fma or without,
+    /// whichever the device's fma is), and not those of the single in-order chain.
+    #[test]
+    fn k_chunks_are_canonical_on_every_dense_path() {
+        let Some(dev) = device() else { return };
+        assert_eq!(
+            [0, 16, 256, 272, 300, 601, 1000, 2048, 2100, 9000].map(gv_splits),
+            [1, 1, 1, 2, 2, 4, 4, 8, 8, 8]
+        );
+        let mut g = Gen::new(31);
+        // (E, F, H, offsets): K of the up pass is H, of the down pass F.
+        let cases: [(usize, usize, usize, &[u32]); 4] = [
+            (2, 1000, 601, &[0, 5, 7]),
+            (2, 1000, 601, &[0, 0, 1]),
+            (2, 2100, 41, &[0, 3, 3]),
+            (3, 517, 300, &[0, 1, 1, 4]),
+        ];
+        let mut differs_from_one_chain = 0;
+        for (e, f, h, offsets) in cases {
+            let kept = *offsets.last().unwrap() as usize;
+            let rows = kept + 2;
+            let x = g.uniform(rows * h, 1.0);
+            let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            for act in [Activation::Relu, Activation::Swiglu] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let ctx = format!("E {e} F {f} H {h}, {kept} rows, {act:?}, {dtype} weights");
+                    let w = weights(&mut g, (e, f, h), act, dtype);
+                    let reference = expert_ffn(&xd, offsets, &w, act).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    let chunked = GpuExperts::upload_with_limit(
+                        &dev,
+                        &w,
+                        act,
+                        Some(one_slab(h.max(f), dtype)),
+                    )
+                    .unwrap();
+                    let most = chunked.up.chunks.len().max(chunked.down.chunks.len());
+                    assert!(most > 1, "{ctx}: {most} chunks");
+                    let tiled = run_path(&dev, &whole, &x, offsets, act, GemmPath::Tiled);
+                    let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
+                    assert!(err <= 2e-5, "{ctx}: rel L2 {err:e}");
+                    let want = bits(&tiled[..kept * h]);
+                    for (label, gw, path) in [
+                        ("GEMV", &whole, GemmPath::Rows),
+                        ("GEMV chunked", &chunked, GemmPath::Rows),
+                        ("tiled chunked", &chunked, GemmPath::Tiled),
+                        ("auto", &whole, GemmPath::Auto),
+                    ] {
+                        let y = run_path(&dev, gw, &x, offsets, act, path);
+                        let at = first_difference(&want, &bits(&y[..kept * h]));
+                        assert!(at.is_none(), "{ctx}: {label} differs first at {at:?}");
+                    }
+                    if act == Activation::Relu {
+                        let canonical = [true, false].map(|fused| {
+                            bits(&relu_ffn_f32(&x, offsets, &w, K_CHUNK, fused)[..kept * h])
+                        });
+                        assert!(
+                            canonical.contains(&want),
+                            "{ctx}: not the canonical k-chunk order"
+                        );
+                        let chain = [true, false].map(|fused| {
+                            bits(&relu_ffn_f32(&x, offsets, &w, usize::MAX, fused)[..kept * h])
+                        });
+                        differs_from_one_chain += usize::from(!chain.contains(&want));
+                    }
+                    println!("{ctx}: rel L2 {err:.2e}, GEMV and tiled bitwise equal");
+                }
+            }
+        }
+        // With K up to 2100 the chunked order rounds differently from one chain somewhere
+        // (the check above could not tell the two orders apart otherwise).
+        assert_eq!(
+            differs_from_one_chain, 8,
+            "cases differing from the single chain"
+        );
+    }
+
+    /// The canonical k chunks with quantized weights: FP8 (K 608 with 128-bit code words, and
+    /// odd K 999 with scalar words, odd N 999), MXFP4 (K 800 and 544, 128-bit words) and INT4
+    /// with zero points (K 1056 and 608, groups of 32): the tiled kernel, whole and in
+    /// ≈ 11-row chunks, and every small-batch weight load give the same bits, within
+    /// tolerance of the f64 reference.
+    #[test]
+    fn k_chunks_are_canonical_on_every_quantized_path() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(32);
+        let (fp8, mx, int4) = (QuantFormat::Fp8Block, QuantFormat::Mxfp4, QuantFormat::Int4);
+        let cases = [
+            (spec(fp8, DType::F32, None, false), (2, 999, 608)),
+            (spec(mx, DType::F32, None, false), (2, 544, 800)),
+            (spec(int4, DType::BF16, Some(32), true), (2, 608, 1056)),
+        ];
+        for (sp, (e, f, h)) in cases {
+            let offsets = [0u32, 3, 9];
+            let kept = 9;
+            let rows = kept + 2;
+            let x = g.uniform(rows * h, 1.0);
+            let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            for act in [Activation::Swiglu, Activation::Relu] {
+                let ctx = format!("{} E {e} F {f} H {h}, {act:?}", sp.format);
+                let w = quantized(&weights(&mut g, (e, f, h), act, DType::F32), &sp);
+                let reference = expert_ffn(&xd, &offsets, &w, act).unwrap();
+                let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                let chunked =
+                    GpuExperts::upload_with_limit(&dev, &w, act, Some(eleven_rows(&w))).unwrap();
+                assert!(chunked.down.chunks.len() > e, "{ctx}");
+                let tiled = run_path(&dev, &whole, &x, &offsets, act, GemmPath::Tiled);
+                let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
+                assert!(err <= 2e-5, "{ctx}: rel L2 {err:e}");
+                let want = bits(&tiled[..kept * h]);
+                let tc = run_path(&dev, &chunked, &x, &offsets, act, GemmPath::Tiled);
+                let at = first_difference(&want, &bits(&tc[..kept * h]));
+                assert!(at.is_none(), "{ctx}: tiled chunked differs first at {at:?}");
+                let x4 = check_small_entries(&whole, rows);
+                for (label, gw) in [("whole", &whole), ("chunked", &chunked)] {
+                    let mut paths = small_paths(x4);
+                    if !x4 {
+                        paths.push(GemmPath::Rows);
+                    }
+                    for path in paths {
+                        let y = run_path(&dev, gw, &x, &offsets, act, path);
+                        let at = first_difference(&want, &bits(&y[..kept * h]));
+                        assert!(
+                            at.is_none(),
+                            "{ctx}: {label} {path:?} differs first at {at:?}"
+                        );
+                    }
+                }
+                println!("{ctx}: rel L2 {err:.2e}, vec4 words both passes {x4}, paths equal");
+            }
+        }
+    }
 }
