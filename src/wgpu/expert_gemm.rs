@@ -11,8 +11,15 @@
 //! storage binding limit). A chunk may start or end in the middle of an expert; each dispatch
 //! covers every (expert, column) whose weight row lies in its chunk, indexing the chunk with
 //! chunk-relative rows, so no re-upload per expert is needed. Gate and up share one chunking
-//! (same shape, dtype and limit). Chunking never changes a result: every output is one f32
-//! accumulator summed in k order.
+//! (same shape, dtype and limit). Chunking never changes a result: every output is summed in
+//! the one canonical order below.
+//!
+//! **Canonical summation order** (every entry point, dense and quantized; the shader header's
+//! Determinism section): k is cut into chunks of [`K_CHUNK`] = 256 consecutive k; each chunk
+//! is one f32 fma chain from 0 in k order (zero-padded to a multiple of 16 inside the last
+//! chunk), the output is chunk 0, + chunk 1, + chunk 2, … left to right, then bias and
+//! activation. It depends on K alone, so a row's bits do not depend on the batch, the tile,
+//! the weight chunking or the entry point; for K ≤ 256 it is the single in-order chain.
 //!
 //! Quantized weights (FP8 block, MXFP4, INT4; DESIGN.md section 4) are uploaded as their
 //! packed bytes, each chunk one buffer of codes, scales and zero points (src/wgpu/weights.rs),
@@ -25,23 +32,27 @@
 //!
 //! Dense weights are uploaded as k-major slabs of 64 output columns
 //! ([`GpuWeights::upload_slabs`]); chunks hold whole slabs. With at most [`SMALL_ROWS`] = 32
-//! rows in all, dense passes run the `*_gemv` entry points: no workgroup memory and no
-//! barrier, each invocation owns 8 columns of one slab and up to 4 rows of its expert and
-//! walks k in order with one 128-bit weight load per k (8 invocations read one 128-byte line),
-//! the same fma chain as every other path.
+//! rows in all, dense passes run the `*_gemv` entry points: each invocation owns 8 columns of
+//! one slab and up to 4 rows of its expert and sums whole k chunks with one 128-bit weight
+//! load per k (8 invocations read one 128-byte line). k is split over [`gv_splits`] (S = 1,
+//! 2, 4 or 8, from K alone) invocations per output: a workgroup of 256 is S splits × 32 / S
+//! slabs × 8 lanes, split j sums chunks j, j + S, …, and split 0 adds the others' chunk sums
+//! in chunk order through workgroup memory (2 barriers per row and round of S chunks): S
+//! times the independent weight loads in flight of one sequential walk over k, the same
+//! arithmetic as every other path.
 //!
 //! Small batches of quantized weights (decode): with at most [`SMALL_ROWS`] = 32 rows in all
 //! (`T · k` routed rows, known on the host), the 64-row tiles would be almost empty and the
 //! grid too small to keep the memory busy, so the `*_rows` entry points run instead: one
 //! workgroup per (expert, 32 weight rows), looping over that expert's ≤ 32 rows with one read
-//! of each weight element,
-//! loaded with coalesced 128-bit reads (`*_rows_x4`) or scalar words. `pass_entry` picks the
-//! 128-bit form for a pass whenever its weight rows are whole 16-byte words of whole elements
-//! ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4 K % 32 = 0), the scalar form
-//! otherwise (odd K included); [`GemmPath`] forces either for tests. They compute every output with exactly the tiled kernel's arithmetic
-//! (same decoded weights, fma order, zero padding, bias and activation code), so a token's
-//! output is bitwise the same whether its batch takes the small or the tiled path, and
-//! whichever weight load the small path uses.
+//! of each weight element, loaded with coalesced 128-bit reads (`*_rows_x4`) or scalar words.
+//! `pass_entry` picks the 128-bit form for a pass whenever its weight rows are whole 16-byte
+//! words of whole elements ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4
+//! K % 32 = 0), the scalar form otherwise (odd K included); [`GemmPath`] forces either for
+//! tests. They compute every output with exactly the tiled kernel's arithmetic (same decoded
+//! weights, the canonical k-chunk order, zero padding, bias and activation code), so a
+//! token's output is bitwise the same whether its batch takes the small or the tiled path,
+//! and whichever weight load the small path uses.
 //!
 //! Activations (`a`, `h`, `out`) are f32, f16 or bf16 ([`Act`], the shader's `A_DTYPE`): read
 //! widened exactly, accumulated in f32, each output rounded once at the store. A 16-bit output
@@ -130,7 +141,7 @@ pub enum Entry {
     UpRowsX4,
     /// [`Entry::Down`] for ≤ 32 rows, 128-bit weight words (as [`Entry::UpRowsX4`]).
     DownRowsX4,
-    /// [`Entry::Up`] for ≤ 32 rows of dense (slab) weights: the barrier-free GEMV.
+    /// [`Entry::Up`] for ≤ 32 rows of dense (slab) weights: the split-k GEMV.
     UpGemv,
     /// [`Entry::Down`] for ≤ 32 rows of dense (slab) weights.
     DownGemv,
