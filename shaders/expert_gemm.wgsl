@@ -107,8 +107,8 @@
 //   2 geglu, 3 relu, 4 gelu, 5 clamped_swiglu (alpha and limit in p); W_QUANT: 0 dense
 //   (W_DTYPE), 1 fp8 block, 2 mxfp4, 3 int4; S_DTYPE (scales): 0 f32, 1 f16, 2 bf16, 3 e8m0;
 //   W_ZEROS: 1 when an INT4 zeros section is present; W_GROUP: the k extent of one scale
-//   (128 fp8, 32 mxfp4, G int4); GV_SPLITS (*_gemv only): the k splits per output, 1, 2, 4
-//   or 8 (set per pass from K: src/wgpu/expert_gemm.rs `gv_splits`).
+//   (128 fp8, 32 mxfp4, G int4); GV_SPLITS and GV_WG (*_gemv only): the k splits per output
+//   (1, 2, 4 or 8, per pass: src/wgpu/expert_gemm.rs `gv_splits`) and the workgroup size.
 //
 // Launch of expert_up / expert_down (one dispatch per weight chunk holding ≥ 1 row):
 //   workgroup_size 256 = 16 × 16 invocations (tx = lid % 16, ty = lid / 16), each computing a
@@ -140,7 +140,7 @@
 //   against bank conflicts) = 3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B.
 //   *_rows and *_rows_x4 (quantized): three tiles of 32 rows × (64 + 4) f32 =
 //   3 × 8704 B = 26 112 B, plus 16 B of job info: 26 128 B. Both ≤ 32 KiB. *_gemv: the staged
-//   chunk sums, 14 336 B, plus 16 B of tile info: 14 352 B (≤ 16 KiB; above the GEMV code).
+//   chunk sums of one row, 16 384 B (16 KiB; above the GEMV code).
 // Launch of the *_gemv entry points: above the GEMV code at the end of this file.
 // Determinism: one canonical summation order for every output on every entry point. k is cut
 //   into chunks of KC = 256 consecutive k (chunk c: k = 256·c .. 256·c + 255; KC is a
@@ -1303,7 +1303,7 @@ fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 // a [K][64] slab; a k-row of a slab is 8 (16-bit) or 16 (f32) 128-bit words), k split over
 // GV_SPLITS = S invocations per output. Invocation lid of a workgroup is split
 // j = lid / (8·GS) and, within it, i = lid % (8·GS): lane l = i % 8 of slab i / 8 of the
-// workgroup (GS = 32 / S slabs per workgroup, 256 invocations in all). It owns the 8 columns
+// workgroup (GS = min(8, 32 / S) slabs per workgroup: gv_gs). It owns the 8 columns
 // 64·s + 8·l .. 64·s + 8·l + 7 of slab s of its expert and up to GV_ROWS rows, and sums the
 // k chunks (KC = 256 deep, see Determinism) c = j, j + S, j + 2·S, …: chunk c from 0, k in
 // order, loading per k one vec4<u32> of weights (two for f32; and the gate's) — the 8
@@ -1311,20 +1311,24 @@ fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 // warp four lines — and the activations of its rows 8 k at a time (one vec4<u32> for 16-bit
 // rows starting on a 16-byte word, a_vec4 = 1; else element by element). Every weight byte is
 // read once per GV_ROWS rows of its expert. The S splits work on S consecutive chunks at once
-// (a round); after each round, splits 1 .. S − 1 stage their chunk sums in workgroup memory,
-// one row at a time, and split 0 adds them to its running total in chunk order (2 barriers
-// per row and round; none when S = 1), so the total is chunk 0 + chunk 1 + … left to right.
+// (a round); after each round every split with a chunk stages its chunk sums of one row in
+// workgroup memory, and split 0 adds them, in chunk order, to the total of the earlier
+// rounds, one row at a time (1 barrier for the first row of the first round, 2 for each
+// other row and round; none when S = 1, where one invocation adds its chunks in order in
+// registers). So the total is chunk 0 + chunk 1 + … left to right for every S.
 // On a GPU this puts S times as many independent 128-bit weight loads in flight as one
-// sequential walk over k (the point of the split: at T = 1 a sequential GEMV is latency bound).
-// S = min(8, the power of two ≥ the number of chunks ⌈⌈K/16⌉·16 / KC⌉) is chosen on the host
-// per pass (src/wgpu/expert_gemm.rs `gv_splits`), so no split waits on a round without work
-// for it but the last.
+// sequential walk over k (the point of the split: at T = 1 a sequential GEMV is latency
+// bound). The host picks S per pass (src/wgpu/expert_gemm.rs `gv_splits`): on a GPU
+// min(8, the power of two ≥ the number of chunks ⌈⌈K/16⌉·16 / KC⌉), so no split waits on a
+// round without work for it but the last; on a CPU adapter (lavapipe) 1. S never changes a
+// result.
 // Arithmetic per output: that of gemm_tile, bit for bit — each chunk acc = 0; acc = fma(a[k],
 // w[k], acc) for its k in order (k = K .. ceil(K / 16)·16 − 1 with a = w = 0 in the last
 // chunk); the chunks summed left to right; then `epilogue`. So a row gives the same bits on
 // this path, the tiled one and the row paths.
 // Launch (one dispatch per weight chunk; chunks hold whole slabs):
-//   workgroup_size 256 = S splits × GS = 32 / S slabs × 8 invocations
+//   workgroup_size GV_WG = S splits × GS slabs × 8 invocations (S = 1, 2, 4, 8: 64, 128, 256,
+//                                            256)
 //   grid.x = min(rows, ceil(rows / GV_ROWS) + e_count)   (row tiles: an expert's rows in
 //                                            tiles of GV_ROWS, experts e_first .. in order, found
 //                                            by scanning offsets; at most one tile per row, and
@@ -1333,47 +1337,45 @@ fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 //                                            of the chunk, its slabs split evenly over them;
 //                                            invocations past its part only join the barriers)
 //   grid.z = 1
-// Workgroup memory: gv_s, 4 × GV_STAGE vec4<f32> = 4 × 224 × 16 B = 14 336 B (the staged
-//   chunk sums of one row: (S − 1) · 256 / S ≤ 224 invocations × 8 up and 8 gate values),
-//   plus tile_info (16 B): 14 352 B ≤ 16 KiB.
+// Workgroup memory: gv_s, 4 × GV_STAGE vec4<f32> = 4 × 256 × 16 B = 16 384 B (the staged
+//   chunk sums of one row: ≤ 256 invocations × 8 up and 8 gate values) = 16 KiB, WebGPU's
+//   default limit; used only when S > 1. No other workgroup variable.
 // Bindings: 0, 1, 2, 5, 6, 7, 8 (w4_b), 9 (w4_g), 10 (a4: the words of binding 2 as vec4).
 
-// Splits of k per output (S above): 1, 2, 4 or 8, set by the host per pass.
+// Splits of k per output (S above): 1, 2, 4 or 8, set by the host per pass; and the
+// workgroup size, S · gv_gs() · 8 (64, 128, 256 or 256).
 override GV_SPLITS: u32 = 1u;
+override GV_WG: u32 = 64u;
 const GV_ROWS: u32 = 4u;
-// Staging slots per component: (S − 1) · 256 / S for S = 8.
-const GV_STAGE: u32 = 224u;
+// Staging slots per component: one per invocation.
+const GV_STAGE: u32 = 256u;
 
 @group(0) @binding(10) var<storage, read> a4: array<vec4<u32>>;
 
-// Staged chunk sums of one row: gv_s[q · GV_STAGE + (j − 1) · 256 / S + i] is component q (up
-// columns 0..3, 4..7, gate columns 0..3, 4..7) of invocation i of split j ≥ 1 (consecutive
+// Staged chunk sums of one row: gv_s[q · GV_STAGE + j · 256 / S + i] is component q (up
+// columns 0..3, 4..7, gate columns 0..3, 4..7) of invocation i of split j (consecutive
 // invocations, consecutive 16-byte words).
-var<workgroup> gv_s: array<vec4<f32>, 896>;
+var<workgroup> gv_s: array<vec4<f32>, 1024>;
 
 // The row tile of workgroup wid.x, (expert, first row, rows ≤ GV_ROWS, valid): the chunk's
 // experts' tiles of GV_ROWS rows in expert order (found by scanning offsets; experts without
-// rows have no tile, so the grid needs no workgroup for them). Workgroup-uniform (invocation 0
-// scans; call in uniform control flow).
-fn gv_tile(wid: vec3<u32>, lid: u32) -> vec4<u32> {
-    if (lid == 0u) {
-        var info = vec4<u32>(0u);
-        var t = wid.x;
-        var lo = min(offsets[p.e_first], p.rows);
-        for (var i = 0u; i < p.e_count; i++) {
-            let hi = min(offsets[p.e_first + i + 1u], p.rows);
-            let c = select(0u, hi - lo, hi > lo);
-            let tiles = (c + GV_ROWS - 1u) / GV_ROWS;
-            if (t < tiles) {
-                info = vec4<u32>(p.e_first + i, lo + t * GV_ROWS, min(GV_ROWS, c - t * GV_ROWS), 1u);
-                break;
-            }
-            t -= tiles;
-            lo = hi;
+// rows have no tile, so the grid needs no workgroup for them). Every invocation scans: the
+// result depends only on the workgroup id, the uniform p and the read-only offsets, so it is
+// workgroup-uniform (the barriers of gv_run depend on it) without a barrier of its own.
+fn gv_tile(wid: vec3<u32>) -> vec4<u32> {
+    var t = wid.x;
+    var lo = min(offsets[p.e_first], p.rows);
+    for (var i = 0u; i < p.e_count; i++) {
+        let hi = min(offsets[p.e_first + i + 1u], p.rows);
+        let c = select(0u, hi - lo, hi > lo);
+        let tiles = (c + GV_ROWS - 1u) / GV_ROWS;
+        if (t < tiles) {
+            return vec4<u32>(p.e_first + i, lo + t * GV_ROWS, min(GV_ROWS, c - t * GV_ROWS), 1u);
         }
-        tile_info = info;
+        t -= tiles;
+        lo = hi;
     }
-    return workgroupUniformLoad(&tile_info);
+    return vec4<u32>(0u);
 }
 
 // What one invocation computes: rows m0 .. m0 + nr (nr ≤ GV_ROWS) of expert e, expert-local
@@ -1391,7 +1393,7 @@ struct GvJob {
 }
 
 fn gv_job(tile: vec4<u32>, wid: vec3<u32>, lid: u32) -> GvJob {
-    let gs = 32u / GV_SPLITS;
+    let gs = gv_gs();
     let inv = lid % (8u * gs);
     var j = GvJob(false, tile.x, tile.y, tile.z, 0u, 0u, lid / (8u * gs), inv);
     let n = p.n_dim;
@@ -1628,11 +1630,37 @@ fn gv_add(a: GvRow, b: GvRow) -> GvRow {
     return GvRow(V8(a.u.lo + b.u.lo, a.u.hi + b.u.hi), V8(a.g.lo + b.g.lo, a.g.hi + b.g.hi));
 }
 
-// The staging slot of invocation `inv` of split `split` ≥ 1 (component 0).
-fn gv_slot(split: u32, inv: u32) -> u32 {
-    return (split - 1u) * (256u / GV_SPLITS) + inv;
+// Slabs per workgroup (GS above): 8, or 4 with 8 splits (at most 256 invocations).
+fn gv_gs() -> u32 {
+    return min(8u, 32u / GV_SPLITS);
 }
 
+// The staging slot of invocation `inv` of split `split` (component 0).
+fn gv_slot(split: u32, inv: u32) -> u32 {
+    return split * 8u * gv_gs() + inv;
+}
+
+// Stages row sums `v` of invocation `inv` of split `split`.
+fn gv_stage(split: u32, inv: u32, gated: bool, v: GvRow) {
+    let slot = gv_slot(split, inv);
+    gv_s[slot] = v.u.lo;
+    gv_s[GV_STAGE + slot] = v.u.hi;
+    if (gated) {
+        gv_s[2u * GV_STAGE + slot] = v.g.lo;
+        gv_s[3u * GV_STAGE + slot] = v.g.hi;
+    }
+}
+
+// The sums staged by invocation `inv` of split `split`.
+fn gv_staged(split: u32, inv: u32, gated: bool) -> GvRow {
+    let slot = gv_slot(split, inv);
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    var v = GvRow(V8(gv_s[slot], gv_s[GV_STAGE + slot]), z);
+    if (gated) {
+        v.g = V8(gv_s[2u * GV_STAGE + slot], gv_s[3u * GV_STAGE + slot]);
+    }
+    return v;
+}
 
 // The epilogue of row r of the job from its accumulators u, g: bias, activation, store.
 fn gv_store(j: GvJob, act: u32, gated: bool, r: u32, u: V8, g: V8) {
@@ -1663,7 +1691,7 @@ fn gv_store(j: GvJob, act: u32, gated: bool, r: u32, u: V8, g: V8) {
 }
 
 fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
-    let tile = gv_tile(wid, lid);
+    let tile = gv_tile(wid);
     if (tile.w == 0u) {
         return; // past the chunk's row tiles (workgroup-uniform)
     }
@@ -1674,7 +1702,7 @@ fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
     let chunks = (k16 + KC - 1u) / KC;
     let rounds = (chunks + GV_SPLITS - 1u) / GV_SPLITS;
     let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
-    // Split 0: the total of the chunks so far (chunk 0 is the total itself).
+    // Split 0: the total of the chunks of the rounds so far (chunk 0 is the total itself).
     var tot = GvAcc(z, z, z, z, z, z, z, z);
     for (var rd = 0u; rd < rounds; rd++) {
         let c = rd * GV_SPLITS + j.split;
@@ -1683,6 +1711,7 @@ fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
             part = gv_chunk(j, c, gated);
         }
         if (GV_SPLITS == 1u) {
+            // One split: the chunks in order in this invocation, no barrier.
             for (var r = 0u; r < GV_ROWS; r++) {
                 if (rd == 0u) {
                     tot = gv_put(tot, r, gv_get(part, r));
@@ -1692,33 +1721,24 @@ fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
             }
             continue;
         }
-        // Splits 1 .. S − 1 stage their sums of row r; split 0 adds them in chunk order.
+        // Every split with a chunk stages its sums of row r; split 0 adds them in chunk order
+        // to the total of the earlier rounds.
         for (var r = 0u; r < nr; r++) {
-            workgroupBarrier(); // split 0 is done with the previous row's slots
-            if (j.split > 0u && j.valid && c < chunks) {
-                let v = gv_get(part, r);
-                let slot = gv_slot(j.split, j.inv);
-                gv_s[slot] = v.u.lo;
-                gv_s[GV_STAGE + slot] = v.u.hi;
-                if (gated) {
-                    gv_s[2u * GV_STAGE + slot] = v.g.lo;
-                    gv_s[3u * GV_STAGE + slot] = v.g.hi;
-                }
+            if (rd > 0u || r > 0u) {
+                workgroupBarrier(); // split 0 is done with the slots of the previous row
+            }
+            if (j.valid && c < chunks) {
+                gv_stage(j.split, j.inv, gated, gv_get(part, r));
             }
             workgroupBarrier();
             if (j.split == 0u && j.valid) {
-                var t = gv_get(part, r);
+                var t = gv_staged(0u, j.inv, gated);
                 if (rd > 0u) {
                     t = gv_add(gv_get(tot, r), t);
                 }
                 for (var s = 1u; s < GV_SPLITS; s++) {
                     if (rd * GV_SPLITS + s < chunks) {
-                        let slot = gv_slot(s, j.inv);
-                        var v = GvRow(V8(gv_s[slot], gv_s[GV_STAGE + slot]), z);
-                        if (gated) {
-                            v.g = V8(gv_s[2u * GV_STAGE + slot], gv_s[3u * GV_STAGE + slot]);
-                        }
-                        t = gv_add(t, v);
+                        t = gv_add(t, gv_staged(s, j.inv, gated));
                     }
                 }
                 tot = gv_put(tot, r, t);
@@ -1734,12 +1754,12 @@ fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(GV_WG)
 fn expert_up_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     gv_run(wid, lid, ACT);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(GV_WG)
 fn expert_down_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     gv_run(wid, lid, ACT_NONE);
 }

@@ -35,11 +35,11 @@
 //! rows in all, dense passes run the `*_gemv` entry points: each invocation owns 8 columns of
 //! one slab and up to 4 rows of its expert and sums whole k chunks with one 128-bit weight
 //! load per k (8 invocations read one 128-byte line). k is split over [`gv_splits`] (S = 1,
-//! 2, 4 or 8, from K alone) invocations per output: a workgroup of 256 is S splits × 32 / S
-//! slabs × 8 lanes, split j sums chunks j, j + S, …, and split 0 adds the others' chunk sums
-//! in chunk order through workgroup memory (2 barriers per row and round of S chunks): S
-//! times the independent weight loads in flight of one sequential walk over k, the same
-//! arithmetic as every other path.
+//! 2, 4 or 8: from K on a GPU, 1 on a CPU adapter) invocations per output: a workgroup is S
+//! splits × min(8, 32 / S) slabs × 8 lanes, split j sums chunks j, j + S, …, and split 0
+//! adds the chunk sums staged in workgroup memory in chunk order (at most 2 barriers per row
+//! and round of S chunks): S times the independent weight loads in flight of one sequential
+//! walk over k, the same arithmetic as every other path whatever S is.
 //!
 //! Small batches of quantized weights (decode): with at most [`SMALL_ROWS`] = 32 rows in all
 //! (`T · k` routed rows, known on the host), the 64-row tiles would be almost empty and the
@@ -88,21 +88,38 @@ pub const SMALL_ROWS: usize = 32;
 const SMALL_COLS: usize = 32;
 /// Rows of one dense GEMV invocation (GV_ROWS in the shader).
 const GV_ROWS: usize = 4;
-/// Invocations of a dense GEMV workgroup (its workgroup size in the shader): `S` k splits
-/// ([`gv_splits`]) × `32 / S` slabs × 8 invocations.
-const GV_INVOCATIONS: usize = 256;
 /// Depth of a canonical k chunk (KC in the shader): every path sums each chunk of KC
 /// consecutive k from 0 and adds the chunks in order.
 pub const K_CHUNK: usize = 256;
 
-/// The k splits of a dense GEMV pass over K (GV_SPLITS in the shader): the number of k chunks
-/// (KC = [`K_CHUNK`] deep, of K rounded up to 16) rounded up to a power of two, at most 8.
-/// A function of K alone, so it never depends on the batch.
-pub fn gv_splits(k: usize) -> usize {
+/// The k splits of a dense GEMV pass over K (GV_SPLITS in the shader). On a GPU: the number
+/// of k chunks (KC = [`K_CHUNK`] deep, of K rounded up to 16) rounded up to a power of two,
+/// at most 8, so that S times the weight loads are in flight. On a CPU adapter (`cpu`:
+/// lavapipe) 1: its barriers are coroutine switches and a k loop followed by one costs about
+/// twice as much (docs/PERF.md, 2026-12-05), and it has no memory latency to hide. The split
+/// count never changes a result (every split count adds the same chunk sums in the same
+/// order), so it may depend on the device; it never depends on the batch.
+pub fn gv_splits(k: usize, cpu: bool) -> usize {
+    if cpu {
+        return 1;
+    }
     k.next_multiple_of(16)
         .div_ceil(K_CHUNK)
         .clamp(1, 8)
         .next_power_of_two()
+}
+
+/// Slabs per dense GEMV workgroup with `splits` k splits (gv_gs in the shader): 8, or 4
+/// with 8 splits; the workgroup is `splits` × this × 8 invocations (at most 256).
+fn gv_slabs(splits: usize) -> usize {
+    8.min(32 / splits)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the GEMV's k split count, in place of [`gv_splits`] (every count must give
+    /// the same bits).
+    static FORCE_SPLITS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// Which kernel [`encode_path`] runs.
@@ -617,10 +634,13 @@ pub fn encode_path(
         let a_vec4 = gemv
             && (pass.a.stride * pass.a.dtype.size()) % 16 == 0
             && pass.a.buf.buffer.size() >= 16;
-        let splits = gv_splits(pass.k);
+        let splits = gv_splits(pass.k, dev.info.device_type == ::wgpu::DeviceType::Cpu);
+        #[cfg(test)]
+        let splits = FORCE_SPLITS.with(|f| f.get()).unwrap_or(splits);
         let pipeline = if gemv {
             let mut constants = pass.constants.clone();
             constants.push(("GV_SPLITS", splits as f64));
+            constants.push(("GV_WG", (8 * splits * gv_slabs(splits)) as f64));
             dev.pipeline(Kernel::ExpertGemm(entry), &constants)?
         } else {
             dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?
@@ -637,11 +657,10 @@ pub fn encode_path(
             let (groups_x, groups_y, groups_z) = if gemv {
                 let slabs = c.slabs.min(per_expert);
                 // Row tiles of GV_ROWS rows: at most one per row, and at most one partial
-                // tile per expert beyond ceil(rows / GV_ROWS); slab groups of
-                // 256 / 8 / splits slabs (the workgroup's other invocations split k).
+                // tile per expert beyond ceil(rows / GV_ROWS); slab groups of gv_slabs.
                 (
                     rows.min(rows.div_ceil(GV_ROWS) + e_count),
-                    slabs.div_ceil(GV_INVOCATIONS / 8 / splits),
+                    slabs.div_ceil(gv_slabs(splits)),
                     1,
                 )
             } else if small {
@@ -1235,6 +1254,15 @@ mod tests {
                         "{ctx}: chunked"
                     );
                     assert_eq!(gemv, run(&whole, GemmPath::Rows, true), "{ctx}: dense x");
+                    // Every k split count of the GEMV (down pass: K 584, 3 chunks).
+                    for splits in [1, 2, 4, 8] {
+                        FORCE_SPLITS.with(|f| f.set(Some(splits)));
+                        for dense in [false, true] {
+                            let y = run(&chunked, GemmPath::Rows, dense);
+                            assert_eq!(gemv, y, "{ctx}: {splits} splits, dense x {dense}");
+                        }
+                    }
+                    FORCE_SPLITS.with(|f| f.set(None));
                 }
             }
             println!("{rows} rows: GEMV with 128-bit half rows bitwise the tiled path");
@@ -1735,19 +1763,21 @@ mod tests {
     }
 
     /// The canonical k chunks on every dense path, with K over several chunks and not a
-    /// multiple of 256, odd N, every GEMV split count (K 300: 2 splits; 601 and 1000: 4; 2100:
-    /// 8 splits in 2 rounds) and 1 to 4 rows per GEMV invocation (5 rows: two row tiles):
-    /// the GEMV (whole and in one-slab chunks) and the tiled kernel (whole and chunked) give
-    /// the same bits, within tolerance of the f64 reference; for ReLU those bits are the f32
+    /// multiple of 256 (300, 517, 601, 1000, 2100), odd N, 1 to 4 rows per GEMV invocation
+    /// (5 rows: two row tiles): the GEMV with 1, 2, 4 and 8 k splits (several rounds, idle
+    /// splits) and the device's own count, whole and in one-slab chunks, and the tiled kernel
+    /// (whole and chunked) give the same bits, within tolerance of the f64 reference; for ReLU those bits are the f32
     /// FFN summed in the canonical order on the CPU ([`relu_ffn_f32`], with fma or without,
     /// whichever the device's fma is), and not those of the single in-order chain.
     #[test]
     fn k_chunks_are_canonical_on_every_dense_path() {
         let Some(dev) = device() else { return };
+        let ks = [0, 16, 256, 272, 300, 601, 1000, 2048, 2100, 9000];
         assert_eq!(
-            [0, 16, 256, 272, 300, 601, 1000, 2048, 2100, 9000].map(gv_splits),
+            ks.map(|k| gv_splits(k, false)),
             [1, 1, 1, 2, 2, 4, 4, 8, 8, 8]
         );
+        assert_eq!(ks.map(|k| gv_splits(k, true)), [1; 10]);
         let mut g = Gen::new(31);
         // (E, F, H, offsets): K of the up pass is H, of the down pass F.
         let cases: [(usize, usize, usize, &[u32]); 4] = [
@@ -1781,16 +1811,25 @@ mod tests {
                     let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
                     assert!(err <= 2e-5, "{ctx}: rel L2 {err:e}");
                     let want = bits(&tiled[..kept * h]);
-                    for (label, gw, path) in [
-                        ("GEMV", &whole, GemmPath::Rows),
-                        ("GEMV chunked", &chunked, GemmPath::Rows),
-                        ("tiled chunked", &chunked, GemmPath::Tiled),
-                        ("auto", &whole, GemmPath::Auto),
-                    ] {
-                        let y = run_path(&dev, gw, &x, offsets, act, path);
-                        let at = first_difference(&want, &bits(&y[..kept * h]));
-                        assert!(at.is_none(), "{ctx}: {label} differs first at {at:?}");
+                    // The GEMV with each split count (fewer splits than chunks: several
+                    // rounds; more: idle splits), and with the device's own choice.
+                    for splits in [None, Some(1), Some(2), Some(4), Some(8)] {
+                        FORCE_SPLITS.with(|f| f.set(splits));
+                        for (label, gw, path) in [
+                            ("GEMV", &whole, GemmPath::Rows),
+                            ("GEMV chunked", &chunked, GemmPath::Rows),
+                            ("tiled chunked", &chunked, GemmPath::Tiled),
+                            ("auto", &whole, GemmPath::Auto),
+                        ] {
+                            let y = run_path(&dev, gw, &x, offsets, act, path);
+                            let at = first_difference(&want, &bits(&y[..kept * h]));
+                            assert!(
+                                at.is_none(),
+                                "{ctx}: {label}, splits {splits:?}, differs first at {at:?}"
+                            );
+                        }
                     }
+                    FORCE_SPLITS.with(|f| f.set(None));
                     if act == Activation::Relu {
                         let canonical = [true, false].map(|fused| {
                             bits(&relu_ffn_f32(&x, offsets, &w, K_CHUNK, fused)[..kept * h])
