@@ -12,7 +12,7 @@
 //
 // Entry points: expert_up / expert_down (the tiled GEMM below, any row count) and, for at most
 // RB_M = 32 rows in all (decode and small batches; chosen on the host): for dense weights
-// expert_up_gemv / expert_down_gemv (the barrier-free GEMV over k-major slabs, at the end of
+// expert_up_gemv / expert_down_gemv (the split-k GEMV over k-major slabs, at the end of
 // this file); for quantized weights expert_up_rows / expert_down_rows (scalar weight words:
 // one u32 word and one scale fetched per element) and expert_up_rows_x4 /
 // expert_down_rows_x4 (128-bit weight words).
@@ -107,7 +107,8 @@
 //   2 geglu, 3 relu, 4 gelu, 5 clamped_swiglu (alpha and limit in p); W_QUANT: 0 dense
 //   (W_DTYPE), 1 fp8 block, 2 mxfp4, 3 int4; S_DTYPE (scales): 0 f32, 1 f16, 2 bf16, 3 e8m0;
 //   W_ZEROS: 1 when an INT4 zeros section is present; W_GROUP: the k extent of one scale
-//   (128 fp8, 32 mxfp4, G int4).
+//   (128 fp8, 32 mxfp4, G int4); GV_SPLITS and GV_WG (*_gemv only): the k splits per output
+//   (1, 2, 4 or 8, per pass: src/wgpu/expert_gemm.rs `gv_splits`) and the workgroup size.
 //
 // Launch of expert_up / expert_down (one dispatch per weight chunk holding ≥ 1 row):
 //   workgroup_size 256 = 16 × 16 invocations (tx = lid % 16, ty = lid / 16), each computing a
@@ -138,17 +139,26 @@
 // Workgroup memory: expert_up / expert_down: three tiles of 64 rows × (16 + 4) f32 (padded
 //   against bank conflicts) = 3 × 5120 B = 15 360 B, plus 16 B of tile info: 15 376 B.
 //   *_rows and *_rows_x4 (quantized): three tiles of 32 rows × (64 + 4) f32 =
-//   3 × 8704 B = 26 112 B, plus 16 B of job info: 26 128 B. Both ≤ 32 KiB. *_gemv: none.
+//   3 × 8704 B = 26 112 B, plus 16 B of job info: 26 128 B. Both ≤ 32 KiB. *_gemv: the staged
+//   chunk sums of one row, 16 384 B (16 KiB; above the GEMV code).
 // Launch of the *_gemv entry points: above the GEMV code at the end of this file.
-// Determinism: every output is one f32 accumulator summed over k = 0, 1, …, K − 1 in order with
-//   fma of a[r, k] and the weight decoded to f32 (w_decode for dense words, q_value of the
-//   same code, scale and zero point for quantized ones, whether read by w_elem or a 128-bit
-//   word at a time by rows_q_stage), the same function on every path
-//   (no split-K; then k = K .. ceil(K / 16)·16 − 1 with a = w = 0, as the last k tile of
-//   expert_up / expert_down is zero-padded), then + bias, then the activation: the result of a
-//   row does not depend on the other rows, the tile it lands in, the chunking of the weights,
-//   the batch size or which of the entry points computed it. The epilogue's multiply-adds are
-//   explicit fma so that no compiler contraction can differ between the entry points.
+// Determinism: one canonical summation order for every output on every entry point. k is cut
+//   into chunks of KC = 256 consecutive k (chunk c: k = 256·c .. 256·c + 255; KC is a
+//   multiple of BK = 16 and RB_K = 64, so every path folds at its own tile boundaries). Each
+//   chunk is one f32 sum from 0: acc = 0; acc = fma(a[r, k], w, acc) for its k in order, w
+//   the weight decoded to f32 (w_decode for dense words, q_value of the same code, scale and
+//   zero point for quantized ones, whether read by w_elem or a 128-bit word at a time by
+//   rows_q_stage), the same function on every path; the last chunk runs on over
+//   k = K .. ceil(K / 16)·16 − 1 with a = w = 0 (the last k tile of expert_up / expert_down is
+//   zero-padded). The sum is chunk 0 itself, then + chunk 1, + chunk 2, … left to right
+//   (plain f32 adds), then + bias, then the activation. The split of k is fixed by K alone
+//   (never by the row count, the tile, the weight chunking or the entry point): gemm_tile and
+//   the *_rows paths fold their sums every KC / BK or KC / RB_K tiles, the GEMV sums
+//   different chunks in different invocations and adds them in chunk order. So the result of
+//   a row does not depend on the other rows, the tile it lands in, the chunking of the
+//   weights, the batch size or which of the entry points computed it; for K ≤ 256 it is the
+//   single in-order fma chain. The epilogue's multiply-adds are explicit fma so that no
+//   compiler contraction can differ between the entry points.
 // Target: WGSL core, no extensions; no subgroup operations (any subgroup size).
 
 struct GemmParams {
@@ -194,6 +204,9 @@ const BN: u32 = 64u;
 // Columns of a k-major slab of dense weights (src/wgpu/weights.rs SLAB).
 const SLAB: u32 = 64u;
 const BK: u32 = 16u;
+// Depth of a canonical k chunk (see Determinism): a multiple of BK and of RB_K, so that every
+// path folds its sums at its own tile boundaries.
+const KC: u32 = 256u;
 // Row pitch of a workgroup tile in vec4 (BK / 4 = 4 used, 1 of padding).
 const PITCH: u32 = 5u;
 const TILE_VEC4: u32 = 320u; // BM · PITCH (= BN · PITCH)
@@ -606,6 +619,16 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
     var acc_g1 = vec4<f32>(0.0);
     var acc_g2 = vec4<f32>(0.0);
     var acc_g3 = vec4<f32>(0.0);
+    // The sums of the finished k chunks (KC = 256 deep, see Determinism): acc_* hold the sum
+    // of the current chunk from 0, folded into tot_* at every chunk boundary.
+    var tot_u0 = vec4<f32>(0.0);
+    var tot_u1 = vec4<f32>(0.0);
+    var tot_u2 = vec4<f32>(0.0);
+    var tot_u3 = vec4<f32>(0.0);
+    var tot_g0 = vec4<f32>(0.0);
+    var tot_g1 = vec4<f32>(0.0);
+    var tot_g2 = vec4<f32>(0.0);
+    var tot_g3 = vec4<f32>(0.0);
     let computes = ty * 4u < mcount; // whether this invocation has any row of the tile
 
     // Double buffering through registers: tile kt + 1 is loaded from memory while tile kt is
@@ -662,13 +685,45 @@ fn gemm_tile(wid: vec3<u32>, lid: u32, act: u32) {
                 }
             }
         }
+        // End of a k chunk (KC / BK tiles, or the last tile): chunk 0 is the running total
+        // itself, each later chunk is added to it (one f32 add per output); the next chunk
+        // sums from 0.
+        if ((kt + 1u) % (KC / BK) == 0u || kt + 1u == k_tiles) {
+            if (kt < KC / BK) {
+                tot_u0 = acc_u0;
+                tot_u1 = acc_u1;
+                tot_u2 = acc_u2;
+                tot_u3 = acc_u3;
+                tot_g0 = acc_g0;
+                tot_g1 = acc_g1;
+                tot_g2 = acc_g2;
+                tot_g3 = acc_g3;
+            } else {
+                tot_u0 += acc_u0;
+                tot_u1 += acc_u1;
+                tot_u2 += acc_u2;
+                tot_u3 += acc_u3;
+                tot_g0 += acc_g0;
+                tot_g1 += acc_g1;
+                tot_g2 += acc_g2;
+                tot_g3 += acc_g3;
+            }
+            acc_u0 = vec4<f32>(0.0);
+            acc_u1 = vec4<f32>(0.0);
+            acc_u2 = vec4<f32>(0.0);
+            acc_u3 = vec4<f32>(0.0);
+            acc_g0 = vec4<f32>(0.0);
+            acc_g1 = vec4<f32>(0.0);
+            acc_g2 = vec4<f32>(0.0);
+            acc_g3 = vec4<f32>(0.0);
+        }
     }
 
     let bias_base = e_row;
-    store_row(act, ty * 4u + 0u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u0, acc_g0);
-    store_row(act, ty * 4u + 1u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u1, acc_g1);
-    store_row(act, ty * 4u + 2u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u2, acc_g2);
-    store_row(act, ty * 4u + 3u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, acc_u3, acc_g3);
+    store_row(act, ty * 4u + 0u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, tot_u0, tot_g0);
+    store_row(act, ty * 4u + 1u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, tot_u1, tot_g1);
+    store_row(act, ty * 4u + 2u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, tot_u2, tot_g2);
+    store_row(act, ty * 4u + 3u, tx, m0, mcount, n0, clo, ncount, bias_base, gated, tot_u3, tot_g3);
 }
 
 @compute @workgroup_size(256)
@@ -694,9 +749,10 @@ fn expert_down(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 // s + 24; column c), k in order; for f16 / bf16 invocation (cp = lid % 16, s = lid / 16)
 // takes columns 2·cp and 2·cp + 1 (one output word) of rows s and s + 16 instead. Every
 // weight element is read from memory once for all rows of its expert.
-// The arithmetic of an output is that of gemm_tile, bit for bit: acc = 0; acc = fma(a[k], w[k],
-// acc) for k = 0 .. ceil(K / 16)·16 − 1 in order (a and w zero past K, as in gemm_tile's last
-// tile), then + bias, then `activate`. So a row gives the same bits on either path.
+// The arithmetic of an output is that of gemm_tile, bit for bit: per k chunk of KC = 4 blocks,
+// acc = 0; acc = fma(a[k], w[k], acc) for its k in order (a and w zero from K to
+// ceil(K / 16)·16, as in gemm_tile's last tile); the chunks added left to right (rows_fold);
+// then + bias, then `activate`. So a row gives the same bits on either path.
 
 const RB_M: u32 = 32u;
 const RB_N: u32 = 32u;
@@ -991,6 +1047,25 @@ fn rows_store(j: RowsJob, lid: u32, act: u32, gated: bool, acc: RowsAcc) {
     }
 }
 
+// End of block kt of k_tiles (RB_K deep): at a k chunk boundary (KC / RB_K blocks) or the
+// last block, the chunk's sums `acc` enter the total `tot` (chunk 0 is the total itself, later
+// chunks are added, one f32 add each) and the next chunk sums from 0. Returns (tot, acc).
+struct RowsFold {
+    tot: RowsAcc,
+    acc: RowsAcc,
+}
+
+fn rows_fold(tot: RowsAcc, acc: RowsAcc, kt: u32, k_tiles: u32) -> RowsFold {
+    if ((kt + 1u) % (KC / RB_K) != 0u && kt + 1u != k_tiles) {
+        return RowsFold(tot, acc);
+    }
+    let z = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    if (kt < KC / RB_K) {
+        return RowsFold(acc, z);
+    }
+    return RowsFold(RowsAcc(tot.u + acc.u, tot.g + acc.g), z);
+}
+
 fn is_gated(act: u32) -> bool {
     return act == ACT_SWIGLU || act == ACT_GEGLU || act == ACT_CLAMPED_SWIGLU;
 }
@@ -1145,6 +1220,7 @@ fn rows_q_main(wid: vec3<u32>, lid: u32, act: u32) {
     let gated = is_gated(act);
     let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
     var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var tot = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
     var n1 = rows_q_load(j, 0u, lid, gated);
     var n2 = rows_q_load(j, 1u, lid, gated);
     for (var kt = 0u; kt < k_tiles; kt++) {
@@ -1152,8 +1228,11 @@ fn rows_q_main(wid: vec3<u32>, lid: u32, act: u32) {
         n1 = n2;
         n2 = rows_q_load(j, kt + 2u, lid, gated);
         acc = rows_compute(j, kt, lid, gated, acc);
+        let f = rows_fold(tot, acc, kt, k_tiles);
+        tot = f.tot;
+        acc = f.acc;
     }
-    rows_store(j, lid, act, gated, acc);
+    rows_store(j, lid, act, gated, tot);
 }
 
 // The scalar entry points (quantized weights, element by element) and rows_q_main (the _x4 ones)
@@ -1169,6 +1248,7 @@ fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let gated = is_gated(ACT);
     let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
     var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var tot = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
     var n1 = rows_load_w1(j, 0u, lid, gated);
     var n2 = rows_load_w1(j, 1u, lid, gated);
     for (var kt = 0u; kt < k_tiles; kt++) {
@@ -1176,8 +1256,11 @@ fn expert_up_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         n1 = n2;
         n2 = rows_load_w1(j, kt + 2u, lid, gated);
         acc = rows_compute(j, kt, lid, gated, acc);
+        let f = rows_fold(tot, acc, kt, k_tiles);
+        tot = f.tot;
+        acc = f.acc;
     }
-    rows_store(j, lid, ACT, gated, acc);
+    rows_store(j, lid, ACT, gated, tot);
 }
 
 @compute @workgroup_size(256)
@@ -1188,6 +1271,7 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     }
     let k_tiles = (p.k_dim + RB_K - 1u) / RB_K;
     var acc = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var tot = RowsAcc(vec4<f32>(0.0), vec4<f32>(0.0));
     var n1 = rows_load_w1(j, 0u, lid, false);
     var n2 = rows_load_w1(j, 1u, lid, false);
     for (var kt = 0u; kt < k_tiles; kt++) {
@@ -1195,8 +1279,11 @@ fn expert_down_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         n1 = n2;
         n2 = rows_load_w1(j, kt + 2u, lid, false);
         acc = rows_compute(j, kt, lid, false, acc);
+        let f = rows_fold(tot, acc, kt, k_tiles);
+        tot = f.tot;
+        acc = f.acc;
     }
-    rows_store(j, lid, ACT_NONE, false, acc);
+    rows_store(j, lid, ACT_NONE, false, tot);
 }
 
 // The _x4 entry points take quantized weights only (dense weights are slabs: *_gemv).
@@ -1213,36 +1300,87 @@ fn expert_down_rows_x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 // ---------------------------------------------------------------------------------------------
 // Dense small-batch path (expert_up_gemv / expert_down_gemv): ≤ 32 rows in all, dense weights
 // in k-major slabs (src/wgpu/weights.rs: per expert, each block of SLAB = 64 output columns is
-// a [K][64] slab; a k-row of a slab is 8 (16-bit) or 16 (f32) 128-bit words). No workgroup
-// memory and no barrier: invocation (l = lid % 8, slab lid / 8) owns the 8 columns
-// 64·s + 8·l .. 64·s + 8·l + 7 of slab s of its expert and up to GV_ROWS rows, and walks k in
+// a [K][64] slab; a k-row of a slab is 8 (16-bit) or 16 (f32) 128-bit words), k split over
+// GV_SPLITS = S invocations per output. Invocation lid of a workgroup is split
+// j = lid / (8·GS) and, within it, i = lid % (8·GS): lane l = i % 8 of slab i / 8 of the
+// workgroup (GS = min(8, 32 / S) slabs per workgroup: gv_gs). It owns the 8 columns
+// 64·s + 8·l .. 64·s + 8·l + 7 of slab s of its expert and up to GV_ROWS rows, and sums the
+// k chunks (KC = 256 deep, see Determinism) c = j, j + S, j + 2·S, …: chunk c from 0, k in
 // order, loading per k one vec4<u32> of weights (two for f32; and the gate's) — the 8
 // invocations of a slab read one whole 128-byte line (256 bytes for f32) per k, a 32-wide
 // warp four lines — and the activations of its rows 8 k at a time (one vec4<u32> for 16-bit
 // rows starting on a 16-byte word, a_vec4 = 1; else element by element). Every weight byte is
-// read once per GV_ROWS rows of its expert.
-// Arithmetic per output: that of gemm_tile, bit for bit — acc = 0; acc = fma(a[k], w[k], acc)
-// for k = 0 .. K − 1 in order, then for k = K .. ceil(K / 16)·16 − 1 with a = w = 0; then
-// `epilogue`. So a row gives the same bits on this path, the tiled one and the row paths.
+// read once per GV_ROWS rows of its expert. The S splits work on S consecutive chunks at once
+// (a round); after each round every split with a chunk stages its chunk sums of one row in
+// workgroup memory, and split 0 adds them, in chunk order, to the total of the earlier
+// rounds, one row at a time (1 barrier for the first row of the first round, 2 for each
+// other row and round; none when S = 1, where one invocation adds its chunks in order in
+// registers). So the total is chunk 0 + chunk 1 + … left to right for every S.
+// On a GPU this puts S times as many independent 128-bit weight loads in flight as one
+// sequential walk over k (the point of the split: at T = 1 a sequential GEMV is latency
+// bound). The host picks S per pass (src/wgpu/expert_gemm.rs `gv_splits`): on a GPU
+// min(8, the power of two ≥ the number of chunks ⌈⌈K/16⌉·16 / KC⌉), so no split waits on a
+// round without work for it but the last; on a CPU adapter (lavapipe) 1. S never changes a
+// result.
+// Arithmetic per output: that of gemm_tile, bit for bit — each chunk acc = 0; acc = fma(a[k],
+// w[k], acc) for its k in order (k = K .. ceil(K / 16)·16 − 1 with a = w = 0 in the last
+// chunk); the chunks summed left to right; then `epilogue`. So a row gives the same bits on
+// this path, the tiled one and the row paths.
 // Launch (one dispatch per weight chunk; chunks hold whole slabs):
-//   workgroup_size 64 = GV_SLABS slabs × 8 invocations
+//   workgroup_size GV_WG = S splits × GS slabs × 8 invocations (S = 1, 2, 4, 8: 64, 128, 256,
+//                                            256)
 //   grid.x = min(rows, ceil(rows / GV_ROWS) + e_count)   (row tiles: an expert's rows in
 //                                            tiles of GV_ROWS, experts e_first .. in order, found
 //                                            by scanning offsets; at most one tile per row, and
 //                                            Σ_e ceil(count_e / 4) ≤ this bound; surplus exit)
-//   grid.y = ceil(min(⌈N/64⌉, slabs of the chunk) / GV_SLABS)   (slab groups of the expert's
-//                                            part of the chunk, its slabs split evenly over
-//                                            them; groups past its part exit)
+//   grid.y = ceil(min(⌈N/64⌉, slabs of the chunk) / GS)   (slab groups of the expert's part
+//                                            of the chunk, its slabs split evenly over them;
+//                                            invocations past its part only join the barriers)
 //   grid.z = 1
+// Workgroup memory: gv_s, 4 × GV_STAGE vec4<f32> = 4 × 256 × 16 B = 16 384 B (the staged
+//   chunk sums of one row: ≤ 256 invocations × 8 up and 8 gate values) = 16 KiB, WebGPU's
+//   default limit; used only when S > 1. No other workgroup variable.
 // Bindings: 0, 1, 2, 5, 6, 7, 8 (w4_b), 9 (w4_g), 10 (a4: the words of binding 2 as vec4).
 
-const GV_SLABS: u32 = 8u;
+// Splits of k per output (S above): 1, 2, 4 or 8, set by the host per pass; and the
+// workgroup size, S · gv_gs() · 8 (64, 128, 256 or 256).
+override GV_SPLITS: u32 = 1u;
+override GV_WG: u32 = 64u;
 const GV_ROWS: u32 = 4u;
+// Staging slots per component: one per invocation.
+const GV_STAGE: u32 = 256u;
 
 @group(0) @binding(10) var<storage, read> a4: array<vec4<u32>>;
 
+// Staged chunk sums of one row: gv_s[q · GV_STAGE + j · 256 / S + i] is component q (up
+// columns 0..3, 4..7, gate columns 0..3, 4..7) of invocation i of split j (consecutive
+// invocations, consecutive 16-byte words).
+var<workgroup> gv_s: array<vec4<f32>, 1024>;
+
+// The row tile of workgroup wid.x, (expert, first row, rows ≤ GV_ROWS, valid): the chunk's
+// experts' tiles of GV_ROWS rows in expert order (found by scanning offsets; experts without
+// rows have no tile, so the grid needs no workgroup for them). Every invocation scans: the
+// result depends only on the workgroup id, the uniform p and the read-only offsets, so it is
+// workgroup-uniform (the barriers of gv_run depend on it) without a barrier of its own.
+fn gv_tile(wid: vec3<u32>) -> vec4<u32> {
+    var t = wid.x;
+    var lo = min(offsets[p.e_first], p.rows);
+    for (var i = 0u; i < p.e_count; i++) {
+        let hi = min(offsets[p.e_first + i + 1u], p.rows);
+        let c = select(0u, hi - lo, hi > lo);
+        let tiles = (c + GV_ROWS - 1u) / GV_ROWS;
+        if (t < tiles) {
+            return vec4<u32>(p.e_first + i, lo + t * GV_ROWS, min(GV_ROWS, c - t * GV_ROWS), 1u);
+        }
+        t -= tiles;
+        lo = hi;
+    }
+    return vec4<u32>(0u);
+}
+
 // What one invocation computes: rows m0 .. m0 + nr (nr ≤ GV_ROWS) of expert e, expert-local
-// columns col0 .. col0 + 7 from chunk-relative slab `slab`; valid = false: nothing.
+// columns col0 .. col0 + 7 from chunk-relative slab `slab`, the chunks of split `split`, as
+// invocation `inv` of its split; valid = false: no columns (it only joins the barriers).
 struct GvJob {
     valid: bool,
     e: u32,
@@ -1250,50 +1388,32 @@ struct GvJob {
     nr: u32,
     slab: u32,
     col0: u32,
+    split: u32,
+    inv: u32,
 }
 
-fn gv_job(wid: vec3<u32>, lid: u32) -> GvJob {
-    var j = GvJob(false, 0u, 0u, 0u, 0u, 0u);
-    // Row tile wid.x of this chunk's experts: their tiles of GV_ROWS rows in expert order
-    // (found by scanning offsets; experts without rows have no tile, so the grid needs no
-    // workgroup for them).
-    var t = wid.x;
-    var lo = min(offsets[p.e_first], p.rows);
-    var count = 0u;
-    for (var i = 0u; i < p.e_count; i++) {
-        let hi = min(offsets[p.e_first + i + 1u], p.rows);
-        let c = select(0u, hi - lo, hi > lo);
-        let tiles = (c + GV_ROWS - 1u) / GV_ROWS;
-        if (t < tiles) {
-            j.e = p.e_first + i;
-            count = c;
-            break;
-        }
-        t -= tiles;
-        lo = hi;
-    }
-    if (count == 0u) {
-        return j; // past the chunk's tiles
-    }
+fn gv_job(tile: vec4<u32>, wid: vec3<u32>, lid: u32) -> GvJob {
+    let gs = gv_gs();
+    let inv = lid % (8u * gs);
+    var j = GvJob(false, tile.x, tile.y, tile.z, 0u, 0u, lid / (8u * gs), inv);
     let n = p.n_dim;
     let e_row = j.e * n;
     // This expert's part of the chunk, [n_lo, n_hi): n_lo is a multiple of SLAB.
     let n_lo = max(e_row, p.chunk_first) - e_row;
     let n_hi = min(e_row + n, p.chunk_first + p.chunk_rows) - e_row;
-    // The expert's slabs in the chunk, split evenly over ceil(slabs / GV_SLABS) workgroups
-    // (12 slabs: 6 + 6, not 8 + 4), so that the workgroups of a dispatch take equal time.
+    // The expert's slabs in the chunk, split evenly over ceil(slabs / GS) workgroups
+    // (12 slabs in groups of 8: 6 + 6, not 8 + 4), so that the workgroups of a dispatch take
+    // equal time.
     let slabs = (n_hi - n_lo + SLAB - 1u) / SLAB;
-    let groups = (slabs + GV_SLABS - 1u) / GV_SLABS;
+    let groups = (slabs + gs - 1u) / gs;
     let per = (slabs + groups - 1u) / groups;
-    let s = n_lo / SLAB + wid.y * per + (lid >> 3u);
-    if ((lid >> 3u) >= per || s * SLAB >= n_hi) {
+    let s = n_lo / SLAB + wid.y * per + (inv >> 3u);
+    if ((inv >> 3u) >= per || s * SLAB >= n_hi) {
         return j;
     }
     j.valid = true;
-    j.m0 = lo + t * GV_ROWS;
-    j.nr = min(GV_ROWS, count - t * GV_ROWS);
     j.slab = w_sbase(j.e) + s;
-    j.col0 = s * SLAB + 8u * (lid & 7u);
+    j.col0 = s * SLAB + 8u * (inv & 7u);
     return j;
 }
 
@@ -1367,11 +1487,12 @@ fn gv_k(acc_in: GvAcc, a: vec4<f32>, wb: V8, wg: V8, gated: bool, four: bool) ->
     return acc;
 }
 
-// The full 8-deep k blocks from k0 = 0 while k0 + 8 ≤ K, for 1 row or (four) up to 4 rows.
-fn gv_main(j: GvJob, acc_in: GvAcc, gated: bool, four: bool) -> GvAcc {
+// The full 8-deep k blocks from k0 = k_lo while k0 + 8 ≤ k_end, for 1 row or (four) up to 4
+// rows (k_lo a multiple of 8).
+fn gv_main(j: GvJob, acc_in: GvAcc, gated: bool, four: bool, k_lo: u32, k_end: u32) -> GvAcc {
     var acc = acc_in;
     let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var k0 = 0u; k0 + 8u <= p.k_dim; k0 += 8u) {
+    for (var k0 = k_lo; k0 + 8u <= k_end; k0 += 8u) {
         let a0 = gv_a8(j.m0, k0);
         var a1 = z;
         var a2 = z;
@@ -1400,7 +1521,6 @@ fn gv_main(j: GvJob, acc_in: GvAcc, gated: bool, four: bool) -> GvAcc {
     return acc;
 }
 
-// One k < K of the main loop: this invocation's weights at k, then gv_k.
 fn gv_kw(acc: GvAcc, j: GvJob, k: u32, a: vec4<f32>, gated: bool, four: bool) -> GvAcc {
     let lane = (j.col0 >> 3u) & 7u; // col0 = 64·s + 8·lane
     let wb = gv_w(false, j.slab, k, lane);
@@ -1411,14 +1531,13 @@ fn gv_kw(acc: GvAcc, j: GvJob, k: u32, a: vec4<f32>, gated: bool, four: bool) ->
     return gv_k(acc, a, wb, wg, gated, four);
 }
 
-// The rest: k from the last whole 8-block to ceil(K / 16)·16 (a = w = 0 from K on).
-fn gv_tail(j: GvJob, acc_in: GvAcc, gated: bool) -> GvAcc {
+// The rest of a chunk: k from k_lo to k_hi one at a time (a = w = 0 from K on).
+fn gv_tail(j: GvJob, acc_in: GvAcc, gated: bool, k_lo: u32, k_hi: u32) -> GvAcc {
     var acc = acc_in;
     let kd = p.k_dim;
     let lane = (j.col0 >> 3u) & 7u;
-    let k16 = (kd + BK - 1u) / BK * BK;
     let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var k = kd / 8u * 8u; k < k16; k++) {
+    for (var k = k_lo; k < k_hi; k++) {
         var wb = z;
         var wg = z;
         var a = vec4<f32>(0.0);
@@ -1441,6 +1560,106 @@ fn gv_tail(j: GvJob, acc_in: GvAcc, gated: bool) -> GvAcc {
         acc = gv_k(acc, a, wb, wg, gated, true);
     }
     return acc;
+}
+
+// The sums of k chunk c (KC deep) from 0: the 8-deep blocks, then the rest up to the chunk's
+// end or ceil(K / 16)·16, whichever is first.
+fn gv_chunk(j: GvJob, c: u32, gated: bool) -> GvAcc {
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = GvAcc(z, z, z, z, z, z, z, z);
+    let kd = p.k_dim;
+    let k16 = (kd + BK - 1u) / BK * BK;
+    let k_lo = c * KC;
+    let k_end = min(k_lo + KC, kd);
+    if (j.nr == 1u) {
+        acc = gv_main(j, acc, gated, false, k_lo, k_end);
+    } else {
+        acc = gv_main(j, acc, gated, true, k_lo, k_end);
+    }
+    return gv_tail(j, acc, gated, k_lo + (k_end - k_lo) / 8u * 8u, min(k_lo + KC, k16));
+}
+
+// Row r (< 4) of accumulators: (up, gate).
+struct GvRow {
+    u: V8,
+    g: V8,
+}
+
+fn gv_get(acc: GvAcc, r: u32) -> GvRow {
+    switch r {
+        case 0u: {
+            return GvRow(acc.u0, acc.g0);
+        }
+        case 1u: {
+            return GvRow(acc.u1, acc.g1);
+        }
+        case 2u: {
+            return GvRow(acc.u2, acc.g2);
+        }
+        default: {
+            return GvRow(acc.u3, acc.g3);
+        }
+    }
+}
+
+fn gv_put(acc_in: GvAcc, r: u32, v: GvRow) -> GvAcc {
+    var acc = acc_in;
+    switch r {
+        case 0u: {
+            acc.u0 = v.u;
+            acc.g0 = v.g;
+        }
+        case 1u: {
+            acc.u1 = v.u;
+            acc.g1 = v.g;
+        }
+        case 2u: {
+            acc.u2 = v.u;
+            acc.g2 = v.g;
+        }
+        default: {
+            acc.u3 = v.u;
+            acc.g3 = v.g;
+        }
+    }
+    return acc;
+}
+
+// a + b per column (one f32 add each).
+fn gv_add(a: GvRow, b: GvRow) -> GvRow {
+    return GvRow(V8(a.u.lo + b.u.lo, a.u.hi + b.u.hi), V8(a.g.lo + b.g.lo, a.g.hi + b.g.hi));
+}
+
+// Slabs per workgroup (GS above): 8, or 4 with 8 splits (at most 256 invocations).
+fn gv_gs() -> u32 {
+    return min(8u, 32u / GV_SPLITS);
+}
+
+// The staging slot of invocation `inv` of split `split` (component 0).
+fn gv_slot(split: u32, inv: u32) -> u32 {
+    return split * 8u * gv_gs() + inv;
+}
+
+// Stages row sums `v` of invocation `inv` of split `split`.
+fn gv_stage(split: u32, inv: u32, gated: bool, v: GvRow) {
+    let slot = gv_slot(split, inv);
+    gv_s[slot] = v.u.lo;
+    gv_s[GV_STAGE + slot] = v.u.hi;
+    if (gated) {
+        gv_s[2u * GV_STAGE + slot] = v.g.lo;
+        gv_s[3u * GV_STAGE + slot] = v.g.hi;
+    }
+}
+
+// The sums staged by invocation `inv` of split `split`.
+fn gv_staged(split: u32, inv: u32, gated: bool) -> GvRow {
+    let slot = gv_slot(split, inv);
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    var v = GvRow(V8(gv_s[slot], gv_s[GV_STAGE + slot]), z);
+    if (gated) {
+        v.g = V8(gv_s[2u * GV_STAGE + slot], gv_s[3u * GV_STAGE + slot]);
+    }
+    return v;
 }
 
 // The epilogue of row r of the job from its accumulators u, g: bias, activation, store.
@@ -1472,37 +1691,75 @@ fn gv_store(j: GvJob, act: u32, gated: bool, r: u32, u: V8, g: V8) {
 }
 
 fn gv_run(wid: vec3<u32>, lid: u32, act: u32) {
-    let j = gv_job(wid, lid);
-    if (!j.valid) {
+    let tile = gv_tile(wid);
+    if (tile.w == 0u) {
+        return; // past the chunk's row tiles (workgroup-uniform)
+    }
+    let nr = tile.z; // workgroup-uniform, as is everything the barriers below depend on
+    let j = gv_job(tile, wid, lid);
+    let gated = is_gated(act);
+    let k16 = (p.k_dim + BK - 1u) / BK * BK;
+    let chunks = (k16 + KC - 1u) / KC;
+    let rounds = (chunks + GV_SPLITS - 1u) / GV_SPLITS;
+    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    // Split 0: the total of the chunks of the rounds so far (chunk 0 is the total itself).
+    var tot = GvAcc(z, z, z, z, z, z, z, z);
+    for (var rd = 0u; rd < rounds; rd++) {
+        let c = rd * GV_SPLITS + j.split;
+        var part = GvAcc(z, z, z, z, z, z, z, z);
+        if (j.valid && c < chunks) {
+            part = gv_chunk(j, c, gated);
+        }
+        if (GV_SPLITS == 1u) {
+            // One split: the chunks in order in this invocation, no barrier.
+            for (var r = 0u; r < GV_ROWS; r++) {
+                if (rd == 0u) {
+                    tot = gv_put(tot, r, gv_get(part, r));
+                } else {
+                    tot = gv_put(tot, r, gv_add(gv_get(tot, r), gv_get(part, r)));
+                }
+            }
+            continue;
+        }
+        // Every split with a chunk stages its sums of row r; split 0 adds them in chunk order
+        // to the total of the earlier rounds.
+        for (var r = 0u; r < nr; r++) {
+            if (rd > 0u || r > 0u) {
+                workgroupBarrier(); // split 0 is done with the slots of the previous row
+            }
+            if (j.valid && c < chunks) {
+                gv_stage(j.split, j.inv, gated, gv_get(part, r));
+            }
+            workgroupBarrier();
+            if (j.split == 0u && j.valid) {
+                var t = gv_staged(0u, j.inv, gated);
+                if (rd > 0u) {
+                    t = gv_add(gv_get(tot, r), t);
+                }
+                for (var s = 1u; s < GV_SPLITS; s++) {
+                    if (rd * GV_SPLITS + s < chunks) {
+                        t = gv_add(t, gv_staged(s, j.inv, gated));
+                    }
+                }
+                tot = gv_put(tot, r, t);
+            }
+        }
+    }
+    if (!j.valid || j.split != 0u) {
         return;
     }
-    let gated = is_gated(act);
-    let z = V8(vec4<f32>(0.0), vec4<f32>(0.0));
-    var acc = GvAcc(z, z, z, z, z, z, z, z);
-    if (j.nr == 1u) {
-        acc = gv_main(j, acc, gated, false);
-    } else {
-        acc = gv_main(j, acc, gated, true);
-    }
-    acc = gv_tail(j, acc, gated);
-    gv_store(j, act, gated, 0u, acc.u0, acc.g0);
-    if (j.nr > 1u) {
-        gv_store(j, act, gated, 1u, acc.u1, acc.g1);
-    }
-    if (j.nr > 2u) {
-        gv_store(j, act, gated, 2u, acc.u2, acc.g2);
-    }
-    if (j.nr > 3u) {
-        gv_store(j, act, gated, 3u, acc.u3, acc.g3);
+    for (var r = 0u; r < nr; r++) {
+        let v = gv_get(tot, r);
+        gv_store(j, act, gated, r, v.u, v.g);
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(GV_WG)
 fn expert_up_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     gv_run(wid, lid, ACT);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(GV_WG)
 fn expert_down_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     gv_run(wid, lid, ACT_NONE);
 }

@@ -844,3 +844,46 @@ fn mxfp4_scales_may_be_stored_as_f8_e8m0() {
     let back = MoeLayer::from_file_tensors(layer.config, t, "e8m0.safetensors").unwrap();
     assert_eq!(back, layer);
 }
+
+/// Every format with K over several k chunks of 256 and not a multiple of 256 (H 608,
+/// F 544): a token alone (the small-batch paths) gives bitwise the bits of its row in a batch
+/// of 100 (the tiled kernel), within tolerance of the reference.
+#[test]
+fn batch_invariant_with_k_over_several_chunks() {
+    let (h, f) = (608, 544);
+    let dense = random_layer(
+        Preset::Mixtral.config(),
+        8,
+        h,
+        f,
+        Extras::default(),
+        DType::F32,
+        23,
+    )
+    .expect("layer");
+    let x = random_x(100, h, 24);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for dev in common::backends("quant_k_chunks") {
+        let kind = dev.kind();
+        for format in QuantFormat::ALL {
+            let layer = dense.quantized(&QuantSpec::new(format)).unwrap();
+            if skip_cuda(&dev, &layer) {
+                break;
+            }
+            check_forward(&dev, &layer, &x, &format!("{format}, H {h} F {f}"));
+            let run = layer.prepare(&dev, 100, DType::F32).unwrap();
+            let batch = run.forward(&x).unwrap();
+            for t in [0usize, 58, 99] {
+                let row = Tensor::from_f32(vec![1, h], x.to_f32_vec()[t * h..(t + 1) * h].to_vec())
+                    .unwrap();
+                let one = run.forward(&row).unwrap();
+                assert_eq!(
+                    bits(&one.y),
+                    bits(&batch.y[t * h..(t + 1) * h]),
+                    "{kind} {format}: token {t} alone differs from its row in the batch"
+                );
+            }
+        }
+        println!("[quant_k_chunks] {kind}: batch invariant with K over several chunks");
+    }
+}

@@ -24,8 +24,8 @@
 //! **Why the output is bitwise equal.** Every value is computed by the function the
 //! single-device forward uses for it, on the same inputs: router logits, the shared expert and
 //! the gate are per token (or, with capacity, run on the same global logits); an expert GEMM
-//! row depends on its own input row only (no split-K, no batch-dependent kernel choice: the
-//! backends promise it and their tests check it); rows cross ranks as raw bits in the
+//! row depends on its own input row only (no split of k that depends on the batch, no
+//! batch-dependent summation order: the backends promise it and their tests check it); rows cross ranks as raw bits in the
 //! activation dtype; and the combine on the home rank reads each token's picks through its
 //! own permutation, in slot order, never in arrival order.
 //!

@@ -11,8 +11,15 @@
 //! storage binding limit). A chunk may start or end in the middle of an expert; each dispatch
 //! covers every (expert, column) whose weight row lies in its chunk, indexing the chunk with
 //! chunk-relative rows, so no re-upload per expert is needed. Gate and up share one chunking
-//! (same shape, dtype and limit). Chunking never changes a result: every output is one f32
-//! accumulator summed in k order.
+//! (same shape, dtype and limit). Chunking never changes a result: every output is summed in
+//! the one canonical order below.
+//!
+//! **Canonical summation order** (every entry point, dense and quantized; the shader header's
+//! Determinism section): k is cut into chunks of [`K_CHUNK`] = 256 consecutive k; each chunk
+//! is one f32 fma chain from 0 in k order (zero-padded to a multiple of 16 inside the last
+//! chunk), the output is chunk 0, + chunk 1, + chunk 2, … left to right, then bias and
+//! activation. It depends on K alone, so a row's bits do not depend on the batch, the tile,
+//! the weight chunking or the entry point; for K ≤ 256 it is the single in-order chain.
 //!
 //! Quantized weights (FP8 block, MXFP4, INT4; DESIGN.md section 4) are uploaded as their
 //! packed bytes, each chunk one buffer of codes, scales and zero points (src/wgpu/weights.rs),
@@ -25,23 +32,27 @@
 //!
 //! Dense weights are uploaded as k-major slabs of 64 output columns
 //! ([`GpuWeights::upload_slabs`]); chunks hold whole slabs. With at most [`SMALL_ROWS`] = 32
-//! rows in all, dense passes run the `*_gemv` entry points: no workgroup memory and no
-//! barrier, each invocation owns 8 columns of one slab and up to 4 rows of its expert and
-//! walks k in order with one 128-bit weight load per k (8 invocations read one 128-byte line),
-//! the same fma chain as every other path.
+//! rows in all, dense passes run the `*_gemv` entry points: each invocation owns 8 columns of
+//! one slab and up to 4 rows of its expert and sums whole k chunks with one 128-bit weight
+//! load per k (8 invocations read one 128-byte line). k is split over [`gv_splits`] (S = 1,
+//! 2, 4 or 8: from K on a GPU, 1 on a CPU adapter) invocations per output: a workgroup is S
+//! splits × min(8, 32 / S) slabs × 8 lanes, split j sums chunks j, j + S, …, and split 0
+//! adds the chunk sums staged in workgroup memory in chunk order (at most 2 barriers per row
+//! and round of S chunks): S times the independent weight loads in flight of one sequential
+//! walk over k, the same arithmetic as every other path whatever S is.
 //!
 //! Small batches of quantized weights (decode): with at most [`SMALL_ROWS`] = 32 rows in all
 //! (`T · k` routed rows, known on the host), the 64-row tiles would be almost empty and the
 //! grid too small to keep the memory busy, so the `*_rows` entry points run instead: one
 //! workgroup per (expert, 32 weight rows), looping over that expert's ≤ 32 rows with one read
-//! of each weight element,
-//! loaded with coalesced 128-bit reads (`*_rows_x4`) or scalar words. `pass_entry` picks the
-//! 128-bit form for a pass whenever its weight rows are whole 16-byte words of whole elements
-//! ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4 K % 32 = 0), the scalar form
-//! otherwise (odd K included); [`GemmPath`] forces either for tests. They compute every output with exactly the tiled kernel's arithmetic
-//! (same decoded weights, fma order, zero padding, bias and activation code), so a token's
-//! output is bitwise the same whether its batch takes the small or the tiled path, and
-//! whichever weight load the small path uses.
+//! of each weight element, loaded with coalesced 128-bit reads (`*_rows_x4`) or scalar words.
+//! `pass_entry` picks the 128-bit form for a pass whenever its weight rows are whole 16-byte
+//! words of whole elements ([`GpuWeights::vec4_rows`]: FP8 K % 16 = 0, MXFP4 / INT4
+//! K % 32 = 0), the scalar form otherwise (odd K included); [`GemmPath`] forces either for
+//! tests. They compute every output with exactly the tiled kernel's arithmetic (same decoded
+//! weights, the canonical k-chunk order, zero padding, bias and activation code), so a
+//! token's output is bitwise the same whether its batch takes the small or the tiled path,
+//! and whichever weight load the small path uses.
 //!
 //! Activations (`a`, `h`, `out`) are f32, f16 or bf16 ([`Act`], the shader's `A_DTYPE`): read
 //! widened exactly, accumulated in f32, each output rounded once at the store. A 16-bit output
@@ -75,10 +86,41 @@ const TILE_COLS: usize = 64;
 pub const SMALL_ROWS: usize = 32;
 /// Columns (weight rows) of a small-path workgroup (RB_N in the shader).
 const SMALL_COLS: usize = 32;
-/// Slabs of a dense GEMV workgroup (GV_SLABS in the shader).
-const GV_SLABS: usize = 8;
 /// Rows of one dense GEMV invocation (GV_ROWS in the shader).
 const GV_ROWS: usize = 4;
+/// Depth of a canonical k chunk (KC in the shader): every path sums each chunk of KC
+/// consecutive k from 0 and adds the chunks in order.
+pub const K_CHUNK: usize = 256;
+
+/// The k splits of a dense GEMV pass over K (GV_SPLITS in the shader). On a GPU: the number
+/// of k chunks (KC = [`K_CHUNK`] deep, of K rounded up to 16) rounded up to a power of two,
+/// at most 8, so that S times the weight loads are in flight. On a CPU adapter (`cpu`:
+/// lavapipe) 1: its barriers are coroutine switches and a k loop followed by one costs about
+/// twice as much (docs/PERF.md, 2026-12-05), and it has no memory latency to hide. The split
+/// count never changes a result (every split count adds the same chunk sums in the same
+/// order), so it may depend on the device; it never depends on the batch.
+pub fn gv_splits(k: usize, cpu: bool) -> usize {
+    if cpu {
+        return 1;
+    }
+    k.next_multiple_of(16)
+        .div_ceil(K_CHUNK)
+        .clamp(1, 8)
+        .next_power_of_two()
+}
+
+/// Slabs per dense GEMV workgroup with `splits` k splits (gv_gs in the shader): 8, or 4
+/// with 8 splits; the workgroup is `splits` × this × 8 invocations (at most 256).
+fn gv_slabs(splits: usize) -> usize {
+    8.min(32 / splits)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the GEMV's k split count, in place of [`gv_splits`] (every count must give
+    /// the same bits).
+    static FORCE_SPLITS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
 
 /// Which kernel [`encode_path`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +158,7 @@ pub enum Entry {
     UpRowsX4,
     /// [`Entry::Down`] for ≤ 32 rows, 128-bit weight words (as [`Entry::UpRowsX4`]).
     DownRowsX4,
-    /// [`Entry::Up`] for ≤ 32 rows of dense (slab) weights: the barrier-free GEMV.
+    /// [`Entry::Up`] for ≤ 32 rows of dense (slab) weights: the split-k GEMV.
     UpGemv,
     /// [`Entry::Down`] for ≤ 32 rows of dense (slab) weights.
     DownGemv,
@@ -592,7 +634,17 @@ pub fn encode_path(
         let a_vec4 = gemv
             && (pass.a.stride * pass.a.dtype.size()) % 16 == 0
             && pass.a.buf.buffer.size() >= 16;
-        let pipeline = dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?;
+        let splits = gv_splits(pass.k, dev.info.device_type == ::wgpu::DeviceType::Cpu);
+        #[cfg(test)]
+        let splits = FORCE_SPLITS.with(|f| f.get()).unwrap_or(splits);
+        let pipeline = if gemv {
+            let mut constants = pass.constants.clone();
+            constants.push(("GV_SPLITS", splits as f64));
+            constants.push(("GV_WG", (8 * splits * gv_slabs(splits)) as f64));
+            dev.pipeline(Kernel::ExpertGemm(entry), &constants)?
+        } else {
+            dev.pipeline(Kernel::ExpertGemm(entry), &pass.constants)?
+        };
         for c in &pass.chunks {
             let (first, n_rows, words, gwords) = (c.first, c.rows, c.words, c.gate);
             if n_rows == 0 {
@@ -605,10 +657,10 @@ pub fn encode_path(
             let (groups_x, groups_y, groups_z) = if gemv {
                 let slabs = c.slabs.min(per_expert);
                 // Row tiles of GV_ROWS rows: at most one per row, and at most one partial
-                // tile per expert beyond ceil(rows / GV_ROWS).
+                // tile per expert beyond ceil(rows / GV_ROWS); slab groups of gv_slabs.
                 (
                     rows.min(rows.div_ceil(GV_ROWS) + e_count),
-                    slabs.div_ceil(GV_SLABS),
+                    slabs.div_ceil(gv_slabs(splits)),
                     1,
                 )
             } else if small {
@@ -1202,6 +1254,15 @@ mod tests {
                         "{ctx}: chunked"
                     );
                     assert_eq!(gemv, run(&whole, GemmPath::Rows, true), "{ctx}: dense x");
+                    // Every k split count of the GEMV (down pass: K 584, 3 chunks).
+                    for splits in [1, 2, 4, 8] {
+                        FORCE_SPLITS.with(|f| f.set(Some(splits)));
+                        for dense in [false, true] {
+                            let y = run(&chunked, GemmPath::Rows, dense);
+                            assert_eq!(gemv, y, "{ctx}: {splits} splits, dense x {dense}");
+                        }
+                    }
+                    FORCE_SPLITS.with(|f| f.set(None));
                 }
             }
             println!("{rows} rows: GEMV with 128-bit half rows bitwise the tiled path");
@@ -1629,6 +1690,224 @@ mod tests {
         for (a, out) in cases {
             let err = encode(&dev, &mut enc, &pool, a, &ob, &w, act, out).unwrap_err();
             assert!(matches!(err, Error::Shape { .. }), "{err:?}");
+        }
+    }
+
+    /// The first index where `a` and `b` differ (or their lengths do), if any.
+    fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
+        if a.len() != b.len() {
+            return Some(a.len().min(b.len()));
+        }
+        a.iter().zip(b).position(|(x, y)| x != y)
+    }
+
+    /// `a · w` in the order given: chunks of `chunk` consecutive k, each summed in f32 from 0
+    /// (with fma when `fused`, else a rounded product and a rounded add), k zero-padded to a
+    /// multiple of 16 in the last chunk, the chunks added left to right starting from chunk 0
+    /// itself. `chunk = usize::MAX`: the single in-order chain of the kernels before k chunks.
+    fn dot_f32(a: &[f32], w: &[f32], chunk: usize, fused: bool) -> f32 {
+        let k = a.len();
+        let k16 = k.next_multiple_of(16);
+        let mut tot = 0.0f32;
+        let mut c0 = 0;
+        while c0 < k16 {
+            let end = c0.saturating_add(chunk).min(k16);
+            let mut acc = 0.0f32;
+            for kk in c0..end {
+                let (x, y) = if kk < k { (a[kk], w[kk]) } else { (0.0, 0.0) };
+                acc = if fused {
+                    x.mul_add(y, acc)
+                } else {
+                    x * y + acc
+                };
+            }
+            tot = if c0 == 0 { acc } else { tot + acc };
+            c0 = end;
+        }
+        tot
+    }
+
+    /// The ReLU FFN of f32 activations `x` in f32 with [`dot_f32`]'s order: h = max(x·Wuᵀ +
+    /// bu, 0), y = h·Wdᵀ + bd (the kernels' epilogue: + bias, then the activation), rows past
+    /// offsets[E] left 0.
+    fn relu_ffn_f32(
+        x: &[f32],
+        offsets: &[u32],
+        w: &ExpertWeights,
+        chunk: usize,
+        fused: bool,
+    ) -> Vec<f32> {
+        let up = w.up.dense().unwrap();
+        let (e, f, h) = (up.shape()[0], up.shape()[1], up.shape()[2]);
+        let wu = up.to_f32_vec();
+        let wd = w.down.dense().unwrap().to_f32_vec();
+        let bu = w.up_bias.as_ref().unwrap().to_f32_vec();
+        let bd = w.down_bias.as_ref().unwrap().to_f32_vec();
+        let mut y = vec![0.0f32; x.len()];
+        for ex in 0..e {
+            for r in offsets[ex] as usize..offsets[ex + 1] as usize {
+                let xr = &x[r * h..(r + 1) * h];
+                let hr: Vec<f32> = (0..f)
+                    .map(|n| {
+                        let wr = &wu[(ex * f + n) * h..(ex * f + n + 1) * h];
+                        (dot_f32(xr, wr, chunk, fused) + bu[ex * f + n]).max(0.0)
+                    })
+                    .collect();
+                for o in 0..h {
+                    let wr = &wd[(ex * h + o) * f..(ex * h + o + 1) * f];
+                    y[r * h + o] = dot_f32(&hr, wr, chunk, fused) + bd[ex * h + o];
+                }
+            }
+        }
+        y
+    }
+
+    /// The canonical k chunks on every dense path, with K over several chunks and not a
+    /// multiple of 256 (300, 517, 601, 1000, 2100), odd N, 1 to 4 rows per GEMV invocation
+    /// (5 rows: two row tiles): the GEMV with 1, 2, 4 and 8 k splits (several rounds, idle
+    /// splits) and the device's own count, whole and in one-slab chunks, and the tiled kernel
+    /// (whole and chunked) give the same bits, within tolerance of the f64 reference; for ReLU those bits are the f32
+    /// FFN summed in the canonical order on the CPU ([`relu_ffn_f32`], with fma or without,
+    /// whichever the device's fma is), and not those of the single in-order chain.
+    #[test]
+    fn k_chunks_are_canonical_on_every_dense_path() {
+        let Some(dev) = device() else { return };
+        let ks = [0, 16, 256, 272, 300, 601, 1000, 2048, 2100, 9000];
+        assert_eq!(
+            ks.map(|k| gv_splits(k, false)),
+            [1, 1, 1, 2, 2, 4, 4, 8, 8, 8]
+        );
+        assert_eq!(ks.map(|k| gv_splits(k, true)), [1; 10]);
+        let mut g = Gen::new(31);
+        // (E, F, H, offsets): K of the up pass is H, of the down pass F.
+        let cases: [(usize, usize, usize, &[u32]); 4] = [
+            (2, 1000, 601, &[0, 5, 7]),
+            (2, 1000, 601, &[0, 0, 1]),
+            (2, 2100, 41, &[0, 3, 3]),
+            (3, 517, 300, &[0, 1, 1, 4]),
+        ];
+        let mut differs_from_one_chain = 0;
+        for (e, f, h, offsets) in cases {
+            let kept = *offsets.last().unwrap() as usize;
+            let rows = kept + 2;
+            let x = g.uniform(rows * h, 1.0);
+            let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            for act in [Activation::Relu, Activation::Swiglu] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let ctx = format!("E {e} F {f} H {h}, {kept} rows, {act:?}, {dtype} weights");
+                    let w = weights(&mut g, (e, f, h), act, dtype);
+                    let reference = expert_ffn(&xd, offsets, &w, act).unwrap();
+                    let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                    let chunked = GpuExperts::upload_with_limit(
+                        &dev,
+                        &w,
+                        act,
+                        Some(one_slab(h.max(f), dtype)),
+                    )
+                    .unwrap();
+                    let most = chunked.up.chunks.len().max(chunked.down.chunks.len());
+                    assert!(most > 1, "{ctx}: {most} chunks");
+                    let tiled = run_path(&dev, &whole, &x, offsets, act, GemmPath::Tiled);
+                    let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
+                    assert!(err <= 2e-5, "{ctx}: rel L2 {err:e}");
+                    let want = bits(&tiled[..kept * h]);
+                    // The GEMV with each split count (fewer splits than chunks: several
+                    // rounds; more: idle splits), and with the device's own choice.
+                    for splits in [None, Some(1), Some(2), Some(4), Some(8)] {
+                        FORCE_SPLITS.with(|f| f.set(splits));
+                        for (label, gw, path) in [
+                            ("GEMV", &whole, GemmPath::Rows),
+                            ("GEMV chunked", &chunked, GemmPath::Rows),
+                            ("tiled chunked", &chunked, GemmPath::Tiled),
+                            ("auto", &whole, GemmPath::Auto),
+                        ] {
+                            let y = run_path(&dev, gw, &x, offsets, act, path);
+                            let at = first_difference(&want, &bits(&y[..kept * h]));
+                            assert!(
+                                at.is_none(),
+                                "{ctx}: {label}, splits {splits:?}, differs first at {at:?}"
+                            );
+                        }
+                    }
+                    FORCE_SPLITS.with(|f| f.set(None));
+                    if act == Activation::Relu {
+                        let canonical = [true, false].map(|fused| {
+                            bits(&relu_ffn_f32(&x, offsets, &w, K_CHUNK, fused)[..kept * h])
+                        });
+                        assert!(
+                            canonical.contains(&want),
+                            "{ctx}: not the canonical k-chunk order"
+                        );
+                        let chain = [true, false].map(|fused| {
+                            bits(&relu_ffn_f32(&x, offsets, &w, usize::MAX, fused)[..kept * h])
+                        });
+                        differs_from_one_chain += usize::from(!chain.contains(&want));
+                    }
+                    println!("{ctx}: rel L2 {err:.2e}, GEMV and tiled bitwise equal");
+                }
+            }
+        }
+        // With K up to 2100 the chunked order rounds differently from one chain somewhere
+        // (the check above could not tell the two orders apart otherwise).
+        assert_eq!(
+            differs_from_one_chain, 8,
+            "cases differing from the single chain"
+        );
+    }
+
+    /// The canonical k chunks with quantized weights: FP8 (K 608 with 128-bit code words, and
+    /// odd K 999 with scalar words, odd N 999), MXFP4 (K 800 and 544, 128-bit words) and INT4
+    /// with zero points (K 1056 and 608, groups of 32): the tiled kernel, whole and in
+    /// ≈ 11-row chunks, and every small-batch weight load give the same bits, within
+    /// tolerance of the f64 reference.
+    #[test]
+    fn k_chunks_are_canonical_on_every_quantized_path() {
+        let Some(dev) = device() else { return };
+        let mut g = Gen::new(32);
+        let (fp8, mx, int4) = (QuantFormat::Fp8Block, QuantFormat::Mxfp4, QuantFormat::Int4);
+        let cases = [
+            (spec(fp8, DType::F32, None, false), (2, 999, 608)),
+            (spec(mx, DType::F32, None, false), (2, 544, 800)),
+            (spec(int4, DType::BF16, Some(32), true), (2, 608, 1056)),
+        ];
+        for (sp, (e, f, h)) in cases {
+            let offsets = [0u32, 3, 9];
+            let kept = 9;
+            let rows = kept + 2;
+            let x = g.uniform(rows * h, 1.0);
+            let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            for act in [Activation::Swiglu, Activation::Relu] {
+                let ctx = format!("{} E {e} F {f} H {h}, {act:?}", sp.format);
+                let w = quantized(&weights(&mut g, (e, f, h), act, DType::F32), &sp);
+                let reference = expert_ffn(&xd, &offsets, &w, act).unwrap();
+                let whole = GpuExperts::upload(&dev, &w, act).unwrap();
+                let chunked =
+                    GpuExperts::upload_with_limit(&dev, &w, act, Some(eleven_rows(&w))).unwrap();
+                assert!(chunked.down.chunks.len() > e, "{ctx}");
+                let tiled = run_path(&dev, &whole, &x, &offsets, act, GemmPath::Tiled);
+                let err = rel_l2(&tiled[..kept * h], &reference[..kept * h]);
+                assert!(err <= 2e-5, "{ctx}: rel L2 {err:e}");
+                let want = bits(&tiled[..kept * h]);
+                let tc = run_path(&dev, &chunked, &x, &offsets, act, GemmPath::Tiled);
+                let at = first_difference(&want, &bits(&tc[..kept * h]));
+                assert!(at.is_none(), "{ctx}: tiled chunked differs first at {at:?}");
+                let x4 = check_small_entries(&whole, rows);
+                for (label, gw) in [("whole", &whole), ("chunked", &chunked)] {
+                    let mut paths = small_paths(x4);
+                    if !x4 {
+                        paths.push(GemmPath::Rows);
+                    }
+                    for path in paths {
+                        let y = run_path(&dev, gw, &x, &offsets, act, path);
+                        let at = first_difference(&want, &bits(&y[..kept * h]));
+                        assert!(
+                            at.is_none(),
+                            "{ctx}: {label} {path:?} differs first at {at:?}"
+                        );
+                    }
+                }
+                println!("{ctx}: rel L2 {err:.2e}, vec4 words both passes {x4}, paths equal");
+            }
         }
     }
 }
