@@ -170,6 +170,11 @@ fi
 step bench-act-f32-cuda 120 "$B/moe" bench --backend cuda --preset mixtral,deepseek_v3 --tokens 1,64,4096 --dtype bf16 --act f32 --iters 10 --warmup 2
 step bench-f32-cuda 90 "$B/moe" bench --backend cuda --preset mixtral --tokens 1,4096 --dtype f32 --iters 5 --warmup 1 --routing both
 step bench-wgpu 90 "$B/moe" bench --backend wgpu --preset mixtral --tokens 1,32,4096 --dtype f32 --iters 5 --warmup 1 --dense 4096
+# Issue 15, WGSL decode on NVIDIA's Vulkan: the split-k GEMV (automatic split count) against one
+# split, bf16 weights at T = 1 and 32 (the split count never changes a bit; it only sets the
+# loads in flight; columns %copy and %read).
+step bench-wgpu-decode 60 "$B/moe" bench --backend wgpu --preset qwen3_30b_a3b,mixtral --tokens 1,32 --iters 20 --warmup 3
+step bench-wgpu-decode-s1 60 env MOE_WGPU_GEMV_SPLITS=1 "$B/moe" bench --backend wgpu --preset qwen3_30b_a3b,mixtral --tokens 1,32 --iters 20 --warmup 3
 # Issue 6 on the GPU: the property suite at a larger size and the 10,000-forward memory test
 # (CUDA included), then every compute-sanitizer tool (DC_TOOLS to choose).
 step properties-cuda 120 env MOE_PROPTEST_CASES="${DC_CASES:-300}" "$B/test-properties" --nocapture

@@ -109,6 +109,33 @@ pub fn gv_splits(k: usize, cpu: bool) -> usize {
         .next_power_of_two()
 }
 
+/// The environment variable that overrides [`gv_splits`] (device checks time the split counts
+/// against each other; every count gives the same bits).
+pub const GEMV_SPLITS_VAR: &str = "MOE_WGPU_GEMV_SPLITS";
+
+/// [`GEMV_SPLITS_VAR`]: unset or `auto` → `None` ([`gv_splits`] decides); `1`, `2`, `4` or `8`
+/// → that split count; anything else is a [`crate::Error::Config`] naming the variable.
+pub fn gv_splits_override() -> Result<Option<usize>> {
+    parse_gv_splits(std::env::var_os(GEMV_SPLITS_VAR).as_deref())
+}
+
+/// [`gv_splits_override`] of the variable's value `v` (`None`: unset).
+fn parse_gv_splits(v: Option<&std::ffi::OsStr>) -> Result<Option<usize>> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Some("auto") => Ok(None),
+        Some("1") => Ok(Some(1)),
+        Some("2") => Ok(Some(2)),
+        Some("4") => Ok(Some(4)),
+        Some("8") => Ok(Some(8)),
+        _ => Err(crate::error::Error::Config(format!(
+            "{GEMV_SPLITS_VAR}={v:?}: expected auto, 1, 2, 4 or 8"
+        ))),
+    }
+}
+
 /// Slabs per dense GEMV workgroup with `splits` k splits (gv_gs in the shader): 8, or 4
 /// with 8 splits; the workgroup is `splits` × this × 8 invocations (at most 256).
 fn gv_slabs(splits: usize) -> usize {
@@ -634,7 +661,10 @@ pub fn encode_path(
         let a_vec4 = gemv
             && (pass.a.stride * pass.a.dtype.size()) % 16 == 0
             && pass.a.buf.buffer.size() >= 16;
-        let splits = gv_splits(pass.k, dev.info.device_type == ::wgpu::DeviceType::Cpu);
+        let splits = match gv_splits_override()? {
+            Some(s) => s,
+            None => gv_splits(pass.k, dev.info.device_type == ::wgpu::DeviceType::Cpu),
+        };
         #[cfg(test)]
         let splits = FORCE_SPLITS.with(|f| f.get()).unwrap_or(splits);
         let pipeline = if gemv {
@@ -802,6 +832,28 @@ mod tests {
     //! (every format against the reference, their device bytes, malformed ones refused).
 
     use super::*;
+
+    #[test]
+    fn gemv_split_override_takes_auto_and_powers_of_two_only() {
+        let parse = |v: &str| parse_gv_splits(Some(std::ffi::OsStr::new(v)));
+        assert_eq!(parse_gv_splits(None).unwrap(), None);
+        assert_eq!(parse("auto").unwrap(), None);
+        for s in [1, 2, 4, 8] {
+            assert_eq!(parse(&s.to_string()).unwrap(), Some(s));
+        }
+        for bad in ["0", "3", "16", "", " 8", "eight"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(GEMV_SPLITS_VAR) && e.contains("auto, 1, 2, 4 or 8"),
+                "{e}"
+            );
+        }
+        // The automatic choice: a power of two up to 8 from K's chunks on a GPU, 1 on a CPU.
+        assert_eq!(gv_splits(2048, false), 8);
+        assert_eq!(gv_splits(768, false), 4);
+        assert_eq!(gv_splits(256, false), 1);
+        assert_eq!(gv_splits(7168, true), 1);
+    }
     use crate::config::ClampedSwiglu;
     use crate::cpu::expert_gemm::{expert_ffn, expert_ffn_stored};
     use crate::quant::encode::quantize;
