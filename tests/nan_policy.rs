@@ -10,7 +10,7 @@ use moe_kernels::config::{
     Capacity, Combine, ExpertChoice, Groups, Priority, RoutingConfig, Scoring,
 };
 use moe_kernels::cpu;
-use moe_kernels::synth::{random_layer, random_x, Extras, Gen};
+use moe_kernels::synth::{random_x, Gen};
 use moe_kernels::{DType, GateBuffers, MoeLayer, Preset, Tensor};
 
 const NAN: f32 = f32::NAN;
@@ -265,28 +265,16 @@ fn router_with_nan_and_inf_inputs_matches_reference() {
     }
 }
 
-/// A small layer of each preset's family (as in tests/layer.rs).
+/// A small layer of each preset's family (as in tests/layer.rs, smaller).
 fn preset_layer(p: Preset, seed: u64) -> MoeLayer {
-    let mut cfg = p.config();
-    let mut extras = Extras::default();
-    match p {
-        Preset::Qwen2Moe => {
-            extras.shared_ffn = Some(21);
-            extras.shared_gate = true;
-        }
-        Preset::DeepseekV3 => {
-            extras.score_correction_bias = true;
-            extras.shared_ffn = Some(19);
-            cfg.routing.top_k = 6;
-        }
-        Preset::GptOss | Preset::NllbMoe => {
-            extras.expert_biases = true;
-            extras.router_bias = p == Preset::GptOss;
-        }
-        Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(3)),
-        _ => {}
-    }
-    random_layer(cfg, 16, 23, 17, extras, DType::F32, seed).expect("layer")
+    let s = common::Small {
+        experts: 16,
+        hidden: 23,
+        ffn: 17,
+        shared_ffn: (21, 19),
+        switch_capacity: 3,
+    };
+    common::preset_layer_sized(p, DType::F32, seed, &s, |_| {})
 }
 
 #[test]

@@ -6,8 +6,7 @@
 
 mod common;
 
-use moe_kernels::config::Capacity;
-use moe_kernels::synth::{random_layer, random_x, Extras};
+use moe_kernels::synth::random_x;
 use moe_kernels::{DType, Error, MoeLayer, Preset, Tensor};
 
 const ACTS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -23,29 +22,7 @@ fn layers(wdtype: DType) -> Vec<(Preset, MoeLayer)> {
         Preset::GptOss,
         Preset::Switch,
     ] {
-        let mut cfg = p.config();
-        let mut ex = Extras::default();
-        match p {
-            Preset::Qwen2Moe => {
-                ex.shared_ffn = Some(45);
-                ex.shared_gate = true;
-            }
-            Preset::DeepseekV3 => {
-                ex.score_correction_bias = true;
-                ex.shared_ffn = Some(29);
-                cfg.routing.top_k = 6;
-            }
-            Preset::GptOss => {
-                ex.expert_biases = true;
-                ex.router_bias = true;
-            }
-            Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(5)),
-            _ => {}
-        }
-        out.push((
-            p,
-            random_layer(cfg, 16, 37, 29, ex, wdtype, 11).expect("layer"),
-        ));
+        out.push((p, common::preset_layer_with(p, wdtype, 11, |_| {})));
     }
     out
 }

@@ -104,35 +104,65 @@ pub fn stage_tolerance(kind: BackendKind, dtype: DType) -> f64 {
     }
 }
 
-/// A synthetic layer shaped like preset `p`'s family, small and odd-sized (E 16, H 37, F 29;
-/// Qwen2-MoE's gated shared expert, DeepSeek-V3's correction bias, shared expert and top-6,
-/// gpt-oss / NLLB expert biases, Switch's capacity), after `tweak` has edited its routing.
+/// The sizes of a small synthetic preset layer: experts, hidden, FFN width, the shared
+/// expert's width (Qwen2-MoE, DeepSeek-V3) and Switch's capacity in tokens.
+pub struct Small {
+    pub experts: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub shared_ffn: (usize, usize),
+    pub switch_capacity: i64,
+}
+
+/// The odd sizes most tests use (E 16, H 37, F 29).
+pub const SMALL: Small = Small {
+    experts: 16,
+    hidden: 37,
+    ffn: 29,
+    shared_ffn: (45, 29),
+    switch_capacity: 5,
+};
+
+/// A synthetic layer shaped like preset `p`'s family at [`SMALL`] sizes, after `tweak` has
+/// edited its routing (see [`preset_layer_sized`]).
 pub fn preset_layer_with(
     p: Preset,
     dtype: DType,
     seed: u64,
     tweak: impl FnOnce(&mut RoutingConfig),
 ) -> MoeLayer {
+    preset_layer_sized(p, dtype, seed, &SMALL, tweak)
+}
+
+/// A synthetic layer shaped like preset `p`'s family at sizes `s` (Qwen2-MoE's gated shared
+/// expert, DeepSeek-V3's correction bias, shared expert and top-6, gpt-oss / NLLB expert
+/// biases, Switch's capacity), after `tweak` has edited its routing.
+pub fn preset_layer_sized(
+    p: Preset,
+    dtype: DType,
+    seed: u64,
+    s: &Small,
+    tweak: impl FnOnce(&mut RoutingConfig),
+) -> MoeLayer {
     let mut cfg = p.config();
-    let (e, h, f) = (16, 37, 29);
     let mut extras = Extras::default();
     match p {
         Preset::Qwen2Moe => {
-            extras.shared_ffn = Some(45);
+            extras.shared_ffn = Some(s.shared_ffn.0);
             extras.shared_gate = true;
         }
         Preset::DeepseekV3 => {
             extras.score_correction_bias = true;
-            extras.shared_ffn = Some(29);
+            extras.shared_ffn = Some(s.shared_ffn.1);
             cfg.routing.top_k = 6;
         }
         Preset::GptOss | Preset::NllbMoe => {
             extras.expert_biases = true;
             extras.router_bias = p == Preset::GptOss;
         }
-        Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(5)),
+        Preset::Switch => cfg.routing.capacity = Some(Capacity::Tokens(s.switch_capacity)),
         _ => {}
     }
     tweak(&mut cfg.routing);
-    random_layer(cfg, e, h, f, extras, dtype, seed).expect("layer")
+    random_layer(cfg, s.experts, s.hidden, s.ffn, extras, dtype, seed).expect("layer")
 }
