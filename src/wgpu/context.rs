@@ -504,20 +504,8 @@ impl WgpuDevice {
                 },
             ],
         });
-        let popped =
-            crate::asynch::block_on("read ceiling kernel", async { Ok(scope.pop().await) })?;
-        if let Some(e) = popped {
-            return Err(gpu_err(format!("read ceiling kernel: {e}")));
-        }
-        let t = self.time_passes(|enc| {
-            let mut pass = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind, &[]);
-            pass.dispatch_workgroups(groups, 1, 1);
-        })?;
+        self.settle(scope, |e| gpu_err(format!("read ceiling kernel: {e}")))?;
+        let t = self.time_passes(|enc| self.dispatch(enc, &pipeline, &bind, (groups, 1, 1)))?;
         Ok((t, u64::from(n4) * 16))
     }
 
