@@ -114,13 +114,19 @@ pub fn gv_splits(k: usize, cpu: bool) -> usize {
 pub const GEMV_SPLITS_VAR: &str = "MOE_WGPU_GEMV_SPLITS";
 
 /// [`GEMV_SPLITS_VAR`]: unset or `auto` → `None` ([`gv_splits`] decides); `1`, `2`, `4` or `8`
-/// → that split count; anything else is a [`crate::Error::Config`] naming the variable.
+/// → that split count; anything else is a [`crate::Error::Config`] naming the variable. The
+/// variable is read once per process (the first call), not on every forward's encode.
 pub fn gv_splits_override() -> Result<Option<usize>> {
-    parse_gv_splits(std::env::var_os(GEMV_SPLITS_VAR).as_deref())
+    static PARSED: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
+        std::sync::OnceLock::new();
+    PARSED
+        .get_or_init(|| parse_gv_splits(std::env::var_os(GEMV_SPLITS_VAR).as_deref()))
+        .clone()
+        .map_err(crate::error::Error::Config)
 }
 
-/// [`gv_splits_override`] of the variable's value `v` (`None`: unset).
-fn parse_gv_splits(v: Option<&std::ffi::OsStr>) -> Result<Option<usize>> {
+/// [`gv_splits_override`] of the variable's value `v` (`None`: unset); `Err` is the message.
+fn parse_gv_splits(v: Option<&std::ffi::OsStr>) -> std::result::Result<Option<usize>, String> {
     let Some(v) = v else {
         return Ok(None);
     };
@@ -130,9 +136,9 @@ fn parse_gv_splits(v: Option<&std::ffi::OsStr>) -> Result<Option<usize>> {
         Some("2") => Ok(Some(2)),
         Some("4") => Ok(Some(4)),
         Some("8") => Ok(Some(8)),
-        _ => Err(crate::error::Error::Config(format!(
+        _ => Err(format!(
             "{GEMV_SPLITS_VAR}={v:?}: expected auto, 1, 2, 4 or 8"
-        ))),
+        )),
     }
 }
 
@@ -661,9 +667,14 @@ pub fn encode_path(
         let a_vec4 = gemv
             && (pass.a.stride * pass.a.dtype.size()) % 16 == 0
             && pass.a.buf.buffer.size() >= 16;
-        let splits = match gv_splits_override()? {
-            Some(s) => s,
-            None => gv_splits(pass.k, dev.info.device_type == ::wgpu::DeviceType::Cpu),
+        // The GEMV's k splits (no other entry point has them; the override is read once).
+        let splits = if gemv {
+            match gv_splits_override()? {
+                Some(s) => s,
+                None => gv_splits(pass.k, dev.info.device_type == ::wgpu::DeviceType::Cpu),
+            }
+        } else {
+            1
         };
         #[cfg(test)]
         let splits = FORCE_SPLITS.with(|f| f.get()).unwrap_or(splits);
@@ -842,7 +853,7 @@ mod tests {
             assert_eq!(parse(&s.to_string()).unwrap(), Some(s));
         }
         for bad in ["0", "3", "16", "", " 8", "eight"] {
-            let e = parse(bad).unwrap_err().to_string();
+            let e = parse(bad).unwrap_err();
             assert!(
                 e.contains(GEMV_SPLITS_VAR) && e.contains("auto, 1, 2, 4 or 8"),
                 "{e}"
