@@ -1,5 +1,6 @@
 // common.wgsl — prepended by the crate to every stage shader (src/wgpu/kernels.rs), so each
-// module gets the same weight decoding, NaN-aware ranking and grid flattening.
+// module gets the same weight decoding, NaN-aware ranking, grid flattening and the V8 unit
+// of 128-bit loads (w_decode8 / a_decode8).
 //
 // Mirrors: the element widening of src/tensor.rs (`Tensor::get`) and the ranking order of
 // src/cpu/mod.rs (`rank_cmp` / `top_n`: larger first, NaN below every number, ties to the
@@ -149,6 +150,32 @@ fn a_decode(word: u32, i: u32) -> f32 {
         return f16_bits_to_f32(h);
     }
     return bitcast<f32>(h << 16u);
+}
+
+// Eight f32 values (elements 0..3 in lo, 4..7 in hi): what one 128-bit word of 16-bit
+// elements widens to (the router's and the expert GEMMs' small-batch loads).
+struct V8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+fn v8_get(v: V8, i: u32) -> f32 {
+    if (i < 4u) {
+        return v.lo[i];
+    }
+    return v.hi[i - 4u];
+}
+
+// The 8 16-bit weights of one 128-bit word (W_DTYPE 1 or 2), widened to f32.
+fn w_decode8(v: vec4<u32>) -> V8 {
+    return V8(vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u)),
+              vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u)));
+}
+
+// The 8 16-bit activations of one 128-bit word (A_DTYPE 1 or 2), widened exactly to f32.
+fn a_decode8(v: vec4<u32>) -> V8 {
+    return V8(vec4<f32>(a_decode(v.x, 0u), a_decode(v.x, 1u), a_decode(v.y, 0u), a_decode(v.y, 1u)),
+              vec4<f32>(a_decode(v.z, 0u), a_decode(v.z, 1u), a_decode(v.w, 0u), a_decode(v.w, 1u)));
 }
 
 // f32 to f16 bits, round to nearest, ties to even; overflow to ±inf, NaN stays NaN (quiet,

@@ -785,12 +785,6 @@ struct RowsJob {
     clo: u32, // first block column of this dispatch (1 where a 16-bit block starts early)
 }
 
-// Eight f32 values (elements 0..3 in lo, 4..7 in hi).
-struct V8 {
-    lo: vec4<f32>,
-    hi: vec4<f32>,
-}
-
 // One k block in registers: this invocation's 8 elements of a, of w_b and of w_g.
 struct RowsRegs {
     a: V8,
@@ -813,13 +807,6 @@ fn v8_set(v: V8, i: u32, x: f32) -> V8 {
         r.hi[i - 4u] = x;
     }
     return r;
-}
-
-fn v8_get(v: V8, i: u32) -> f32 {
-    if (i < 4u) {
-        return v.lo[i];
-    }
-    return v.hi[i - 4u];
 }
 
 // Must be called in uniform control flow (workgroupUniformLoad). Workgroup (x, y) = (expert
@@ -901,12 +888,6 @@ fn rows_load_w1(j: RowsJob, kt: u32, lid: u32, gated: bool) -> RowsRegs {
         }
     }
     return t;
-}
-
-// The 8 16-bit weights of one 128-bit word vector (W_DTYPE 1 or 2), widened to f32.
-fn decode8(v: vec4<u32>) -> V8 {
-    return V8(vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u)),
-              vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u)));
 }
 
 // Stores a block from registers into workgroup memory (two barriers: call in uniform flow).
@@ -1431,7 +1412,7 @@ fn gv_w(gate: bool, slab: u32, k: u32, l: u32) -> V8 {
         let v = kr * 16u + 2u * l;
         return V8(bitcast<vec4<f32>>(w4_get(gate, v)), bitcast<vec4<f32>>(w4_get(gate, v + 1u)));
     }
-    return decode8(w4_get(gate, kr * 8u + l));
+    return w_decode8(w4_get(gate, kr * 8u + l));
 }
 
 // Elements k0 .. k0 + 7 (all < K) of row `row` of a, widened to f32.
@@ -1441,9 +1422,7 @@ fn gv_a8(row: u32, k0: u32) -> V8 {
         if (A_DTYPE == 0u) {
             return V8(bitcast<vec4<f32>>(a4[i >> 2u]), bitcast<vec4<f32>>(a4[(i >> 2u) + 1u]));
         }
-        let v = a4[i >> 3u];
-        return V8(vec4<f32>(a_decode(v.x, 0u), a_decode(v.x, 1u), a_decode(v.y, 0u), a_decode(v.y, 1u)),
-                  vec4<f32>(a_decode(v.z, 0u), a_decode(v.z, 1u), a_decode(v.w, 0u), a_decode(v.w, 1u)));
+        return a_decode8(a4[i >> 3u]);
     }
     // Unrolled: lavapipe counts every loop iteration of an invocation against 65535.
     return V8(vec4<f32>(a_elem(row, k0), a_elem(row, k0 + 1u), a_elem(row, k0 + 2u), a_elem(row, k0 + 3u)),

@@ -59,19 +59,6 @@ const TG: u32 = 8u;
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<u32>>;
 
-// Eight f32 values (elements 0..3 in lo, 4..7 in hi).
-struct V8 {
-    lo: vec4<f32>,
-    hi: vec4<f32>,
-}
-
-fn v8_get(v: V8, i: u32) -> f32 {
-    if (i < 4u) {
-        return v.lo[i];
-    }
-    return v.hi[i - 4u];
-}
-
 // Element h of token t of x, widened to f32.
 fn x_elem(t: u32, h: u32) -> f32 {
     let i = t * p.x_stride + h;
@@ -85,9 +72,7 @@ fn x8(t: u32, h0: u32) -> V8 {
         if (A_DTYPE == 0u) {
             return V8(bitcast<vec4<f32>>(x4[i >> 2u]), bitcast<vec4<f32>>(x4[(i >> 2u) + 1u]));
         }
-        let v = x4[i >> 3u];
-        return V8(vec4<f32>(a_decode(v.x, 0u), a_decode(v.x, 1u), a_decode(v.y, 0u), a_decode(v.y, 1u)),
-                  vec4<f32>(a_decode(v.z, 0u), a_decode(v.z, 1u), a_decode(v.w, 0u), a_decode(v.w, 1u)));
+        return a_decode8(x4[i >> 3u]);
     }
     return V8(vec4<f32>(x_elem(t, h0), x_elem(t, h0 + 1u), x_elem(t, h0 + 2u), x_elem(t, h0 + 3u)),
               vec4<f32>(x_elem(t, h0 + 4u), x_elem(t, h0 + 5u), x_elem(t, h0 + 6u), x_elem(t, h0 + 7u)));
@@ -105,8 +90,7 @@ fn w8(sv: u32, width: u32, h: u32, l: u32) -> V8 {
     if (W_DTYPE == 0u) {
         return V8(bitcast<vec4<f32>>(v), vec4<f32>(0.0));
     }
-    return V8(vec4<f32>(w_decode(v.x, 0u), w_decode(v.x, 1u), w_decode(v.y, 0u), w_decode(v.y, 1u)),
-              vec4<f32>(w_decode(v.z, 0u), w_decode(v.z, 1u), w_decode(v.w, 0u), w_decode(v.w, 1u)));
+    return w_decode8(v);
 }
 
 fn fma8(acc: V8, a: f32, wv: V8) -> V8 {
