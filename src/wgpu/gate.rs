@@ -528,6 +528,18 @@ mod tests {
         assert!(err <= 2e-6, "{ctx}: weights rel L2 {err:e}");
     }
 
+    /// A gate run's (ids, weights, kept, counts), as [`run`] reads them back.
+    type GateOut = (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>);
+
+    /// Two gate runs give bitwise the same ids, weights, kept flags and counts.
+    fn assert_same_bits(a: &GateOut, b: &GateOut, ctx: &str) {
+        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(a.0, b.0, "{ctx}: ids");
+        assert_eq!(bits(&a.1), bits(&b.1), "{ctx}: weights");
+        assert_eq!(a.2, b.2, "{ctx}: kept");
+        assert_eq!(a.3, b.3, "{ctx}: counts");
+    }
+
     fn compare(
         dev: &WgpuDevice,
         (t, e): (usize, usize),
@@ -592,7 +604,6 @@ mod tests {
     fn lanes_and_workgroup_paths_give_the_same_bits() {
         let Some(dev) = device() else { return };
         let mut g = Gen::new(12);
-        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (e, k) in [(16, 4), (72, 8), (128, 8)] {
             for cfg in variants(k) {
                 if cfg.expert_choice.is_some() {
@@ -604,11 +615,7 @@ mod tests {
                 let bias = (cfg.scoring == Scoring::Sigmoid).then(|| g.uniform(e, 0.01));
                 let lanes = run(&dev, &l, (t, e), bias.as_deref(), &cfg, false);
                 let wg = run(&dev, &l, (t, e), bias.as_deref(), &cfg, true);
-                let ctx = format!("E {e} {cfg:?}");
-                assert_eq!(lanes.0, wg.0, "{ctx}: ids");
-                assert_eq!(bits(&lanes.1), bits(&wg.1), "{ctx}: weights");
-                assert_eq!(lanes.2, wg.2, "{ctx}: kept");
-                assert_eq!(lanes.3, wg.3, "{ctx}: counts");
+                assert_same_bits(&lanes, &wg, &format!("E {e} {cfg:?}"));
             }
         }
     }
@@ -631,7 +638,6 @@ mod tests {
             return;
         }
         let mut g = Gen::new(31);
-        let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (e, k) in [(4, 1), (16, 4), (72, 8), (128, 8), (3000, 8)] {
             for cfg in variants(k) {
                 for (t, force_global) in [(1, false), (37, false), (37, true)] {
@@ -648,10 +654,7 @@ mod tests {
                     dev.subgroups = false;
                     let portable = run(&dev, &l, (t, e), bias.as_deref(), &cfg, force_global);
                     let ctx = format!("T {t} E {e} global {force_global} {cfg:?}");
-                    assert_eq!(sg.0, portable.0, "{ctx}: ids");
-                    assert_eq!(bits(&sg.1), bits(&portable.1), "{ctx}: weights");
-                    assert_eq!(sg.2, portable.2, "{ctx}: kept");
-                    assert_eq!(sg.3, portable.3, "{ctx}: counts");
+                    assert_same_bits(&sg, &portable, &ctx);
                 }
             }
         }
